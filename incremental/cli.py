@@ -1,0 +1,145 @@
+"""The ``incremental`` command line.
+
+Start-up is kept lazy: torch, timm and Avalanche (6-9 s to import here) are only loaded
+by the commands that need them. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes")
+
+
+def _quiet_third_party_warnings() -> None:
+    # qpsolvers warns at Avalanche's import that no QP solver is installed; only GEM-style
+    # strategies need one, and they fail clearly when used without it.
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="incremental",
+        description="Class-incremental learning with Vision Transformers (Avalanche + timm).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", metavar="CONFIG", help="a protocol name (see `incremental list protocols`) "
+                       "or a path to a YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a config value (YAML syntax), e.g. --set training.epochs=5; repeatable")
+
+    run = sub.add_parser("run", help="run a class-incremental protocol")
+    add_config_args(run)
+    run.add_argument("--out", metavar="DIR", help="run directory (default: OUTPUT_ROOT/NAME-TIMESTAMP)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no per-step lines, no table")
+
+    check = sub.add_parser("check", help="validate a config and print it resolved")
+    add_config_args(check)
+    check.add_argument("--no-data", action="store_true", help="skip loading the dataset and splitting classes")
+
+    lst = sub.add_parser("list", help="list protocols and registered components")
+    lst.add_argument("kind", nargs="?", choices=LIST_KINDS, help="what to list (default: everything)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .runner import default_run_dir, run
+
+    cfg, source = load_config(args.config, args.overrides)
+    run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg)
+    try:
+        run(cfg, run_dir, quiet=args.quiet)
+    except UserError as exc:
+        raise source.attribute(exc)
+    except KeyboardInterrupt:
+        print(f"interrupted; results of the completed experiences are in {run_dir / 'metrics.json'}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import dump_yaml, load_config
+
+    cfg, source = load_config(args.config, args.overrides)
+    summary = ""
+    if not args.no_data:
+        from .data import build_dataset
+        from .protocol import make_class_split
+
+        try:
+            splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+            split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+        except UserError as exc:
+            raise source.attribute(exc)
+        summary = (f"# {splits.num_classes} classes ({len(splits.train)} train / {len(splits.test)} test images), "
+                   f"{split.num_experiences} experiences of {list(split.classes_per_experience)} classes\n")
+    sys.stdout.write(f"# resolved from {source.path}\n{summary}{dump_yaml(cfg)}")
+    return 0
+
+
+def _format_options(config_cls: type | None) -> str:
+    import dataclasses
+
+    if config_cls is None:
+        return ""
+    parts = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")
+        parts.append(f"{f.name}={default!r}" if not dataclasses.is_dataclass(default) else f.name)
+    return ", ".join(parts)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(LIST_KINDS)
+    out = []
+    for kind in kinds:
+        out.append(f"{kind}:")
+        if kind == "protocols":
+            from .config import protocol_descriptions
+            from .class_orders import NAMED_ORDER_NAMES
+
+            for name, description in protocol_descriptions().items():
+                out.append(f"  {name:<28} {description}")
+            out.append(f"  (named class orders: {', '.join(NAMED_ORDER_NAMES)})")
+        else:
+            from .registry import REGISTRIES, load_builtins
+
+            load_builtins(kind)
+            registry = REGISTRIES[kind]
+            if not len(registry):
+                out.append("  (none yet)")
+            for entry in registry:
+                out.append(f"  {entry.name:<14} {entry.summary}")
+                options = _format_options(entry.config_cls)
+                if options:
+                    out.append(f"  {'':<14}   options: {options}")
+        out.append("")
+    sys.stdout.write("\n".join(out))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "check": _cmd_check, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_third_party_warnings()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

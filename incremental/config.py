@@ -1,0 +1,521 @@
+"""Strict, typed run configuration loaded from YAML.
+
+A run config is a tree of dataclasses. Loading is strict: an unknown key, a value of the
+wrong type or out of range raises :class:`ConfigError` carrying the dotted key path and the
+file the value came from, which the CLI prints as ``FILE: key.path: problem``.
+
+Sections that pick a registered component (``dataset``, ``backbone``, ``strategy``,
+``probes``) are written as ``{name: NAME, ...options}``, or just ``NAME``; the options are
+validated against that component's own config dataclass.
+
+A config file may start from another with ``extends: NAME_OR_PATH`` (deep merge; a section
+whose ``name`` changes is replaced rather than merged). ``--set key.path=value`` overrides
+are applied last, with values parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+from .registry import REGISTRIES
+
+# ----------------------------------------------------------------------------- fields
+
+
+def opt(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, factory: Any = None) -> Any:
+    """A dataclass field with an optional numeric range, checked on load."""
+    metadata = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Component:
+    """A registered component chosen by name, with its typed options."""
+
+    name: str
+    config: Any = None
+
+
+def component(kind: str, default: str | None = None) -> Any:
+    """A field holding a :class:`Component` from registry ``kind`` (``"backbones"``...)."""
+    return field(default=None, metadata={"registry": kind, "default_name": default})
+
+
+def component_list(kind: str) -> Any:
+    return field(default_factory=list, metadata={"registry": kind})
+
+
+@dataclass
+class EmptyConfig:
+    """Options of a component that takes none."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class MemoryConfig:
+    """Exemplar memory budget: a fixed total (iCaRL: 2000) or a fixed number per class
+    (PODNet: 20). Neither set means no memory."""
+
+    total: int | None = opt(None, ge=0)
+    per_class: int | None = opt(None, ge=0)
+
+    def validate(self) -> None:
+        if self.total is not None and self.per_class is not None:
+            raise ConfigError("set either total or per_class, not both", key="per_class")
+
+
+@dataclass
+class ProtocolConfig:
+    """How the dataset's classes are split into experiences.
+
+    ``initial_classes: 0`` is the B0 protocol (every experience has ``increment`` classes);
+    ``initial_classes: 50`` is B50 (50 classes first, then ``increment`` per experience).
+    ``increment`` may be a list for uneven steps; then it lists every experience after the
+    initial one (or every experience, for B0) and must add up to the class count.
+
+    ``class_order`` is ``random`` (a permutation drawn from ``order_seed``, as PyCIL does
+    with numpy), ``sorted``, a named order (``incremental list protocols`` shows them), or
+    an explicit list of class ids.
+    """
+
+    initial_classes: int = opt(0, ge=0)
+    increment: Union[int, list[int]] = 10
+    class_order: Union[str, list[int]] = "random"
+    order_seed: int | None = None
+    memory: MemoryConfig = opt(factory=MemoryConfig)
+
+    def validate(self) -> None:
+        steps = self.increment if isinstance(self.increment, list) else [self.increment]
+        if not steps:
+            raise ConfigError("must not be empty", key="increment")
+        for i, n in enumerate(steps):
+            if n <= 0:
+                key = f"increment.{i}" if isinstance(self.increment, list) else "increment"
+                raise ConfigError(f"must be > 0, got {n}", key=key)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = opt(1e-3, gt=0)
+    # LR for the first experience only (PyCIL's init_lr); None means ``lr``.
+    initial_lr: float | None = opt(None, gt=0)
+    weight_decay: float = opt(0.05, ge=0)
+    momentum: float = opt(0.9, ge=0, lt=1)  # SGD only
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, restarted at every experience and stepped every iteration."""
+
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: int = opt(0, ge=0)
+    milestones: list[int] = opt(factory=list)  # epochs, for ``step``
+    gamma: float = opt(0.1, gt=0, le=1)
+    min_lr_ratio: float = opt(0.0, ge=0, le=1)  # cosine floor, as a fraction of the LR
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = opt(10, ge=1)
+    # Epochs of the first experience (PyCIL's init_epoch); None means ``epochs``.
+    initial_epochs: int | None = opt(None, ge=1)
+    batch_size: int = opt(64, ge=1)
+    eval_batch_size: int = opt(256, ge=1)
+    label_smoothing: float = opt(0.0, ge=0, lt=1)
+    optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
+    scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
+    num_workers: int = opt(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"  # run directories go here unless --out names one
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # defaults to the config file's stem
+    description: str = ""
+    seed: int = 0
+    dataset: Component = component("datasets", "digits")
+    protocol: ProtocolConfig = opt(factory=ProtocolConfig)
+    backbone: Component = component("backbones", "vit")
+    strategy: Component = component("strategies", "finetune")
+    training: TrainingConfig = opt(factory=TrainingConfig)
+    probes: list[Component] = component_list("probes")
+    output: OutputConfig = opt(factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp in _TYPE_NAMES:
+        return _TYPE_NAMES[tp]
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp) or tp is Component:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return (text[:60] + "...") if len(text) > 60 else text
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _parse_value(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is Component:
+        return _parse_component(value, meta["registry"], path)
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, path)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"expected {_describe(tp)}, got null", key=path)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse_value(value, arg, path, meta)
+            except ConfigError as exc:
+                errors.append(exc)
+        # A value of the right shape but wrong content (say, a list with a bad element)
+        # explains itself better than "expected X or Y".
+        deeper = [e for e in errors if e.key != path]
+        if deeper:
+            raise deeper[0]
+        raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}", key=path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}{hint}", key=path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}", key=path)
+        (item_tp,) = typing.get_args(tp)
+        return [_parse_value(v, item_tp, _join(path, i), meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {_show(value)}", key=path)
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _parse_value(v, item_tp, _join(path, k), meta) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads ``1e-3`` (no dot) as a string; accept what is plainly a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}", key=path)
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+    for key, ok, symbol in checks:
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"must be {symbol} {meta[key]}, got {value}", key=path)
+
+
+def parse_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly (see the module docstring)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping, got {_show(data)}", key=path or None)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            hint = did_you_mean(str(key), fields)
+            raise ConfigError(f"unknown key{hint}", key=_join(path, key))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = _join(path, name)
+        if name in data:
+            value = _parse_value(data[name], hints[name], key, f.metadata)
+        elif hints[name] is Component:
+            value = _parse_component(None, f.metadata["registry"], key, f.metadata["default_name"])
+        else:
+            continue  # the dataclass default applies
+        _check_range(value, f.metadata, key)
+        values[name] = value
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as exc:
+            exc.key = _join(path, exc.key) if exc.key else (path or None)
+            raise
+    return instance
+
+
+def _parse_component(value: Any, kind: str, path: str, default_name: str | None = None) -> Component:
+    if value is None:
+        value = default_name
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a name or a mapping with 'name', got {_show(value)}", key=path)
+    options = dict(value)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("missing 'name'" if name is None else f"expected a name, got {_show(name)}",
+                          key=_join(path, "name"))
+    try:
+        entry = REGISTRIES[kind].get(name)
+    except ConfigError as exc:
+        raise exc.with_context(key=_join(path, "name"))
+    config = parse_dataclass(entry.config_cls or EmptyConfig, options, path)
+    return Component(name=name, config=config)
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-data form of a config, as it would be written in YAML."""
+    if isinstance(obj, Component):
+        return {"name": obj.name, **(to_dict(obj.config) if obj.config is not None else {})}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def protocol_names() -> list[str]:
+    """Names of the protocol YAML files shipped in ``incremental.protocols``."""
+    root = resources.files("incremental.protocols")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A protocol name (shipped with the package) or a path to a YAML file."""
+    candidate = Path(name_or_path).expanduser()
+    if relative_to is not None and not candidate.is_absolute():
+        local = relative_to / candidate
+        if local.is_file():
+            return local
+    if candidate.is_file():
+        return candidate
+    looks_like_path = candidate.suffix in (".yaml", ".yml") or "/" in name_or_path
+    if not looks_like_path:
+        shipped = resources.files("incremental.protocols") / f"{name_or_path}.yaml"
+        if shipped.is_file():
+            return Path(str(shipped))
+        hint = did_you_mean(name_or_path, protocol_names())
+        raise ConfigError(f"no protocol or file named {name_or_path!r}{hint}; "
+                          "see `incremental list protocols`")
+    if candidate.is_dir():
+        raise ConfigError(f"{name_or_path} is a folder, not a YAML file")
+    raise ConfigError(f"no such file: {name_or_path}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; syntax errors become one-line ConfigErrors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML: {problem}", source=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {_show(data)}", source=str(path))
+    return data
+
+
+def _merge(base: dict, override: dict, source: str, origins: dict[str, str], path: str = "") -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        key_path = _join(path, key)
+        old = merged.get(key)
+        same_component = not (isinstance(old, dict) and isinstance(value, dict)
+                              and "name" in value and old.get("name") != value["name"])
+        if isinstance(old, dict) and isinstance(value, dict) and same_component:
+            merged[key] = _merge(old, value, source, origins, key_path)
+        else:
+            merged[key] = value
+            for stale in [p for p in origins if p.startswith(key_path + ".")]:
+                del origins[stale]
+        origins[key_path] = source
+    return merged
+
+
+def _load_tree(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError("extends itself in a cycle", key="extends", source=str(path))
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        base: dict[str, Any] = {}
+    else:
+        if not isinstance(parent, str):
+            raise ConfigError(f"expected a protocol name or path, got {_show(parent)}",
+                              key="extends", source=str(path))
+        try:
+            parent_path = resolve_config_path(parent, relative_to=path.parent)
+        except ConfigError as exc:
+            raise exc.with_context(key="extends", source=str(path))
+        base = _load_tree(parent_path, origins, chain + (resolved,))
+    return _merge(base, data, str(path), origins)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"expected key.path=value, got {text!r}", source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text; validation says whether a string fits
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], keys: list[str], value: Any, origins: dict[str, str],
+                   source: str) -> None:
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            child = node[int(key)]
+        if isinstance(child, str) and i == 0 and key in ("dataset", "backbone", "strategy"):
+            child = {"name": child}  # `backbone: vit` shorthand, now getting an option
+            node[key] = child
+        if child is None:
+            child = {}
+            node[key] = child
+        elif not isinstance(child, (dict, list)):
+            raise ConfigError(f"cannot set a key inside {_show(child)}",
+                              key=".".join(keys[: i + 1]), source=source)
+        node = child
+    last = keys[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"no list item {last!r}", key=".".join(keys), source=source)
+        node[int(last)] = value
+    else:
+        node[last] = value
+    origins[".".join(keys)] = source
+
+
+@dataclass
+class ConfigSource:
+    """Where each key of a loaded config came from, to name the file in later errors."""
+
+    path: Path
+    origins: dict[str, str]
+
+    def source_of(self, key: str | None) -> str:
+        if key:
+            parts = key.split(".")
+            for n in range(len(parts), 0, -1):
+                source = self.origins.get(".".join(parts[:n]))
+                if source is not None:
+                    return source
+        return str(self.path)
+
+    def attribute(self, exc: ConfigError) -> ConfigError:
+        """Fill in the error's source from its key (a key outside the config, like --out,
+        names itself)."""
+        if exc.source is None and not (exc.key or "").startswith("--"):
+            exc.source = self.source_of(exc.key)
+        return exc
+
+
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> tuple[RunConfig, ConfigSource]:
+    """Load, merge, override and validate a run config. Raises ConfigError."""
+    from .registry import load_builtins
+
+    load_builtins()
+    path = resolve_config_path(name_or_path)
+    source = ConfigSource(path, {})
+    data = _load_tree(path, source.origins)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, source.origins, f"--set {text}")
+    if data.get("name") is None:
+        data["name"] = path.stem
+    try:
+        return parse_dataclass(RunConfig, data), source
+    except ConfigError as exc:
+        raise source.attribute(exc)
+
+
+def protocol_descriptions() -> dict[str, str]:
+    """Shipped protocol names with their ``description`` lines (read without validation)."""
+    root = resources.files("incremental.protocols")
+    result = {}
+    for name in protocol_names():
+        try:
+            data = yaml.safe_load((root / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            data = {}
+        result[name] = str(data.get("description", "")) if isinstance(data, dict) else ""
+    return result

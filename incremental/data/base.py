@@ -1,0 +1,98 @@
+"""What every dataset loader returns, and the shared tensor-image plumbing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..registry import DATASETS
+
+
+@dataclass
+class DatasetSplits:
+    """Train and test splits of one dataset, before any class-incremental splitting.
+
+    ``train``/``test`` yield ``(image, label)`` with raw images (uint8 tensors or PIL
+    images); the transforms turn them into normalised float tensors, the training one with
+    augmentation. Keeping transforms outside the datasets lets Avalanche switch between
+    them (exemplar selection and evaluation use the eval transform on training data).
+    """
+
+    train: Dataset
+    test: Dataset
+    class_names: list[str]
+    channels: int
+    image_size: int
+    train_transform: Callable[[Any], torch.Tensor]
+    eval_transform: Callable[[Any], torch.Tensor]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W), for small-image datasets."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int]):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
+        if len(images) != len(targets):
+            raise ValueError("images and targets differ in length")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+def tensor_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *,
+                      augment: bool, flip: bool) -> tuple[Callable, Callable]:
+    """Train and eval transforms for uint8 tensor images: random crop with padding
+    (size/8, i.e. the usual 4 px at 32 px) and optional flip, then scaling and normalising."""
+    from torchvision.transforms import v2
+
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    train_aug = []
+    if augment:
+        train_aug.append(v2.RandomCrop(image_size, padding=max(1, image_size // 8)))
+        if flip:
+            train_aug.append(v2.RandomHorizontalFlip())
+    return v2.Compose(train_aug + finish), v2.Compose(finish)
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a uint8 (N, C, H, W) batch, done once at load time."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def require_dir(path: Path, *, key: str, layout: str) -> Path:
+    """The folder, or a DataError saying what layout was expected there."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; expected {layout}", key=key)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder; expected {layout}", key=key)
+    return path
+
+
+def build_dataset(name: str, config: Any) -> DatasetSplits:
+    """Build a registered dataset; DataErrors get the ``dataset.`` key prefix."""
+    entry = DATASETS.get(name)
+    try:
+        return entry.obj(config)
+    except DataError as exc:
+        if exc.key and not exc.key.startswith("dataset."):
+            exc.key = f"dataset.{exc.key}"
+        raise

@@ -1,0 +1,106 @@
+"""CIFAR-100 from the standard ``cifar-100-python`` folder (train, test, meta pickles)."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import opt
+from ..errors import DataError
+from ..registry import DATASETS
+from .base import DatasetSplits, TensorImageDataset, require_dir, resize_uint8, tensor_transforms
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+LAYOUT = "the cifar-100-python folder (or its parent) holding the files train, test and meta"
+
+
+@dataclass
+class Cifar100Config:
+    root: str = ""  # the cifar-100-python folder, or the folder that contains it
+    image_size: int = opt(32, ge=8)  # resized once at load time when not 32
+    augment: bool = True  # random crop (padding 4) and horizontal flip, as in PyCIL
+
+    def validate(self) -> None:
+        if not self.root:
+            from ..errors import ConfigError
+            raise ConfigError("required: the path of your cifar-100-python folder", key="root")
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: the CIFAR files are pickles, and
+    a pickle from elsewhere must not be able to run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path} is missing; expected {LAYOUT}", key="root")
+    try:
+        with path.open("rb") as f:
+            data = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # any unpickling failure means a corrupt or foreign file
+        raise DataError(f"{path} is not a CIFAR-100 pickle ({type(exc).__name__}: {exc})", key="root") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a CIFAR-100 pickle (no dictionary inside)", key="root")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+def _images_and_labels(path: Path) -> tuple[torch.Tensor, list[int]]:
+    batch = _load_pickle(path)
+    if "data" not in batch or "fine_labels" not in batch:
+        raise DataError(f"{path} lacks 'data' or 'fine_labels'; is it CIFAR-10 or another file?", key="root")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = [int(v) for v in batch["fine_labels"]]
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} "
+                        f"and {len(labels)}", key="root")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
+
+
+def find_cifar_folder(root: Path) -> Path:
+    require_dir(root, key="root", layout=LAYOUT)
+    if (root / "cifar-100-python").is_dir():
+        return root / "cifar-100-python"
+    return root
+
+
+@DATASETS.register("cifar100", config=Cifar100Config)
+def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
+    """CIFAR-100 (50000 train / 10000 test, 32x32) from your cifar-100-python folder."""
+    folder = find_cifar_folder(Path(cfg.root).expanduser())
+    train_images, train_labels = _images_and_labels(folder / "train")
+    test_images, test_labels = _images_and_labels(folder / "test")
+    meta = _load_pickle(folder / "meta")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("fine_label_names", [])]
+    if len(names) != 100:
+        raise DataError(f"{folder / 'meta'}: expected 100 fine_label_names, got {len(names)}", key="root")
+    bad = sorted({t for t in train_labels + test_labels if not 0 <= t < 100})
+    if bad:
+        raise DataError(f"{folder}: labels outside 0..99: {bad[:5]}", key="root")
+    train_tf, eval_tf = tensor_transforms(cfg.image_size, CIFAR100_MEAN, CIFAR100_STD,
+                                          augment=cfg.augment, flip=True)
+    return DatasetSplits(
+        train=TensorImageDataset(resize_uint8(train_images, cfg.image_size), train_labels),
+        test=TensorImageDataset(resize_uint8(test_images, cfg.image_size), test_labels),
+        class_names=names,
+        channels=3,
+        image_size=cfg.image_size,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+    )

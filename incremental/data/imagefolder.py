@@ -1,0 +1,118 @@
+"""ImageNet-style folders: ROOT/train/<class>/<image> and ROOT/val/<class>/<image>."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..config import opt
+from ..errors import ConfigError, DataError
+from ..registry import DATASETS
+from .base import DatasetSplits, require_dir
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageFolderConfig:
+    root: str = ""
+    train_dir: str = "train"
+    val_dir: str = "val"
+    # A text file with one class folder name per line (e.g. the 100 wnids of ImageNet-100);
+    # its order is the class-id order. Without it, every class folder is used, sorted.
+    class_list: str | None = None
+    image_size: int = opt(224, ge=8)
+    eval_resize_ratio: float = opt(0.875, gt=0, le=1)  # resize to size/ratio, then center crop
+    augment: bool = True  # RandomResizedCrop and flip
+
+    def validate(self) -> None:
+        if not self.root:
+            raise ConfigError("required: the folder holding train/ and val/", key="root")
+
+
+class ImageFileDataset(Dataset):
+    """(path, label) pairs read lazily as RGB PIL images."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}", key="dataset.root") from None
+
+
+def read_class_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; expected a text file with one class folder name per line",
+                        key="class_list")
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
+    if not names:
+        raise DataError(f"{path} lists no classes", key="class_list")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path} lists classes more than once: {duplicates[:5]}", key="class_list")
+    return names
+
+
+def _scan(split_dir: Path, classes: list[str], layout: str) -> list[tuple[str, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise DataError(f"{class_dir} is missing; expected {layout}", key="root")
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"{class_dir} holds no images ({', '.join(EXTENSIONS[:3])}, ...)", key="root")
+        samples.extend((str(p), label) for p in files)
+    return samples
+
+
+@DATASETS.register("imagefolder", config=ImageFolderConfig)
+def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
+    """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100)."""
+    from torchvision import transforms as T
+
+    root = Path(cfg.root).expanduser()
+    layout = f"ROOT/{cfg.train_dir}/<class>/<image> and ROOT/{cfg.val_dir}/<class>/<image>"
+    require_dir(root, key="root", layout=layout)
+    train_dir = require_dir(root / cfg.train_dir, key="root", layout=layout)
+    val_dir = require_dir(root / cfg.val_dir, key="root", layout=layout)
+    if cfg.class_list:
+        classes = read_class_list(Path(cfg.class_list).expanduser())
+    else:
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{train_dir} has no class folders; expected {layout}", key="root")
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    size = cfg.image_size
+    train_steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.augment else \
+        [T.Resize(int(round(size / cfg.eval_resize_ratio))), T.CenterCrop(size)]
+    eval_steps = [T.Resize(int(round(size / cfg.eval_resize_ratio))), T.CenterCrop(size)]
+    return DatasetSplits(
+        train=ImageFileDataset(_scan(train_dir, classes, layout)),
+        test=ImageFileDataset(_scan(val_dir, classes, layout)),
+        class_names=classes,
+        channels=3,
+        image_size=size,
+        train_transform=T.Compose(train_steps + [T.ToTensor(), normalize]),
+        eval_transform=T.Compose(eval_steps + [T.ToTensor(), normalize]),
+    )

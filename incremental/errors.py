@@ -1,0 +1,52 @@
+"""Errors meant for the user: the CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as ``SOURCE: key.path: problem``.
+
+    ``source`` is the file (or ``--set``) the value came from; ``key`` is the dotted
+    path inside the config. Both may be filled in later by whoever knows them, which
+    is why they are plain attributes rather than baked into the message.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.source = source
+
+    def with_context(self, *, key: str | None = None, source: str | None = None) -> "UserError":
+        if self.key is None and key is not None:
+            self.key = key
+        if self.source is None and source is not None:
+            self.source = source
+        return self
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.source, self.key) if p]
+        return ": ".join(parts + [self.message])
+
+
+class ConfigError(UserError):
+    """A config value that is unknown, of the wrong type, or out of range."""
+
+
+class DataError(UserError):
+    """A dataset folder or file that is missing, empty or unreadable."""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x' or 'y'?)`` or ``''`` when nothing is close."""
+    matches = close_matches(word, candidates)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"

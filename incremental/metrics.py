@@ -1,0 +1,112 @@
+"""Every summary metric, derived from one accuracy matrix.
+
+``A[i][j]`` is the accuracy (in percent) on the test samples of experience ``j`` after
+training on experience ``i``, for ``j <= i``; ``n[j]`` is the number of test samples of
+experience ``j``. With ``T`` experiences:
+
+- ``accuracy[i]``: accuracy on all classes seen so far, ``sum_j<=i n[j] A[i][j] / sum_j<=i n[j]``
+  (the "top-1 on seen classes" that iCaRL, PODNet and PyCIL plot).
+- ``accuracy_old[i]`` / ``accuracy_new[i]``: the same over ``j < i`` / ``j == i``.
+- ``average_incremental_accuracy``: ``mean_i accuracy[i]``, first step included (Rebuffi et al.).
+- ``last_accuracy``: ``accuracy[T-1]``.
+- ``forgetting`` (max-based, Chaudhry et al. 2018, as PyCIL and FACIL): for ``j < i``,
+  ``f[i][j] = max_{j<=l<i} A[l][j] - A[i][j]``; ``per_step[i] = mean_j<i f[i][j]``;
+  ``per_experience[j] = f[T-1][j]``; ``mean = per_step[T-1]``.
+- ``bwt`` (Lopez-Paz and Ranzato 2017): ``per_step[i] = mean_j<i (A[i][j] - A[j][j])``;
+  ``final = per_step[T-1]``.
+- ``avalanche_forgetting``: Avalanche's first-minus-last forgetting,
+  ``mean_j<i (A[j][j] - A[i][j])``, which is ``-bwt``; kept under its own name only.
+
+Step 0 has no old experiences: its forgetting and BWT are ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+Matrix = Sequence[Sequence[float]]
+
+DEFINITIONS = {
+    "accuracy_matrix": "A[i][j]: accuracy (%) on the test classes of experience j after training experience i, j <= i",
+    "accuracy": "per step i: accuracy (%) on the test samples of all classes seen so far (sample-weighted over A[i][:i+1])",
+    "accuracy_old": "per step i: accuracy (%) on the test samples of experiences j < i",
+    "accuracy_new": "per step i: A[i][i]",
+    "average_incremental_accuracy": "mean over steps of accuracy, first step included",
+    "last_accuracy": "accuracy after the last step",
+    "forgetting": "max-based (Chaudhry 2018, PyCIL, FACIL): f[i][j] = max_{j<=l<i} A[l][j] - A[i][j]; "
+                  "per_step[i] = mean_{j<i} f[i][j]; per_experience[j] = f[T-1][j]; mean = per_step[T-1]",
+    "bwt": "backward transfer (Lopez-Paz 2017): per_step[i] = mean_{j<i} (A[i][j] - A[j][j]); final = per_step[T-1]",
+    "avalanche_forgetting": "Avalanche's first-minus-last forgetting: mean_{j<i} (A[j][j] - A[i][j]) = -bwt",
+}
+
+
+def _check(matrix: Matrix, sizes: Sequence[int] | None = None) -> None:
+    for i, row in enumerate(matrix):
+        if len(row) != i + 1:
+            raise ValueError(f"row {i} of the accuracy matrix has {len(row)} entries, expected {i + 1}")
+    if sizes is not None and len(sizes) < len(matrix):
+        raise ValueError("fewer experience sizes than matrix rows")
+
+
+def _weighted(values: Sequence[float], weights: Sequence[int]) -> float | None:
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights)) / total if total else None
+
+
+def seen_accuracy(matrix: Matrix, sizes: Sequence[int]) -> list[float]:
+    _check(matrix, sizes)
+    return [_weighted(row, sizes[: i + 1]) for i, row in enumerate(matrix)]  # type: ignore[misc]
+
+
+def old_new_accuracy(matrix: Matrix, sizes: Sequence[int]) -> tuple[list[float | None], list[float]]:
+    _check(matrix, sizes)
+    old = [_weighted(row[:i], sizes[:i]) if i else None for i, row in enumerate(matrix)]
+    new = [row[i] for i, row in enumerate(matrix)]
+    return old, new
+
+
+def forgetting_matrix(matrix: Matrix) -> list[list[float]]:
+    """``f[i][j]`` for ``j < i`` (row 0 is empty)."""
+    _check(matrix)
+    return [[max(matrix[l][j] for l in range(j, i)) - matrix[i][j] for j in range(i)]
+            for i in range(len(matrix))]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def forgetting(matrix: Matrix) -> dict[str, Any]:
+    f = forgetting_matrix(matrix)
+    per_step = [_mean(row) for row in f]
+    return {"per_step": per_step, "per_experience": list(f[-1]) if f else [],
+            "mean": per_step[-1] if per_step else None}
+
+
+def bwt(matrix: Matrix) -> dict[str, Any]:
+    _check(matrix)
+    per_step = [_mean([matrix[i][j] - matrix[j][j] for j in range(i)]) for i in range(len(matrix))]
+    return {"per_step": per_step, "final": per_step[-1] if per_step else None}
+
+
+def avalanche_forgetting(matrix: Matrix) -> dict[str, Any]:
+    _check(matrix)
+    per_step = [_mean([matrix[j][j] - matrix[i][j] for j in range(i)]) for i in range(len(matrix))]
+    return {"per_step": per_step, "final": per_step[-1] if per_step else None}
+
+
+def summarize(matrix: Matrix, sizes: Sequence[int]) -> dict[str, Any]:
+    """All summary metrics of a (possibly partial) run, from its accuracy matrix."""
+    accuracy = seen_accuracy(matrix, sizes)
+    old, new = old_new_accuracy(matrix, sizes)
+    return {
+        "accuracy_matrix": [list(map(float, row)) for row in matrix],
+        "accuracy": accuracy,
+        "accuracy_old": old,
+        "accuracy_new": new,
+        "average_incremental_accuracy": _mean(accuracy),
+        "last_accuracy": accuracy[-1] if accuracy else None,
+        "forgetting": forgetting(matrix),
+        "bwt": bwt(matrix),
+        "avalanche_forgetting": avalanche_forgetting(matrix),
+    }

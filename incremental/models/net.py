@@ -1,0 +1,74 @@
+"""The network every strategy trains: a registered backbone plus a growing classifier.
+
+Backbones follow timm's contract: ``forward_features(x)`` returns the unpooled features,
+``forward_head(x, pre_logits=True)`` pools them into ``num_features`` values. The head is
+Avalanche's :class:`IncrementalClassifier`, which adds output units when an experience
+brings new classes; Avalanche's model adaptation grows it before each experience.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Component
+from ..errors import ConfigError
+from ..registry import BACKBONES
+
+
+class IncrementalNet(nn.Module):
+    """backbone -> pooled features -> IncrementalClassifier, with timm's method names."""
+
+    def __init__(self, backbone: nn.Module, initial_classes: int):
+        from avalanche.models import IncrementalClassifier
+
+        super().__init__()
+        self.backbone = backbone
+        self.num_features: int = int(backbone.num_features)
+        self.head = IncrementalClassifier(self.num_features, initial_out_features=initial_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = self.backbone.forward_head(x, pre_logits=True)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.classifier.out_features)
+
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
+
+
+def build_backbone(spec: Component, *, in_chans: int, img_size: int) -> nn.Module:
+    entry = BACKBONES.get(spec.name)
+    try:
+        backbone = entry.obj(spec.config, in_chans=in_chans, img_size=img_size)
+    except ConfigError as exc:
+        if exc.key and not exc.key.startswith("backbone."):
+            exc.key = f"backbone.{exc.key}"
+        raise
+    for attr in ("forward_features", "forward_head", "num_features"):
+        if not hasattr(backbone, attr):
+            raise TypeError(f"backbone {spec.name!r} lacks {attr!r} (timm's contract)")
+    return backbone
+
+
+def build_model(spec: Component, *, in_chans: int, img_size: int, initial_classes: int) -> IncrementalNet:
+    return IncrementalNet(build_backbone(spec, in_chans=in_chans, img_size=img_size), initial_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(model: Any) -> str:
+    return f"{type(model.backbone).__name__}, {count_parameters(model) / 1e6:.2f}M parameters"

@@ -1,0 +1,199 @@
+"""The runner's own Avalanche plugins: optimisation, evaluation records, progress bars."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from .config import OptimizerConfig, SchedulerConfig, TrainingConfig
+from .errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups, as timm does: no weight decay on biases, norms and the tokens/embeddings
+    the model names in ``no_weight_decay()``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    for group in groups:
+        group["base_lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group["base_lr"]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_factor(cfg: SchedulerConfig, *, iteration: int, iters_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base LR at ``iteration`` (0-based, counted within the experience)."""
+    total = max(1, iters_per_epoch * epochs)
+    warmup = cfg.warmup_epochs * iters_per_epoch
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        epoch = iteration // max(1, iters_per_epoch)
+        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+    progress = (iteration - warmup) / max(1, total - warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class OptimizationPlugin(SupervisedPlugin):
+    """A fresh optimizer at every experience, and a per-iteration LR schedule.
+
+    Avalanche otherwise carries the optimizer's state (AdamW moments) from one experience
+    to the next, which collapsed small ViTs to one class. Building the optimizer here, after
+    the head has grown, also keeps every parameter in the groups we chose.
+    ``group_hook(model, groups)`` lets a strategy adjust the groups (e.g. a head LR scale).
+    """
+
+    def __init__(self, cfg: TrainingConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.group_hooks: list[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = []
+        self.epochs = cfg.epochs
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        first = strategy.experience.current_experience == 0
+        lr = self.cfg.optimizer.initial_lr if (first and self.cfg.optimizer.initial_lr) else self.cfg.optimizer.lr
+        groups = param_groups(strategy.model, self.cfg.optimizer.weight_decay)
+        for hook in self.group_hooks:
+            groups = hook(strategy.model, groups)
+        strategy.optimizer = make_optimizer(groups, self.cfg.optimizer, lr)
+        self.epochs = strategy.train_epochs
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        factor = lr_factor(self.cfg.scheduler, iteration=strategy.clock.train_exp_iterations,
+                           iters_per_epoch=len(strategy.dataloader), epochs=self.epochs)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+# --------------------------------------------------------------------------- records
+
+
+class EvaluationRecorder(SupervisedPlugin):
+    """Counts correct predictions per evaluated experience, and the training loss.
+
+    Read-only: it looks at ``mb_output`` and ``mb_y`` after each eval iteration, so the
+    accuracy matrix comes from the same forward passes Avalanche runs, with no second pass.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.train_samples = 0
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.train_samples = len(strategy.adapted_dataset)  # new data plus any replayed memory
+
+    def before_eval(self, strategy: Any, **kwargs: Any) -> None:
+        self.correct, self.total = {}, {}
+
+    def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        exp = strategy.experience.current_experience
+        hits = int((strategy.mb_output.argmax(dim=1) == strategy.mb_y).sum())
+        self.correct[exp] = self.correct.get(exp, 0) + hits
+        self.total[exp] = self.total.get(exp, 0) + len(strategy.mb_y)
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.loss_sum, self.loss_count = 0.0, 0  # report the last epoch's mean loss
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        loss = float(strategy.loss.detach())
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} in experience {strategy.experience.current_experience}, "
+                f"epoch {strategy.clock.train_exp_epochs + 1}; lower the learning rate",
+                key="training.optimizer.lr")
+        self.loss_sum += loss
+        self.loss_count += 1
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.loss_sum / self.loss_count if self.loss_count else None
+
+    def accuracies(self, num_experiences: int) -> list[float]:
+        """Accuracy (%) on experiences 0..num_experiences-1 from the last evaluation."""
+        return [100.0 * self.correct.get(j, 0) / max(1, self.total.get(j, 0)) for j in range(num_experiences)]
+
+
+class ProgressBars(SupervisedPlugin):
+    """tqdm bars: one per experience's training (all epochs), one per evaluated experience."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def _open(self, total: int, desc: str, leave: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, disable=not self.enabled,
+                         unit="it")
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        exp = strategy.experience.current_experience
+        self._open(len(strategy.dataloader) * strategy.train_epochs, f"exp {exp} train", leave=False)
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if strategy.clock.train_epoch_iterations % 10 == 1:
+                self._bar.set_postfix(epoch=strategy.clock.train_exp_epochs + 1,
+                                      loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._close()
+
+    def before_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
+        exp = strategy.experience.current_experience
+        self._open(len(strategy.dataloader), f"exp {exp} eval", leave=False)
+
+    def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def after_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._close()
+
+
+def silent_evaluator() -> Any:
+    """An EvaluationPlugin with no metrics and no loggers: the recorder above does the
+    bookkeeping, so Avalanche's own metric names and iteration-based steps stay out."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        return EvaluationPlugin(loggers=[])

@@ -1,0 +1,194 @@
+"""Runs one class-incremental protocol: one SupervisedTemplate, the strategy as a plugin.
+
+After every experience the model is evaluated on the test data of every experience seen so
+far; the row of the accuracy matrix is added, every metric recomputed from the matrix, and
+``metrics.json`` rewritten atomically, so a run that stops midway keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, dump_yaml
+from .errors import ConfigError, UserError
+
+METRICS_FORMAT = 1
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output.root) / f"{cfg.name}-{stamp}"
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory; refuse one that already holds a run's results."""
+    if (run_dir / "metrics.json").exists():
+        raise UserError(f"{run_dir} already holds a run (metrics.json); choose another --out", key="--out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {run_dir}: {exc.strerror or exc}", key="--out") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def resolve_device(requested: str) -> Any:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cuda requested but no CUDA device is available", key="training.device")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class RunResults:
+    """The accuracy matrix and per-step records of a run, and metrics.json built from them."""
+
+    cfg: RunConfig
+    class_order: list[int]
+    experiences: list[list[int]]
+    class_names: list[str]
+    test_sizes: list[int]
+    matrix: list[list[float]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"
+
+    def add(self, row: list[float], info: dict[str, Any]) -> None:
+        self.matrix.append(row)
+        self.steps.append(info)
+
+    def to_json(self) -> dict[str, Any]:
+        from .metrics import DEFINITIONS, summarize
+
+        summary = summarize(self.matrix, self.test_sizes)
+        return {
+            "format": METRICS_FORMAT,
+            "name": self.cfg.name,
+            "status": self.status,
+            "completed_experiences": len(self.matrix),
+            "num_experiences": len(self.experiences),
+            "seed": self.cfg.seed,
+            "dataset": self.cfg.dataset.name,
+            "backbone": self.cfg.backbone.name,
+            "strategy": self.cfg.strategy.name,
+            "class_order": self.class_order,
+            "class_names": [self.class_names[c] for c in self.class_order],
+            "experiences": self.experiences,
+            "test_samples_per_experience": self.test_sizes,
+            **summary,
+            "train_loss": [s.get("train_loss") for s in self.steps],
+            "train_samples": [s.get("train_samples") for s in self.steps],
+            "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"]} for s in self.steps],
+            "total_wall_time_s": sum(s["train_s"] + s["eval_s"] for s in self.steps),
+            "definitions": DEFINITIONS,
+        }
+
+
+def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics."""
+    prepare_run_dir(run_dir)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    import torch
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.templates import SupervisedTemplate
+
+    from .data import build_dataset
+    from .models import build_model
+    from .models.net import describe
+    from .plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
+    from .protocol import build_benchmark, make_class_split
+    from .registry import STRATEGIES
+    from .strategy import StrategyContext
+    from .summary import format_step, format_table
+
+    RNGManager.set_random_seeds(cfg.seed)
+    device = resolve_device(cfg.training.device)
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+    benchmark = build_benchmark(splits, class_split)
+    model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
+                        initial_classes=class_split.classes_per_experience[0])
+    context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device)
+    strategy_plugin = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
+    optimization = OptimizationPlugin(cfg.training)
+    recorder = EvaluationRecorder()
+    template = SupervisedTemplate(
+        model=model,
+        # A placeholder: OptimizationPlugin builds the real optimizer at every experience.
+        optimizer=torch.optim.SGD(model.parameters(), lr=cfg.training.optimizer.lr),
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
+        train_mb_size=cfg.training.batch_size,
+        train_epochs=cfg.training.epochs,
+        eval_mb_size=cfg.training.eval_batch_size,
+        device=device,
+        plugins=[optimization, strategy_plugin, recorder, ProgressBars(enabled=not quiet)],
+        evaluator=silent_evaluator(),
+    )
+
+    test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
+    results = RunResults(cfg, list(class_split.class_order), class_split.experiences, splits.class_names, test_sizes)
+    writer = None
+    if cfg.output.tensorboard:
+        from .tensorboard import TensorBoardWriter
+        writer = TensorBoardWriter(run_dir)
+    if not quiet:
+        echo(f"run {cfg.name}: {cfg.dataset.name}, {class_split.num_experiences} experiences "
+             f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
+             f"backbone {cfg.backbone.name} ({describe(model)}), device {device}")
+        echo(f"writing to {run_dir}")
+
+    metrics: dict[str, Any] = {}
+    try:
+        for i, experience in enumerate(benchmark.train_stream):
+            template.train_epochs = cfg.training.initial_epochs if (i == 0 and cfg.training.initial_epochs) \
+                else cfg.training.epochs
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                # Avalanche warns on every experience about its own internals; nothing to act on.
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\.")
+                template.train(experience, eval_streams=[], reset_optimizer_state=True,
+                               num_workers=cfg.training.num_workers)
+                train_s = time.perf_counter() - start
+                template.eval(benchmark.test_stream[: i + 1], num_workers=cfg.training.num_workers)
+            eval_s = time.perf_counter() - start - train_s
+            info = {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
+                    "train_samples": recorder.train_samples}
+            results.add(recorder.accuracies(i + 1), info)
+            if i == class_split.num_experiences - 1:
+                results.status = "complete"
+            metrics = results.to_json()
+            write_json_atomic(run_dir / "metrics.json", metrics)
+            if writer is not None:
+                writer.log_step(i, metrics, info)
+            if not quiet:
+                echo(format_step(metrics, i))
+    except BaseException:
+        if results.matrix:
+            results.status = "failed"
+            write_json_atomic(run_dir / "metrics.json", results.to_json())
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if not quiet:
+        echo("")
+        echo(format_table(metrics))
+    return metrics

@@ -1,0 +1,78 @@
+"""TensorBoard curves whose step is the experience index.
+
+Tags (all accuracies in percent):
+``cil/accuracy`` (seen classes), ``cil/average_incremental_accuracy``, ``cil/forgetting``
+(max-based mean), ``cil/bwt``, ``cil/accuracy_old``, ``cil/accuracy_new``,
+``accuracy_per_experience/exp_XX``, ``train/loss``, ``time/train_s``, ``time/eval_s``, and
+the image ``cil/accuracy_matrix``. Point ``tensorboard --logdir`` at the folder holding
+several run directories to overlay them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SCALAR_TAGS = ("cil/accuracy", "cil/average_incremental_accuracy", "cil/forgetting", "cil/bwt",
+               "cil/accuracy_old", "cil/accuracy_new")
+
+
+def render_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str = "") -> np.ndarray:
+    """The lower-triangular accuracy matrix as an annotated heat map, HxWx3 uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(matrix)
+    grid = np.full((n, n), np.nan)
+    for i, row in enumerate(matrix):
+        grid[i, : len(row)] = row
+    size = min(12.0, 1.2 + 0.55 * n)
+    fig = Figure(figsize=(size + 1.0, size), dpi=80)
+    canvas = FigureCanvasAgg(fig)  # rendering off-screen, whatever backend pyplot would pick
+    ax = fig.subplots()
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    if n <= 20:
+        for i in range(n):
+            for j in range(i + 1):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < 60 else "black")
+    ax.set_xlabel("evaluated experience j")
+    ax.set_ylabel("after training experience i")
+    ax.set_title(title or "accuracy (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class TensorBoardWriter:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log_step(self, step: int, metrics: dict[str, Any], step_info: dict[str, Any]) -> None:
+        values = {
+            "cil/accuracy": metrics["accuracy"][step],
+            "cil/average_incremental_accuracy": sum(metrics["accuracy"][: step + 1]) / (step + 1),
+            "cil/forgetting": metrics["forgetting"]["per_step"][step],
+            "cil/bwt": metrics["bwt"]["per_step"][step],
+            "cil/accuracy_old": metrics["accuracy_old"][step],
+            "cil/accuracy_new": metrics["accuracy_new"][step],
+            "train/loss": step_info.get("train_loss"),
+            "time/train_s": step_info.get("train_s"),
+            "time/eval_s": step_info.get("eval_s"),
+        }
+        for j, acc in enumerate(metrics["accuracy_matrix"][step]):
+            values[f"accuracy_per_experience/exp_{j:02d}"] = acc
+        for tag, value in values.items():
+            if value is not None:  # forgetting and BWT do not exist at step 0
+                self.writer.add_scalar(tag, value, global_step=step)
+        image = render_accuracy_matrix(metrics["accuracy_matrix"], f"accuracy (%) after experience {step}")
+        self.writer.add_image("cil/accuracy_matrix", image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
