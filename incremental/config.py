@@ -197,7 +197,7 @@ def _parse_value(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any])
     if tp is Any:
         return value
     if tp is Component:
-        return _parse_component(value, meta["registry"], path)
+        return _parse_component(value, meta["registry"], path, meta.get("default_name"))
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, path)
     if origin in (Union, types.UnionType):
@@ -309,7 +309,7 @@ def _parse_component(value: Any, kind: str, path: str, default_name: str | None 
     if not isinstance(value, dict):
         raise ConfigError(f"expected a name or a mapping with 'name', got {_show(value)}", key=path)
     options = dict(value)
-    name = options.pop("name", None)
+    name = options.pop("name", default_name)  # options given without a name: the default component
     if not isinstance(name, str):
         raise ConfigError("missing 'name'" if name is None else f"expected a name, got {_show(name)}",
                           key=_join(path, "name"))
