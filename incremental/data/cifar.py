@@ -26,11 +26,6 @@ class Cifar100Config:
     image_size: int = opt(32, ge=8)  # resized once at load time when not 32
     augment: bool = True  # random crop (padding 4) and horizontal flip, as in PyCIL
 
-    def validate(self) -> None:
-        if not self.root:
-            from ..errors import ConfigError
-            raise ConfigError("required: the path of your cifar-100-python folder", key="root")
-
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: the CIFAR files are pickles, and
@@ -83,6 +78,8 @@ def find_cifar_folder(root: Path) -> Path:
 @DATASETS.register("cifar100", config=Cifar100Config)
 def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
     """CIFAR-100 (50000 train / 10000 test, 32x32) from your cifar-100-python folder."""
+    if not cfg.root:
+        raise DataError("not set: pass --set dataset.root=/path/to/cifar-100-python", key="root")
     folder = find_cifar_folder(Path(cfg.root).expanduser())
     train_images, train_labels = _images_and_labels(folder / "train")
     test_images, test_labels = _images_and_labels(folder / "test")

@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..config import opt
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..registry import DATASETS
 from .base import DatasetSplits, require_dir
 
@@ -29,10 +29,6 @@ class ImageFolderConfig:
     image_size: int = opt(224, ge=8)
     eval_resize_ratio: float = opt(0.875, gt=0, le=1)  # resize to size/ratio, then center crop
     augment: bool = True  # RandomResizedCrop and flip
-
-    def validate(self) -> None:
-        if not self.root:
-            raise ConfigError("required: the folder holding train/ and val/", key="root")
 
 
 class ImageFileDataset(Dataset):
@@ -91,6 +87,8 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
     """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100)."""
     from torchvision import transforms as T
 
+    if not cfg.root:
+        raise DataError("not set: pass --set dataset.root=/path/holding/train/and/val", key="root")
     root = Path(cfg.root).expanduser()
     layout = f"ROOT/{cfg.train_dir}/<class>/<image> and ROOT/{cfg.val_dir}/<class>/<image>"
     require_dir(root, key="root", layout=layout)

@@ -1,0 +1,57 @@
+"""Registries: duplicates and unknown names are errors; every built-in module registers."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+from incremental.config import load_config, protocol_names
+from incremental.errors import ConfigError
+from incremental.registry import BUILTIN_MODULES, REGISTRIES, Registry, load_builtins
+
+# Modules that hold shared machinery rather than components.
+NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net"}
+PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
+            "strategies": "incremental.strategies"}
+
+
+def test_duplicate_and_unknown_names():
+    registry = Registry("widget")
+    registry.register("alpha")(object)
+    with pytest.raises(ConfigError, match="widget 'alpha' is already registered"):
+        registry.register("alpha")(int)
+    with pytest.raises(ConfigError, match=r"unknown widget 'alpah' \(did you mean 'alpha'\?\); known: alpha"):
+        registry.get("alpah")
+
+
+@pytest.mark.parametrize("kind, package", sorted(PACKAGES.items()))
+def test_every_builtin_module_is_listed_and_registers(kind, package):
+    load_builtins()
+    modules = {f"{package}.{m.name}" for m in pkgutil.iter_modules(importlib.import_module(package).__path__)}
+    components = modules - NOT_COMPONENTS
+    assert components == set(BUILTIN_MODULES[kind])
+    registered_by = {entry.module for entry in REGISTRIES[kind]}
+    assert components <= registered_by
+
+
+def test_builtin_names():
+    load_builtins()
+    assert {"digits", "synthetic", "cifar100", "imagefolder"} <= set(REGISTRIES["datasets"].names())
+    assert {"vit", "resnet32"} <= set(REGISTRIES["backbones"].names())
+    assert {"finetune", "replay"} <= set(REGISTRIES["strategies"].names())
+
+
+@pytest.mark.parametrize("name", protocol_names())
+def test_every_shipped_protocol_validates(name):
+    cfg, _ = load_config(name)
+    assert cfg.name == name and cfg.description
+
+
+def test_strategies_are_installed_under_the_incremental_root():
+    import incremental.protocols
+    import incremental.strategies.replay as replay
+
+    assert replay.__name__ == "incremental.strategies.replay"
+    assert "digits_b0_5steps" in protocol_names() and incremental.protocols.__doc__

@@ -1,0 +1,85 @@
+"""The optimizer plugin: fresh state per experience, every parameter in a group, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
+
+from incremental.config import OptimizerConfig, SchedulerConfig, TrainingConfig, parse_dataclass
+from incremental.data import build_dataset
+from incremental.data.synthetic import SyntheticConfig
+from incremental.models import build_model
+from incremental.config import Component
+from incremental.models.vit import ViTConfig
+from incremental.plugins import OptimizationPlugin, lr_factor, param_groups, silent_evaluator
+from incremental.protocol import build_benchmark, make_class_split
+from incremental.config import ProtocolConfig
+
+
+def test_lr_schedules():
+    cosine = SchedulerConfig(name="cosine", warmup_epochs=1)
+    assert lr_factor(cosine, iteration=0, iters_per_epoch=10, epochs=3) == pytest.approx(0.1)
+    assert lr_factor(cosine, iteration=9, iters_per_epoch=10, epochs=3) == pytest.approx(1.0)
+    assert lr_factor(cosine, iteration=20, iters_per_epoch=10, epochs=3) == pytest.approx(0.5)
+    assert lr_factor(cosine, iteration=29, iters_per_epoch=10, epochs=3) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    step = SchedulerConfig(name="step", milestones=[2, 4], gamma=0.1)
+    assert [lr_factor(step, iteration=i * 10, iters_per_epoch=10, epochs=5) for i in range(5)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert lr_factor(SchedulerConfig(name="constant"), iteration=7, iters_per_epoch=3, epochs=4) == 1.0
+
+
+def tiny_vit(classes: int):
+    spec = Component("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2))
+    return build_model(spec, in_chans=3, img_size=8, initial_classes=classes)
+
+
+def test_no_weight_decay_on_tokens_norms_and_biases():
+    model = tiny_vit(3)
+    groups = {g["name"]: g for g in param_groups(model, 0.05)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert {"backbone.cls_token", "backbone.pos_embed", "head.classifier.bias"} <= no_decay
+    assert "head.classifier.weight" in {names[id(p)] for p in groups["decay"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+
+
+class OptimizerSpy(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if strategy.clock.train_exp_iterations == 0:
+            opt = strategy.optimizer
+            grouped = [p for g in opt.param_groups for p in g["params"]]
+            self.seen.append({
+                "state_entries": len(opt.state),
+                "all_params_once": sorted(map(id, grouped)) == sorted(id(p) for p in strategy.model.parameters()),
+                "head_outputs": strategy.model.num_classes,
+                "lr": [g["lr"] for g in opt.param_groups],
+            })
+
+
+def test_fresh_optimizer_per_experience_covers_the_grown_head():
+    data = build_dataset("synthetic", SyntheticConfig(num_classes=6, train_per_class=8, test_per_class=2,
+                                                      image_size=8))
+    split = make_class_split(parse_dataclass(ProtocolConfig, {"increment": 3}), 6, seed=0)
+    bench = build_benchmark(data, split)
+    model = tiny_vit(3)
+    training = TrainingConfig(epochs=2, optimizer=OptimizerConfig(name="adamw", lr=0.01, initial_lr=0.05),
+                              scheduler=SchedulerConfig(name="constant"))
+    spy = OptimizerSpy()
+    template = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  train_mb_size=16, train_epochs=2, eval_mb_size=16,
+                                  plugins=[OptimizationPlugin(training), spy], evaluator=silent_evaluator())
+    for exp in bench.train_stream:
+        template.train(exp, eval_streams=[], reset_optimizer_state=True)
+    assert [s["state_entries"] for s in spy.seen] == [0, 0]  # no AdamW moments carried over
+    assert all(s["all_params_once"] for s in spy.seen)
+    assert [s["head_outputs"] for s in spy.seen] == [3, 6]
+    assert spy.seen[0]["lr"] == pytest.approx([0.05, 0.05]) and spy.seen[1]["lr"] == pytest.approx([0.01, 0.01])
