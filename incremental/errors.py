@@ -15,6 +15,11 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        if "Original Traceback" in message:
+            # Re-raised by torch from a DataLoader worker as ``type(msg)`` with the worker's
+            # traceback in msg; its last line holds the original "key: problem".
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
         super().__init__(message)
         self.message = message
         self.key = key

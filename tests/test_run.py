@@ -152,3 +152,21 @@ def test_cuda_request_without_a_gpu_is_a_config_error(tiny_config, tmp_path, cap
         pytest.skip("a GPU is present")
     assert main(["run", str(tiny_config), "--out", str(tmp_path / "c"), "--set", "training.device=cuda"]) == 2
     assert "training.device: cuda requested but no CUDA device" in capsys.readouterr().err
+
+
+def test_unreadable_image_in_a_worker_is_one_line(write_yaml, tmp_path, capsys):
+    from test_datasets import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
+    (root / "val" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    config = write_yaml(f"""
+        dataset: {{name: imagefolder, root: {root}, image_size: 16}}
+        protocol: {{increment: 1, class_order: sorted}}
+        backbone: {{name: resnet32, width: 4}}
+        training: {{epochs: 1, num_workers: 1}}
+        """)
+    assert main(["run", str(config), "--quiet", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{config}: dataset.root: cannot read image ") and "broken.png" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["completed_experiences"] == 1
