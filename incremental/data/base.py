@@ -78,6 +78,14 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
+def root_folder(root: str, *, example: str) -> Path:
+    """The ``root`` option as a path; an empty one (``Path("")`` would mean the current
+    folder) is an error telling how to set it."""
+    if not root:
+        raise DataError(f"not set: pass --set dataset.root={example}", key="root")
+    return Path(root).expanduser()
+
+
 def require_dir(path: Path, *, key: str, layout: str) -> Path:
     """The folder, or a DataError saying what layout was expected there."""
     if not path.exists():

@@ -13,7 +13,7 @@ import torch
 from ..config import opt
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DatasetSplits, TensorImageDataset, require_dir, resize_uint8, tensor_transforms
+from .base import DatasetSplits, TensorImageDataset, require_dir, resize_uint8, root_folder, tensor_transforms
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -78,9 +78,7 @@ def find_cifar_folder(root: Path) -> Path:
 @DATASETS.register("cifar100", config=Cifar100Config)
 def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
     """CIFAR-100 (50000 train / 10000 test, 32x32) from your cifar-100-python folder."""
-    if not cfg.root:
-        raise DataError("not set: pass --set dataset.root=/path/to/cifar-100-python", key="root")
-    folder = find_cifar_folder(Path(cfg.root).expanduser())
+    folder = find_cifar_folder(root_folder(cfg.root, example="/path/to/cifar-100-python"))
     train_images, train_labels = _images_and_labels(folder / "train")
     test_images, test_labels = _images_and_labels(folder / "test")
     meta = _load_pickle(folder / "meta")

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ..config import opt
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DatasetSplits, require_dir
+from .base import DatasetSplits, require_dir, root_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,9 +87,7 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
     """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100)."""
     from torchvision import transforms as T
 
-    if not cfg.root:
-        raise DataError("not set: pass --set dataset.root=/path/holding/train/and/val", key="root")
-    root = Path(cfg.root).expanduser()
+    root = root_folder(cfg.root, example="/path/holding/train/and/val")
     layout = f"ROOT/{cfg.train_dir}/<class>/<image> and ROOT/{cfg.val_dir}/<class>/<image>"
     require_dir(root, key="root", layout=layout)
     train_dir = require_dir(root / cfg.train_dir, key="root", layout=layout)
