@@ -3,10 +3,13 @@ data that the tests write themselves (or scikit-learn's bundled digits)."""
 
 from __future__ import annotations
 
+import pickle
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # A protocol small enough to train in seconds: 16 px digits, a one-block ViT, 3 experiences.
 TINY_RUN = """
@@ -41,3 +44,34 @@ def write_yaml(tmp_path: Path):
 @pytest.fixture
 def tiny_config(write_yaml) -> Path:
     return write_yaml(TINY_RUN, "tiny.yaml")
+
+
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    """The cifar-100-python layout: pickles with bytes keys, as the official archive has."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
+                 b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [i % 20 for i in range(n)],
+                 b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)}
+        with (folder / name).open("wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    meta = {b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}
+    with (folder / "meta").open("wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+def write_image_folder(root: Path, classes=("n01", "n02", "n03"), per_class: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+                ext = ".JPEG" if i % 2 else ".png"
+                Image.fromarray(pixels).save(d / f"img{i}{ext}")
+    return root

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_cifar100, write_image_folder
 
 from incremental.config import parse_dataclass
 from incremental.data import build_dataset
@@ -40,24 +38,6 @@ def test_synthetic_is_deterministic_and_learnable_in_principle():
     means = torch.stack([x[torch.tensor(a.train.targets) == c].mean(0) for c in range(100)])
     pred = torch.cdist(a.test.images.float().flatten(1), means).argmin(1)
     assert (pred == torch.tensor(a.test.targets)).float().mean() > 0.5
-
-
-def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
-    """The cifar-100-python layout: pickles with bytes keys, as the official archive has."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        batch = {b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
-                 b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [i % 20 for i in range(n)],
-                 b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)}
-        with (folder / name).open("wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    meta = {b"fine_label_names": [f"class{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}
-    with (folder / "meta").open("wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return folder
 
 
 def test_cifar100_reads_the_standard_folder(tmp_path):
@@ -107,19 +87,6 @@ def test_cifar100_and_imagefolder_require_a_root():
     assert info.value.key == "dataset.root"
     with pytest.raises(DataError, match="not set: pass --set dataset.root="):
         build_dataset("imagefolder", parse_dataclass(ImageFolderConfig, {}))
-
-
-def write_image_folder(root: Path, classes=("n01", "n02", "n03"), per_class: int = 3) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
-                ext = ".JPEG" if i % 2 else ".png"
-                Image.fromarray(pixels).save(d / f"img{i}{ext}")
-    return root
 
 
 def test_imagefolder_reads_train_and_val(tmp_path):

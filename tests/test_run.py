@@ -9,6 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import write_image_folder
+
 from incremental.cli import main
 from incremental.config import load_config
 from incremental.data import build_dataset
@@ -155,8 +157,6 @@ def test_cuda_request_without_a_gpu_is_a_config_error(tiny_config, tmp_path, cap
 
 
 def test_unreadable_image_in_a_worker_is_one_line(write_yaml, tmp_path, capsys):
-    from test_datasets import write_image_folder
-
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
     (root / "val" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
     config = write_yaml(f"""
