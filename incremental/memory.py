@@ -94,7 +94,10 @@ def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, d
     was_training = model.training
     model.eval()
     feats = []
-    for batch in DataLoader(dataset.eval(), batch_size=batch_size, shuffle=False):
+    # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and this
+    # evaluation-side pass would change the training's random stream.
+    loader = DataLoader(dataset.eval(), batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    for batch in loader:
         x = batch[0].to(device)
         feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
     model.train(was_training)

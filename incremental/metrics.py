@@ -37,7 +37,21 @@ DEFINITIONS = {
                   "per_step[i] = mean_{j<i} f[i][j]; per_experience[j] = f[T-1][j]; mean = per_step[T-1]",
     "bwt": "backward transfer (Lopez-Paz 2017): per_step[i] = mean_{j<i} (A[i][j] - A[j][j]); final = per_step[T-1]",
     "avalanche_forgetting": "Avalanche's first-minus-last forgetting: mean_{j<i} (A[j][j] - A[i][j]) = -bwt",
+    "prediction_matrix": "per step i, P[j][k]: test images of experience j predicted as a class of experience k",
+    "old_predicted_as_new": "per step i (ViTIL's bias diagnostic): % of the test images of experiences j < i "
+                            "predicted as a class of experience i",
+    "head_norm_ratio": "per step i (ViTIL's bias diagnostic): mean L2 norm of the classifier weight rows of the "
+                       "classes of experience i / that of the classes of experiences j < i",
+    "train_loss_per_epoch": "per step: mean training loss of each epoch (the convergence diagnostic)",
 }
+
+
+def old_predicted_as_new(prediction_matrix: Sequence[Sequence[int]]) -> float | None:
+    """% of old-experience test images predicted as the newest experience's classes."""
+    step = len(prediction_matrix) - 1
+    old_rows = prediction_matrix[:step]
+    total = sum(sum(row) for row in old_rows)
+    return 100.0 * sum(row[step] for row in old_rows) / total if total else None
 
 
 def _check(matrix: Matrix, sizes: Sequence[int] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -35,6 +35,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def head_param_groups(lr_scale: float, weight_decay: float | None = None
+                      ) -> Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """A group hook that moves the classifier (parameters named ``head.*``) into its own groups,
+    at ``lr_scale`` times the base LR and, if given, its own weight decay on the weights.
+
+    Run at every experience on the grown head, so new output units join the head groups.
+    """
+
+    def hook(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        head_ids = {id(p) for name, p in model.named_parameters() if name.startswith("head.")}
+        body, head = [], []
+        for group in groups:
+            kept = [p for p in group["params"] if id(p) not in head_ids]
+            moved = [p for p in group["params"] if id(p) in head_ids]
+            if kept:
+                body.append({**group, "params": kept})
+            if moved:
+                decay = group["weight_decay"]
+                if weight_decay is not None and decay > 0:  # biases keep no decay
+                    decay = weight_decay
+                head.append({**group, "params": moved, "weight_decay": decay, "name": f"head_{group['name']}",
+                             "lr_scale": group.get("lr_scale", 1.0) * lr_scale})
+        return body + head
+
+    return hook
+
+
 def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
     for group in groups:
         group["base_lr"] = lr * group.get("lr_scale", 1.0)
@@ -44,6 +71,16 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    group_hooks: Sequence[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = ()
+                    ) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters, after each hook has adjusted the groups."""
+    groups = param_groups(model, cfg.weight_decay)
+    for hook in group_hooks:
+        groups = hook(model, groups)
+    return make_optimizer(groups, cfg, lr)
 
 
 def lr_factor(cfg: SchedulerConfig, *, iteration: int, iters_per_epoch: int, epochs: int) -> float:
@@ -67,22 +104,21 @@ class OptimizationPlugin(SupervisedPlugin):
     Avalanche otherwise carries the optimizer's state (AdamW moments) from one experience
     to the next, which collapsed small ViTs to one class. Building the optimizer here, after
     the head has grown, also keeps every parameter in the groups we chose.
-    ``group_hook(model, groups)`` lets a strategy adjust the groups (e.g. a head LR scale).
+    ``group_hooks`` (``hook(model, groups) -> groups``) let a strategy adjust the groups
+    (e.g. a head LR scale); they see the grown head at every experience.
     """
 
-    def __init__(self, cfg: TrainingConfig):
+    def __init__(self, cfg: TrainingConfig,
+                 group_hooks: Sequence[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = ()):
         super().__init__()
         self.cfg = cfg
-        self.group_hooks: list[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = []
+        self.group_hooks = group_hooks
         self.epochs = cfg.epochs
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         first = strategy.experience.current_experience == 0
         lr = self.cfg.optimizer.initial_lr if (first and self.cfg.optimizer.initial_lr) else self.cfg.optimizer.lr
-        groups = param_groups(strategy.model, self.cfg.optimizer.weight_decay)
-        for hook in self.group_hooks:
-            groups = hook(strategy.model, groups)
-        strategy.optimizer = make_optimizer(groups, self.cfg.optimizer, lr)
+        strategy.optimizer = build_optimizer(strategy.model, self.cfg.optimizer, lr, self.group_hooks)
         self.epochs = strategy.train_epochs
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
@@ -102,28 +138,41 @@ class EvaluationRecorder(SupervisedPlugin):
     accuracy matrix comes from the same forward passes Avalanche runs, with no second pass.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label_experience: Sequence[int] = ()) -> None:
         super().__init__()
+        # label (order position) -> experience that brought it, for the prediction matrix
+        self.label_experience = torch.as_tensor(list(label_experience), dtype=torch.long)
         self.correct: dict[int, int] = {}
         self.total: dict[int, int] = {}
+        self.predicted: dict[int, torch.Tensor] = {}
         self.loss_sum = 0.0
         self.loss_count = 0
+        self.epoch_losses: list[float] = []
         self.train_samples = 0
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.train_samples = len(strategy.adapted_dataset)  # new data plus any replayed memory
+        self.epoch_losses = []
 
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
-        self.correct, self.total = {}, {}
+        self.correct, self.total, self.predicted = {}, {}, {}
 
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
         exp = strategy.experience.current_experience
-        hits = int((strategy.mb_output.argmax(dim=1) == strategy.mb_y).sum())
+        predictions = strategy.mb_output.argmax(dim=1)
+        hits = int((predictions == strategy.mb_y).sum())
         self.correct[exp] = self.correct.get(exp, 0) + hits
         self.total[exp] = self.total.get(exp, 0) + len(strategy.mb_y)
+        if len(self.label_experience):
+            counts = torch.bincount(self.label_experience[predictions.cpu()], minlength=int(self.label_experience.max()) + 1)
+            self.predicted[exp] = self.predicted.get(exp, 0) + counts
 
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         self.loss_sum, self.loss_count = 0.0, 0  # report the last epoch's mean loss
+
+    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        if self.loss_count:
+            self.epoch_losses.append(self.loss_sum / self.loss_count)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         loss = float(strategy.loss.detach())
@@ -142,6 +191,15 @@ class EvaluationRecorder(SupervisedPlugin):
     def accuracies(self, num_experiences: int) -> list[float]:
         """Accuracy (%) on experiences 0..num_experiences-1 from the last evaluation."""
         return [100.0 * self.correct.get(j, 0) / max(1, self.total.get(j, 0)) for j in range(num_experiences)]
+
+    def prediction_matrix(self, num_experiences: int) -> list[list[int]]:
+        """Row j: how many test images of experience j were predicted in each seen experience."""
+        rows = []
+        for j in range(num_experiences):
+            counts = self.predicted.get(j)
+            rows.append([int(counts[k]) if counts is not None and k < len(counts) else 0
+                         for k in range(num_experiences)])
+        return rows
 
 
 class ProgressBars(SupervisedPlugin):

@@ -20,8 +20,6 @@ from .data.base import DatasetSplits
 from .errors import ConfigError, did_you_mean
 
 
-
-
 @dataclass(frozen=True)
 class ClassSplit:
     """The class order (original ids) and how many classes each experience gets."""
@@ -43,6 +41,10 @@ class ClassSplit:
         """Remapped labels of each experience."""
         bounds = np.cumsum((0,) + self.classes_per_experience).tolist()
         return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def label_experience(self) -> list[int]:
+        """Experience of each remapped label."""
+        return [exp for exp, count in enumerate(self.classes_per_experience) for _ in range(count)]
 
 
 def resolve_class_order(cfg: ProtocolConfig, num_classes: int, seed: int) -> list[int]:
@@ -121,7 +123,7 @@ class OrderedClassSubset(Dataset):
 def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
     """An Avalanche CLScenario with ``train_stream`` and ``test_stream``."""
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import as_classification_dataset
+    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
     from avalanche.benchmarks.utils.transform_groups import TransformGroups
 
     groups = {"train": splits.train_transform, "eval": splits.eval_transform}
@@ -132,7 +134,10 @@ def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
         if missing:
             names = [class_split.class_order[i] for i in missing[:5]]
             raise ConfigError(f"the {stream} split has no samples of classes {names}", key="protocol.class_order")
-        dataset = as_classification_dataset(subset, transform_groups=TransformGroups(groups))
+        # Task label 0 on every sample, as nc_benchmark gives: batches are (x, y, t), which
+        # Avalanche's plugins (LwF, EWC, BiC, DER's logits) expect even without tasks.
+        dataset = _make_taskaware_classification_dataset(subset, transform_groups=groups,
+                                                         task_labels=0)
         streams[stream] = dataset.train() if group == "train" else dataset.eval()
     return class_incremental_benchmark(
         streams,

@@ -86,7 +86,10 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "datasets": ("incremental.data.digits", "incremental.data.synthetic",
                  "incremental.data.cifar", "incremental.data.imagefolder"),
     "backbones": ("incremental.models.vit", "incremental.models.resnet"),
-    "strategies": ("incremental.strategies.finetune", "incremental.strategies.replay"),
+    "strategies": ("incremental.strategies.finetune", "incremental.strategies.replay",
+                   "incremental.strategies.vitil", "incremental.strategies.icarl", "incremental.strategies.lwf",
+                   "incremental.strategies.ewc", "incremental.strategies.bic", "incremental.strategies.der",
+                   "incremental.strategies.gdumb"),
     "probes": (),
 }
 

@@ -46,6 +46,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)  # readers never see a half-written file
 
 
+def hide_avalanche_deprecations() -> None:
+    """Inside a ``catch_warnings`` block: drop the deprecation warnings raised inside Avalanche's
+    own code on every experience (nothing a user can act on). Its ``@deprecated``
+    decorator re-inserts a "once" filter at every call, ahead of any ignore filter, so the
+    warnings are dropped at display time instead; every other warning is shown as usual."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, *args: Any, **kwargs: Any) -> None:
+        if f"{os.sep}avalanche{os.sep}" in filename and (
+                issubclass(category, DeprecationWarning) or "non-tuple sequence" in str(message)):
+            return  # the second: torch's indexing deprecation, inside Avalanche's EWC
+        shown(message, category, filename, *args, **kwargs)
+
+    warnings.showwarning = show
+
+
 def resolve_device(requested: str) -> Any:
     import torch
 
@@ -93,6 +109,10 @@ class RunResults:
             "test_samples_per_experience": self.test_sizes,
             **summary,
             "train_loss": [s.get("train_loss") for s in self.steps],
+            "train_loss_per_epoch": [s.get("train_loss_per_epoch") for s in self.steps],
+            "prediction_matrix": [s.get("prediction_matrix") for s in self.steps],
+            "old_predicted_as_new": [s.get("old_predicted_as_new") for s in self.steps],
+            "head_norm_ratio": [s.get("head_norm_ratio") for s in self.steps],
             "train_samples": [s.get("train_samples") for s in self.steps],
             "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"]} for s in self.steps],
             "total_wall_time_s": sum(s["train_s"] + s["eval_s"] for s in self.steps),
@@ -112,7 +132,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
 
     from .data import build_dataset
     from .models import build_model
-    from .models.net import describe
+    from .metrics import old_predicted_as_new
+    from .models.net import describe, head_norm_ratio
     from .plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from .protocol import build_benchmark, make_class_split
     from .registry import STRATEGIES
@@ -127,9 +148,11 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
     context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device)
-    strategy_plugin = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
-    optimization = OptimizationPlugin(cfg.training)
-    recorder = EvaluationRecorder()
+    strategy_plugins = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
+    if not isinstance(strategy_plugins, (list, tuple)):
+        strategy_plugins = [strategy_plugins]
+    optimization = OptimizationPlugin(cfg.training, context.param_group_hooks)
+    recorder = EvaluationRecorder(class_split.label_experience())
     template = SupervisedTemplate(
         model=model,
         # A placeholder: OptimizationPlugin builds the real optimizer at every experience.
@@ -139,7 +162,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
         device=device,
-        plugins=[optimization, strategy_plugin, recorder, ProgressBars(enabled=not quiet)],
+        plugins=[optimization, *strategy_plugins, recorder, ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
     )
 
@@ -162,15 +185,17 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
                 else cfg.training.epochs
             start = time.perf_counter()
             with warnings.catch_warnings():
-                # Avalanche warns on every experience about its own internals; nothing to act on.
-                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\.")
+                hide_avalanche_deprecations()
                 template.train(experience, eval_streams=[], reset_optimizer_state=True,
                                num_workers=cfg.training.num_workers)
                 train_s = time.perf_counter() - start
                 template.eval(benchmark.test_stream[: i + 1], num_workers=cfg.training.num_workers)
             eval_s = time.perf_counter() - start - train_s
+            predictions = recorder.prediction_matrix(i + 1)
             info = {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
-                    "train_samples": recorder.train_samples}
+                    "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
+                    "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
+                    "head_norm_ratio": head_norm_ratio(template.model, class_split.label_ranges(), i)}
             results.add(recorder.accuracies(i + 1), info)
             if i == class_split.num_experiences - 1:
                 results.status = "complete"

@@ -1,15 +1,16 @@
 """What a strategy is: an Avalanche plugin built from its typed config and a run context.
 
-A registered strategy is a class ``Cls(config, context)`` returning a
-:class:`avalanche.core.SupervisedPlugin`. The runner builds one ``SupervisedTemplate`` and
-attaches the strategy's plugin next to its own (optimizer, evaluation, progress), so a
-strategy only writes the hooks it changes, as Avalanche's LwFPlugin does.
+A registered strategy is a callable ``Cls(config, context)`` returning a
+:class:`avalanche.core.SupervisedPlugin` (or a list of them, to combine Avalanche's own
+plugins). The runner builds one ``SupervisedTemplate`` and attaches the strategy's plugins
+next to its own (optimizer, evaluation, progress), so a strategy only writes the hooks it
+changes, as Avalanche's LwFPlugin does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from avalanche.core import SupervisedPlugin
 
@@ -25,6 +26,14 @@ class StrategyContext:
     class_split: ClassSplit
     benchmark: Any  # the Avalanche CLScenario (train_stream, test_stream)
     device: Any
+    # ``hook(model, groups) -> groups``, applied whenever the runner builds an optimizer
+    # (every experience): how a strategy changes parameter groups, e.g. the head's LR.
+    param_group_hooks: list[Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]]] = \
+        field(default_factory=list)
+
+    @property
+    def total_classes(self) -> int:
+        return sum(self.class_split.classes_per_experience)
 
     @property
     def memory_total(self) -> int | None:
@@ -36,6 +45,16 @@ class StrategyContext:
 
     def train_dataset(self, experience: int) -> Any:
         return self.benchmark.train_stream[experience].dataset
+
+    def require_memory(self, strategy: str) -> int:
+        """The total exemplar budget, or an error naming the missing protocol key."""
+        from .errors import ConfigError
+
+        total = self.memory_total or (self.memory_per_class or 0) * self.total_classes
+        if not total:
+            raise ConfigError(f"strategy {strategy!r} needs exemplars: set protocol.memory.total "
+                              f"or protocol.memory.per_class", key="protocol.memory")
+        return total
 
 
 class StrategyPlugin(SupervisedPlugin):

@@ -48,6 +48,19 @@ class IncrementalNet(nn.Module):
         return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
 
 
+@torch.no_grad()
+def head_norm_ratio(model: nn.Module, label_ranges: list[range], step: int) -> float | None:
+    """Mean L2 norm of the classifier rows of experience ``step``'s classes over that of the
+    older classes: ViTIL's (and BiC's, WA's) measure of the bias toward new classes."""
+    head = getattr(getattr(model, "head", None), "classifier", None)
+    if step == 0 or not isinstance(head, nn.Linear):
+        return None
+    norms = head.weight.norm(dim=1)
+    new = norms[label_ranges[step].start:label_ranges[step].stop]
+    old = norms[:label_ranges[step].start]
+    return float(new.mean() / old.mean()) if len(new) and len(old) else None
+
+
 def build_backbone(spec: Component, *, in_chans: int, img_size: int) -> nn.Module:
     entry = BACKBONES.get(spec.name)
     try:

@@ -1,0 +1,75 @@
+"""Bias Correction (Wu et al. 2019), Avalanche's BiCPlugin."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from incremental.config import opt
+from incremental.registry import STRATEGIES
+from incremental.strategy import StrategyContext
+
+
+@dataclass
+class BiCConfig:
+    # Defaults are Avalanche's, which follow Wu et al.: 10% of the memory held out to fit
+    # the bias layer, T = 2, 200 epochs of SGD at 0.1 (decayed at 50/100/150) for stage 2.
+    val_percentage: float = opt(0.1, gt=0, lt=1)
+    temperature: float = opt(2.0, gt=0)
+    stage_2_epochs: int = opt(200, ge=1)
+    stage_2_lr: float = opt(0.1, gt=0)
+    # -1: Wu et al.'s adaptive weight old/(old+new) between distillation and classification
+    distillation_weight: float = opt(-1.0, ge=-1)
+
+
+class _WritableExperience:
+    """Forwards to an experience but lets ``dataset`` be assigned (see below)."""
+
+    def __init__(self, experience: Any):
+        self.__dict__["_experience"] = experience
+        self.__dict__["dataset"] = experience.dataset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._experience, name)
+
+
+def bic_plugin_class() -> type:
+    import avalanche.training.plugins.bic as avalanche_bic
+    from avalanche.training.plugins import BiCPlugin
+    from torch.optim.lr_scheduler import MultiStepLR
+
+    if "verbose" not in inspect.signature(MultiStepLR).parameters:
+        # Avalanche 0.6 passes verbose=False, which torch >= 2.7 no longer accepts; the
+        # shim (in Avalanche's bic module only) drops it.
+        class MultiStepLRWithoutVerbose(MultiStepLR):
+            def __init__(self, *args: Any, verbose: bool = False, **kwargs: Any):
+                super().__init__(*args, **kwargs)
+
+        avalanche_bic.MultiStepLR = MultiStepLRWithoutVerbose
+
+    class WritableDatasetBiCPlugin(BiCPlugin):
+        """Avalanche 0.6's BiCPlugin holds out its validation exemplars by assigning
+        ``strategy.experience.dataset``, a read-only property of the experiences that
+        class_incremental_benchmark makes; the assignment goes to a proxy and is copied back."""
+
+        def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
+            experience = strategy.experience
+            strategy.experience = _WritableExperience(experience)
+            try:
+                super().before_train_dataset_adaptation(strategy, **kwargs)
+                experience._dataset = strategy.experience.dataset
+            finally:
+                strategy.experience = experience
+
+    return WritableDatasetBiCPlugin
+
+
+@STRATEGIES.register("bic", config=BiCConfig)
+def build_bic(config: BiCConfig, context: StrategyContext) -> Any:
+    """BiC: replay, distillation and a bias layer fitted on held-out exemplars (Avalanche's BiCPlugin)."""
+    training = context.config.training
+    return bic_plugin_class()(mem_size=context.require_memory("bic"), val_percentage=config.val_percentage,
+                     T=config.temperature, stage_2_epochs=config.stage_2_epochs, lr=config.stage_2_lr,
+                     lamb=config.distillation_weight, batch_size=training.batch_size,
+                     batch_size_mem=training.batch_size)

@@ -1,0 +1,113 @@
+"""iCaRL (Rebuffi et al. 2017): herding replay, sigmoid distillation, nearest-mean-of-exemplars.
+
+Avalanche's ICaRL is a template of its own (a TrainEvalModel, images copied into memory,
+and ``benchmark.classes_order`` which class_incremental_benchmark does not set), so it
+cannot run as a plugin of the shared template. This strategy keeps Avalanche's pieces that
+do fit: its iCaRL loss (``ICaRLLossPlugin``: BCE on one-hot targets whose old-class entries
+are the previous model's sigmoid outputs) and its ``NCMClassifier``, with the toolkit's
+herding memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.nn import functional as F
+
+from incremental.memory import extract_features, indices_by_label
+from incremental.registry import STRATEGIES
+from incremental.strategy import StrategyContext
+
+from .replay import ExemplarReplay, ReplayConfig
+
+
+@dataclass
+class ICaRLConfig(ReplayConfig):
+    # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
+    classifier: Literal["ncm", "cnn"] = "ncm"
+    flip_means: bool = True  # iCaRL averages each exemplar's features with its mirror image's
+
+
+def icarl_loss_plugin() -> Any:
+    from avalanche.training.losses import ICaRLLossPlugin
+
+    class GrowingICaRLLossPlugin(ICaRLLossPlugin):
+        """Avalanche's plugin loads the new weights into its first copy of the model, which
+        fails once the head has grown, and keeps that copy in train mode; here each
+        experience takes a fresh copy, in eval mode."""
+
+        def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+            self.old_model = copy.deepcopy(strategy.model).eval()
+            for p in self.old_model.parameters():
+                p.requires_grad_(False)
+            self.old_classes += sorted({int(t) for t in strategy.experience.dataset.targets})
+
+    return GrowingICaRLLossPlugin()
+
+
+class ICaRL(ExemplarReplay):
+    """Herding replay with the iCaRL loss as the criterion; NME classification at evaluation."""
+
+    def __init__(self, config: ICaRLConfig, context: StrategyContext, loss: Any):
+        super().__init__(config, context)
+        from avalanche.models import NCMClassifier
+
+        self.loss = loss
+        self.ncm = NCMClassifier(normalize=True)
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        strategy._criterion = self.loss  # the template calls _criterion(mb_output, mb_y)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        super().after_training_exp(strategy, **kwargs)
+        if self.config.classifier == "ncm":
+            self.ncm.replace_class_means_dict(self.class_means(strategy))
+
+    @torch.no_grad()
+    def class_means(self, strategy: Any) -> dict[int, torch.Tensor]:
+        data = self.memory.dataset(self.context.train_dataset)
+        feats = F.normalize(extract_features(strategy.model, data, batch_size=strategy.eval_mb_size,
+                                             device=strategy.device), dim=1)
+        if self.config.flip_means:
+            flipped = FlippedDataset(data)
+            feats = feats + F.normalize(extract_features(strategy.model, flipped, batch_size=strategy.eval_mb_size,
+                                                         device=strategy.device), dim=1)
+        means = {}
+        for label, idx in indices_by_label(data.targets).items():
+            means[label] = F.normalize(feats[idx].mean(dim=0), dim=0).to(strategy.device)
+        return means
+
+    def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.config.classifier != "ncm" or not self.ncm.class_means_dict:
+            return
+        model = strategy.model
+        features = model.forward_head(model.forward_features(strategy.mb_x), pre_logits=True)
+        strategy.mb_output = self.ncm(features)
+
+
+class FlippedDataset:
+    """An Avalanche dataset's eval view with every image mirrored (for iCaRL's class means)."""
+
+    def __init__(self, data: Any):
+        self.data = data.eval()
+
+    def eval(self) -> "FlippedDataset":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        x, *rest = self.data[index]
+        return (torch.flip(x, dims=[-1]), *rest)
+
+
+@STRATEGIES.register("icarl", config=ICaRLConfig)
+def build_icarl(config: ICaRLConfig, context: StrategyContext) -> list[Any]:
+    """iCaRL: herding replay, Avalanche's iCaRL loss and NCMClassifier (nearest mean of exemplars)."""
+    context.require_memory("icarl")
+    loss = icarl_loss_plugin()
+    return [ICaRL(config, context, loss), loss]
