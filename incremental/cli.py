@@ -95,7 +95,10 @@ def _format_options(config_cls: type | None) -> str:
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")
-        parts.append(f"{f.name}={default!r}" if not dataclasses.is_dataclass(default) else f.name)
+        if dataclasses.is_dataclass(default):
+            parts.append(f"{f.name}={{{_format_options(type(default))}}}")
+        else:
+            parts.append(f"{f.name}={default!r}")
     return ", ".join(parts)
 
 

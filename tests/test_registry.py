@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from pathlib import Path
+
 import pytest
 
 from incremental.config import load_config, protocol_names
@@ -40,13 +42,27 @@ def test_builtin_names():
     load_builtins()
     assert {"digits", "synthetic", "cifar100", "imagefolder"} <= set(REGISTRIES["datasets"].names())
     assert {"vit", "resnet32"} <= set(REGISTRIES["backbones"].names())
-    assert {"finetune", "replay"} <= set(REGISTRIES["strategies"].names())
+    assert {"finetune", "replay", "vitil", "icarl", "lwf", "ewc", "bic", "der", "gdumb"} <= \
+        set(REGISTRIES["strategies"].names())
 
 
 @pytest.mark.parametrize("name", protocol_names())
 def test_every_shipped_protocol_validates(name):
     cfg, _ = load_config(name)
     assert cfg.name == name and cfg.description
+
+
+EXPERIMENT_CONFIGS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_experiment_config_validates(path):
+    cfg, _ = load_config(str(path))
+    assert cfg.name
+
+
+def test_experiment_configs_are_found():
+    assert len(EXPERIMENT_CONFIGS) >= 23  # 7 full-size ViTIL configs, 2 x 8 ablation configs
 
 
 def test_strategies_are_installed_under_the_incremental_root():

@@ -235,3 +235,12 @@ def test_balanced_finetuning_without_memory_names_the_protocol_key(tiny_config, 
         run(cfg, tmp_path / "r", quiet=True)
     assert info.value.key == "protocol.memory" and "vitil" in str(info.value)
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_a_typo_in_a_nested_vitil_option_is_one_line_naming_the_key(capsys):
+    from incremental.cli import main
+
+    assert main(["check", "digits_b0_5steps", "--no-data", "--set", "strategy=vitil",
+                 "--set", "strategy.balanced_finetuning.epoch=3"]) == 2
+    assert capsys.readouterr().err.strip() == ("--set strategy.balanced_finetuning.epoch=3: "
+                                               "strategy.balanced_finetuning.epoch: unknown key (did you mean 'epochs'?)")
