@@ -61,6 +61,8 @@ class TensorBoardWriter:
             "cil/bwt": metrics["bwt"]["per_step"][step],
             "cil/accuracy_old": metrics["accuracy_old"][step],
             "cil/accuracy_new": metrics["accuracy_new"][step],
+            "bias/old_predicted_as_new": step_info.get("old_predicted_as_new"),
+            "bias/head_norm_ratio": step_info.get("head_norm_ratio"),
             "train/loss": step_info.get("train_loss"),
             "time/train_s": step_info.get("train_s"),
             "time/eval_s": step_info.get("eval_s"),

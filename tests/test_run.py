@@ -72,7 +72,8 @@ def test_tensorboard_steps_are_experience_indices(tiny_run):
     for tag in ("cil/accuracy", "cil/average_incremental_accuracy", "cil/accuracy_new",
                 "accuracy_per_experience/exp_00", "train/loss"):
         assert [e.step for e in events.Scalars(tag)] == [0, 1, 2], tag
-    for tag in ("cil/forgetting", "cil/bwt", "cil/accuracy_old"):  # undefined at step 0
+    for tag in ("cil/forgetting", "cil/bwt", "cil/accuracy_old",  # undefined at step 0
+                "bias/old_predicted_as_new", "bias/head_norm_ratio"):
         assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
     assert [e.step for e in events.Scalars("accuracy_per_experience/exp_02")] == [2]
     assert {"accuracy_per_experience/exp_01", "accuracy_per_experience/exp_02"} <= scalars
@@ -80,6 +81,8 @@ def test_tensorboard_steps_are_experience_indices(tiny_run):
     assert [e.value for e in events.Scalars("cil/accuracy")] == pytest.approx(metrics["accuracy"], rel=1e-6)
     assert [e.value for e in events.Scalars("cil/forgetting")] == \
         pytest.approx(metrics["forgetting"]["per_step"][1:], rel=1e-6)
+    assert [e.value for e in events.Scalars("bias/head_norm_ratio")] == \
+        pytest.approx(metrics["head_norm_ratio"][1:], rel=1e-6)
     images = events.Images("cil/accuracy_matrix")
     assert [i.step for i in images] == [0, 1, 2] and images[-1].width > 100
 
