@@ -110,7 +110,8 @@ def report(out: Path, seeds: list[int], datasets: list[str], command: str) -> st
                 lines.append(f"| {label} | - | - | - | - | - | - | - | 0 |")
                 continue
             losses = [[m["train_loss_per_epoch"][0][e - 1] for m in runs] for e in CONVERGENCE_EPOCHS]
-            batch = first_batch_size(run_dir(out, dataset, variant, seeds[0]))
+            done = [s for s in seeds if is_complete(run_dir(out, dataset, variant, s))]
+            batch = first_batch_size(run_dir(out, dataset, variant, done[0]))
             k = [e * -(-runs[0]["train_samples"][0] // batch) for e in CONVERGENCE_EPOCHS]
             loss_text = " / ".join(f"{statistics.mean(l):.2f}" for l in losses)
             loss_text += f" ({k[0]} / {k[1]})"
@@ -142,7 +143,9 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for message in pool.map(lambda job: run_one(*job), jobs):
                 print(message, flush=True)
-    command = "python experiments/vitil_ablation/run_ablation.py " + " ".join(sys.argv[1:])
+    # the command that runs (or resumes) the whole ablation: --report-only only re-reads it
+    command = "python experiments/vitil_ablation/run_ablation.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only")
     text = report(args.out, args.seeds, args.datasets, command.strip())
     args.results.write_text(text + "\n")
     print(text)
