@@ -3,21 +3,19 @@ a set with as many images of every seen class, to undo the bias toward new class
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from .config import OptimizerConfig, SchedulerConfig
-from .plugins import TrainingDiverged, build_optimizer, lr_factor
+from .plugins import GroupHook, build_optimizer, check_finite, lr_factor, scale_lrs
 
 
 def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float, batch_size: int,
                       params: Literal["head", "all"], optimizer: OptimizerConfig, device: Any,
                       seed: int, num_workers: int = 0, label_smoothing: float = 0.0,
-                      group_hooks: Sequence[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = (),
-                      ) -> list[float]:
+                      group_hooks: Sequence[GroupHook] = ()) -> list[float]:
     """Train ``model`` on the Avalanche ``dataset`` (train transforms) for ``epochs`` with a
     cosine-decayed ``lr``; ``params="head"`` trains the classifier only, with the backbone in
     eval mode (frozen BN statistics, no drop path). Returns the mean loss of each epoch."""
@@ -45,17 +43,15 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
         for epoch in range(epochs):
             total, count = 0.0, 0
             for x, y, *_ in loader:
-                factor = lr_factor(schedule, iteration=iteration, iters_per_epoch=len(loader), epochs=epochs)
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * factor
+                scale_lrs(opt, lr_factor(schedule, iteration=iteration, iters_per_epoch=len(loader), epochs=epochs))
                 loss = criterion(model(x.to(device)), y.to(device))
-                if not math.isfinite(float(loss.detach())):
-                    raise TrainingDiverged(f"the balanced-finetuning loss became {float(loss)} in epoch {epoch + 1}; "
-                                           f"lower its learning rate", key="strategy.balanced_finetuning.lr_scale")
+                value = float(loss.detach())
+                check_finite(value, "balanced-finetuning loss", f"in epoch {epoch + 1}",
+                             key="strategy.balanced_finetuning.lr_scale")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
+                total += value
                 count += 1
                 iteration += 1
             epoch_losses.append(total / max(1, count))

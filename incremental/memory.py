@@ -66,12 +66,16 @@ class ExemplarMemory:
             exp, indices = self.exemplars[label]
             self.exemplars[label] = (exp, indices[:quota])
 
+    def samples(self) -> list[tuple[int, int]]:
+        """Every exemplar as ``(experience, index)``, in the order of :meth:`dataset`."""
+        return sorted((exp, index) for exp, indices in self.exemplars.values() for index in indices)
+
     def dataset(self, experience_dataset: Callable[[int], Any]) -> Any | None:
-        """The exemplars as one Avalanche dataset (None when empty)."""
+        """The exemplars as one Avalanche dataset (None when empty), in :meth:`samples` order."""
         by_experience: dict[int, list[int]] = {}
-        for exp, indices in self.exemplars.values():
-            by_experience.setdefault(exp, []).extend(indices)
-        parts = [experience_dataset(exp).subset(sorted(idx)) for exp, idx in sorted(by_experience.items()) if idx]
+        for exp, index in self.samples():
+            by_experience.setdefault(exp, []).append(index)
+        parts = [experience_dataset(exp).subset(idx) for exp, idx in by_experience.items()]
         if not parts:
             return None
         data = parts[0]

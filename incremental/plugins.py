@@ -18,6 +18,23 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+# ``hook(model, groups) -> groups``: how a strategy changes the parameter groups (e.g. the
+# head's LR); applied whenever an optimizer is built.
+GroupHook = Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def check_finite(loss: float, what: str, when: str, key: str) -> None:
+    """Stop with a one-line error naming the LR key when the loss is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the {what} became {loss} {when}; lower the learning rate", key=key)
+
+
+def scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's LR to its ``base_lr`` (see make_optimizer) times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
 # --------------------------------------------------------------------------- optimiser
 
 
@@ -35,8 +52,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def head_param_groups(lr_scale: float, weight_decay: float | None = None
-                      ) -> Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]:
+def head_param_groups(lr_scale: float, weight_decay: float | None = None) -> GroupHook:
     """A group hook that moves the classifier (parameters named ``head.*``) into its own groups,
     at ``lr_scale`` times the base LR and, if given, its own weight decay on the weights.
 
@@ -74,8 +90,7 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
-                    group_hooks: Sequence[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = ()
-                    ) -> torch.optim.Optimizer:
+                    group_hooks: Sequence[GroupHook] = ()) -> torch.optim.Optimizer:
     """The optimizer over the trainable parameters, after each hook has adjusted the groups."""
     groups = param_groups(model, cfg.weight_decay)
     for hook in group_hooks:
@@ -108,8 +123,7 @@ class OptimizationPlugin(SupervisedPlugin):
     (e.g. a head LR scale); they see the grown head at every experience.
     """
 
-    def __init__(self, cfg: TrainingConfig,
-                 group_hooks: Sequence[Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]] = ()):
+    def __init__(self, cfg: TrainingConfig, group_hooks: Sequence[GroupHook] = ()):
         super().__init__()
         self.cfg = cfg
         self.group_hooks = group_hooks
@@ -124,8 +138,7 @@ class OptimizationPlugin(SupervisedPlugin):
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         factor = lr_factor(self.cfg.scheduler, iteration=strategy.clock.train_exp_iterations,
                            iters_per_epoch=len(strategy.dataloader), epochs=self.epochs)
-        for group in strategy.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        scale_lrs(strategy.optimizer, factor)
 
 
 # --------------------------------------------------------------------------- records
@@ -176,11 +189,8 @@ class EvaluationRecorder(SupervisedPlugin):
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         loss = float(strategy.loss.detach())
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"the training loss became {loss} in experience {strategy.experience.current_experience}, "
-                f"epoch {strategy.clock.train_exp_epochs + 1}; lower the learning rate",
-                key="training.optimizer.lr")
+        check_finite(loss, "training loss", f"in experience {strategy.experience.current_experience}, "
+                     f"epoch {strategy.clock.train_exp_epochs + 1}", key="training.optimizer.lr")
         self.loss_sum += loss
         self.loss_count += 1
 
@@ -196,9 +206,8 @@ class EvaluationRecorder(SupervisedPlugin):
         """Row j: how many test images of experience j were predicted in each seen experience."""
         rows = []
         for j in range(num_experiences):
-            counts = self.predicted.get(j)
-            rows.append([int(counts[k]) if counts is not None and k < len(counts) else 0
-                         for k in range(num_experiences)])
+            counts = self.predicted.get(j)  # one count per experience of the protocol
+            rows.append([int(c) for c in counts[:num_experiences]] if counts is not None else [0] * num_experiences)
         return rows
 
 

@@ -124,7 +124,6 @@ def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
     """An Avalanche CLScenario with ``train_stream`` and ``test_stream``."""
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
     from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
-    from avalanche.benchmarks.utils.transform_groups import TransformGroups
 
     groups = {"train": splits.train_transform, "eval": splits.eval_transform}
     streams = {}

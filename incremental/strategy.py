@@ -10,11 +10,12 @@ changes, as Avalanche's LwFPlugin does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from avalanche.core import SupervisedPlugin
 
 from .config import RunConfig
+from .plugins import GroupHook
 from .protocol import ClassSplit
 
 
@@ -26,10 +27,8 @@ class StrategyContext:
     class_split: ClassSplit
     benchmark: Any  # the Avalanche CLScenario (train_stream, test_stream)
     device: Any
-    # ``hook(model, groups) -> groups``, applied whenever the runner builds an optimizer
-    # (every experience): how a strategy changes parameter groups, e.g. the head's LR.
-    param_group_hooks: list[Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]]] = \
-        field(default_factory=list)
+    # applied whenever the runner builds an optimizer (every experience)
+    param_group_hooks: list[GroupHook] = field(default_factory=list)
 
     @property
     def total_classes(self) -> int:

@@ -64,9 +64,9 @@ class DarkExperienceReplay(ExemplarReplay):
         memory = self.memory.dataset(self.context.train_dataset)
         if memory is None:
             return
-        keys = sorted((exp, i) for exp, idx in self.memory.exemplars.values() for i in idx)  # memory.dataset's order
-        logits = torch.stack([self.logits[k] for k in keys])
-        self.replay_size = min(len(keys), self.config.batch_size_mem or strategy.train_mb_size)
+        samples = self.memory.samples()
+        logits = torch.stack([self.logits[s] for s in samples])
+        self.replay_size = min(len(samples), self.config.batch_size_mem or strategy.train_mb_size)
         generator = torch.Generator().manual_seed(self.context.config.seed + strategy.clock.train_exp_counter)
         loader = DataLoader(_MemoryWithLogits(memory.train(), logits), batch_size=self.replay_size,
                             shuffle=True, drop_last=True, generator=generator)
@@ -104,7 +104,8 @@ class DarkExperienceReplay(ExemplarReplay):
         super().after_training_exp(strategy, **kwargs)  # selects the new classes' exemplars
         experience = strategy.experience.current_experience
         data = self.context.train_dataset(experience)
-        new = sorted(i for exp, idx in self.memory.exemplars.values() if exp == experience for i in idx)
+        samples = self.memory.samples()
+        new = [index for exp, index in samples if exp == experience]
         if not new:
             return
         rows = compute_dataset_logits(data.subset(new).eval(), strategy.model, strategy.eval_mb_size, strategy.device)
@@ -113,5 +114,5 @@ class DarkExperienceReplay(ExemplarReplay):
             padded = torch.full((width,), float("nan"))
             padded[: len(row)] = row
             self.logits[(experience, index)] = padded
-        kept = {(exp, i) for exp, idx in self.memory.exemplars.values() for i in idx}
+        kept = set(samples)
         self.logits = {k: v for k, v in self.logits.items() if k in kept}

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from incremental.memory import extract_features, indices_by_label
+from incremental.models.net import frozen
 from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
@@ -40,9 +41,7 @@ def icarl_loss_plugin() -> Any:
         experience takes a fresh copy, in eval mode."""
 
         def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-            self.old_model = copy.deepcopy(strategy.model).eval()
-            for p in self.old_model.parameters():
-                p.requires_grad_(False)
+            self.old_model = frozen(copy.deepcopy(strategy.model))
             self.old_classes += sorted({int(t) for t in strategy.experience.dataset.targets})
 
     return GrowingICaRLLossPlugin()

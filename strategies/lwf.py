@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from incremental.config import opt
+from incremental.models.net import frozen
 from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
@@ -26,9 +27,7 @@ def frozen_teacher_lwf_plugin() -> type:
 
         def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
             super().after_training_exp(strategy, **kwargs)
-            self.lwf.prev_model.eval()
-            for p in self.lwf.prev_model.parameters():
-                p.requires_grad_(False)
+            frozen(self.lwf.prev_model)
 
     return FrozenTeacherLwFPlugin
 

@@ -23,9 +23,9 @@ from typing import Any, Literal
 import torch
 
 from incremental.config import opt
-from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
 from incremental.losses import logit_distillation
+from incremental.models.net import frozen
 from incremental.plugins import head_param_groups
 from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
@@ -95,17 +95,12 @@ class ViTIL(ExemplarReplay):
         if bft.enabled and experience > 0:
             self.finetuning_losses.append(self.finetune(strategy, experience))
         if self.config.distillation.enabled:
-            self.teacher = copy.deepcopy(strategy.model).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher = frozen(copy.deepcopy(strategy.model))
 
     def balanced_set(self) -> Any:
         """Old classes' exemplars and as many per class of the new classes: the memory after
         its update, whose per-class quotas are equal (up to one, for a remainder)."""
-        data = self.memory.dataset(self.context.train_dataset)
-        if data is None:
-            raise ConfigError("balanced finetuning found no exemplars", key="protocol.memory")
-        return data
+        return self.memory.dataset(self.context.train_dataset)
 
     def finetune(self, strategy: Any, experience: int) -> list[float]:
         bft = self.config.balanced_finetuning

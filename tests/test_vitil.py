@@ -10,7 +10,7 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from incremental.config import load_config
+from incremental.config import Component, load_config
 from incremental.data import build_dataset
 from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
@@ -96,7 +96,7 @@ def _tiny_benchmark():
 @pytest.mark.parametrize("params", ["head", "all"])
 def test_balanced_finetune_trains_what_it_says(params):
     cfg, splits, split, benchmark = _tiny_benchmark()
-    model = build_model(cfg.backbone.__class__("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2)),
+    model = build_model(Component("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2)),
                         in_chans=1, img_size=16, initial_classes=2)
     data = benchmark.train_stream[0].dataset.subset(range(32))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -48,6 +48,15 @@ class IncrementalNet(nn.Module):
         return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` as a teacher: eval mode (fixed BatchNorm statistics, no dropout or drop
+    path) and no gradients. Returns the same module."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 @torch.no_grad()
 def head_norm_ratio(model: nn.Module, label_ranges: list[range], step: int) -> float | None:
     """Mean L2 norm of the classifier rows of experience ``step``'s classes over that of the
