@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="run directory (default: OUTPUT_ROOT/NAME-TIMESTAMP)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no per-step lines, no table")
 
+    mae = sub.add_parser("pretrain-mae", help="pretrain a ViT encoder by masked autoencoding; "
+                         "saves encoder.safetensors for `pretrained:`")
+    add_config_args(mae)
+    mae.add_argument("--out", metavar="DIR", help="output directory (default: OUTPUT_ROOT/NAME-mae-TIMESTAMP)")
+    mae.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+
     check = sub.add_parser("check", help="validate a config and print it resolved")
     add_config_args(check)
     check.add_argument("--no-data", action="store_true", help="skip loading the dataset and splitting classes")
@@ -62,6 +68,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; results of the completed experiences are in {run_dir / 'metrics.json'}",
               file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .mae import PretrainConfig, pretrain
+    from .runner import default_run_dir
+
+    cfg, source = load_config(args.config, args.overrides, schema=PretrainConfig)
+    run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg, "-mae")
+    try:
+        pretrain(cfg, run_dir, quiet=args.quiet)
+    except UserError as exc:
+        raise source.attribute(exc)
+    except KeyboardInterrupt:
+        print(f"interrupted; the loss so far is in {run_dir / 'mae_log.json'}", file=sys.stderr)
         return 130
     return 0
 
@@ -126,12 +149,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 options = _format_options(entry.config_cls)
                 if options:
                     out.append(f"  {'':<14}   options: {options}")
+            from .config import COMMON_OPTIONS
+
+            if kind in COMMON_OPTIONS:
+                out.append(f"  (every entry also takes: {_format_options(COMMON_OPTIONS[kind])})")
         out.append("")
     sys.stdout.write("\n".join(out))
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "check": _cmd_check, "list": _cmd_list}
+COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "check": _cmd_check, "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

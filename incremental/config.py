@@ -42,10 +42,12 @@ def opt(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: floa
 
 @dataclass
 class Component:
-    """A registered component chosen by name, with its typed options."""
+    """A registered component chosen by name, with its typed options. ``common`` holds the
+    options every component of its kind takes (for backbones: ``pretrained``, ``compress``)."""
 
     name: str
     config: Any = None
+    common: Any = None
 
 
 def component(kind: str, default: str | None = None) -> Any:
@@ -63,6 +65,67 @@ class EmptyConfig:
 
 
 # ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class PruneConfig:
+    """Structured pruning with torch-pruning: a fraction of the channels inside each block
+    (MLP hidden units, attention head dimensions, inner conv channels), ranked by group L2
+    (or L1) norm. Residual widths stay, so ``num_features`` and the growing head do not change."""
+
+    ratio: float = opt(0.5, gt=0, lt=1)
+    importance: Literal["l2", "l1", "random"] = "l2"
+    round_to: int | None = opt(None, ge=1)  # keep channel counts multiples of this (GPU kernels like 8)
+
+
+@dataclass
+class LowRankConfig:
+    """Each Linear layer W (out x in) of the backbone becomes two, W ~ U_r S_r V_r^T from its
+    SVD, where that saves parameters. ``rank_ratio`` keeps r = ratio * min(in, out); ``energy``
+    instead keeps the fewest singular values holding that fraction of sum(s^2)."""
+
+    rank_ratio: float = opt(0.25, gt=0, le=1)
+    energy: float | None = opt(None, gt=0, le=1)
+    min_features: int = opt(32, ge=1)  # smaller layers stay dense
+
+
+@dataclass
+class DistillConfig:
+    """Feature distillation from a frozen, larger teacher backbone (usually ``pretrained:``):
+    a linear projection of the student's pooled features is pulled toward the teacher's."""
+
+    teacher: Component = component("backbones")
+    weight: float = opt(1.0, ge=0)
+    loss: Literal["cosine", "mse"] = "cosine"
+
+
+@dataclass
+class CompressConfig:
+    prune: PruneConfig | None = None
+    low_rank: LowRankConfig | None = None
+    quantize: Literal["none", "int8_dynamic"] = "none"  # int8 Linear weights for evaluation (CPU)
+    distill: DistillConfig | None = None
+
+    @property
+    def structural(self) -> bool:
+        return self.prune is not None or self.low_rank is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.structural or self.quantize != "none" or self.distill is not None
+
+
+@dataclass
+class BackboneOptions:
+    """Options every backbone takes, next to its own."""
+
+    # weights only: a safetensors file, or a torch/timm checkpoint (loaded with weights_only)
+    pretrained: str | None = None
+    compress: CompressConfig = opt(factory=CompressConfig)
+
+
+# Options shared by every component of a registry, parsed next to the component's own.
+COMMON_OPTIONS: dict[str, type] = {"backbones": BackboneOptions}
 
 
 @dataclass
@@ -317,14 +380,26 @@ def _parse_component(value: Any, kind: str, path: str, default_name: str | None 
         entry = REGISTRIES[kind].get(name)
     except ConfigError as exc:
         raise exc.with_context(key=_join(path, "name"))
-    config = parse_dataclass(entry.config_cls or EmptyConfig, options, path)
-    return Component(name=name, config=config)
+    config_cls = entry.config_cls or EmptyConfig
+    common_cls = COMMON_OPTIONS.get(kind)
+    common_keys = {f.name for f in dataclasses.fields(common_cls)} if common_cls else set()
+    own_keys = {f.name for f in dataclasses.fields(config_cls)}
+    for key in options:
+        if key not in own_keys and key not in common_keys:
+            hint = did_you_mean(str(key), sorted(own_keys | common_keys))
+            raise ConfigError(f"unknown key{hint}", key=_join(path, key))
+    common = None
+    if common_cls is not None:
+        common = parse_dataclass(common_cls, {k: options.pop(k) for k in list(options) if k in common_keys}, path)
+    config = parse_dataclass(config_cls, options, path)
+    return Component(name=name, config=config, common=common)
 
 
 def to_dict(obj: Any) -> Any:
     """The plain-data form of a config, as it would be written in YAML."""
     if isinstance(obj, Component):
-        return {"name": obj.name, **(to_dict(obj.config) if obj.config is not None else {})}
+        return {"name": obj.name, **(to_dict(obj.config) if obj.config is not None else {}),
+                **(to_dict(obj.common) if obj.common is not None else {})}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -479,6 +554,10 @@ class ConfigSource:
                 source = self.origins.get(".".join(parts[:n]))
                 if source is not None:
                     return source
+                # a mistyped section (``a.typo``) has only deeper keys (``a.typo.b``) recorded
+                deeper = [v for k, v in self.origins.items() if k.startswith(key + ".")]
+                if n == len(parts) and deeper:
+                    return deeper[-1]
         return str(self.path)
 
     def attribute(self, exc: ConfigError) -> ConfigError:
@@ -489,8 +568,10 @@ class ConfigSource:
         return exc
 
 
-def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> tuple[RunConfig, ConfigSource]:
-    """Load, merge, override and validate a run config. Raises ConfigError."""
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema: type = RunConfig
+                ) -> tuple[Any, ConfigSource]:
+    """Load, merge, override and validate a run config (or another ``schema``, such as MAE
+    pretraining's). Raises ConfigError."""
     from .registry import load_builtins
 
     load_builtins()
@@ -503,7 +584,7 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> tupl
     if data.get("name") is None:
         data["name"] = path.stem
     try:
-        return parse_dataclass(RunConfig, data), source
+        return parse_dataclass(schema, data), source
     except ConfigError as exc:
         raise source.attribute(exc)
 

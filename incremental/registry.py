@@ -85,7 +85,8 @@ REGISTRIES: dict[str, Registry[Any]] = {
 BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "datasets": ("incremental.data.digits", "incremental.data.synthetic",
                  "incremental.data.cifar", "incremental.data.imagefolder"),
-    "backbones": ("incremental.models.vit", "incremental.models.resnet"),
+    "backbones": ("incremental.models.vit", "incremental.models.resnet", "incremental.models.swin",
+                  "incremental.models.dlcl"),
     "strategies": ("incremental.strategies.finetune", "incremental.strategies.replay",
                    "incremental.strategies.vitil", "incremental.strategies.icarl", "incremental.strategies.lwf",
                    "incremental.strategies.ewc", "incremental.strategies.bic", "incremental.strategies.der",

@@ -22,15 +22,15 @@ from .errors import ConfigError, UserError
 METRICS_FORMAT = 1
 
 
-def default_run_dir(cfg: RunConfig) -> Path:
+def default_run_dir(cfg: RunConfig, suffix: str = "") -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output.root) / f"{cfg.name}-{stamp}"
+    return Path(cfg.output.root) / f"{cfg.name}{suffix}-{stamp}"
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run directory; refuse one that already holds a run's results."""
-    if (run_dir / "metrics.json").exists():
-        raise UserError(f"{run_dir} already holds a run (metrics.json); choose another --out", key="--out")
+def prepare_run_dir(run_dir: Path, marker: str = "metrics.json") -> None:
+    """Create the run directory; refuse one that already holds a run's results (``marker``)."""
+    if (run_dir / marker).exists():
+        raise UserError(f"{run_dir} already holds a run ({marker}); choose another --out", key="--out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -84,6 +84,7 @@ class RunResults:
     matrix: list[list[float]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     status: str = "running"
+    backbone_report: dict[str, Any] = field(default_factory=dict)  # pretrained weights, compression
 
     def add(self, row: list[float], info: dict[str, Any]) -> None:
         self.matrix.append(row)
@@ -116,6 +117,7 @@ class RunResults:
             "train_samples": [s.get("train_samples") for s in self.steps],
             "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"]} for s in self.steps],
             "total_wall_time_s": sum(s["train_s"] + s["eval_s"] for s in self.steps),
+            "backbone_report": self.backbone_report,
             "definitions": DEFINITIONS,
         }
 
@@ -132,8 +134,9 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
 
     from .data import build_dataset
     from .models import build_model
+    from .models.compress import compression_plugins
     from .metrics import old_predicted_as_new
-    from .models.net import describe, head_norm_ratio
+    from .models.net import describe, describe_build, head_norm_ratio
     from .plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from .protocol import build_benchmark, make_class_split
     from .registry import STRATEGIES
@@ -148,6 +151,9 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
     context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device)
+    compression, compression_hooks = compression_plugins(cfg.backbone, model, in_chans=splits.channels,
+                                                         img_size=splits.image_size, device=device)
+    context.param_group_hooks.extend(compression_hooks)
     strategy_plugins = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
     if not isinstance(strategy_plugins, (list, tuple)):
         strategy_plugins = [strategy_plugins]
@@ -162,12 +168,15 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
         device=device,
-        plugins=[optimization, *strategy_plugins, recorder, ProgressBars(enabled=not quiet)],
+        # Compression plugins come after the strategy's: the int8 copy replaces the model
+        # for evaluation once the strategy has finished its own before_eval work.
+        plugins=[optimization, *strategy_plugins, *compression, recorder, ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
     )
 
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
     results = RunResults(cfg, list(class_split.class_order), class_split.experiences, splits.class_names, test_sizes)
+    results.backbone_report = model.build_report
     writer = None
     if cfg.output.tensorboard:
         from .tensorboard import TensorBoardWriter
@@ -176,6 +185,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
         echo(f"run {cfg.name}: {cfg.dataset.name}, {class_split.num_experiences} experiences "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
              f"backbone {cfg.backbone.name} ({describe(model)}), device {device}")
+        for line in describe_build(model.build_report):
+            echo(line)
         echo(f"writing to {run_dir}")
 
     metrics: dict[str, Any] = {}

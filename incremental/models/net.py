@@ -28,6 +28,7 @@ class IncrementalNet(nn.Module):
         self.backbone = backbone
         self.num_features: int = int(backbone.num_features)
         self.head = IncrementalClassifier(self.num_features, initial_out_features=initial_classes)
+        self.build_report: dict[str, Any] = {}  # pretrained weights loaded, compression applied
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -70,22 +71,50 @@ def head_norm_ratio(model: nn.Module, label_ranges: list[range], step: int) -> f
     return float(new.mean() / old.mean()) if len(new) and len(old) else None
 
 
-def build_backbone(spec: Component, *, in_chans: int, img_size: int) -> nn.Module:
+def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = "backbone",
+                   report: dict[str, Any] | None = None) -> nn.Module:
+    """The registered backbone ``spec`` with its ``pretrained`` weights loaded and its
+    structural compression applied; ``key`` is its place in the config, for errors, and
+    ``report`` (if given) receives what loading and compressing did."""
     entry = BACKBONES.get(spec.name)
     try:
         backbone = entry.obj(spec.config, in_chans=in_chans, img_size=img_size)
     except ConfigError as exc:
-        if exc.key and not exc.key.startswith("backbone."):
-            exc.key = f"backbone.{exc.key}"
+        if exc.key and not exc.key.startswith(key + "."):
+            exc.key = f"{key}.{exc.key}"
         raise
     for attr in ("forward_features", "forward_head", "num_features"):
         if not hasattr(backbone, attr):
             raise TypeError(f"backbone {spec.name!r} lacks {attr!r} (timm's contract)")
+    options = spec.common
+    if options is None:
+        return backbone
+    if options.pretrained:
+        from .pretrained import load_pretrained
+
+        loaded = load_pretrained(backbone, options.pretrained, key=f"{key}.pretrained")
+        if report is not None:
+            report["pretrained"] = loaded
+    compress = options.compress
+    if compress.structural or compress.quantize != "none":
+        from .compress import compress_backbone
+
+        size = getattr(spec.config, "img_size", None) or img_size
+        example = torch.randn(1, in_chans, size, size)
+        compressed = compress_backbone(backbone, compress, example)
+        if report is not None:
+            report["compression"] = compressed
     return backbone
 
 
 def build_model(spec: Component, *, in_chans: int, img_size: int, initial_classes: int) -> IncrementalNet:
-    return IncrementalNet(build_backbone(spec, in_chans=in_chans, img_size=img_size), initial_classes)
+    """The backbone plus the growing head; ``model.build_report`` says what was loaded and
+    how the backbone was compressed."""
+    report: dict[str, Any] = {}
+    model = IncrementalNet(build_backbone(spec, in_chans=in_chans, img_size=img_size, report=report),
+                           initial_classes)
+    model.build_report = report
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -94,3 +123,20 @@ def count_parameters(model: nn.Module) -> int:
 
 def describe(model: Any) -> str:
     return f"{type(model.backbone).__name__}, {count_parameters(model) / 1e6:.2f}M parameters"
+
+
+def describe_build(report: dict[str, Any]) -> list[str]:
+    """Lines saying which weights were loaded and what compression did (sizes before/after)."""
+    lines = []
+    loaded = report.get("pretrained")
+    if loaded:
+        resized = f", resized {', '.join(loaded['resized'])}" if loaded["resized"] else ""
+        lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{resized}")
+    compression = report.get("compression")
+    if compression:
+        for label in ("before", "after", "int8"):
+            if label in compression:
+                p = compression[label]
+                lines.append(f"backbone {label:>6}: {p['params'] / 1e6:.3f}M params, {p['macs'] / 1e6:.1f}M MACs, "
+                             f"{p['size_bytes'] / 2 ** 20:.2f} MiB, {p.get('cpu_latency_ms', float('nan')):.2f} ms/image (CPU)")
+    return lines

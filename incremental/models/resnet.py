@@ -1,8 +1,9 @@
-"""ResNet-32 for 32x32 images, as iCaRL, PODNet and PyCIL use it on CIFAR-100."""
+"""ResNet-32 for 32x32 images, as iCaRL, PODNet and PyCIL use it on CIFAR-100, and timm's ResNet-18."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -81,3 +82,26 @@ class ResNet32Config:
 def build_resnet32(cfg: ResNet32Config, *, in_chans: int, img_size: int) -> nn.Module:
     """CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline."""
     return CifarResNet(depth=32, width=cfg.width, in_chans=in_chans)
+
+
+@dataclass
+class ResNet18Config:
+    # cifar: 3x3 stride-1 first conv and no max-pool, as the CIFAR ResNet-18 of DER, PODNet's
+    # ImageNet-subset code and most CIL papers; imagenet: timm's 7x7/2 conv + max-pool.
+    # auto: cifar up to 64 px, imagenet above.
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+
+
+@BACKBONES.register("resnet18", config=ResNet18Config)
+def build_resnet18(cfg: ResNet18Config, *, in_chans: int, img_size: int) -> nn.Module:
+    """timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images."""
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=in_chans,
+                              drop_rate=cfg.drop_rate)
+    small = cfg.stem == "cifar" or (cfg.stem == "auto" and img_size <= 64)
+    if small:
+        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model

@@ -108,3 +108,54 @@ def build_vit(cfg: ViTConfig, *, in_chans: int, img_size: int) -> nn.Module:
         qkv_bias=cfg.qkv_bias, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
         global_pool=cfg.global_pool, **extra,
     )
+
+
+@dataclass
+class TimmViTConfig:
+    """Any timm VisionTransformer by name, at the dataset's image size and a chosen patch."""
+
+    model: str = "vit_small_patch16_224"
+    img_size: int | None = opt(None, ge=1)  # None: the dataset's image size
+    patch_size: int | None = opt(None, ge=1)  # None: the model's own (16 for vit_*_patch16_*)
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+    global_pool: Literal["model", "token", "avg"] = "model"  # model: what the timm entry uses
+    stem: Literal["patch", "conv"] = "patch"
+
+    def validate(self) -> None:
+        names = timm_vit_names()
+        if self.model not in names:
+            from ..errors import did_you_mean
+
+            raise ConfigError(f"not a timm VisionTransformer: {self.model!r}{did_you_mean(self.model, names)}",
+                              key="model")
+
+
+def timm_vit_names() -> list[str]:
+    import timm
+
+    return timm.list_models(module="vision_transformer")
+
+
+@BACKBONES.register("timm_vit", config=TimmViTConfig)
+def build_timm_vit(cfg: TimmViTConfig, *, in_chans: int, img_size: int) -> nn.Module:
+    """Any timm ViT by name (vit_*, deit*, ...), with image and patch size for small images."""
+    import timm
+
+    size = cfg.img_size or img_size
+    extra: dict[str, Any] = {}
+    if cfg.patch_size:
+        extra["patch_size"] = cfg.patch_size
+    if cfg.global_pool != "model":
+        extra["global_pool"] = cfg.global_pool
+    if cfg.stem == "conv":
+        extra["embed_layer"] = make_conv_stem_class(None)
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=0, in_chans=in_chans, img_size=size,
+                                  drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **extra)
+    except (AssertionError, ValueError) as exc:  # timm asserts on sizes it cannot tile
+        raise ConfigError(f"timm cannot build {cfg.model} at {size} px: {exc}", key="model") from None
+    patch = model.patch_embed.patch_size[0]
+    if size % patch:
+        raise ConfigError(f"image size {size} is not divisible by patch_size {patch}", key="patch_size")
+    return model

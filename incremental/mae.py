@@ -1,0 +1,261 @@
+"""Masked-autoencoder pretraining of a ViT encoder on the user's own data (He et al. 2022).
+
+Follows facebookresearch/mae's models_mae.py: random masking of 75% of the patches, the
+encoder sees only the kept ones (plus its class/register tokens), a light decoder of
+transformer blocks fills in mask tokens and predicts the pixels of every patch, and the
+loss is the mean squared error on the masked patches of per-patch-normalised pixels.
+Position embeddings are fixed 2D sin-cos during pretraining, as in MAE. The encoder is any
+timm VisionTransformer the registry builds (``vit``, ``timm_vit``, ``vit_dlcl``), and the
+saved ``encoder.safetensors`` loads back with ``backbone: {..., pretrained: PATH}``.
+
+``incremental pretrain-mae CONFIG`` takes a run config (so it can ``extends:`` a protocol)
+plus a ``mae:`` section, and pretrains on the protocol's base classes by default, the data
+a class-incremental learner may see before its first step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from .config import RunConfig, SchedulerConfig, opt
+from .errors import ConfigError
+
+
+@dataclass
+class MAEOptions:
+    """MAE's recipe; the decoder defaults are scaled down for small encoders
+    (MAE's ViT-B decoder: 512 wide, 8 blocks, 16 heads)."""
+
+    mask_ratio: float = opt(0.75, gt=0, lt=1)
+    decoder_embed_dim: int = opt(128, ge=1)
+    decoder_depth: int = opt(2, ge=1)
+    decoder_num_heads: int = opt(4, ge=1)
+    norm_pix_loss: bool = True
+    epochs: int = opt(100, ge=1)
+    warmup_epochs: int = opt(5, ge=0)
+    batch_size: int = opt(64, ge=1)
+    base_lr: float = opt(1.5e-4, gt=0)  # lr = base_lr * batch_size / 256, as MAE
+    weight_decay: float = opt(0.05, ge=0)
+    classes: Literal["base", "all"] = "base"  # base: the protocol's first experience only
+
+    def validate(self) -> None:
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                              f"decoder_num_heads {self.decoder_num_heads}", key="decoder_num_heads")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """A run config plus ``mae:``; the strategy and probe sections are not used."""
+
+    mae: MAEOptions = opt(factory=MAEOptions)
+
+
+def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding of a grid, (H*W, dim) (timm's builder)."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    return build_sincos2d_pos_embed(list(grid), dim=dim)
+
+
+class MaskedAutoencoder(nn.Module):
+    """A timm VisionTransformer encoder and MAE's decoder."""
+
+    def __init__(self, encoder: nn.Module, in_chans: int, opts: MAEOptions):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.encoder = encoder
+        self.mask_ratio = opts.mask_ratio
+        self.norm_pix_loss = opts.norm_pix_loss
+        self.patch = int(encoder.patch_embed.patch_size[0])
+        self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
+        self.prefix = int(encoder.num_prefix_tokens)
+        width = int(encoder.embed_dim)
+        with torch.no_grad():  # MAE's fixed encoder position embedding (prefix positions 0)
+            table = sincos_pos_embed(self.grid, width)
+            encoder.pos_embed.zero_()
+            encoder.pos_embed[0, -table.shape[0]:] = table
+        encoder.pos_embed.requires_grad_(False)
+
+        dim = opts.decoder_embed_dim
+        self.decoder_embed = nn.Linear(width, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        decoder_pos = torch.zeros(1, self.prefix + table.shape[0], dim)
+        decoder_pos[0, self.prefix:] = sincos_pos_embed(self.grid, dim)
+        self.register_buffer("decoder_pos_embed", decoder_pos)
+        self.decoder_blocks = nn.ModuleList(
+            Block(dim, opts.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(opts.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dim, self.patch ** 2 * in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        inner = self.encoder.no_weight_decay() if hasattr(self.encoder, "no_weight_decay") else set()
+        return {f"encoder.{n}" for n in inner} | {"mask_token"}
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), patches in the encoder's row-major token order."""
+        n, c, _, _ = images.shape
+        (h, w), p = self.grid, self.patch
+        x = images.reshape(n, c, h, p, w, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * w, p * p * c)
+
+    def random_masking(self, x: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a random (1 - mask_ratio) of the tokens of each image (MAE's argsort of noise).
+        Returns the kept tokens, the binary mask (1 = removed) and the restoring permutation."""
+        n, length, dim = x.shape
+        keep = int(length * (1 - self.mask_ratio))
+        noise = torch.rand(n, length, device=x.device, generator=generator)
+        shuffle = torch.argsort(noise, dim=1)
+        restore = torch.argsort(shuffle, dim=1)
+        kept = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, dim))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        return kept, torch.gather(mask, 1, restore), restore
+
+    def forward_encoder(self, images: torch.Tensor, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        x = x + enc.pos_embed[:, -x.shape[1]:]
+        x, mask, restore = self.random_masking(x, generator)
+        prefix = [t for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None]
+        if prefix:
+            tokens = torch.cat(prefix, dim=1).expand(x.shape[0], -1, -1)
+            if enc.pos_embed.shape[1] > self.grid[0] * self.grid[1]:  # prefix tokens have positions
+                tokens = tokens + enc.pos_embed[:, :self.prefix]
+            x = torch.cat([tokens, x], dim=1)
+        x = enc.norm_pre(x)
+        x = enc.forward_blocks(x) if hasattr(enc, "forward_blocks") else enc.blocks(x)
+        return enc.norm(x), mask, restore
+
+    def forward_decoder(self, x: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        prefix, kept = x[:, :self.prefix], x[:, self.prefix:]
+        masked = self.mask_token.expand(x.shape[0], restore.shape[1] - kept.shape[1], -1)
+        full = torch.cat([kept, masked], dim=1)
+        full = torch.gather(full, 1, restore[:, :, None].expand(-1, -1, x.shape[2]))
+        x = torch.cat([prefix, full], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, self.prefix:]
+
+    def loss(self, images: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(images)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((prediction - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latent, mask, restore = self.forward_encoder(images, generator)
+        prediction = self.forward_decoder(latent, restore)
+        return self.loss(images, prediction, mask), prediction, mask
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, indices: list[int], transform: Callable[[Any], torch.Tensor]):
+        self.dataset, self.indices, self.transform = dataset, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image, _ = self.dataset[self.indices[i]]
+        return self.transform(image)
+
+
+def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Pretrain the configured backbone by MAE; writes encoder.safetensors and mae_log.json."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .config import dump_yaml
+    from .data import build_dataset
+    from .models.net import build_backbone
+    from .plugins import check_finite, lr_factor, param_groups
+    from .protocol import make_class_split
+    from .runner import prepare_run_dir, resolve_device, write_json_atomic
+
+    opts = cfg.mae
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.training.device)
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    encoder = build_backbone(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size)
+    if not isinstance(encoder, VisionTransformer):
+        raise ConfigError(f"MAE pretraining needs a ViT backbone (vit, timm_vit, vit_dlcl), not "
+                          f"{cfg.backbone.name!r}", key="backbone.name")
+    if cfg.backbone.common is not None and cfg.backbone.common.compress.enabled:
+        raise ConfigError("compress a pretrained encoder in the run that loads it, not here",
+                          key="backbone.compress")
+    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+    classes = set(split.experiences[0]) if opts.classes == "base" else set(split.class_order)
+    targets = getattr(splits.train, "targets")
+    indices = [i for i, t in enumerate(targets) if int(t) in classes]
+    if len(indices) < opts.batch_size:
+        raise ConfigError(f"{len(indices)} training images in the chosen classes, fewer than one batch",
+                          key="mae.batch_size")
+
+    prepare_run_dir(run_dir, marker="mae_log.json")
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    model = MaskedAutoencoder(encoder, splits.channels, opts).to(device)
+    lr = opts.base_lr * opts.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, betas=(0.9, 0.95))
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        _Transformed(splits.train, indices, splits.train_transform), batch_size=opts.batch_size,
+        shuffle=True, drop_last=True, generator=data_gen, num_workers=cfg.training.num_workers)
+    mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    schedule = SchedulerConfig(name="cosine", warmup_epochs=opts.warmup_epochs)
+
+    if not quiet:
+        echo(f"MAE pretraining of {cfg.backbone.name} on {len(indices)} images of {len(classes)} classes "
+             f"({opts.classes}), {opts.epochs} epochs, mask ratio {opts.mask_ratio}, lr {lr:.2e}, device {device}")
+    log: dict[str, Any] = {"images": len(indices), "classes": sorted(classes), "epoch_loss": [], "status": "running"}
+    start, iteration = time.perf_counter(), 0
+    model.train()
+    for epoch in range(opts.epochs):
+        total, batches = 0.0, 0
+        for images in loader:
+            factor = lr_factor(schedule, iteration=iteration, iters_per_epoch=len(loader), epochs=opts.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+            loss, _, _ = model(images.to(device), generator=mask_gen)
+            value = loss.item()
+            check_finite(value, "MAE loss", f"in epoch {epoch}", key="mae.base_lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, batches, iteration = total + value, batches + 1, iteration + 1
+        log["epoch_loss"].append(total / batches)
+        if not quiet and (epoch % max(1, opts.epochs // 10) == 0 or epoch == opts.epochs - 1):
+            echo(f"epoch {epoch:>4}  loss {total / batches:.4f}")
+        write_json_atomic(run_dir / "mae_log.json", log)
+    encoder.pos_embed.requires_grad_(True)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    path = run_dir / "encoder.safetensors"
+    save_file(state, str(path))
+    log.update(status="complete", encoder=str(path), wall_time_s=time.perf_counter() - start)
+    write_json_atomic(run_dir / "mae_log.json", log)
+    if not quiet:
+        echo(f"encoder saved to {path}; load it with backbone: {{name: {cfg.backbone.name}, "
+             f"pretrained: {path}}} and the same backbone options")
+    return log
+

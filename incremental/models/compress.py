@@ -1,0 +1,340 @@
+"""Compressed backbones: structured pruning, SVD low-rank, int8 dynamic quantization, and
+feature distillation from a larger teacher; with the size/speed profile before and after.
+
+Pruning and low-rank factorization change the backbone once, when it is built (after any
+``pretrained:`` weights are loaded), so every strategy trains the smaller network. They
+touch only what lies inside the backbone's blocks: residual widths and ``num_features``
+stay, and the incremental head keeps growing as before. Quantization applies to a copy
+used for evaluation; distillation adds a loss during training (both are plugins).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CompressConfig, LowRankConfig, PruneConfig
+
+
+def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's contract: unpooled features, then the pooled ``num_features`` vector."""
+    return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+
+class _PooledFeatures(nn.Module):
+    """A backbone as a module whose output is its pooled features (what tracing needs)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.backbone, x)
+
+
+def _attention_modules(backbone: nn.Module) -> list[nn.Module]:
+    """timm attention layers (ViT's Attention, Swin's WindowAttention): a fused qkv Linear."""
+    return [m for m in backbone.modules() if isinstance(getattr(m, "qkv", None), nn.Linear)
+            and hasattr(m, "num_heads")]
+
+
+def prune_backbone(backbone: nn.Module, cfg: PruneConfig, example: torch.Tensor) -> dict[str, int]:
+    """Remove ``cfg.ratio`` of the channels of every prunable group inside the blocks.
+
+    torch-pruning traces the dependency graph and prunes coupled layers together. A group
+    that cuts the output of more than one Conv/Linear layer is a residual stream (block
+    outputs added together); it is left whole, so residual widths and the pooled features
+    keep their size. Attention keeps its head count and loses head dimensions.
+    """
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        from ..errors import ConfigError
+
+        raise ConfigError("pruning needs torch-pruning: pip install torch-pruning "
+                          "(or the toolkit's [compress] extra)", key="backbone.compress.prune") from None
+    importance = {"l2": tp.importance.GroupMagnitudeImportance(p=2),
+                  "l1": tp.importance.GroupMagnitudeImportance(p=1),
+                  "random": tp.importance.RandomImportance()}[cfg.importance]
+    attention = _attention_modules(backbone)
+    was_training = backbone.training
+    backbone.eval()
+    wrapped = _PooledFeatures(backbone)
+    width = pooled_features(backbone, example).shape[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning explains its guesses about raw parameters
+        pruner = tp.pruner.MetaPruner(
+            wrapped, example, importance=importance, pruning_ratio=cfg.ratio, round_to=cfg.round_to,
+            num_heads={m.qkv: m.num_heads for m in attention}, prune_num_heads=False, prune_head_dims=True)
+        pruned = skipped = 0
+        for group in pruner.step(interactive=True):
+            outputs = [dep for dep, _ in group if pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                       and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))]
+            if len(outputs) > 1:
+                skipped += 1
+                continue
+            group.prune()
+            pruned += 1
+    for m in attention:
+        # timm reshapes q, k, v with these; keep them true to the pruned qkv layer
+        m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = m.head_dim * m.num_heads
+        if hasattr(m, "scale"):
+            m.scale = m.head_dim ** -0.5
+    backbone.train(was_training)
+    after = pooled_features(backbone.eval(), example).shape[-1]
+    backbone.train(was_training)
+    if after != width:  # pragma: no cover - the residual rule above should prevent it
+        raise RuntimeError(f"pruning changed the feature width {width} -> {after}")
+    return {"groups_pruned": pruned, "residual_groups_kept": skipped}
+
+
+class LowRankLinear(nn.Sequential):
+    """W (out x in) as B @ A with A: in -> rank (no bias) and B: rank -> out."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        down = nn.Linear(linear.in_features, rank, bias=False)
+        up = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)
+            root = s[:rank].sqrt()
+            down.weight.copy_((root[:, None] * vh[:rank]).to(linear.weight.dtype))
+            up.weight.copy_((u[:, :rank] * root[None, :]).to(linear.weight.dtype))
+            if linear.bias is not None:
+                up.bias.copy_(linear.bias)
+        super().__init__(down, up)
+        self.in_features, self.out_features, self.rank = linear.in_features, linear.out_features, rank
+
+
+def low_rank_rank(weight: torch.Tensor, cfg: LowRankConfig) -> int:
+    full = min(weight.shape)
+    if cfg.energy is None:
+        return max(1, math.ceil(cfg.rank_ratio * full))
+    s = torch.linalg.svdvals(weight.float())
+    cumulative = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+    return int(torch.searchsorted(cumulative, torch.tensor(cfg.energy)).item()) + 1
+
+
+@torch.no_grad()
+def low_rank_backbone(backbone: nn.Module, cfg: LowRankConfig) -> dict[str, int]:
+    """Replace each Linear whose factorization is smaller by :class:`LowRankLinear`."""
+    replaced = kept = 0
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or isinstance(parent, LowRankLinear):
+                continue
+            if min(child.in_features, child.out_features) < cfg.min_features:
+                kept += 1
+                continue
+            rank = low_rank_rank(child.weight, cfg)
+            if rank * (child.in_features + child.out_features) >= child.in_features * child.out_features:
+                kept += 1  # factorizing would not save parameters
+                continue
+            setattr(parent, name, LowRankLinear(child, rank))
+            replaced += 1
+    return {"linear_factorized": replaced, "linear_kept": kept}
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """A CPU copy with int8 dynamic quantization of every Linear (weights int8, activations
+    quantized per batch), as torch's eager dynamic quantization does."""
+    from torch.ao.quantization import quantize_dynamic
+
+    clone = copy.deepcopy(module).cpu().eval()
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks torch.ao.quantization deprecated in favour of torchao; it still works.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization")
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*quantize_per_tensor")
+        return quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
+
+
+def count_macs(backbone: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass to the pooled features (torch's FLOP counter
+    counts matmuls and convolutions, 2 FLOPs per MAC; as fvcore, which the papers used)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = backbone.training
+    backbone.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        pooled_features(backbone, example)
+    backbone.train(was_training)
+    return counter.get_total_flops() // 2 // example.shape[0]
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.tell()
+
+
+@torch.no_grad()
+def cpu_latency_ms(module: nn.Module, example: torch.Tensor, runs: int = 20) -> float:
+    """Median wall time of one forward pass at batch size 1 on the CPU (after 3 warm-ups)."""
+    module = module.eval()
+    single = example[:1].cpu()
+    for _ in range(3):
+        pooled_features(module, single)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        pooled_features(module, single)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def profile_backbone(backbone: nn.Module, example: torch.Tensor, *, latency: bool = True,
+                     macs: int | None = None) -> dict[str, Any]:
+    """Parameters, MACs per image, serialized size and CPU latency of ``backbone``."""
+    params = sum(p.numel() for p in backbone.parameters())
+    # quantized Linear layers keep their weights in packed params, not parameters()
+    packed = sum(m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
+                 for m in backbone.modules()
+                 if type(m).__name__ == "Linear" and type(m).__module__.startswith("torch.ao.nn.quantized"))
+    device = next(iter(backbone.parameters()), torch.empty(0)).device
+    cpu_model = backbone if device.type == "cpu" else copy.deepcopy(backbone).cpu()
+    profile = {
+        "params": params + packed,
+        "macs": macs if macs is not None else count_macs(cpu_model, example.cpu()),
+        "size_bytes": state_dict_bytes(cpu_model),
+    }
+    if latency:
+        profile["cpu_latency_ms"] = round(cpu_latency_ms(cpu_model, example), 3)
+    return profile
+
+
+def compress_backbone(backbone: nn.Module, cfg: CompressConfig, example: torch.Tensor) -> dict[str, Any]:
+    """Apply the structural compressions in place (prune, then low-rank); returns the report
+    with the profile before and after, and of the int8 copy when quantization is on."""
+    report: dict[str, Any] = {"before": profile_backbone(backbone, example)}
+    if cfg.prune is not None:
+        report["prune"] = prune_backbone(backbone, cfg.prune, example)
+    if cfg.low_rank is not None:
+        report["low_rank"] = low_rank_backbone(backbone, cfg.low_rank)
+    if cfg.structural:
+        report["after"] = profile_backbone(backbone, example)
+    if cfg.quantize == "int8_dynamic":
+        macs = report.get("after", report["before"])["macs"]  # int8 MACs: the same count
+        report["int8"] = profile_backbone(quantize_int8(backbone), example, macs=macs)
+    return report
+
+
+# ----------------------------------------------------------------------------- plugins
+
+from avalanche.core import SupervisedPlugin  # noqa: E402  (after the pure-torch helpers)
+
+
+class QuantizedEvaluationPlugin(SupervisedPlugin):
+    """Evaluate a copy whose backbone is int8 dynamic-quantized; training stays in fp32.
+
+    The copy is made at each evaluation, so it reflects the weights just trained and the
+    head as grown so far. Read-only toward training: the fp32 model is put back after.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fp32: nn.Module | None = None
+
+    def before_eval(self, strategy: Any, **kwargs: Any) -> None:
+        self._fp32 = strategy.model
+        evaluated = copy.deepcopy(strategy.model).cpu()
+        # The head stays fp32: Avalanche adapts it at every evaluation, and it is tiny.
+        evaluated.backbone = quantize_int8(evaluated.backbone)
+        strategy.model = evaluated
+
+    def after_eval(self, strategy: Any, **kwargs: Any) -> None:
+        if self._fp32 is not None:
+            strategy.model = self._fp32
+            self._fp32 = None
+
+
+class FeatureDistillationPlugin(SupervisedPlugin):
+    """Knowledge distillation from a frozen teacher backbone into the student's features.
+
+    The teacher has no classifier for the incremental classes, so the student is taught
+    its representation: ``weight * d(P s, t)`` with s, t the pooled features of the same
+    batch, P a learned linear projection (student width -> teacher width), and d the
+    cosine distance (or MSE). The projection trains with the model (a param-group hook
+    adds it to each experience's optimizer).
+    """
+
+    def __init__(self, teacher: nn.Module, student_width: int, weight: float, loss: str):
+        super().__init__()
+        from .net import frozen
+
+        self.teacher = frozen(teacher)
+        self.projection = nn.Linear(student_width, int(teacher.num_features))
+        self.weight = weight
+        self.loss_name = loss
+        self._student_features: torch.Tensor | None = None
+        self._hook: Any = None
+        self.last_loss: float | None = None
+
+    def add_projection_group(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A GroupHook: the projection trains at the base LR without weight decay."""
+        return [*groups, {"params": list(self.projection.parameters()), "weight_decay": 0.0,
+                          "name": "distill_projection"}]
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        self.teacher.to(strategy.device)
+        self.projection.to(strategy.device)
+        if self._hook is None:
+            # The head's input is the student's pooled features: capture them on the way.
+            self._hook = strategy.model.head.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._student_features = inputs[0] if module.training else None
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        student = self._student_features
+        if student is None:
+            return
+        with torch.no_grad():
+            target = pooled_features(self.teacher, strategy.mb_x).float()
+        projected = self.projection(student.float())
+        if self.loss_name == "cosine":
+            loss = (1 - nn.functional.cosine_similarity(projected, target, dim=1)).mean()
+        else:
+            loss = nn.functional.mse_loss(projected, target)
+        self.last_loss = float(loss.detach())
+        strategy.loss = strategy.loss + self.weight * loss
+        self._student_features = None
+
+    def after_training(self, strategy: Any, **kwargs: Any) -> None:
+        self._student_features = None
+
+
+def compression_plugins(spec: Any, model: nn.Module, *, in_chans: int, img_size: int, device: Any,
+                        key: str = "backbone") -> tuple[list[SupervisedPlugin], list[Any]]:
+    """The plugins (and optimizer param-group hooks) that backbone ``spec``'s ``compress``
+    options need during the run: int8 evaluation, and distillation from the teacher."""
+    from ..errors import ConfigError
+    from .net import build_backbone
+
+    compress = spec.common.compress if spec.common is not None else None
+    plugins: list[SupervisedPlugin] = []
+    hooks: list[Any] = []
+    if compress is None:
+        return plugins, hooks
+    if compress.quantize == "int8_dynamic":
+        if getattr(device, "type", str(device)) != "cpu":
+            raise ConfigError("int8 dynamic quantization evaluates on the CPU; set training.device: cpu",
+                              key=f"{key}.compress.quantize")
+        plugins.append(QuantizedEvaluationPlugin())
+    if compress.distill is not None:
+        teacher_key = f"{key}.compress.distill.teacher"
+        teacher = build_backbone(compress.distill.teacher, in_chans=in_chans, img_size=img_size, key=teacher_key)
+        distill = FeatureDistillationPlugin(teacher, int(model.num_features), compress.distill.weight,
+                                            compress.distill.loss)
+        plugins.append(distill)
+        hooks.append(distill.add_projection_group)
+    return plugins, hooks

@@ -1,0 +1,99 @@
+"""Load pretrained backbone weights from a local file; nothing is downloaded.
+
+Reads safetensors files and torch/timm checkpoints (with ``weights_only=True``: no pickled
+objects), unwraps the usual containers (``model``, ``state_dict``, ``module.`` prefixes,
+this toolkit's ``backbone.`` prefix), and adapts the weights to the backbone as timm's
+own checkpoint filters do: position embeddings resampled to the new grid, patch
+embeddings resized to the new patch size, Swin's relative-position tables resized to the
+new windows. Classifier heads and MAE decoder weights are dropped. Anything else that does
+not fit is an error naming the file and the first keys that differ.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+KEY = "backbone.pretrained"
+# Weights a headless backbone never has: classifiers, and MAE's decoder.
+DROPPED_PREFIXES = ("head.", "fc.", "head_dist.", "decoder", "mask_token")
+CONTAINER_KEYS = ("model", "state_dict", "model_ema", "module", "encoder")
+
+
+def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or torch checkpoint file, unwrapped to one flat dict."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise ConfigError(f"pretrained weights {path} {what}", key=key)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle that needs arbitrary code
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read {path} as weights: {reason[:200]}", key=key) from None
+    for container in CONTAINER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(container), dict):
+            state = state[container]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} holds no state dict of tensors", key=key)
+    for prefix in ("module.", "backbone."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's checkpoint filter for the backbone's family (resizing embeddings and tables)."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm reports each resize; the summary says what changed
+        if isinstance(backbone, VisionTransformer):
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            return checkpoint_filter_fn(state, backbone)
+        if isinstance(backbone, SwinTransformer):
+            from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+
+            return swin_filter(state, backbone)
+    return state
+
+
+def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> dict[str, Any]:
+    """Load ``path`` into ``backbone`` in place; returns a summary for the run's records."""
+    state = read_checkpoint(path, key)
+    own = backbone.state_dict()
+    dropped = sorted(k for k in state if k.startswith(DROPPED_PREFIXES) and k not in own)
+    state = {k: v for k, v in state.items() if k not in dropped}
+    original_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        state = adapt_state_dict(state, backbone)
+    except Exception as exc:  # timm's filters assume their own key layout
+        raise ConfigError(f"{path} does not fit backbone {type(backbone).__name__}: {exc}", key=key) from None
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        raise ConfigError(f"{path} is not a checkpoint of this {type(backbone).__name__}: "
+                          f"{'; '.join(parts)}", key=key)
+    resized = sorted(k for k, shape in original_shapes.items() if k in state and tuple(state[k].shape) != shape)
+    backbone.load_state_dict(state, strict=True)
+    return {"path": str(path), "tensors": len(state), "dropped": dropped, "resized": resized}
+
