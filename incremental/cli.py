@@ -98,7 +98,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from .data import build_dataset
         from .protocol import make_class_split
 
+        from .models.pretrained import check_pretrained_files
+
         try:
+            check_pretrained_files(cfg.backbone)
             splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
             split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
         except UserError as exc:

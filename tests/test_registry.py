@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from incremental.config import load_config, protocol_names
+import yaml
+
+from incremental.config import RunConfig, load_config, protocol_names
 from incremental.errors import ConfigError
 from incremental.registry import BUILTIN_MODULES, REGISTRIES, Registry, load_builtins
 
 # Modules that hold shared machinery rather than components.
-NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net"}
+NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incremental.models.pretrained",
+                  "incremental.models.compress"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies"}
 
@@ -41,7 +44,8 @@ def test_every_builtin_module_is_listed_and_registers(kind, package):
 def test_builtin_names():
     load_builtins()
     assert {"digits", "synthetic", "cifar100", "imagefolder"} <= set(REGISTRIES["datasets"].names())
-    assert {"vit", "resnet32"} <= set(REGISTRIES["backbones"].names())
+    assert {"vit", "timm_vit", "vit_dlcl", "swin", "s3_tiny", "s3_small", "s3_base", "resnet18", "resnet32"} == \
+        set(REGISTRIES["backbones"].names())
     assert {"finetune", "replay", "vitil", "icarl", "lwf", "ewc", "bic", "der", "gdumb"} <= \
         set(REGISTRIES["strategies"].names())
 
@@ -57,12 +61,15 @@ EXPERIMENT_CONFIGS = sorted((Path(__file__).parents[1] / "experiments").rglob("*
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_experiment_config_validates(path):
-    cfg, _ = load_config(str(path))
+    from incremental.mae import PretrainConfig
+
+    schema = PretrainConfig if "mae" in (yaml.safe_load(path.read_text()) or {}) else RunConfig
+    cfg, _ = load_config(str(path), schema=schema)
     assert cfg.name
 
 
 def test_experiment_configs_are_found():
-    assert len(EXPERIMENT_CONFIGS) >= 23  # 7 full-size ViTIL configs, 2 x 8 ablation configs
+    assert len(EXPERIMENT_CONFIGS) >= 34  # 7 full-size ViTIL, 2 x 8 ablation, 11 backbone configs
 
 
 def test_strategies_are_installed_under_the_incremental_root():

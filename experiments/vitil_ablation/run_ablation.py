@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from run_common import is_complete, run_incremental  # noqa: E402
 VARIANTS = {
     "1_vit_finetune": "ViT, finetune",
     "2_vit_replay": "+ herding replay",
@@ -41,26 +41,14 @@ def run_dir(out: Path, dataset: str, variant: str, seed: int) -> Path:
     return out / dataset / f"{variant}-seed{seed}"
 
 
-def is_complete(path: Path) -> bool:
-    try:
-        return json.loads((path / "metrics.json").read_text())["status"] == "complete"
-    except (OSError, ValueError, KeyError):
-        return False
+def kept_reading(results: Path) -> str:
+    """The hand-written "## Reading" section of an existing results file, kept on rewrite."""
+    old = results.read_text() if results.is_file() else ""
+    return old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
 
 
 def run_one(config: Path, path: Path, seed: int) -> str:
-    if is_complete(path):
-        return f"kept {path}"
-    if path.exists():  # an unfinished earlier attempt: start it again
-        import shutil
-        shutil.rmtree(path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # parallel runs must not oversubscribe
-    command = [sys.executable, "-m", "incremental", "run", str(config), "--quiet", "--out", str(path),
-               "--set", f"seed={seed}", "--set", f"protocol.order_seed={seed}"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode:
-        return f"FAILED {path}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
-    return f"done {path}"
+    return run_incremental("run", config, path, f"seed={seed}", f"protocol.order_seed={seed}")
 
 
 def first_batch_size(path: Path) -> int:
@@ -147,7 +135,7 @@ def main() -> int:
     command = "python experiments/vitil_ablation/run_ablation.py " + " ".join(
         a for a in sys.argv[1:] if a != "--report-only")
     text = report(args.out, args.seeds, args.datasets, command.strip())
-    args.results.write_text(text + "\n")
+    args.results.write_text(text + "\n" + kept_reading(args.results))
     print(text)
     return 0
 

@@ -69,10 +69,16 @@ def prune_backbone(backbone: nn.Module, cfg: PruneConfig, example: torch.Tensor)
     backbone.eval()
     wrapped = _PooledFeatures(backbone)
     width = pooled_features(backbone, example).shape[-1]
+    # Raw parameters (tokens, position tables, Swin's relative-position tables, DLCL's layer
+    # weights) stay whole: torch-pruning would guess a dimension for them (the last
+    # non-singleton one, which for a one-head Swin table is the table itself).
+    standard = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    raw = [p for m in backbone.modules() if not isinstance(m, standard) for p in m.parameters(recurse=False)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch-pruning explains its guesses about raw parameters
         pruner = tp.pruner.MetaPruner(
             wrapped, example, importance=importance, pruning_ratio=cfg.ratio, round_to=cfg.round_to,
+            ignored_layers=raw,
             num_heads={m.qkv: m.num_heads for m in attention}, prune_num_heads=False, prune_head_dims=True)
         pruned = skipped = 0
         for group in pruner.step(interactive=True):
@@ -164,10 +170,19 @@ def count_macs(backbone: nn.Module, example: torch.Tensor) -> int:
 
     was_training = backbone.training
     backbone.eval()
+    # The counter does not see inside CPU fused attention; timm's unfused path is the same
+    # arithmetic as explicit matmuls, which the papers' counts include.
+    fused = [m for m in backbone.modules() if getattr(m, "fused_attn", False)]
+    for m in fused:
+        m.fused_attn = False
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        pooled_features(backbone, example)
-    backbone.train(was_training)
+    try:
+        with torch.no_grad(), counter:
+            pooled_features(backbone, example)
+    finally:
+        for m in fused:
+            m.fused_attn = True
+        backbone.train(was_training)
     return counter.get_total_flops() // 2 // example.shape[0]
 
 

@@ -111,8 +111,9 @@ def build_model(spec: Component, *, in_chans: int, img_size: int, initial_classe
     """The backbone plus the growing head; ``model.build_report`` says what was loaded and
     how the backbone was compressed."""
     report: dict[str, Any] = {}
-    model = IncrementalNet(build_backbone(spec, in_chans=in_chans, img_size=img_size, report=report),
-                           initial_classes)
+    backbone = build_backbone(spec, in_chans=in_chans, img_size=img_size, report=report)
+    report["params"] = count_parameters(backbone)
+    model = IncrementalNet(backbone, initial_classes)
     model.build_report = report
     return model
 

@@ -30,7 +30,7 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
     """The tensors of a safetensors or torch checkpoint file, unwrapped to one flat dict."""
     file = Path(path).expanduser()
     if not file.is_file():
-        what = "is a folder" if file.is_dir() else "does not exist"
+        what = "is a folder" if file.is_dir() else "do not exist"
         raise ConfigError(f"pretrained weights {path} {what}", key=key)
     try:
         if file.suffix == ".safetensors":
@@ -51,6 +51,18 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def check_pretrained_files(spec: Any, key: str = "backbone") -> None:
+    """Fail early (at ``incremental check``) on a ``pretrained`` path that is not a file, for the
+    backbone and for a distillation teacher."""
+    options = getattr(spec, "common", None)
+    if options is None:
+        return
+    if options.pretrained and not Path(options.pretrained).expanduser().is_file():
+        raise ConfigError(f"pretrained weights {options.pretrained} do not exist", key=f"{key}.pretrained")
+    if options.compress.distill is not None:
+        check_pretrained_files(options.compress.distill.teacher, f"{key}.compress.distill.teacher")
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -134,7 +134,8 @@ class TimmViTConfig:
 def timm_vit_names() -> list[str]:
     import timm
 
-    return timm.list_models(module="vision_transformer")
+    # timm registers the DeiT variants in their own module; both build VisionTransformer
+    return sorted(timm.list_models(module="vision_transformer") + timm.list_models(module="deit"))
 
 
 @BACKBONES.register("timm_vit", config=TimmViTConfig)

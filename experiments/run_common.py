@@ -1,0 +1,34 @@
+"""What the experiment scripts share: run `incremental` in a subprocess with one thread, and
+skip runs whose metrics.json says complete (so a script can be stopped and started again)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def is_complete(path: Path, marker: str = "metrics.json") -> bool:
+    try:
+        return json.loads((path / marker).read_text())["status"] == "complete"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_incremental(command: str, config: Path, path: Path, *overrides: str, marker: str = "metrics.json") -> str:
+    """``incremental COMMAND CONFIG --quiet --out PATH --set ...``, unless already complete."""
+    if is_complete(path, marker):
+        return f"kept {path}"
+    if path.exists():  # an unfinished earlier attempt: start it again
+        shutil.rmtree(path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # parallel runs must not oversubscribe
+    args = [sys.executable, "-m", "incremental", command, str(config), "--quiet", "--out", str(path)]
+    for override in overrides:
+        args += ["--set", override]
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if result.returncode:
+        return f"FAILED {path}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+    return f"done {path}"
