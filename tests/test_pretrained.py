@@ -52,6 +52,15 @@ def test_timm_vit_at_32px_loads_224px_weights_resizing_pos_and_patch_embeddings(
     torch.testing.assert_close(backbone.pos_embed[0, 0], original["pos_embed"][0, 0])
 
 
+def test_rgb_weights_load_into_a_grayscale_model_as_the_channel_sum(vit_tiny_224_weights):
+    path, original = vit_tiny_224_weights
+    backbone = make("timm_vit", 224, in_chans=1, model="vit_tiny_patch16_224")
+    report = load_pretrained(backbone, path)
+    assert report["resized"] == ["patch_embed.proj.weight (incl. input channels)"]
+    torch.testing.assert_close(backbone.patch_embed.proj.weight,
+                               original["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
+
+
 def test_torch_checkpoints_in_mae_and_ddp_layouts_load(vit_tiny_224_weights, tmp_path):
     path, original = vit_tiny_224_weights
     encoder = {k: v for k, v in original.items() if not k.startswith("head.")}
@@ -63,6 +72,15 @@ def test_torch_checkpoints_in_mae_and_ddp_layouts_load(vit_tiny_224_weights, tmp
         backbone = make("timm_vit", 32, model="vit_tiny_patch16_224", patch_size=4)
         load_pretrained(backbone, file)
         torch.testing.assert_close(backbone.norm.weight, original["norm.weight"])
+
+
+def test_a_token_pooled_encoder_loads_into_an_average_pooled_model(vit_tiny_224_weights):
+    """MAE's recipe: pretrain with the final norm, finetune with average pooling and fc_norm."""
+    path, original = vit_tiny_224_weights
+    backbone = make("timm_vit", 32, model="vit_tiny_patch16_224", patch_size=4, global_pool="avg")
+    report = load_pretrained(backbone, path)
+    assert report["renamed"] == ["norm.weight -> fc_norm.weight", "norm.bias -> fc_norm.bias"]
+    torch.testing.assert_close(backbone.fc_norm.weight, original["norm.weight"])
 
 
 def test_swin_relative_position_tables_are_resized_to_smaller_windows(tmp_path):

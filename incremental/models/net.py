@@ -132,7 +132,8 @@ def describe_build(report: dict[str, Any]) -> list[str]:
     loaded = report.get("pretrained")
     if loaded:
         resized = f", resized {', '.join(loaded['resized'])}" if loaded["resized"] else ""
-        lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{resized}")
+        renamed = f", {', '.join(loaded['renamed'])}" if loaded.get("renamed") else ""
+        lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{resized}{renamed}")
     compression = report.get("compression")
     if compression:
         for label in ("before", "after", "int8"):

@@ -83,6 +83,22 @@ def adapt_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dic
     return state
 
 
+def adapt_input_channels(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """RGB first-layer weights into a grayscale model (or the reverse), in place, as timm's
+    ``load_pretrained`` does with ``adapt_input_conv`` (grayscale: the sum over RGB)."""
+    from timm.models._manipulate import adapt_input_conv
+
+    adapted = []
+    for key, weight in state.items():
+        target = own.get(key)
+        if target is None or weight.ndim != 4 or target.ndim != 4 or weight.shape == target.shape:
+            continue
+        if weight.shape[0] == target.shape[0] and weight.shape[2:] == target.shape[2:] and weight.shape[1] == 3:
+            state[key] = adapt_input_conv(int(target.shape[1]), weight)
+            adapted.append(key)
+    return adapted
+
+
 def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> dict[str, Any]:
     """Load ``path`` into ``backbone`` in place; returns a summary for the run's records."""
     state = read_checkpoint(path, key)
@@ -94,6 +110,17 @@ def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> di
         state = adapt_state_dict(state, backbone)
     except Exception as exc:  # timm's filters assume their own key layout
         raise ConfigError(f"{path} does not fit backbone {type(backbone).__name__}: {exc}", key=key) from None
+    adapted = adapt_input_channels(state, own)
+    renamed = []
+    if "fc_norm.weight" in own and "norm.weight" not in own and "norm.weight" in state \
+            and "fc_norm.weight" not in state:
+        # An encoder pretrained with the token's final norm (MAE, timm's *.mae) finetuned with
+        # average pooling: the final norm becomes the pooled features' norm, as in MAE's
+        # finetuning code, which keeps the encoder's statistics instead of a fresh LayerNorm.
+        for suffix in ("weight", "bias"):
+            if f"norm.{suffix}" in state:
+                state[f"fc_norm.{suffix}"] = state.pop(f"norm.{suffix}")
+                renamed.append(f"norm.{suffix} -> fc_norm.{suffix}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -106,6 +133,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> di
         raise ConfigError(f"{path} is not a checkpoint of this {type(backbone).__name__}: "
                           f"{'; '.join(parts)}", key=key)
     resized = sorted(k for k, shape in original_shapes.items() if k in state and tuple(state[k].shape) != shape)
+    resized = [f"{k} (incl. input channels)" if k in adapted else k for k in resized]
     backbone.load_state_dict(state, strict=True)
-    return {"path": str(path), "tensors": len(state), "dropped": dropped, "resized": resized}
+    return {"path": str(path), "tensors": len(state), "dropped": dropped, "resized": resized, "renamed": renamed}
 
