@@ -120,13 +120,20 @@ def test_swin_size_errors_name_the_key():
     assert err.value.key == "backbone.patch_size"
 
 
-@pytest.mark.parametrize("name", ["s3_tiny", "s3_small", "s3_base"])
-def test_s3_entries_are_timms_searched_architectures(name):
-    """At 224 px our S3 entry has exactly the parameters of timm's swin_s3_*_224."""
+@pytest.mark.parametrize("name, options, timm_name", [
+    ("s3_tiny", {}, "swin_s3_tiny_224"), ("s3_small", {}, "swin_s3_small_224"), ("s3_base", {}, "swin_s3_base_224"),
+    ("swin", {"variant": "tiny"}, "swin_tiny_patch4_window7_224"),
+    ("swin", {"variant": "small"}, "swin_small_patch4_window7_224"),
+    ("swin", {"variant": "base"}, "swin_base_patch4_window7_224")])
+def test_swin_and_s3_entries_at_224_are_timms_architectures(name, options, timm_name):
+    """At 224 px each entry has exactly the parameters of timm's model (so timm's ImageNet
+    weights load, and the papers' sizes follow: see experiments/backbones/results.md)."""
     import timm
 
-    ours = make(name, size=224).state_dict()
-    reference = timm.create_model(f"swin_{name}_224", pretrained=False, num_classes=0).state_dict()
+    entry = BACKBONES.get(name)
+    config = parse_dataclass(entry.config_cls, options)  # the entry's defaults, not the small ones
+    ours = build_backbone(Component(name, config), in_chans=3, img_size=224).state_dict()
+    reference = timm.create_model(timm_name, pretrained=False, num_classes=0).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in reference.items()}
 
 

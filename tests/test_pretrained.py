@@ -83,6 +83,17 @@ def test_a_token_pooled_encoder_loads_into_an_average_pooled_model(vit_tiny_224_
     torch.testing.assert_close(backbone.fc_norm.weight, original["norm.weight"])
 
 
+def test_the_backbone_of_a_toolkit_model_loads_without_its_head(tmp_path):
+    from incremental.models.net import IncrementalNet
+
+    trained = IncrementalNet(make("resnet32", 32, width=8), initial_classes=7)
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+    fresh = make("resnet32", 32, width=8)
+    load_pretrained(fresh, path)
+    torch.testing.assert_close(fresh.stem[0].weight, trained.backbone.stem[0].weight)
+
+
 def test_swin_relative_position_tables_are_resized_to_smaller_windows(tmp_path):
     source = make("swin", 224, embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 3])
     path = tmp_path / "swin224.pth"

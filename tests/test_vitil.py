@@ -3,7 +3,6 @@ every experience, the balanced set, logit KD, old head rows kept when the head g
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest

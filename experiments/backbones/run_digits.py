@@ -2,24 +2,26 @@
 replay, 20 epochs per step: the default protocol with another backbone), plus the ViT
 initialised by `incremental pretrain-mae` on the base classes and a pruned + int8 ViT.
 
-    python experiments/backbones/run_digits.py [--seed 1993] [--jobs 2] [--out runs/backbones_digits]
-        [--report-only]
+    python experiments/backbones/run_digits.py [--seeds 1993 1994 1995] [--jobs 2]
+        [--out runs/backbones_digits] [--report-only]
 
 Every run is the real `incremental` command in its own process with one thread; complete
-runs are kept. Writes digits_results.md next to itself and prints it.
+runs are kept, so the script can be stopped and started again. Writes digits_results.md next
+to itself and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import run_incremental  # noqa: E402
+from run_common import is_complete, mean_std, run_incremental  # noqa: E402
 
 CONFIGS = {  # file stem -> what it is
     "vit": "ViT (default protocol: patch 4, 128 wide, 4 blocks)",
@@ -35,50 +37,64 @@ CONFIGS = {  # file stem -> what it is
 }
 
 
+def run_seed(seed: int, out: Path, jobs: int) -> None:
+    overrides = [f"seed={seed}", f"protocol.order_seed={seed}"]
+    mae_dir = out / f"vit_mae_pretrain-seed{seed}"
+    print(run_incremental("pretrain-mae", HERE / "digits" / "vit_mae_pretrain.yaml", mae_dir, *overrides,
+                          marker="mae_log.json"), flush=True)
+    runs = []
+    for stem in CONFIGS:
+        extra = [f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"] if stem == "vit_mae" else []
+        runs.append((HERE / "digits" / f"{stem}.yaml", out / f"{stem}-seed{seed}", *overrides, *extra))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for message in pool.map(lambda job: run_incremental("run", *job), runs):
+            print(message, flush=True)
+
+
+def report(out: Path, seeds: list[int], command: str) -> str:
+    lines = ["# Digits, one run per backbone family", "", "Produced by", "", f"    {command}", "",
+             "B0, 5 steps of 2 classes, herding replay (200 exemplars), 20 epochs per step: the default "
+             "protocol with another backbone. Seeds " + str(seeds) + " (each sets the run seed and the class "
+             "order); mean ± std over seeds. One CPU thread per run, two runs at a time on a 2-core machine.",
+             "", "| backbone | entry | params (M) | avg inc acc | last acc | forgetting | wall s | runs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for stem, label in CONFIGS.items():
+        runs = [json.loads((out / f"{stem}-seed{s}" / "metrics.json").read_text())
+                for s in seeds if is_complete(out / f"{stem}-seed{s}")]
+        if not runs:
+            lines.append(f"| {label} | - | - | - | - | - | - | 0 |")
+            continue
+        params = runs[0].get("backbone_report", {}).get("params") or float("nan")
+        lines.append(f"| {label} | `{runs[0]['backbone']}` | {params / 1e6:.2f} | "
+                     f"{mean_std([m['average_incremental_accuracy'] for m in runs])} | "
+                     f"{mean_std([m['last_accuracy'] for m in runs])} | "
+                     f"{mean_std([m['forgetting']['mean'] for m in runs])} | "
+                     f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
+    logs = [json.loads((out / f"vit_mae_pretrain-seed{s}" / "mae_log.json").read_text()) for s in seeds
+            if is_complete(out / f"vit_mae_pretrain-seed{s}", "mae_log.json")]
+    if logs:
+        first = mean_std([log["epoch_loss"][0] for log in logs])
+        last = mean_std([log["epoch_loss"][-1] for log in logs])
+        lines += ["", f"MAE pretraining ({len(logs[0]['epoch_loss'])} epochs on the {logs[0]['images']} training "
+                  f"images of the 2 base classes, mask ratio 0.75): normalised-pixel loss {first} in epoch 1, "
+                  f"{last} in the last epoch; "
+                  f"{statistics.mean(log.get('wall_time_s', 0) for log in logs):.0f} s per seed."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=1993)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/backbones_digits"))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    seed = [f"seed={args.seed}", f"protocol.order_seed={args.seed}"]
-    mae_dir = args.out / f"vit_mae_pretrain-seed{args.seed}"
     if not args.report_only:
-        print(run_incremental("pretrain-mae", HERE / "digits" / "vit_mae_pretrain.yaml", mae_dir, *seed,
-                              marker="mae_log.json"), flush=True)
-        jobs = []
-        for stem in CONFIGS:
-            extra = [f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"] if stem == "vit_mae" else []
-            jobs.append((HERE / "digits" / f"{stem}.yaml", args.out / f"{stem}-seed{args.seed}", *seed, *extra))
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for message in pool.map(lambda job: run_incremental("run", *job), jobs):
-                print(message, flush=True)
-
-    lines = [f"# Digits, one run per backbone family (seed {args.seed})", "",
-             f"`python experiments/backbones/run_digits.py --seed {args.seed} --jobs {args.jobs}`; "
-             "B0, 5 steps of 2 classes, herding replay (200 exemplars), 20 epochs per step, one CPU thread per run.",
-             "", "| backbone | entry | params (M) | avg inc acc | last acc | forgetting | train + eval s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for stem, label in CONFIGS.items():
-        path = args.out / f"{stem}-seed{args.seed}" / "metrics.json"
-        if not path.is_file():
-            lines.append(f"| {label} | | | not run | | | |")
-            continue
-        m = json.loads(path.read_text())
-        params = m.get("backbone_report", {}).get("params")
-        lines.append(f"| {label} | `{m['backbone']}` | {params / 1e6 if params else float('nan'):.2f} | "
-                     f"{m['average_incremental_accuracy']:.2f} | {m['last_accuracy']:.2f} | "
-                     f"{m['forgetting']['mean']:.2f} | "
-                     f"{m['total_wall_time_s']:.0f} |")
-    mae_log = mae_dir / "mae_log.json"
-    if mae_log.is_file():
-        log = json.loads(mae_log.read_text())
-        losses = log["epoch_loss"]
-        lines += ["", f"MAE pretraining ({len(losses)} epochs on {log['images']} images of the base classes): "
-                  f"loss {losses[0]:.3f} (epoch 1) -> {losses[-1]:.3f} (epoch {len(losses)}), "
-                  f"{log.get('wall_time_s', 0):.0f} s."]
-    text = "\n".join(lines)
+        for seed in args.seeds:
+            run_seed(seed, args.out, args.jobs)
+    command = "python experiments/backbones/run_digits.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only")
+    text = report(args.out, args.seeds, command.strip())
     (HERE / "digits_results.md").write_text(text + "\n")
     print(text)
     return 0

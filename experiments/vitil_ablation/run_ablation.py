@@ -23,7 +23,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import is_complete, run_incremental  # noqa: E402
+from run_common import is_complete, mean_std, run_incremental  # noqa: E402
 VARIANTS = {
     "1_vit_finetune": "ViT, finetune",
     "2_vit_replay": "+ herding replay",
@@ -57,15 +57,6 @@ def first_batch_size(path: Path) -> int:
     return int(yaml.safe_load((path / "config.yaml").read_text())["training"]["batch_size"])
 
 
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def mean_over_steps(values: list[Any]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
@@ -80,7 +71,7 @@ def report(out: Path, seeds: list[int], datasets: list[str], command: str) -> st
              "- *avg inc*: average incremental accuracy (mean over steps of the accuracy on all seen classes, "
              "first step included); *last*: accuracy after the last step; *forgetting*: max-based (PyCIL/FACIL), "
              "after the last step.",
-             f"- *loss e1 / e3* (convergence): the first step's mean training loss over epoch 1 and over epoch 3 "
+             "- *loss e1 / e3* (convergence): the first step's mean training loss over epoch 1 and over epoch 3 "
              "(k = iterations in brackets).",
              "- *old→new* (bias): % of old-class test images predicted as a class of the newest experience, "
              "mean over steps 2..T.",

@@ -47,9 +47,11 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
             state = state[container]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} holds no state dict of tensors", key=key)
-    for prefix in ("module.", "backbone."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state) and all(k.startswith(("backbone.", "head.")) for k in state):
+        # a whole IncrementalNet of this toolkit: its backbone, without the incremental head
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
 
 
