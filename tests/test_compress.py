@@ -155,7 +155,7 @@ def test_distillation_trains_the_projection_not_the_teacher():
 def test_a_compressed_run_reports_sizes_and_evaluates_in_int8(tiny_config, tmp_path):
     out = tmp_path / "run"
     code = main(["run", str(tiny_config), "--out", str(out), "--quiet", "--set", "training.epochs=1",
-                 "--set", "training.device=cpu",
+                 "--set", "training.device=cpu", "--set", "protocol.increment=6",
                  "--set", "backbone.compress={prune: {ratio: 0.5}, low_rank: {rank_ratio: 0.5, min_features: 16}, "
                           "quantize: int8_dynamic}"])
     assert code == 0
@@ -174,7 +174,7 @@ def test_a_run_with_a_distillation_teacher_differs_from_one_without(tiny_config,
                                                         "width: 8}, weight: 5.0}"])):
         out = tmp_path / name
         assert main(["run", str(tiny_config), "--out", str(out), "--quiet", "--set", "training.epochs=1",
-                     *extra]) == 0
+                     "--set", "protocol.increment=6", *extra]) == 0
         losses.append(json.loads((out / "metrics.json").read_text())["train_loss"])
     assert losses[0] != losses[1]
 

@@ -28,10 +28,10 @@ CONFIGS = {  # file stem -> what it is
     "vit_conv_stem": "ViT, conv stem (ViTIL)",
     "vit_mae": "ViT, MAE-pretrained on the base classes",
     "vit_compressed": "ViT, 50% pruned, int8 evaluation",
-    "timm_vit": "timm DeiT-Ti, patch 8",
+    "timm_vit": "timm DeiT-Ti, patch 8 (lr 5e-4, 2 warmup epochs)",
     "vit_dlcl": "ViT-DLCL, 8 blocks",
     "swin": "Swin, 48 wide, 3 stages",
-    "s3_tiny": "S3-T (16 px)",
+    "s3_tiny": "S3-T, 16 px (lr 5e-4, 2 warmup epochs)",
     "resnet18": "ResNet-18, CIFAR stem (16 px)",
     "resnet32": "ResNet-32",
 }
