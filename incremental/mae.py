@@ -169,15 +169,17 @@ class MaskedAutoencoder(nn.Module):
         return self.loss(images, prediction, mask), prediction, mask
 
 
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, dataset: Any, indices: list[int], transform: Callable[[Any], torch.Tensor]):
-        self.dataset, self.indices, self.transform = dataset, indices, transform
+class _Images(torch.utils.data.Dataset):
+    """The transformed images of a labelled dataset (MAE needs no labels)."""
+
+    def __init__(self, dataset: Any, transform: Callable[[Any], torch.Tensor]):
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image, _ = self.dataset[self.indices[i]]
+        image, _ = self.dataset[i]
         return self.transform(image)
 
 
@@ -191,7 +193,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     from .data import build_dataset
     from .models.net import build_backbone
     from .plugins import check_finite, lr_factor, param_groups
-    from .protocol import make_class_split
+    from .protocol import OrderedClassSubset, make_class_split
     from .runner import prepare_run_dir, resolve_device, write_json_atomic
 
     opts = cfg.mae
@@ -207,10 +209,9 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
                           key="backbone.compress")
     split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     classes = set(split.experiences[0]) if opts.classes == "base" else set(split.class_order)
-    targets = getattr(splits.train, "targets")
-    indices = [i for i, t in enumerate(targets) if int(t) in classes]
-    if len(indices) < opts.batch_size:
-        raise ConfigError(f"{len(indices)} training images in the chosen classes, fewer than one batch",
+    images = OrderedClassSubset(splits.train, sorted(classes))
+    if len(images) < opts.batch_size:
+        raise ConfigError(f"{len(images)} training images in the chosen classes, fewer than one batch",
                           key="mae.batch_size")
 
     prepare_run_dir(run_dir, marker="mae_log.json")
@@ -220,15 +221,15 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, betas=(0.9, 0.95))
     data_gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        _Transformed(splits.train, indices, splits.train_transform), batch_size=opts.batch_size,
+        _Images(images, splits.train_transform), batch_size=opts.batch_size,
         shuffle=True, drop_last=True, generator=data_gen, num_workers=cfg.training.num_workers)
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     schedule = SchedulerConfig(name="cosine", warmup_epochs=opts.warmup_epochs)
 
     if not quiet:
-        echo(f"MAE pretraining of {cfg.backbone.name} on {len(indices)} images of {len(classes)} classes "
+        echo(f"MAE pretraining of {cfg.backbone.name} on {len(images)} images of {len(classes)} classes "
              f"({opts.classes}), {opts.epochs} epochs, mask ratio {opts.mask_ratio}, lr {lr:.2e}, device {device}")
-    log: dict[str, Any] = {"images": len(indices), "classes": sorted(classes), "epoch_loss": [], "status": "running"}
+    log: dict[str, Any] = {"images": len(images), "classes": sorted(classes), "epoch_loss": [], "status": "running"}
     start, iteration = time.perf_counter(), 0
     model.train()
     for epoch in range(opts.epochs):

@@ -96,8 +96,7 @@ def prune_backbone(backbone: nn.Module, cfg: PruneConfig, example: torch.Tensor)
             m.attn_dim = m.head_dim * m.num_heads
         if hasattr(m, "scale"):
             m.scale = m.head_dim ** -0.5
-    backbone.train(was_training)
-    after = pooled_features(backbone.eval(), example).shape[-1]
+    after = pooled_features(backbone, example).shape[-1]  # still in eval mode
     backbone.train(was_training)
     if after != width:  # pragma: no cover - the residual rule above should prevent it
         raise RuntimeError(f"pruning changed the feature width {width} -> {after}")
@@ -195,7 +194,8 @@ def state_dict_bytes(module: nn.Module) -> int:
 @torch.no_grad()
 def cpu_latency_ms(module: nn.Module, example: torch.Tensor, runs: int = 20) -> float:
     """Median wall time of one forward pass at batch size 1 on the CPU (after 3 warm-ups)."""
-    module = module.eval()
+    was_training = module.training
+    module.eval()
     single = example[:1].cpu()
     for _ in range(3):
         pooled_features(module, single)
@@ -204,6 +204,7 @@ def cpu_latency_ms(module: nn.Module, example: torch.Tensor, runs: int = 20) -> 
         start = time.perf_counter()
         pooled_features(module, single)
         times.append(time.perf_counter() - start)
+    module.train(was_training)
     return 1000 * statistics.median(times)
 
 
