@@ -43,3 +43,9 @@ def mean_std(values: list[float | None]) -> str:
     if len(present) == 1:
         return f"{present[0]:.2f}"
     return f"{statistics.mean(present):.2f} ± {statistics.stdev(present):.2f}"
+
+
+def kept_reading(results: Path) -> str:
+    """The hand-written "## Reading" section of an existing results file, kept on rewrite."""
+    old = results.read_text() if results.is_file() else ""
+    return old[old.index("\n## Reading"):] if "\n## Reading" in old else ""

@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     mae.add_argument("--out", metavar="DIR", help="output directory (default: OUTPUT_ROOT/NAME-mae-TIMESTAMP)")
     mae.add_argument("--quiet", "-q", action="store_true", help="print nothing")
 
+    probe = sub.add_parser("probe", help="run probes on a finished run's saved model "
+                           "(writes RUN_DIR/probes.json and heat maps)")
+    probe.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `incremental run`")
+    probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override the run's config, e.g. --set 'probes=[corruptions, {name: ood, "
+                       "worst_case: true}]'; repeatable")
+    probe.add_argument("--out", metavar="FILE", help="results file (default: RUN_DIR/probes.json)")
+    probe.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+
     check = sub.add_parser("check", help="validate a config and print it resolved")
     add_config_args(check)
     check.add_argument("--no-data", action="store_true", help="skip loading the dataset and splitting classes")
@@ -89,6 +98,16 @@ def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .probes.offline import probe_run
+
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory", key="RUN_DIR")
+    probe_run(run_dir, args.overrides, Path(args.out).expanduser() if args.out else None, quiet=args.quiet)
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .config import dump_yaml, load_config
 
@@ -104,6 +123,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             check_pretrained_files(cfg.backbone)
             splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
             split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+            if cfg.probes:  # reads reference runs and OOD datasets, as a run would
+                from .probes.base import ProbeData, build_probes
+
+                build_probes(cfg.probes, ProbeData(splits, split.class_order, split.classes_per_experience, cfg.seed))
         except UserError as exc:
             raise source.attribute(exc)
         summary = (f"# {splits.num_classes} classes ({len(splits.train)} train / {len(splits.test)} test images), "
@@ -161,7 +184,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "check": _cmd_check, "list": _cmd_list}
+COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "probe": _cmd_probe, "check": _cmd_check,
+            "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

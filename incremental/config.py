@@ -124,8 +124,18 @@ class BackboneOptions:
     compress: CompressConfig = opt(factory=CompressConfig)
 
 
+@dataclass
+class ProbeOptions:
+    """Options every probe takes, next to its own."""
+
+    num_samples: int | None = opt(None, ge=1)  # seen-class test images per step; None: the probe's default
+    batch_size: int = opt(250, ge=1)
+    every: int = opt(1, ge=1)  # probe after every k-th experience; the last one is always probed
+    label: str | None = None  # the results key (default: the probe's name); needed to list a probe twice
+
+
 # Options shared by every component of a registry, parsed next to the component's own.
-COMMON_OPTIONS: dict[str, type] = {"backbones": BackboneOptions}
+COMMON_OPTIONS: dict[str, type] = {"backbones": BackboneOptions, "probes": ProbeOptions}
 
 
 @dataclass
@@ -210,6 +220,7 @@ class TrainingConfig:
 class OutputConfig:
     root: str = "runs"  # run directories go here unless --out names one
     tensorboard: bool = True
+    save_model: bool = True  # model.safetensors after each experience (for `incremental probe`)
 
 
 @dataclass
@@ -224,6 +235,21 @@ class RunConfig:
     training: TrainingConfig = opt(factory=TrainingConfig)
     probes: list[Component] = component_list("probes")
     output: OutputConfig = opt(factory=OutputConfig)
+
+    def validate(self) -> None:
+        probe_labels(self.probes)
+
+
+def probe_labels(specs: typing.Sequence[Component]) -> list[str]:
+    """Results keys of the probes listed in ``probes:`` (``label``, else the name); a
+    repeated key is an error."""
+    labels: list[str] = []
+    for i, spec in enumerate(specs):
+        label = spec.common.label if spec.common is not None and spec.common.label else spec.name
+        if label in labels:
+            raise ConfigError(f"{label!r} is listed twice; give one a distinct 'label'", key=f"probes.{i}.label")
+        labels.append(label)
+    return labels
 
 
 # ----------------------------------------------------------------------------- parsing

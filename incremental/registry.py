@@ -91,7 +91,8 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
                    "incremental.strategies.vitil", "incremental.strategies.icarl", "incremental.strategies.lwf",
                    "incremental.strategies.ewc", "incremental.strategies.bic", "incremental.strategies.der",
                    "incremental.strategies.gdumb"),
-    "probes": (),
+    "probes": ("incremental.probes.corruptions", "incremental.probes.masking", "incremental.probes.fourier",
+               "incremental.probes.adversarial", "incremental.probes.ood"),
 }
 
 

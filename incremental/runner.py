@@ -16,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, dump_yaml
+from .config import RunConfig, dump_yaml, probe_labels
 from .errors import ConfigError, UserError
 
 METRICS_FORMAT = 1
+MODEL_FILE = "model.safetensors"  # the model after the last completed experience
 
 
 def default_run_dir(cfg: RunConfig, suffix: str = "") -> Path:
@@ -44,6 +45,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def save_model(model: Any, path: Path, *, experience: int) -> None:
+    """The model's state dict as safetensors (no pickle), replaced atomically, with the
+    experience it was trained up to and its class count in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"experience": str(experience), "num_classes": str(model.num_classes),
+                                         "format": "incremental-vit model"})
+    os.replace(tmp, path)
 
 
 def hide_avalanche_deprecations() -> None:
@@ -92,6 +105,7 @@ class RunResults:
 
     def to_json(self) -> dict[str, Any]:
         from .metrics import DEFINITIONS, summarize
+        from .probes import DEFINITIONS as PROBE_DEFINITIONS
 
         summary = summarize(self.matrix, self.test_sizes)
         return {
@@ -115,10 +129,14 @@ class RunResults:
             "old_predicted_as_new": [s.get("old_predicted_as_new") for s in self.steps],
             "head_norm_ratio": [s.get("head_norm_ratio") for s in self.steps],
             "train_samples": [s.get("train_samples") for s in self.steps],
-            "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"]} for s in self.steps],
-            "total_wall_time_s": sum(s["train_s"] + s["eval_s"] for s in self.steps),
+            "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"], "probes": s.get("probe_s", 0.0)}
+                            for s in self.steps],
+            "total_wall_time_s": sum(s["train_s"] + s["eval_s"] + s.get("probe_s", 0.0) for s in self.steps),
+            # {label: [result after experience i, or None where the probe did not run]}
+            "probes": {label: [(s.get("probes") or {}).get(label) for s in self.steps]
+                       for label in probe_labels(self.cfg.probes)},
             "backbone_report": self.backbone_report,
-            "definitions": DEFINITIONS,
+            "definitions": {**DEFINITIONS, **(PROBE_DEFINITIONS if self.cfg.probes else {})},
         }
 
 
@@ -154,6 +172,14 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     compression, compression_hooks = compression_plugins(cfg.backbone, model, in_chans=splits.channels,
                                                          img_size=splits.image_size, device=device)
     context.param_group_hooks.extend(compression_hooks)
+    probe_suite = None
+    if cfg.probes:
+        from .probes.base import ProbeData
+        from .probes.suite import ProbeSuite
+
+        probe_data = ProbeData(splits, class_split.class_order, class_split.classes_per_experience, cfg.seed)
+        probe_suite = ProbeSuite(cfg.probes, probe_data, class_split.num_experiences,
+                                 echo=None if quiet else echo)
     strategy_plugins = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
     if not isinstance(strategy_plugins, (list, tuple)):
         strategy_plugins = [strategy_plugins]
@@ -170,7 +196,9 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
         device=device,
         # Compression plugins come after the strategy's: the int8 copy replaces the model
         # for evaluation once the strategy has finished its own before_eval work.
-        plugins=[optimization, *strategy_plugins, *compression, recorder, ProgressBars(enabled=not quiet)],
+        # Probes come after both, so they see the fp32 model once evaluation is over.
+        plugins=[optimization, *strategy_plugins, *compression, recorder,
+                 *([probe_suite] if probe_suite is not None else []), ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
     )
 
@@ -201,19 +229,25 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
                                num_workers=cfg.training.num_workers)
                 train_s = time.perf_counter() - start
                 template.eval(benchmark.test_stream[: i + 1], num_workers=cfg.training.num_workers)
-            eval_s = time.perf_counter() - start - train_s
+            probe_s = sum(probe_suite.last_seconds.values()) if probe_suite is not None else 0.0
+            eval_s = time.perf_counter() - start - train_s - probe_s
             predictions = recorder.prediction_matrix(i + 1)
             info = {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
                     "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
                     "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
-                    "head_norm_ratio": head_norm_ratio(template.model, class_split.label_ranges(), i)}
+                    "head_norm_ratio": head_norm_ratio(template.model, class_split.label_ranges(), i),
+                    "probe_s": probe_s, "probes": probe_suite.last_results if probe_suite is not None else {}}
             results.add(recorder.accuracies(i + 1), info)
             if i == class_split.num_experiences - 1:
                 results.status = "complete"
             metrics = results.to_json()
             write_json_atomic(run_dir / "metrics.json", metrics)
+            if cfg.output.save_model:
+                save_model(template.model, run_dir / MODEL_FILE, experience=i)
             if writer is not None:
                 writer.log_step(i, metrics, info)
+                if probe_suite is not None:
+                    writer.log_probes(i, probe_suite.last_results, probe_suite.last_images)
             if not quiet:
                 echo(format_step(metrics, i))
     except BaseException:

@@ -22,7 +22,8 @@ def format_step(metrics: dict[str, Any], step: int) -> str:
     return (f"exp {step + 1}/{total}  acc {_pct(metrics['accuracy'][step])}  avg {avg:.2f}  "
             f"old {_pct(metrics['accuracy_old'][step])}  new {_pct(metrics['accuracy_new'][step])}  "
             f"forgetting {_pct(metrics['forgetting']['per_step'][step])}  "
-            f"({time_s['train']:.1f}s train, {time_s['eval']:.1f}s eval)")
+            f"({time_s['train']:.1f}s train, {time_s['eval']:.1f}s eval"
+            + (f", {time_s['probes']:.1f}s probes)" if time_s.get("probes") else ")"))
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -37,7 +38,7 @@ def format_table(metrics: dict[str, Any]) -> str:
             _pct(metrics["accuracy_old"][i]), _pct(metrics["accuracy_new"][i]),
             _pct(metrics["forgetting"]["per_step"][i]), _pct(metrics["bwt"]["per_step"][i]),
             "-" if loss is None else f"{loss:.3f}",
-            f"{metrics['wall_time_s'][i]['train'] + metrics['wall_time_s'][i]['eval']:.1f}",
+            f"{sum(metrics['wall_time_s'][i].values()):.1f}",
         ])
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),

@@ -4,7 +4,8 @@ Tags (all accuracies in percent):
 ``cil/accuracy`` (seen classes), ``cil/average_incremental_accuracy``, ``cil/forgetting``
 (max-based mean), ``cil/bwt``, ``cil/accuracy_old``, ``cil/accuracy_new``,
 ``accuracy_per_experience/exp_XX``, ``train/loss``, ``time/train_s``, ``time/eval_s``, and
-the image ``cil/accuracy_matrix``. Point ``tensorboard --logdir`` at the folder holding
+the image ``cil/accuracy_matrix``; probes add ``probes/LABEL/KEY`` scalars and
+``probes/LABEL/IMAGE`` heat maps. Point ``tensorboard --logdir`` at the folder holding
 several run directories to overlay them.
 """
 
@@ -74,6 +75,19 @@ class TensorBoardWriter:
                 self.writer.add_scalar(tag, value, global_step=step)
         image = render_accuracy_matrix(metrics["accuracy_matrix"], f"accuracy (%) after experience {step}")
         self.writer.add_image("cil/accuracy_matrix", image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def log_probes(self, step: int, results: dict[str, Any], images: dict[str, dict[str, np.ndarray]]) -> None:
+        """``probes/LABEL/KEY`` scalars and ``probes/LABEL/IMAGE`` heat maps at this step."""
+        for label, result in results.items():
+            if result is None:
+                continue
+            for key, value in result["summary"].items():
+                if value is not None:
+                    self.writer.add_scalar(f"probes/{label}/{key}", value, global_step=step)
+            self.writer.add_scalar(f"probes/{label}/time_s", result["time_s"], global_step=step)
+            for name, image in images.get(label, {}).items():
+                self.writer.add_image(f"probes/{label}/{name}", image, global_step=step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

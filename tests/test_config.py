@@ -38,7 +38,7 @@ def error_of(path, *overrides) -> str:
     ("protocol: {increment: -2}", "protocol.increment: must be > 0, got -2"),
     ("protocol: {memory: {total: 10, per_class: 2}}", "protocol.memory.per_class: set either total or per_class"),
     ("protocol: {class_order: [1, two]}", "protocol.class_order.1: expected an integer, got 'two'"),
-    ("probes: [{name: corruptions}]", "probes.0.name: unknown probe 'corruptions'"),
+    ("probes: [{name: corruption}]", "probes.0.name: unknown probe 'corruption' (did you mean 'corruptions'?)"),
     ("- a\n- b", "expected a mapping at the top level"),
     ("training: {epochs: 2\n", "invalid YAML"),
 ])

@@ -17,9 +17,10 @@ from incremental.registry import BUILTIN_MODULES, REGISTRIES, Registry, load_bui
 
 # Modules that hold shared machinery rather than components.
 NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incremental.models.pretrained",
-                  "incremental.models.compress"}
+                  "incremental.models.compress", "incremental.probes.base", "incremental.probes.suite",
+                  "incremental.probes.attacks", "incremental.probes.offline"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
-            "strategies": "incremental.strategies"}
+            "strategies": "incremental.strategies", "probes": "incremental.probes"}
 
 
 def test_duplicate_and_unknown_names():
@@ -48,6 +49,8 @@ def test_builtin_names():
         set(REGISTRIES["backbones"].names())
     assert {"finetune", "replay", "vitil", "icarl", "lwf", "ewc", "bic", "der", "gdumb"} <= \
         set(REGISTRIES["strategies"].names())
+    assert {"corruptions", "masking", "fourier", "adversarial", "dct_spectrum", "ood"} == \
+        set(REGISTRIES["probes"].names())
 
 
 @pytest.mark.parametrize("name", protocol_names())
@@ -69,7 +72,7 @@ def test_every_experiment_config_validates(path):
 
 
 def test_experiment_configs_are_found():
-    assert len(EXPERIMENT_CONFIGS) >= 34  # 7 full-size ViTIL, 2 x 8 ablation, 11 backbone configs
+    assert len(EXPERIMENT_CONFIGS) >= 38  # 7 full-size ViTIL, 2 x 8 ablation, 11 backbone, 4 probe configs
 
 
 def test_strategies_are_installed_under_the_incremental_root():

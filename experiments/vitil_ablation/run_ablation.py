@@ -23,7 +23,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import is_complete, mean_std, run_incremental  # noqa: E402
+from run_common import is_complete, kept_reading, mean_std, run_incremental  # noqa: E402
 VARIANTS = {
     "1_vit_finetune": "ViT, finetune",
     "2_vit_replay": "+ herding replay",
@@ -39,12 +39,6 @@ CONVERGENCE_EPOCHS = (1, 3)  # the first step's mean loss over epoch 1 and epoch
 
 def run_dir(out: Path, dataset: str, variant: str, seed: int) -> Path:
     return out / dataset / f"{variant}-seed{seed}"
-
-
-def kept_reading(results: Path) -> str:
-    """The hand-written "## Reading" section of an existing results file, kept on rewrite."""
-    old = results.read_text() if results.is_file() else ""
-    return old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
 
 
 def run_one(config: Path, path: Path, seed: int) -> str:

@@ -30,6 +30,10 @@ class DatasetSplits:
     image_size: int
     train_transform: Callable[[Any], torch.Tensor]
     eval_transform: Callable[[Any], torch.Tensor]
+    # The per-channel normalisation that ends both transforms: probes undo it to perturb
+    # images in [0, 1] pixel space, where corruption and attack budgets are defined.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     @property
     def num_classes(self) -> int:

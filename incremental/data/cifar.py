@@ -98,4 +98,6 @@ def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        mean=tuple(CIFAR100_MEAN),
+        std=tuple(CIFAR100_STD),
     )

@@ -42,4 +42,6 @@ def build_digits(cfg: DigitsConfig) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        mean=(0.5,),
+        std=(0.5,),
     )

@@ -111,4 +111,6 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         image_size=size,
         train_transform=T.Compose(train_steps + [T.ToTensor(), normalize]),
         eval_transform=T.Compose(eval_steps + [T.ToTensor(), normalize]),
+        mean=tuple(IMAGENET_MEAN),
+        std=tuple(IMAGENET_STD),
     )

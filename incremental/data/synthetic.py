@@ -66,4 +66,6 @@ def build_synthetic(cfg: SyntheticConfig) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        mean=tuple(mean),
+        std=tuple(std),
     )

@@ -49,6 +49,17 @@ class IncrementalNet(nn.Module):
         return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
 
 
+def grow_head(model: IncrementalNet, num_classes: int) -> None:
+    """Give the classifier ``num_classes`` outputs, as Avalanche's adaptation would after
+    the experiences that brought them (used before loading a saved model's weights)."""
+    head = model.head
+    if head.classifier.out_features == num_classes:
+        return
+    head.classifier = nn.Linear(head.classifier.in_features, num_classes).to(head.classifier.weight.device)
+    if hasattr(head, "active_units"):
+        head.register_buffer("active_units", torch.zeros(num_classes, dtype=torch.int8))
+
+
 def frozen(module: nn.Module) -> nn.Module:
     """``module`` as a teacher: eval mode (fixed BatchNorm statistics, no dropout or drop
     path) and no gradients. Returns the same module."""

@@ -1,0 +1,106 @@
+"""``incremental probe RUN_DIR``: the probes on a finished (or stopped) run's saved model.
+
+The run's ``config.yaml`` is read back (``--set`` may change its ``probes:``), the model is
+rebuilt with the run's seed (so pruned or low-rank structures come out the same), its head
+grown to the saved class count, and the weights of ``model.safetensors`` loaded strictly.
+The probes see the test images of the classes seen up to the saved experience.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError, UserError
+from ..runner import MODEL_FILE, write_json_atomic
+
+
+def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> tuple[Any, int]:
+    """The run's model with the saved weights, and the experience they were saved after."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from ..models import build_model
+    from ..models.net import grow_head
+
+    path = run_dir / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; runs save it after each experience unless "
+                        f"output.save_model is false", key="RUN_DIR")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+        experience, num_classes = int(metadata["experience"]), int(metadata["num_classes"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise UserError(f"{path} is not a model saved by `incremental run` ({exc})", key="RUN_DIR") from None
+    RNGManager.set_random_seeds(cfg.seed)  # the same initialisation, hence the same pruned structure
+    model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
+                        initial_classes=class_split.classes_per_experience[0])
+    grow_head(model, num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{path} does not fit the model of config.yaml: {first[1].strip() if len(first) > 1 else first[0]}",
+                        key="backbone") from None
+    return model, experience
+
+
+def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = None, *, quiet: bool = False,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Probe the saved model of ``run_dir``; writes ``probes.json`` (or ``out``) and PNG heat maps."""
+    from ..config import load_config
+    from ..data import build_dataset
+    from ..protocol import make_class_split
+    from ..runner import resolve_device
+    from .base import ProbeData
+    from .suite import ProbeSuite
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; expected a directory written by `incremental run`",
+                        key="RUN_DIR")
+    cfg, source = load_config(str(config_path), overrides)
+    target = out or run_dir / "probes.json"
+    try:
+        if not cfg.probes:
+            raise ConfigError("the run lists no probes; add some, e.g. --set 'probes=[corruptions, masking]'",
+                              key="probes")
+        if target.exists() and out is None:
+            raise UserError(f"{target} exists; pass --out FILE to write elsewhere", key="--out")
+        device = resolve_device(cfg.training.device)
+        splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+        class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+        model, step = load_saved_model(run_dir, cfg, splits, class_split)
+        suite = ProbeSuite(cfg.probes, ProbeData(splits, class_split.class_order,
+                                                 class_split.classes_per_experience, cfg.seed),
+                           num_experiences=step + 1, echo=None if quiet else echo)
+    except UserError as exc:
+        raise source.attribute(exc)
+    model.to(device)
+    if not quiet:
+        echo(f"probing {run_dir} after experience {step} ({class_split.classes_per_experience[: step + 1]} classes)")
+    results = suite.run(model, step, device)
+    write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
+    write_images(suite.last_images, target.with_suffix(""))
+    if not quiet:
+        echo(f"wrote {target}")
+    return results
+
+
+def write_images(images: dict[str, dict[str, Any]], prefix: Path) -> list[Path]:
+    """Heat maps as ``PREFIX-LABEL-NAME.png``."""
+    from PIL import Image
+
+    written = []
+    for label, named in images.items():
+        for name, image in named.items():
+            path = prefix.with_name(f"{prefix.name}-{label}-{name}.png")
+            Image.fromarray(image).save(path)
+            written.append(path)
+    return written
+
+
+__all__ = ["load_saved_model", "probe_run"]

@@ -1,0 +1,120 @@
+"""Out-of-distribution detection, and its worst case (the adversarial-training OOD line of
+work): in-distribution = the seen classes' test images; OOD = the classes of future
+experiences, or another dataset. ``worst_case`` pushes each OOD image by PGD to raise the
+detection score, i.e. to look in-distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Component, opt
+from ..errors import ConfigError
+from ..registry import PROBES
+from .attacks import pgd
+from .base import Probe, ProbeBatch, ProbeResult, unnormalise
+
+Score = Literal["msp", "max_logit", "energy"]
+
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "msp": lambda logits: logits.softmax(dim=1).max(dim=1).values,  # Hendrycks and Gimpel 2017
+    "max_logit": lambda logits: logits.max(dim=1).values,  # Hendrycks et al. 2022
+    "energy": lambda logits: torch.logsumexp(logits, dim=1),  # Liu et al. 2020 (negative energy, T = 1)
+}
+
+
+@dataclass
+class OodConfig:
+    source: Literal["future", "dataset"] = "future"
+    # for source: dataset, a dataset section ({name: cifar100, root: ...}); its test images
+    # are resized and converted to the run's size and channels
+    dataset: Component | None = field(default=None, metadata={"registry": "datasets", "default_name": None})
+    scores: list[Score] = field(default_factory=lambda: ["msp", "max_logit", "energy"])
+    worst_case: bool = False
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = opt(4 / 255, gt=0)
+    steps: int = opt(10, ge=1)
+
+    def validate(self) -> None:
+        if self.source == "dataset" and self.dataset is None:
+            raise ConfigError("source: dataset needs a 'dataset' section", key="dataset")
+        if self.source == "future" and self.dataset is not None:
+            raise ConfigError("'dataset' is only read with source: dataset", key="dataset")
+        if not self.scores:
+            raise ConfigError("list at least one score", key="scores")
+
+
+def auroc_fpr95(inside: np.ndarray, outside: np.ndarray) -> tuple[float, float]:
+    """AUROC (%) with in-distribution as positive, and the FPR (%) on OOD data at the
+    threshold that keeps 95% of in-distribution images."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
+    auroc = 100.0 * roc_auc_score(labels, np.r_[inside, outside])
+    threshold = np.percentile(inside, 5)
+    return float(auroc), float(100.0 * (outside >= threshold).mean())
+
+
+def to_run_format(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """Another dataset's [0, 1] images at the run's size and channel count."""
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if images.shape[1] == 3 and channels == 1:
+        images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    return images.clamp(0, 1)
+
+
+@PROBES.register("ood", config=OodConfig)
+class OodProbe(Probe):
+    """OOD detection: AUROC and FPR at 95% TPR of MSP, max-logit and energy scores.
+
+    ``worst_case: true`` adds the same after a PGD attack that raises the OOD images' score."""
+
+    default_samples = 500
+
+    def prepare(self, context: Any) -> None:
+        self.outside: torch.Tensor | None = None
+        if self.config.source != "dataset":
+            return
+        from ..data import build_dataset
+
+        spec = self.config.dataset
+        splits = build_dataset(spec.name, spec.config)  # its DataErrors name dataset.KEY
+        order = np.random.default_rng(context.seed).permutation(len(splits.test))[: self.num_samples]
+        images = torch.stack([splits.eval_transform(splits.test[int(i)][0]) for i in order])
+        self.outside = to_run_format(unnormalise(images, splits.mean, splits.std), context.image_size, context.channels)
+
+    def run(self, batch: ProbeBatch) -> ProbeResult:
+        outside = self.outside.to(batch.device) if self.outside is not None else batch.future_images
+        if outside is None:
+            return ProbeResult(scalars={}, details={"skipped": "no unseen classes left to serve as OOD data"})
+        inside_logits, outside_logits = batch.logits(batch.images), batch.logits(outside)
+        scalars: dict[str, float] = {}
+        details: dict[str, Any] = {"num_ood": len(outside), "source": self.config.source}
+        for name in self.config.scores:
+            score = SCORES[name]
+            inside = score(inside_logits).cpu().numpy()
+            auroc, fpr = auroc_fpr95(inside, score(outside_logits).cpu().numpy())
+            scalars[f"auroc/{name}"], scalars[f"fpr95/{name}"] = auroc, fpr
+            if self.config.worst_case:
+                seen = batch.num_seen_classes
+
+                def objective(logits: torch.Tensor, _: torch.Tensor, score=score) -> torch.Tensor:
+                    return score(logits[:, :seen])
+
+                dummy = torch.zeros(len(outside), dtype=torch.long, device=batch.device)
+                attacked = torch.cat([
+                    pgd(batch.model, x, y, eps=self.config.eps, norm=self.config.norm, steps=self.config.steps,
+                        generator=batch.generator, objective=objective)
+                    for x, y in zip(outside.split(batch.batch_size), dummy.split(batch.batch_size))])
+                auroc, fpr = auroc_fpr95(inside, score(batch.logits(attacked)).cpu().numpy())
+                scalars[f"worst_auroc/{name}"], scalars[f"worst_fpr95/{name}"] = auroc, fpr
+        if self.config.worst_case:
+            details["attack"] = {"norm": self.config.norm, "eps": self.config.eps, "steps": self.config.steps}
+        return ProbeResult(scalars=scalars, details=details)

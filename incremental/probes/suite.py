@@ -1,0 +1,77 @@
+"""The Avalanche plugin that runs the configured probes after every experience's evaluation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from ..config import Component, probe_labels
+from .base import PixelModel, Probe, ProbeBatch, ProbeData, build_probes, patch_grid, untouched
+
+
+class ProbeSuite(SupervisedPlugin):
+    """Runs the configured probes after the evaluation of every experience.
+
+    Attached after the compression plugins, so it probes the fp32 model even when the
+    evaluation used an int8 copy. Results of the last step: :attr:`last_results`,
+    :attr:`last_images`, :attr:`last_seconds`.
+    """
+
+    def __init__(self, specs: Sequence[Component], data: ProbeData, num_experiences: int,
+                 echo: Callable[[str], None] | None = None):
+        super().__init__()
+        self.labels = probe_labels(specs)
+        self.probes: list[Probe] = build_probes(specs, data)
+        self.data = data
+        self.num_experiences = num_experiences
+        self.echo = echo
+        self.last_results: dict[str, Any] = {}
+        self.last_images: dict[str, dict[str, np.ndarray]] = {}
+        self.last_seconds: dict[str, float] = {}
+
+    def after_eval(self, strategy: Any, **kwargs: Any) -> None:
+        step = strategy.clock.train_exp_counter - 1
+        if step >= 0:
+            self.run(strategy.model, step, strategy.device)
+
+    def due(self, step: int, probe: Probe) -> bool:
+        return (step + 1) % probe.options.every == 0 or step == self.num_experiences - 1
+
+    def run(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
+        """Probe ``model`` after experience ``step``; returns {label: result JSON or None}."""
+        self.last_results, self.last_images, self.last_seconds = {}, {}, {}
+        pixel_model = PixelModel(model, self.data.mean, self.data.std).to(device)
+        loaded: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        with untouched(model):
+            for position, (label, probe) in enumerate(zip(self.labels, self.probes)):
+                if not self.due(step, probe):
+                    self.last_results[label] = None
+                    continue
+                start = time.perf_counter()
+                limit = probe.num_samples
+                for future in (False, True):
+                    if (limit, future) not in loaded:
+                        loaded[(limit, future)] = self.data.load(self.data.indices(step, limit, future=future), device)
+                images, labels = loaded[(limit, False)]
+                future_images = loaded[(limit, True)][0]
+                generator = torch.Generator().manual_seed(self.data.seed * 1_000_003 + step * 1009 + position)
+                batch = ProbeBatch(images=images, labels=labels, model=pixel_model, generator=generator,
+                                   batch_size=probe.options.batch_size, step=step,
+                                   num_seen_classes=self.data.seen_classes(step), patch_grid=patch_grid(model),
+                                   future_images=future_images if len(future_images) else None)
+                result = probe.run(batch)
+                seconds = time.perf_counter() - start
+                self.last_results[label] = {**result.to_json(), "num_samples": len(images), "time_s": seconds}
+                self.last_images[label] = result.images
+                self.last_seconds[label] = seconds
+                if self.echo is not None:
+                    summary = ", ".join(f"{k} {v:.2f}" for k, v in list(result.scalars.items())[:4] if v is not None)
+                    self.echo(f"  probe {label}: {summary} ({seconds:.1f}s)")
+        return self.last_results
+
+
