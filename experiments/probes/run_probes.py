@@ -89,7 +89,7 @@ def report(out: Path, seeds: list[int], command: str) -> str:
     if suite:
         lines += ["", "## The default suite", "",
                   f"`incremental run {DEFAULT_SUITE}`: the default protocol with `probes: [corruptions, masking, "
-                  "ood]` at their default options (30, 100 and 500 images). Probe time per step against the "
+                  "ood]` at their default options (20, 100 and 500 images). Probe time per step against the "
                   "step's training time (target: at most 20%):", "",
                   "| step | train s | " + " | ".join(f"{p} s" for p in suite[0]["probes"]) + " | probes / train |",
                   "|---|---:|" + "---:|" * (len(suite[0]["probes"]) + 1)]

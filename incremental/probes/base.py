@@ -201,8 +201,8 @@ def unnormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def render_heat_map(grid: np.ndarray, title: str, *, vmin: float | None = None, vmax: float | None = None,
-                    cmap: str = "viridis", colorbar_label: str = "", axis_labels: tuple[str, str] = ("", "")
-                    ) -> np.ndarray:
+                    cmap: str = "viridis", colorbar_label: str = "", axis_labels: tuple[str, str] = ("", ""),
+                    extent: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """A 2-D array as a heat map image, HxWx3 uint8 (off-screen matplotlib)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -210,7 +210,7 @@ def render_heat_map(grid: np.ndarray, title: str, *, vmin: float | None = None, 
     fig = Figure(figsize=(4.2, 3.6), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.subplots()
-    image = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap)
+    image = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, extent=extent)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])

@@ -69,7 +69,14 @@ class FourierProbe(Probe):
             values = error[where & ~np.isnan(error)]
             if values.size:
                 scalars[f"error/{band}"] = float(values.mean())
-        image = render_heat_map(error, f"error (%) under Fourier noise, eps {eps:g}, step {batch.step}",
-                                vmin=0, vmax=100, cmap="jet", axis_labels=("horizontal frequency", "vertical frequency"))
-        grid = [[None if np.isnan(v) else round(float(v), 2) for v in row] for row in error]
-        return ProbeResult(scalars=scalars, details={"eps": eps, "error_map": grid}, images={"error_map": image})
+        stride = self.config.stride
+        probed = error[::stride, ::stride]  # the frequencies actually probed
+        rows = [r - h // 2 for r in range(0, h, stride)]
+        cols = [c - w // 2 for c in range(0, w, stride)]
+        image = render_heat_map(probed, f"error (%) under Fourier noise, eps {eps:g}, step {batch.step}",
+                                vmin=0, vmax=100, cmap="jet", axis_labels=("horizontal frequency", "vertical frequency"),
+                                extent=(cols[0] - stride / 2, cols[-1] + stride / 2, rows[-1] + stride / 2,
+                                        rows[0] - stride / 2))
+        grid = [[round(float(v), 2) for v in row] for row in probed]
+        return ProbeResult(scalars=scalars, details={"eps": eps, "error_map": grid, "row_frequencies": rows,
+                                                     "col_frequencies": cols}, images={"error_map": image})
