@@ -101,6 +101,16 @@ def test_corrupt_keeps_shape_range_and_grows_with_severity(name):
         assert torch.equal(again, results[1])  # a seed fixes the corruption
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_corrupt_on_the_gpu_matches_the_cpu(name):
+    images = _test_images(4, 32)
+    on_cpu = corrupt(images, name, 3, generator=torch.Generator().manual_seed(2))
+    on_gpu = corrupt(images.cuda(), name, 3, generator=torch.Generator().manual_seed(2))
+    assert on_gpu.is_cuda
+    assert (on_gpu.cpu() - on_cpu).abs().mean() < 1e-3  # the same random draws, float rounding apart
+
+
 def test_corrupt_rejects_bad_arguments():
     images = torch.rand(2, 3, 16, 16)
     with pytest.raises(ValueError, match="did you mean 'gaussian_noise'"):
@@ -228,8 +238,9 @@ def _spec(name: str, **options) -> Component:
 
 @pytest.fixture(scope="module")
 def digits_setup():
+    # The conv stem has batch norms: probing in train mode would move their running statistics.
     cfg, _ = load_config("digits_b0_5steps", ["dataset.image_size=16", "backbone.embed_dim=32", "backbone.depth=1",
-                                              "backbone.num_heads=2"])
+                                              "backbone.num_heads=2", "backbone.stem=conv"])
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     torch.manual_seed(0)
@@ -392,6 +403,23 @@ def test_digits_run_with_every_probe_writes_metrics_tensorboard_and_reprobes(wri
     assert again["probes"]["corruptions"]["mce"] == pytest.approx(100.0)
     assert (tmp_path / "again-corruptions-accuracy.png").is_file()
     assert first["summary"]["clean_accuracy"] >= 0
+
+
+def test_probes_do_not_change_training(tiny_config, tmp_path):
+    """The same seed with and without probes gives the same losses and accuracy matrix."""
+    common = ["--quiet", "--set", "training.epochs=2", "--set", "output.tensorboard=false"]
+    probes = "probes=[{name: masking, num_samples: 16}, {name: ood, num_samples: 16, worst_case: true, steps: 2}]"
+    assert main(["run", str(tiny_config), "--out", str(tmp_path / "plain"), *common]) == 0
+    assert main(["run", str(tiny_config), "--out", str(tmp_path / "probed"), *common, "--set", probes]) == 0
+    plain, probed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "probed"))
+    assert probed["probes"]["masking"][-1]["summary"] and not plain["probes"]
+    for key in ("accuracy_matrix", "train_loss_per_epoch", "prediction_matrix"):
+        assert probed[key] == plain[key], key
+    from safetensors.torch import load_file
+
+    weights = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "probed")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # running statistics included
 
 
 def test_probe_command_errors(tmp_path, tiny_config, capsys):
