@@ -124,7 +124,10 @@ def plot(out: Path, seeds: list[int]) -> list[Path]:
             series = [[m["accuracy"][s] if key is None else value(m, label, key, s) for m in runs] for s in steps]
             means = [statistics.mean(v for v in vals if v is not None) if any(v is not None for v in vals)
                      else float("nan") for vals in series]
+            if all(m != m for m in means):  # NaN throughout: the probe does not apply (patch drop on a CNN)
+                continue
             ax.plot(list(steps), means, marker="o", label=name)
+            ax.set_xticks(list(steps))
         ax.set_xlabel("after experience")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
