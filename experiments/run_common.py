@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from incremental.compare import format_mean_std as mean_std  # noqa: F401 - the scripts' table cells
 
 
 def is_complete(path: Path, marker: str = "metrics.json") -> bool:
@@ -33,16 +34,6 @@ def run_incremental(command: str, config: Path, path: Path, *overrides: str, mar
     if result.returncode:
         return f"FAILED {path}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
     return f"done {path}"
-
-
-def mean_std(values: list[float | None]) -> str:
-    """``mean ± std`` over the values that exist (``-`` if none; one value as it is)."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    if len(present) == 1:
-        return f"{present[0]:.2f}"
-    return f"{statistics.mean(present):.2f} ± {statistics.stdev(present):.2f}"
 
 
 def kept_reading(results: Path) -> str:

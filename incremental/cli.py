@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", metavar="FILE", help="results file (default: RUN_DIR/probes.json)")
     probe.add_argument("--quiet", "-q", action="store_true", help="print nothing")
 
+    cmp_ = sub.add_parser("compare", help="table of runs (mean ± std over seeds), report.md and plots")
+    cmp_.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="directories written by `incremental run`")
+    cmp_.add_argument("--group-by", action="append", default=[], metavar="KEY.PATH",
+                      help="group runs by this config key (repeatable); default: runs that differ only in "
+                      "their seed form one group")
+    cmp_.add_argument("--out", metavar="DIR", default="comparison", help="where report.md and the plots go")
+
     check = sub.add_parser("check", help="validate a config and print it resolved")
     add_config_args(check)
     check.add_argument("--no-data", action="store_true", help="skip loading the dataset and splitting classes")
@@ -105,6 +112,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory", key="RUN_DIR")
     probe_run(run_dir, args.overrides, Path(args.out).expanduser() if args.out else None, quiet=args.quiet)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    out = Path(args.out).expanduser()
+    table = compare([Path(p).expanduser() for p in args.run_dirs], out, args.group_by)
+    print(table)
+    print(f"\nwrote {out / 'report.md'}")
     return 0
 
 
@@ -184,8 +201,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "probe": _cmd_probe, "check": _cmd_check,
-            "list": _cmd_list}
+COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "probe": _cmd_probe, "compare": _cmd_compare,
+            "check": _cmd_check, "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,277 @@
+"""``incremental compare RUN_DIR...``: one table (and report.md with plots) over runs.
+
+Runs whose resolved configs differ only in the seed (``seed``, ``protocol.order_seed``) and
+in bookkeeping (``name``, ``description``, ``output``) form one group, reported as mean ±
+standard deviation over its runs; ``--group-by KEY`` groups by the value of config keys
+instead. A group is labelled by the config values that tell it apart from the others.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UserError
+
+# Config keys that do not make a different method: seeds, bookkeeping and the (read-only) probes.
+IGNORED_KEYS = ("seed", "protocol.order_seed", "name", "description", "probes")
+IGNORED_PREFIXES = ("output.",)
+
+# (column, how to read it from metrics.json) for the summary table
+SUMMARY_COLUMNS: list[tuple[str, Any]] = [
+    ("avg inc acc", lambda m: m.get("average_incremental_accuracy")),
+    ("last acc", lambda m: m.get("last_accuracy")),
+    ("forgetting", lambda m: (m.get("forgetting") or {}).get("mean")),
+    ("bwt", lambda m: (m.get("bwt") or {}).get("final")),
+]
+# Probe summaries shown when present: (label, summary key, column), at the last probed step.
+PROBE_COLUMNS = [
+    ("corruptions", "mean_accuracy", "corrupted acc"),
+    ("corruptions", "mce", "mCE"),
+    ("masking", "cutout/0.2", "CutOut 20%"),
+    ("adversarial", "linf/0.007843", "PGD L-inf 2/255"),
+    ("ood", "auroc/max_logit", "OOD AUROC"),
+]
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def flat_config(self) -> dict[str, Any]:
+        return flatten(self.config)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values; lists stay values (a class order, a probe list)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def load_run(path: Path) -> Run:
+    """A run directory's metrics.json and config.yaml; a one-line error when either is unusable."""
+    if not path.is_dir():
+        raise UserError(f"{path} is not a run directory", key="RUN_DIR")
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{path} has no {Path(exc.filename).name}; is it a run directory?", key="RUN_DIR") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: unreadable run files ({type(exc).__name__})", key="RUN_DIR") from None
+    if not isinstance(metrics, dict) or "accuracy_matrix" not in metrics or not isinstance(config, dict):
+        raise UserError(f"{path}: metrics.json or config.yaml is not a run's", key="RUN_DIR")
+    return Run(path, metrics, config)
+
+
+def _method_key(run: Run) -> tuple[tuple[str, str], ...]:
+    items = {k: v for k, v in run.flat_config.items()
+             if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in items.items()))
+
+
+def group_runs(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[Group]:
+    """Groups in first-seen order, labelled by the keys whose values differ between groups."""
+    if group_by:
+        for key in group_by:
+            if not any(key in run.flat_config for run in runs):
+                from .errors import did_you_mean
+
+                keys = sorted({k for run in runs for k in run.flat_config})
+                raise UserError(f"no run has config key {key!r}{did_you_mean(key, keys)}", key="--group-by")
+        keyed = [(tuple((k, json.dumps(run.flat_config.get(k), sort_keys=True)) for k in group_by), run)
+                 for run in runs]
+    else:
+        keyed = [(_method_key(run), run) for run in runs]
+    order: dict[Any, list[Run]] = {}
+    for key, run in keyed:
+        order.setdefault(key, []).append(run)
+    keys = [dict(key) for key in order]
+    differing = sorted({k for key in keys for k, v in key.items() if any(other.get(k) != v for other in keys)})
+    groups = []
+    for key, members in zip(keys, order.values()):
+        shown = [k for k in differing if k in key and _tells_apart(k, key, keys, differing)]
+        label = ", ".join(f"{k}={_short(json.loads(key[k]))}" for k in shown) \
+            or members[0].metrics.get("name", str(members[0].path))
+        groups.append(Group(label, members))
+    return groups
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tells_apart(k: str, key: dict[str, str], keys: list[dict[str, str]], differing: list[str]) -> bool:
+    """Whether option ``k`` belongs in a group's label. Under a section whose component
+    ``name`` differs between groups (``backbone.name``), an option is shown only if it also
+    differs between the groups that chose the same component (the conv stem of two ViTs)."""
+    section = k.rsplit(".", 1)[0] if "." in k else ""
+    name_key = f"{section}.name"
+    if not section or k == name_key or name_key not in differing:
+        return True
+    same_component = [other for other in keys if other.get(name_key) == key.get(name_key)]
+    return any(other.get(k) != key[k] for other in same_component)
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.mean(present), (statistics.stdev(present) if len(present) > 1 else None)
+
+
+def format_mean_std(values: Sequence[float | None]) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def last_probe_value(metrics: dict[str, Any], label: str, key: str) -> float | None:
+    for result in reversed((metrics.get("probes") or {}).get(label) or []):
+        if result and key in (result.get("summary") or {}):
+            return result["summary"][key]
+    return None
+
+
+def table_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    """The summary table: one row per group, mean ± std over its runs."""
+    probe_columns = [c for c in PROBE_COLUMNS
+                     if any(last_probe_value(r.metrics, c[0], c[1]) is not None for g in groups for r in g.runs)]
+    header = ["method", "runs", *(c[0] for c in SUMMARY_COLUMNS), *(c[2] for c in probe_columns)]
+    rows = []
+    for group in groups:
+        row = [group.label, str(len(group.runs))]
+        row += [format_mean_std([read(r.metrics) for r in group.runs]) for _, read in SUMMARY_COLUMNS]
+        row += [format_mean_std([last_probe_value(r.metrics, label, key) for r in group.runs])
+                for label, key, _ in probe_columns]
+        rows.append(row)
+    return header, rows
+
+
+def format_text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    return "\n".join(lines)
+
+
+def format_markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def per_step(groups: Sequence[Group], read: Any) -> list[tuple[str, list[float], list[float]]]:
+    """(label, mean, std) per experience of a per-step series, for each group."""
+    series = []
+    for group in groups:
+        values = [read(r.metrics) or [] for r in group.runs]
+        length = max((len(v) for v in values), default=0)
+        means, stds = [], []
+        for step in range(length):
+            mean, std = mean_std([v[step] if step < len(v) else None for v in values])
+            means.append(float("nan") if mean is None else mean)
+            stds.append(0.0 if std is None else std)
+        series.append((group.label, means, stds))
+    return series
+
+
+def plot_curves(groups: Sequence[Group], read: Any, title: str, path: Path) -> int:
+    """Overlaid per-step curves (mean with a ± std band); returns the number of series drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = 0
+    for label, means, stds in per_step(groups, read):
+        if not means or all(m != m for m in means):
+            continue
+        steps = list(range(len(means)))
+        ax.plot(steps, means, marker="o", label=label)
+        ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        drawn += 1
+    ax.set_xlabel("after experience")
+    ax.set_title(title, fontsize=10)
+    if drawn:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return drawn
+
+
+def mean_matrix(group: Group) -> list[list[float]]:
+    rows = min(len(r.metrics["accuracy_matrix"]) for r in group.runs)
+    return [[statistics.mean(r.metrics["accuracy_matrix"][i][j] for r in group.runs) for j in range(i + 1)]
+            for i in range(rows)]
+
+
+def compare(paths: Sequence[Path], out: Path, group_by: Sequence[str] = ()) -> str:
+    """Writes ``out/report.md`` and PNG plots; returns the text table."""
+    with warnings.catch_warnings():
+        return _compare(paths, out, group_by)
+
+
+def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
+    from PIL import Image
+
+    from .tensorboard import render_accuracy_matrix
+
+    if not paths:
+        raise UserError("name at least one run directory", key="RUN_DIR")
+    runs = [load_run(p) for p in paths]
+    groups = group_runs(runs, group_by)
+    header, rows = table_rows(groups)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to {out}: {exc.strerror or exc}", key="--out") from None
+    plots = [("accuracy.png", lambda m: m.get("accuracy"), "accuracy on seen classes (%)"),
+             ("forgetting.png", lambda m: (m.get("forgetting") or {}).get("per_step"), "forgetting (max-based, %)")]
+    for label, key, title in PROBE_COLUMNS:
+        plots.append((f"probe_{label}_{key.replace('/', '_')}.png",
+                      lambda m, label=label, key=key: [None if r is None else (r.get("summary") or {}).get(key)
+                                                       for r in (m.get("probes") or {}).get(label) or []],
+                      f"{title} per experience"))
+    written = []
+    warnings.filterwarnings("ignore", message=".*[Tt]ight.?layout")  # long legends; the plot is still drawn
+    for name, read, title in plots:
+        if plot_curves(groups, read, title, out / name):
+            written.append(name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    for index, group in enumerate(groups):
+        name = f"accuracy_matrix_{index}.png"
+        Image.fromarray(render_accuracy_matrix(mean_matrix(group), f"{group.label} (mean of {len(group.runs)})")).save(out / name)
+        written.append(name)
+    lines = ["# Comparison", "", f"{len(runs)} runs in {len(groups)} groups; mean ± std over the runs of a group.",
+             "Forgetting is max-based (PyCIL, FACIL); BWT as Lopez-Paz and Ranzato; probe columns at the last "
+             "probed step.", "", format_markdown_table(header, rows), "", "## Runs", ""]
+    lines += [f"- {group.label}: " + ", ".join(f"`{r.path}`" for r in group.runs) for group in groups]
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return format_text_table(header, rows)

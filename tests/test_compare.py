@@ -1,0 +1,103 @@
+"""`incremental compare`: groups over seeds, the table's numbers against metrics.json, and
+the plots (files and number of series)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from incremental.cli import main
+from incremental.compare import compare, group_runs, load_run, plot_curves
+from incremental.config import dump_yaml, load_config
+from incremental.metrics import summarize
+
+
+def write_run(root: Path, name: str, seed: int, strategy: str, matrix: list[list[float]],
+              probes: dict | None = None) -> Path:
+    """A run directory as `incremental run` writes it: the resolved config and metrics.json."""
+    cfg, _ = load_config("digits_b0_5steps", [f"seed={seed}", f"protocol.order_seed={seed}", f"strategy={strategy}"])
+    path = root / name
+    path.mkdir()
+    (path / "config.yaml").write_text(dump_yaml(cfg))
+    metrics = {"name": "digits_b0_5steps", "seed": seed, "status": "complete",
+               **summarize(matrix, [90] * len(matrix)), "probes": probes or {}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+MATRICES = {
+    ("replay", 0): [[100.0], [90.0, 98.0], [85.0, 90.0, 96.0]],
+    ("replay", 1): [[98.0], [94.0, 96.0], [80.0, 92.0, 94.0]],
+    ("finetune", 0): [[100.0], [10.0, 99.0], [0.0, 5.0, 99.0]],
+    ("finetune", 1): [[99.0], [20.0, 97.0], [5.0, 0.0, 98.0]],
+}
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    probes = {"corruptions": [{"summary": {"mean_accuracy": 70.0}}, None, {"summary": {"mean_accuracy": 60.0}}]}
+    return [write_run(tmp_path, f"{strategy}-{seed}", seed, strategy, matrix, probes if strategy == "replay" else None)
+            for (strategy, seed), matrix in MATRICES.items()]
+
+
+def test_runs_differing_only_in_seed_form_one_group(runs):
+    groups = group_runs([load_run(p) for p in runs])
+    assert [g.label for g in groups] == ["strategy.name=replay", "strategy.name=finetune"]
+    assert [len(g.runs) for g in groups] == [2, 2]
+    by_seed = group_runs([load_run(p) for p in runs], ["seed"])
+    assert [g.label for g in by_seed] == ["seed=0", "seed=1"]
+
+
+def test_table_numbers_come_from_metrics_json(runs, tmp_path, capsys):
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    for strategy in ("replay", "finetune"):
+        metrics = [json.loads((p / "metrics.json").read_text()) for p in runs if p.name.startswith(strategy)]
+        row = next(line for line in printed.splitlines() if line.startswith(f"strategy.name={strategy}"))
+        for value in (statistics.mean(m["average_incremental_accuracy"] for m in metrics),
+                      statistics.stdev(m["average_incremental_accuracy"] for m in metrics),
+                      statistics.mean(m["forgetting"]["mean"] for m in metrics),
+                      statistics.mean(m["bwt"]["final"] for m in metrics)):
+            assert f"{value:.2f}" in row, (value, row)
+    replay_row = next(line for line in printed.splitlines() if line.startswith("strategy.name=replay"))
+    assert "60.00" in replay_row  # the corruption probe at its last probed step
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| strategy.name=replay | 2 |" in report
+
+
+def test_plots_have_one_series_per_group(runs, tmp_path):
+    out = tmp_path / "cmp"
+    compare(runs, out)
+    files = {p.name for p in out.iterdir()}
+    assert {"report.md", "accuracy.png", "forgetting.png", "accuracy_matrix_0.png", "accuracy_matrix_1.png",
+            "probe_corruptions_mean_accuracy.png"} <= files
+    assert "probe_ood_auroc_max_logit.png" not in files  # no run has that probe
+    groups = group_runs([load_run(p) for p in runs])
+    assert plot_curves(groups, lambda m: m["accuracy"], "accuracy", tmp_path / "a.png") == 2
+    assert plot_curves(groups, lambda m: (m.get("probes") or {}).get("corruptions") and
+                       [r and r["summary"]["mean_accuracy"] for r in m["probes"]["corruptions"]],
+                       "probe", tmp_path / "b.png") == 1
+
+
+def test_compare_errors_are_one_line(runs, tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "RUN_DIR: " in capsys.readouterr().err
+    (runs[0] / "metrics.json").write_text("{not json")
+    assert main(["compare", str(runs[0])]) == 2
+    assert "unreadable run files" in capsys.readouterr().err
+    assert main(["compare", str(runs[1]), "--group-by", "strategy.nmae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("--group-by: ") and "did you mean 'strategy.name'" in err and len(err.splitlines()) == 1
+
+
+def test_a_real_run_compares(tiny_config, tmp_path, capsys):
+    run_dir = tmp_path / "real"
+    assert main(["run", str(tiny_config), "--quiet", "--out", str(run_dir), "--set", "training.epochs=1"]) == 0
+    assert main(["compare", str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"{metrics['last_accuracy']:.2f}" in capsys.readouterr().out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 3
