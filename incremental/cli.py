@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", metavar="FILE", help="results file (default: RUN_DIR/probes.json)")
     probe.add_argument("--quiet", "-q", action="store_true", help="print nothing")
 
+    sweep = sub.add_parser("sweep", help="run a config over seeds and value grids (complete runs are kept), "
+                           "then compare them")
+    add_config_args(sweep)
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="run seeds (default: 0)")
+    sweep.add_argument("--out", metavar="DIR", help="sweep directory (default: OUTPUT_ROOT/NAME-sweep)")
+    sweep.add_argument("--quiet", "-q", action="store_true", help="only the final table")
+    sweep.epilog = "A --set with comma-separated values (--set strategy=replay,finetune) is a grid axis."
+
     cmp_ = sub.add_parser("compare", help="table of runs (mean ± std over seeds), report.md and plots")
     cmp_.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="directories written by `incremental run`")
     cmp_.add_argument("--group-by", action="append", default=[], metavar="KEY.PATH",
@@ -112,6 +120,23 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory", key="RUN_DIR")
     probe_run(run_dir, args.overrides, Path(args.out).expanduser() if args.out else None, quiet=args.quiet)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .sweep import sweep
+
+    out = Path(args.out).expanduser() if args.out else None
+    echo = (lambda _: None) if args.quiet else print
+    try:
+        run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo)
+    except KeyboardInterrupt:
+        print("interrupted; complete runs are kept and skipped when the sweep is started again", file=sys.stderr)
+        return 130
+    report_dir = run_dirs[0].parent / "comparison"
+    print(compare(run_dirs, report_dir))
+    print(f"\nwrote {report_dir / 'report.md'}")
     return 0
 
 
@@ -201,7 +226,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "probe": _cmd_probe, "compare": _cmd_compare,
+COMMANDS = {"run": _cmd_run, "pretrain-mae": _cmd_pretrain_mae, "probe": _cmd_probe, "sweep": _cmd_sweep,
+            "compare": _cmd_compare,
             "check": _cmd_check, "list": _cmd_list}
 
 

@@ -207,8 +207,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     results.backbone_report = model.build_report
     writer = None
     if cfg.output.tensorboard:
-        from .tensorboard import TensorBoardWriter
-        writer = TensorBoardWriter(run_dir)
+        from .tensorboard import TensorBoardWriter, run_hparams
+        writer = TensorBoardWriter(run_dir, run_hparams(cfg))
     if not quiet:
         echo(f"run {cfg.name}: {cfg.dataset.name}, {class_split.num_experiences} experiences "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "

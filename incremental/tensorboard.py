@@ -5,7 +5,9 @@ Tags (all accuracies in percent):
 (max-based mean), ``cil/bwt``, ``cil/accuracy_old``, ``cil/accuracy_new``,
 ``accuracy_per_experience/exp_XX``, ``train/loss``, ``time/train_s``, ``time/eval_s``, and
 the image ``cil/accuracy_matrix``; probes add ``probes/LABEL/KEY`` scalars and
-``probes/LABEL/IMAGE`` heat maps. Point ``tensorboard --logdir`` at the folder holding
+``probes/LABEL/IMAGE`` heat maps. A custom-scalars layout puts each metric of every run in
+one chart, and the HParams tab filters runs by strategy, backbone, seed and the main
+training settings. Point ``tensorboard --logdir`` at the folder holding
 several run directories to overlay them.
 """
 
@@ -48,11 +50,50 @@ def render_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str = "") -
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+# Custom-scalars layout: one chart per metric with every run's curve in it, whichever runs
+# TensorBoard is pointed at (the regexes match the tags of all runs).
+LAYOUT = {
+    "incremental": {
+        "accuracy on seen classes": ["Multiline", [r"^cil/accuracy$"]],
+        "average incremental accuracy": ["Multiline", [r"^cil/average_incremental_accuracy$"]],
+        "forgetting (max-based)": ["Multiline", [r"^cil/forgetting$"]],
+        "backward transfer": ["Multiline", [r"^cil/bwt$"]],
+        "old and new classes": ["Multiline", [r"^cil/accuracy_old$", r"^cil/accuracy_new$"]],
+    },
+    "probes": {
+        "corrupted accuracy": ["Multiline", [r"^probes/.*/mean_accuracy$"]],
+        "occlusion": ["Multiline", [r"^probes/.*/(cutout|patch_drop)/"]],
+        "adversarial accuracy": ["Multiline", [r"^probes/.*/(linf|l2)/"]],
+        "OOD AUROC": ["Multiline", [r"^probes/.*/(worst_)?auroc/"]],
+    },
+}
+HPARAM_METRICS = ("cil/average_incremental_accuracy", "cil/accuracy", "cil/forgetting", "cil/bwt")
+
+
+def run_hparams(cfg: Any) -> dict[str, Any]:
+    """What TensorBoard's HParams tab filters runs by."""
+    memory = cfg.protocol.memory
+    values = {"strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
+              "seed": cfg.seed, "lr": cfg.training.optimizer.lr, "optimizer": cfg.training.optimizer.name,
+              "epochs": cfg.training.epochs, "batch_size": cfg.training.batch_size,
+              "memory": memory.total if memory.total is not None else (memory.per_class or 0),
+              "initial_classes": cfg.protocol.initial_classes, "name": cfg.name or ""}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
 class TensorBoardWriter:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, hparams: dict[str, Any] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer.add_custom_scalars(LAYOUT)
+        if hparams:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            # Written into this run's own event file (SummaryWriter.add_hparams would open a
+            # second run): the HParams tab reads the metric tags' values from this run.
+            for summary in hparams_summary(hparams, {tag: 0.0 for tag in HPARAM_METRICS}):
+                self.writer.file_writer.add_summary(summary)
 
     def log_step(self, step: int, metrics: dict[str, Any], step_info: dict[str, Any]) -> None:
         values = {

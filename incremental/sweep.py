@@ -1,0 +1,112 @@
+"""``incremental sweep CONFIG --seeds 0 1 2 [--set key=v1,v2 ...]``: a config over seeds and
+value grids, one run directory per combination, runs already complete skipped.
+
+A ``--set`` whose value lists several values separated by top-level commas
+(``strategy=replay,finetune``; commas inside ``[...]`` or ``{...}`` do not split) is a grid
+axis; the runs are the product of every axis and the seeds. All the combinations are
+validated before the first run starts. Run directories are named after the axis values and
+the seed, under ``--out`` (default: ``OUTPUT_ROOT/NAME-sweep``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b`` -> [a, b]; commas inside brackets, braces or quotes stay."""
+    parts, depth, quote, current = [], 0, "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def grid(overrides: Sequence[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Fixed overrides, and (key, values) axes for those listing several values."""
+    fixed, axes = [], []
+    for override in overrides:
+        if "=" not in override:
+            raise UserError(f"expected KEY.PATH=VALUE[,VALUE...], got {override!r}", key="--set")
+        key, value = override.split("=", 1)
+        values = split_values(value)
+        if len(values) > 1:
+            axes.append((key.strip(), values))
+        else:
+            fixed.append(override)
+    return fixed, axes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")[:40] or "x"
+
+
+def is_complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["status"] == "complete"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None
+         ) -> tuple[Path, list[tuple[Path, Any, Any]]]:
+    """The sweep root and (run directory, config, source) of every run, all validated."""
+    from .config import load_config
+
+    fixed, axes = grid(overrides)
+    runs = []
+    root = out
+    for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
+        for seed in seeds:
+            assignment = [f"{key}={value}" for (key, _), value in zip(axes, values)]
+            cfg, source = load_config(config, [*fixed, *assignment, f"seed={seed}"])
+            if root is None:
+                root = Path(cfg.output.root) / f"{cfg.name}-sweep"
+            parts = [_slug(f"{key.rsplit('.', 1)[-1]}={value}") for (key, _), value in zip(axes, values)]
+            runs.append((root / "-".join([*parts, f"seed{seed}"]), cfg, source))
+    if root is None:
+        raise UserError("no seeds given", key="--seeds")
+    return root, runs
+
+
+def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
+          quiet: bool = False, echo: Callable[[str], None] = print) -> list[Path]:
+    """Run every combination not yet complete; returns the run directories in order."""
+    from .runner import run
+
+    root, runs = plan(config, seeds, overrides, out)
+    echo(f"sweep: {len(runs)} runs under {root}")
+    for index, (run_dir, cfg, source) in enumerate(runs, 1):
+        if is_complete(run_dir):
+            echo(f"[{index}/{len(runs)}] kept {run_dir} (complete)")
+            continue
+        if run_dir.exists():  # an unfinished attempt: start it again
+            shutil.rmtree(run_dir)
+        echo(f"[{index}/{len(runs)}] running {run_dir}")
+        try:
+            metrics = run(cfg, run_dir, quiet=True)
+        except UserError as exc:
+            raise source.attribute(exc)
+        if not quiet:
+            echo(f"    average incremental accuracy {metrics['average_incremental_accuracy']:.2f}, "
+                 f"last {metrics['last_accuracy']:.2f}")
+    return [run_dir for run_dir, _, _ in runs]
