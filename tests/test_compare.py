@@ -101,3 +101,60 @@ def test_a_real_run_compares(tiny_config, tmp_path, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert f"{metrics['last_accuracy']:.2f}" in capsys.readouterr().out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 3
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def test_sweep_values_split_on_top_level_commas():
+    from incremental.sweep import grid, split_values
+
+    assert split_values("replay,finetune") == ["replay", "finetune"]
+    assert split_values("[1, 2],{a: 1, b: 2}") == ["[1, 2]", "{a: 1, b: 2}"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    fixed, axes = grid(["training.epochs=1", "strategy=replay,finetune", "training.optimizer.lr=0.1,0.01"])
+    assert fixed == ["training.epochs=1"]
+    assert axes == [("strategy", ["replay", "finetune"]), ("training.optimizer.lr", ["0.1", "0.01"])]
+
+
+def test_sweep_runs_the_grid_keeps_complete_runs_and_compares(tiny_config, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tmp_path / "sweep"
+    args = ["sweep", str(tiny_config), "--seeds", "0", "1", "--set", "strategy=replay,finetune",
+            "--set", "training.epochs=1", "--out", str(out)]
+    assert main(args) == 0
+    names = sorted(p.name for p in out.iterdir() if p.name != "comparison")
+    assert names == ["strategy=finetune-seed0", "strategy=finetune-seed1", "strategy=replay-seed0",
+                     "strategy=replay-seed1"]
+    printed = capsys.readouterr().out
+    assert "strategy.name=replay       2" in printed and (out / "comparison" / "report.md").is_file()
+    seeds = {json.loads((out / n / "metrics.json").read_text())["seed"] for n in names}
+    assert seeds == {0, 1}
+
+    # Again: complete runs are kept, an unfinished one is run again.
+    stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
+    (out / "strategy=replay-seed1" / "metrics.json").write_text('{"status": "failed"}')
+    assert main(args) == 0
+    assert "kept" in capsys.readouterr().out
+    for n in names:
+        changed = (out / n / "metrics.json").stat().st_mtime_ns != stamps[n]
+        assert changed == (n == "strategy=replay-seed1"), n
+    assert json.loads((out / "strategy=replay-seed1" / "metrics.json").read_text())["status"] == "complete"
+
+    # TensorBoard: the custom-scalars layout and the hparams of the run.
+    events = EventAccumulator(str(out / "strategy=finetune-seed1"))
+    events.Reload()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["strategy"].string_value == "finetune" and start.hparams["seed"].number_value == 1
+
+
+def test_sweep_validates_every_combination_before_running(tiny_config, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(tiny_config), "--seeds", "0", "--set", "strategy=replay,replai", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "strategy.name: unknown strategy 'replai'" in err and len(err.splitlines()) == 1
+    assert not out.exists()
