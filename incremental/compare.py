@@ -243,7 +243,12 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
 
     if not paths:
         raise UserError("name at least one run directory", key="RUN_DIR")
-    runs = [load_run(p) for p in paths]
+    loaded = [load_run(p) for p in paths]
+    # Unfinished runs would mix last-step numbers of different steps into one mean.
+    runs = [r for r in loaded if r.metrics.get("status") == "complete"]
+    skipped = [r for r in loaded if r.metrics.get("status") != "complete"]
+    if not runs:
+        raise UserError(f"none of the {len(loaded)} runs is complete (status in metrics.json)", key="RUN_DIR")
     groups = group_runs(runs, group_by)
     header, rows = table_rows(groups)
     try:
@@ -272,6 +277,11 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
              "Forgetting is max-based (PyCIL, FACIL); BWT as Lopez-Paz and Ranzato; probe columns at the last "
              "probed step.", "", format_markdown_table(header, rows), "", "## Runs", ""]
     lines += [f"- {group.label}: " + ", ".join(f"`{r.path}`" for r in group.runs) for group in groups]
+    if skipped:
+        lines += ["", "Left out (not complete): " + ", ".join(f"`{r.path}` ({r.metrics.get('status')})" for r in skipped)]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return format_text_table(header, rows)
+    table = format_text_table(header, rows)
+    if skipped:
+        table += f"\n(left out {len(skipped)} runs that are not complete: {', '.join(str(r.path) for r in skipped)})"
+    return table

@@ -83,6 +83,16 @@ def test_plots_have_one_series_per_group(runs, tmp_path):
                        "probe", tmp_path / "b.png") == 1
 
 
+def test_incomplete_runs_are_left_out(runs, tmp_path, capsys):
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    (runs[0] / "metrics.json").write_text(json.dumps({**metrics, "status": "failed"}))
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "strategy.name=replay       1" in printed and "left out 1 runs" in printed
+    assert main(["compare", str(runs[0])]) == 2
+    assert "none of the 1 runs is complete" in capsys.readouterr().err
+
+
 def test_compare_errors_are_one_line(runs, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert "RUN_DIR: " in capsys.readouterr().err
