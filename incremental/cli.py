@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                        "or a path to a YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a config value (YAML syntax), e.g. --set training.epochs=5; repeatable")
+        add_plugin_arg(p)
+
+    def add_plugin_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="PATH_OR_MODULE",
+                       help="a .py file or module that registers your own strategies, backbones, probes or "
+                       "datasets (imported first); repeatable")
 
     run = sub.add_parser("run", help="run a class-incremental protocol")
     add_config_args(run)
@@ -76,14 +82,25 @@ def _parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list protocols and registered components")
     lst.add_argument("kind", nargs="?", choices=LIST_KINDS, help="what to list (default: everything)")
+    add_plugin_arg(lst)
     return parser
+
+
+def _import_cli_plugins(args: argparse.Namespace) -> list[str]:
+    """Import the ``--plugin`` files and modules (relative to the current folder)."""
+    from .extensions import load_plugin
+
+    from .registry import load_builtins
+
+    load_builtins()  # first, so a plugin that reuses a built-in name is the one named in the error
+    return [load_plugin(spec, Path.cwd(), key="--plugin") for spec in getattr(args, "plugins", [])]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runner import default_run_dir, run
 
-    cfg, source = load_config(args.config, args.overrides)
+    cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
     run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg)
     try:
         run(cfg, run_dir, quiet=args.quiet)
@@ -101,7 +118,8 @@ def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
     from .mae import PretrainConfig, pretrain
     from .runner import default_run_dir
 
-    cfg, source = load_config(args.config, args.overrides, schema=PretrainConfig)
+    cfg, source = load_config(args.config, args.overrides, schema=PretrainConfig,
+                              plugins=_import_cli_plugins(args))
     run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg, "-mae")
     try:
         pretrain(cfg, run_dir, quiet=args.quiet)
@@ -130,7 +148,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else None
     echo = (lambda _: None) if args.quiet else print
     try:
-        run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo)
+        run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
+                         plugins=_import_cli_plugins(args))
     except KeyboardInterrupt:
         print("interrupted; complete runs are kept and skipped when the sweep is started again", file=sys.stderr)
         return 130
@@ -153,7 +172,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from .config import dump_yaml, load_config
 
-    cfg, source = load_config(args.config, args.overrides)
+    cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
     summary = ""
     if not args.no_data:
         from .data import build_dataset
@@ -194,6 +213,7 @@ def _format_options(config_cls: type | None) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    _import_cli_plugins(args)
     kinds = [args.kind] if args.kind else list(LIST_KINDS)
     out = []
     for kind in kinds:

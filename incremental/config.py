@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, UserError, did_you_mean
 from .registry import REGISTRIES
 
 # ----------------------------------------------------------------------------- fields
@@ -227,6 +227,9 @@ class OutputConfig:
 class RunConfig:
     name: str | None = None  # defaults to the config file's stem
     description: str = ""
+    # Python files or modules imported before the rest is validated: they register their
+    # own strategies, backbones, probes, datasets (see incremental/extensions.py)
+    plugins: list[str] = opt(factory=list)
     seed: int = 0
     dataset: Component = component("datasets", "digits")
     protocol: ProtocolConfig = opt(factory=ProtocolConfig)
@@ -586,7 +589,7 @@ class ConfigSource:
                     return deeper[-1]
         return str(self.path)
 
-    def attribute(self, exc: ConfigError) -> ConfigError:
+    def attribute(self, exc: UserError) -> UserError:
         """Fill in the error's source from its key (a key outside the config, like --out,
         names itself)."""
         if exc.source is None and not (exc.key or "").startswith("--"):
@@ -594,10 +597,11 @@ class ConfigSource:
         return exc
 
 
-def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema: type = RunConfig
-                ) -> tuple[Any, ConfigSource]:
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema: type = RunConfig,
+                plugins: typing.Sequence[str] = ()) -> tuple[Any, ConfigSource]:
     """Load, merge, override and validate a run config (or another ``schema``, such as MAE
-    pretraining's). Raises ConfigError."""
+    pretraining's). ``plugins`` (already imported, from ``--plugin``) are recorded with the
+    config's own. Raises ConfigError (or UserError for a plugin that fails)."""
     from .registry import load_builtins
 
     load_builtins()
@@ -610,9 +614,24 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema:
     if data.get("name") is None:
         data["name"] = path.stem
     try:
+        data["plugins"] = _import_plugins(data.get("plugins"), source) + list(plugins)
         return parse_dataclass(schema, data), source
-    except ConfigError as exc:
+    except UserError as exc:
         raise source.attribute(exc)
+
+
+def _import_plugins(value: Any, source: ConfigSource) -> list[str]:
+    """Import the ``plugins:`` of a config before it is validated, so that their components
+    exist; returns them as recorded in config.yaml (files as absolute paths)."""
+    from .extensions import load_plugin
+
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of .py file paths or module names, got {_show(value)}", key="plugins")
+    origin = source.origins.get("plugins", "")
+    base = Path(origin).parent if origin and not origin.startswith("--") else Path.cwd()
+    return [load_plugin(spec, base, key=f"plugins.{i}") for i, spec in enumerate(value)]
 
 
 def protocol_descriptions() -> dict[str, str]:

@@ -101,3 +101,6 @@ def load_builtins(*kinds: str) -> None:
     for kind in kinds or tuple(BUILTIN_MODULES):
         for module in BUILTIN_MODULES[kind]:
             importlib.import_module(module)
+    from .extensions import load_entry_points
+
+    load_entry_points()  # installed packages' plugins: after the built-ins, so clashes name the plugin

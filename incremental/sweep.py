@@ -67,8 +67,8 @@ def is_complete(run_dir: Path) -> bool:
         return False
 
 
-def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None
-         ) -> tuple[Path, list[tuple[Path, Any, Any]]]:
+def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None,
+         plugins: Sequence[str] = ()) -> tuple[Path, list[tuple[Path, Any, Any]]]:
     """The sweep root and (run directory, config, source) of every run, all validated."""
     from .config import load_config
 
@@ -78,7 +78,7 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
     for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
         for seed in seeds:
             assignment = [f"{key}={value}" for (key, _), value in zip(axes, values)]
-            cfg, source = load_config(config, [*fixed, *assignment, f"seed={seed}"])
+            cfg, source = load_config(config, [*fixed, *assignment, f"seed={seed}"], plugins=plugins)
             if root is None:
                 root = Path(cfg.output.root) / f"{cfg.name}-sweep"
             parts = [_slug(f"{key.rsplit('.', 1)[-1]}={value}") for (key, _), value in zip(axes, values)]
@@ -89,11 +89,11 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
 
 
 def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
-          quiet: bool = False, echo: Callable[[str], None] = print) -> list[Path]:
+          quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = ()) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order."""
     from .runner import run
 
-    root, runs = plan(config, seeds, overrides, out)
+    root, runs = plan(config, seeds, overrides, out, plugins)
     echo(f"sweep: {len(runs)} runs under {root}")
     for index, (run_dir, cfg, source) in enumerate(runs, 1):
         if is_complete(run_dir):
