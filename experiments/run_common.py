@@ -3,7 +3,6 @@ skip runs whose metrics.json says complete (so a script can be stopped and start
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,15 +10,9 @@ import sys
 from pathlib import Path
 
 from incremental.compare import format_mean_std as mean_std
+from incremental.sweep import is_complete
 
 __all__ = ["is_complete", "kept_reading", "mean_std", "run_incremental"]
-
-
-def is_complete(path: Path, marker: str = "metrics.json") -> bool:
-    try:
-        return json.loads((path / marker).read_text())["status"] == "complete"
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def run_incremental(command: str, config: Path, path: Path, *overrides: str, marker: str = "metrics.json") -> str:

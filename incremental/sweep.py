@@ -60,9 +60,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")[:40] or "x"
 
 
-def is_complete(run_dir: Path) -> bool:
+def is_complete(run_dir: Path, marker: str = "metrics.json") -> bool:
+    """Whether ``run_dir/marker`` (metrics.json, or MAE's mae_log.json) says ``complete``."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text())["status"] == "complete"
+        return json.loads((run_dir / marker).read_text())["status"] == "complete"
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -22,32 +22,45 @@ SCALAR_TAGS = ("cil/accuracy", "cil/average_incremental_accuracy", "cil/forgetti
                "cil/accuracy_old", "cil/accuracy_new")
 
 
-def render_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str = "") -> np.ndarray:
-    """The lower-triangular accuracy matrix as an annotated heat map, HxWx3 uint8."""
+def render_heat_map(grid: np.ndarray, title: str, *, vmin: float | None = None, vmax: float | None = None,
+                    cmap: str = "viridis", colorbar_label: str = "", axis_labels: tuple[str, str] = ("", ""),
+                    extent: tuple[float, float, float, float] | None = None,
+                    figsize: tuple[float, float] = (4.2, 3.6), title_size: float | None = 9,
+                    annotate: bool = False) -> np.ndarray:
+    """A 2-D array as a heat map image, HxWx3 uint8, rendered off-screen whatever backend
+    pyplot would pick. ``annotate`` writes each finite value in its cell."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize, dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, extent=extent)
+    if annotate:  # light text on the dark lower 60% of the colour scale
+        low, high = np.nanmin(grid) if vmin is None else vmin, np.nanmax(grid) if vmax is None else vmax
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < low + 0.6 * (high - low) else "black")
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    fig.colorbar(image, ax=ax, fraction=0.046, label=colorbar_label)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str = "") -> np.ndarray:
+    """The lower-triangular accuracy matrix as an annotated heat map, HxWx3 uint8."""
     n = len(matrix)
     grid = np.full((n, n), np.nan)
     for i, row in enumerate(matrix):
         grid[i, : len(row)] = row
     size = min(12.0, 1.2 + 0.55 * n)
-    fig = Figure(figsize=(size + 1.0, size), dpi=80)
-    canvas = FigureCanvasAgg(fig)  # rendering off-screen, whatever backend pyplot would pick
-    ax = fig.subplots()
-    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-    if n <= 20:
-        for i in range(n):
-            for j in range(i + 1):
-                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] < 60 else "black")
-    ax.set_xlabel("evaluated experience j")
-    ax.set_ylabel("after training experience i")
-    ax.set_title(title or "accuracy (%)")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return render_heat_map(grid, title or "accuracy (%)", vmin=0, vmax=100, figsize=(size + 1.0, size),
+                           title_size=None, annotate=n <= 20,
+                           axis_labels=("evaluated experience j", "after training experience i"))
 
 
 # Custom-scalars layout: one chart per metric with every run's curve in it, whichever runs

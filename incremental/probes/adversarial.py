@@ -14,7 +14,8 @@ from ..config import opt
 from ..errors import ConfigError
 from ..registry import PROBES
 from .attacks import deepfool, pgd
-from .base import Probe, ProbeBatch, ProbeResult, render_heat_map
+from ..tensorboard import render_heat_map
+from .base import Probe, ProbeBatch, ProbeResult
 
 
 @dataclass

@@ -87,6 +87,7 @@ class Probe:
     """Base class of registered probes: ``run`` must only read the model."""
 
     default_samples = 500  # test images per step when ``num_samples`` is not set
+    uses_future_images = False  # whether ``run`` reads ``batch.future_images`` (unseen classes)
 
     def __init__(self, config: Any, options: ProbeOptions):
         self.config = config
@@ -200,21 +201,9 @@ def unnormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (images * s + m).clamp(0, 1)
 
 
-def render_heat_map(grid: np.ndarray, title: str, *, vmin: float | None = None, vmax: float | None = None,
-                    cmap: str = "viridis", colorbar_label: str = "", axis_labels: tuple[str, str] = ("", ""),
-                    extent: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """A 2-D array as a heat map image, HxWx3 uint8 (off-screen matplotlib)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2, 3.6), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    image = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, extent=extent)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(axis_labels[0])
-    ax.set_ylabel(axis_labels[1])
-    fig.colorbar(image, ax=ax, fraction=0.046, label=colorbar_label)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """Grey level as OpenCV's RGB2GRAY computes it, (N, 1, H, W); grey images unchanged."""
+    if images.shape[1] == 1:
+        return images
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True)

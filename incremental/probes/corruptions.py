@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import PROBES
-from .base import Probe, ProbeBatch, ProbeResult, render_heat_map
+from ..tensorboard import render_heat_map
+from .base import Probe, ProbeBatch, ProbeResult, luma
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -118,14 +119,6 @@ def _randn(gen: torch.Generator, shape: tuple[int, ...], like: torch.Tensor) -> 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> list[float]:
     return (low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)).tolist()
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma as OpenCV's RGB2GRAY computes it, (N, 1, H, W)."""
-    if x.shape[1] == 1:
-        return x
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
 
 
 @lru_cache(maxsize=64)
@@ -324,7 +317,7 @@ def _snow(x, c, gen, cifar):
     layer = torch.where(layer < c[3], torch.zeros_like(layer), layer).clamp(0, 1)
     layer = motion_blur_batch(layer, c[4], c[5], _uniform(gen, n, -135, -45))
     layer = torch.round(layer * 255) / 255
-    x = c[6] * x + (1 - c[6]) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
+    x = c[6] * x + (1 - c[6]) * torch.maximum(x, luma(x) * 1.5 + 0.5)
     return x + layer + torch.rot90(layer, 2, dims=(2, 3))
 
 
@@ -346,7 +339,7 @@ def frost_textures(size: int, channels: int, seed: int = 0) -> torch.Tensor:
         texture = 0.6 * _standardise(base) + _standardise(needles)
         texture = _standardise(texture)
         rgb = torch.tensor(mean).view(1, 3, 1, 1) + spread * texture
-        plates.append(_gray(rgb) if channels == 1 else rgb)
+        plates.append(luma(rgb) if channels == 1 else rgb)
     return torch.cat(plates).clamp(0, 1)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from ..config import opt
 from ..registry import PROBES
-from .base import Probe, ProbeBatch, ProbeResult, render_heat_map
+from ..tensorboard import render_heat_map
+from .base import Probe, ProbeBatch, ProbeResult
 
 
 @dataclass

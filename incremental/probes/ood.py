@@ -16,7 +16,7 @@ from ..config import Component, opt
 from ..errors import ConfigError
 from ..registry import PROBES
 from .attacks import pgd
-from .base import Probe, ProbeBatch, ProbeResult, unnormalise
+from .base import Probe, ProbeBatch, ProbeResult, luma, unnormalise
 
 Score = Literal["msp", "max_logit", "energy"]
 
@@ -64,7 +64,7 @@ def to_run_format(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if images.shape[1] == 3 and channels == 1:
-        images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        images = luma(images)
     elif images.shape[1] == 1 and channels == 3:
         images = images.expand(-1, 3, -1, -1)
     return images.clamp(0, 1)
@@ -77,6 +77,10 @@ class OodProbe(Probe):
     ``worst_case: true`` adds the same after a PGD attack that raises the OOD images' score."""
 
     default_samples = 500
+
+    @property
+    def uses_future_images(self) -> bool:  # type: ignore[override]
+        return self.config.source == "future"
 
     def prepare(self, context: Any) -> None:
         self.outside: torch.Tensor | None = None

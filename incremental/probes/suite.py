@@ -54,11 +54,12 @@ class ProbeSuite(SupervisedPlugin):
                     continue
                 start = time.perf_counter()
                 limit = probe.num_samples
-                for future in (False, True):
+                # Loaded once per sample count and step; unseen classes only for probes that use them.
+                for future in (False, True) if probe.uses_future_images else (False,):
                     if (limit, future) not in loaded:
                         loaded[(limit, future)] = self.data.load(self.data.indices(step, limit, future=future), device)
                 images, labels = loaded[(limit, False)]
-                future_images = loaded[(limit, True)][0]
+                future_images = loaded[(limit, True)][0] if probe.uses_future_images else torch.empty(0)
                 generator = torch.Generator().manual_seed(self.data.seed * 1_000_003 + step * 1009 + position)
                 batch = ProbeBatch(images=images, labels=labels, model=pixel_model, generator=generator,
                                    batch_size=probe.options.batch_size, step=step,
