@@ -430,6 +430,9 @@ def test_probe_command_errors(tmp_path, tiny_config, capsys):
                  "--set", "protocol.increment=6"]) == 0
     assert main(["probe", str(run_dir)]) == 2
     assert "probes: the run lists no probes" in capsys.readouterr().err
+    assert main(["probe", str(run_dir), "--set", "probes=[masking]", "--out", str(tmp_path / "no" / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("--out: cannot write") and "is not a folder" in err and len(err.splitlines()) == 1
     (run_dir / "model.safetensors").write_bytes(b"not a model")
     assert main(["probe", str(run_dir), "--set", "probes=[masking]"]) == 2
     err = capsys.readouterr().err.strip()

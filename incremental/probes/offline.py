@@ -70,6 +70,8 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
                               key="probes")
         if target.exists() and out is None:
             raise UserError(f"{target} exists; pass --out FILE to write elsewhere", key="--out")
+        if not target.parent.is_dir():  # checked before probing, so no probe work is lost
+            raise UserError(f"cannot write {target}: {target.parent} is not a folder", key="--out")
         device = resolve_device(cfg.training.device)
         splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
         class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
@@ -83,8 +85,11 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     if not quiet:
         echo(f"probing {run_dir} after experience {step} ({class_split.classes_per_experience[: step + 1]} classes)")
     results = suite.run(model, step, device)
-    write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
-    write_images(suite.last_images, target.with_suffix(""))
+    try:
+        write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
+        write_images(suite.last_images, target.with_suffix(""))
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}", key="--out") from None
     if not quiet:
         echo(f"wrote {target}")
     return results
