@@ -10,9 +10,9 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes")
 
@@ -29,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Class-incremental learning with Vision Transformers (Avalanche + timm).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", metavar="CONFIG", help="a protocol name (see `incremental list protocols`) "
-                       "or a path to a YAML file")
+    def add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        p.add_argument("config", metavar="CONFIG", nargs="?" if optional else None,
+                       help="a protocol name (see `incremental list protocols`) or a path to a YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a config value (YAML syntax), e.g. --set training.epochs=5; repeatable")
         add_plugin_arg(p)
@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                        "datasets (imported first); repeatable")
 
     run = sub.add_parser("run", help="run a class-incremental protocol")
-    add_config_args(run)
+    add_config_args(run, optional=True)
     run.add_argument("--out", metavar="DIR", help="run directory (default: OUTPUT_ROOT/NAME-TIMESTAMP)")
+    run.add_argument("--resume", metavar="DIR", help="continue a stopped run after its last complete experience "
+                     "(its own config.yaml; a CONFIG given too must resolve to the same values)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no per-step lines, no table")
 
     mae = sub.add_parser("pretrain-mae", help="pretrain a ViT encoder by masked autoencoding; "
@@ -96,21 +98,79 @@ def _import_cli_plugins(args: argparse.Namespace) -> list[str]:
     return [load_plugin(spec, Path.cwd(), key="--plugin") for spec in getattr(args, "plugins", [])]
 
 
+def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """The config of the run in ``--resume DIR``; a CONFIG (and --set) given as well must
+    resolve to the same values, or the resumed run would mix two protocols."""
+    from .config import config_differences, load_config
+
+    if args.out:
+        raise UserError("--resume continues the run in its own directory; drop --out", key="--out")
+    run_dir = Path(args.resume).expanduser()
+    saved_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory", key="--resume")
+    if not saved_path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; expected a directory written by `incremental run`",
+                        key="--resume")
+    cli_plugins = _import_cli_plugins(args)
+    if args.config is None:
+        cfg, source = load_config(str(saved_path), args.overrides, plugins=cli_plugins)
+        saved = cfg if not args.overrides else load_config(str(saved_path), plugins=cli_plugins)[0]
+    else:
+        cfg, source = load_config(args.config, args.overrides, plugins=cli_plugins)
+        saved = load_config(str(saved_path), plugins=cli_plugins)[0]
+    differences = config_differences(saved, cfg)
+    if differences:
+        key, was, now = differences[0]
+        more = f" (and {len(differences) - 1} more key(s))" if len(differences) > 1 else ""
+        raise source.attribute(ConfigError(
+            f"is {now!r} but the run in {run_dir} was started with {was!r}{more}; a resumed run keeps its "
+            f"config: use `incremental run --resume {run_dir}` alone", key=key))
+    # Keep the saved run's name and output root, which the comparison ignores.
+    return saved, source, run_dir
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runner import default_run_dir, run
 
-    cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
-    run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg)
+    if args.resume:
+        cfg, source, run_dir = _resume_config(args)
+    elif args.config is None:
+        raise UserError("give a CONFIG to run, or --resume DIR to continue a stopped run", key="CONFIG")
+    else:
+        cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
+        run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg)
     try:
-        run(cfg, run_dir, quiet=args.quiet)
+        run(cfg, run_dir, quiet=args.quiet, resume=bool(args.resume))
     except UserError as exc:
-        raise source.attribute(exc)
+        raise _with_resume_hint(source.attribute(exc), run_dir)
     except KeyboardInterrupt:
-        print(f"interrupted; results of the completed experiences are in {run_dir / 'metrics.json'}",
-              file=sys.stderr)
+        print(f"interrupted; results of the completed experiences are in {run_dir / 'metrics.json'}"
+              f"{_resume_hint(run_dir)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """How to continue a run that stopped with complete experiences checkpointed."""
+    import json
+
+    from .checkpoint import CHECKPOINT_FILE
+
+    try:
+        stopped = json.loads((run_dir / "metrics.json").read_text()).get("status") in ("failed", "running")
+    except (OSError, ValueError, AttributeError):
+        stopped = False
+    if stopped and (run_dir / CHECKPOINT_FILE).exists():
+        return f"; continue with `incremental run --resume {run_dir}`"
+    return ""
+
+
+def _with_resume_hint(exc: UserError, run_dir: Path) -> UserError:
+    """A run that stopped after completing experiences says how to continue it."""
+    exc.message += _resume_hint(run_dir)
+    return exc
 
 
 def _cmd_pretrain_mae(args: argparse.Namespace) -> int:

@@ -221,6 +221,8 @@ class OutputConfig:
     root: str = "runs"  # run directories go here unless --out names one
     tensorboard: bool = True
     save_model: bool = True  # model.safetensors after each experience (for `incremental probe`)
+    # checkpoint.pt after each experience, for --resume; all: also checkpoints/experience_XXX.pt
+    checkpoint: Literal["last", "all", "off"] = "last"
 
 
 @dataclass
@@ -442,6 +444,28 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+# Keys that name or file a run without changing what it computes.
+RESULT_NEUTRAL_KEYS = ("name", "description", "output.root")
+
+
+def config_differences(a: Any, b: Any, ignore: typing.Sequence[str] = RESULT_NEUTRAL_KEYS
+                       ) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every resolved value that differs
+    (``a`` and ``b`` are config objects or the dicts ``to_dict`` makes of them)."""
+    flat_a, flat_b = (_flatten(c if isinstance(c, dict) else to_dict(c)) for c in (a, b))
+    return [(key, flat_a.get(key), flat_b.get(key)) for key in sorted(set(flat_a) | set(flat_b))
+            if key not in ignore and flat_a.get(key) != flat_b.get(key)]
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -473,6 +497,21 @@ def resolve_config_path(name_or_path: str, relative_to: Path | None = None) -> P
     raise ConfigError(f"no such file: {name_or_path}")
 
 
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags that build Python objects) that also refuses a key written
+    twice in one mapping; plain PyYAML keeps the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Safe-load a YAML mapping; syntax errors become one-line ConfigErrors."""
     try:
@@ -480,7 +519,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

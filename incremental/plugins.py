@@ -128,6 +128,7 @@ class OptimizationPlugin(SupervisedPlugin):
         self.cfg = cfg
         self.group_hooks = group_hooks
         self.epochs = cfg.epochs
+        self.iteration, self.factor = 0, 1.0
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         first = strategy.experience.current_experience == 0
@@ -136,9 +137,16 @@ class OptimizationPlugin(SupervisedPlugin):
         self.epochs = strategy.train_epochs
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        factor = lr_factor(self.cfg.scheduler, iteration=strategy.clock.train_exp_iterations,
-                           iters_per_epoch=len(strategy.dataloader), epochs=self.epochs)
-        scale_lrs(strategy.optimizer, factor)
+        self.iteration = strategy.clock.train_exp_iterations
+        self.factor = lr_factor(self.cfg.scheduler, iteration=self.iteration,
+                                iters_per_epoch=len(strategy.dataloader), epochs=self.epochs)
+        scale_lrs(strategy.optimizer, self.factor)
+
+    def schedule_state(self) -> dict[str, Any]:
+        """Where the LR schedule stood at the last iteration (the schedule restarts with
+        every experience, so a checkpoint records this for inspection only)."""
+        return {"name": self.cfg.scheduler.name, "iteration": self.iteration, "lr_factor": self.factor,
+                "epochs": self.epochs}
 
 
 # --------------------------------------------------------------------------- records

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ from .errors import ConfigError, UserError
 
 METRICS_FORMAT = 1
 MODEL_FILE = "model.safetensors"  # the model after the last completed experience
+
+
+def without_wall_clock(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json minus its wall-clock times (``wall_time_s``, ``total_wall_time_s`` and each
+    probe result's ``time_s``): what two runs of one config and seed, or a resumed run and an
+    uninterrupted one, have in common to the bit on the CPU."""
+    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "total_wall_time_s")}
+    kept["probes"] = {label: [None if r is None else {k: v for k, v in r.items() if k != "time_s"} for r in results]
+                      for label, results in metrics.get("probes", {}).items()}
+    return kept
 
 
 def default_run_dir(cfg: RunConfig, suffix: str = "") -> Path:
@@ -140,11 +151,113 @@ class RunResults:
         }
 
 
-def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
+RESUME_LOG = "resume.log"
+
+
+def open_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume ``run_dir`` from, checked against ``cfg``; None when the run
+    stopped before its first experience was complete (it then starts again in place)."""
+    import yaml
+
+    from .checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from .config import config_differences
+
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        metrics = run_dir / "metrics.json"
+        done = 0
+        if metrics.exists():
+            try:
+                done = int(json.loads(metrics.read_text()).get("completed_experiences", 0))
+            except (ValueError, AttributeError, TypeError):
+                done = 0
+        if done:
+            raise UserError(f"{run_dir} has results of {done} experience(s) but no {CHECKPOINT_FILE} "
+                            f"(output.checkpoint was off); it cannot be resumed", key="--resume")
+        return None
+    checkpoint = load_checkpoint(path)
+    saved = yaml.safe_load(checkpoint["config"])
+    differences = config_differences(saved, cfg)
+    if differences:
+        key, was, now = differences[0]
+        raise ConfigError(f"is {now!r} but {path.name} was written with {was!r}; restore it or start a new run",
+                          key=key, source=str(run_dir / "config.yaml"))
+    return checkpoint
+
+
+def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[Any], template: Any,
+                       results: "RunResults", run_dir: Path) -> int:
+    """Load a checkpoint into a freshly built run; returns the first experience still to train."""
+    from .checkpoint import set_clock_state, set_rng_state
+    from .models.net import grow_head
+
+    states = checkpoint["plugins"]
+    if len(states) != len(plugins) or any(state is None for state in states):
+        names = [type(p).__name__ for p, state in zip(plugins, states) if state is None] or ["a different plugin list"]
+        raise ConfigError(f"this strategy keeps state that a checkpoint cannot hold ({', '.join(names)}); "
+                          f"the run cannot be resumed, start it again", key="strategy.name")
+    grow_head(model, int(checkpoint["num_classes"]))
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise UserError(f"{run_dir / 'checkpoint.pt'} does not fit the model of config.yaml: "
+                        f"{lines[1].strip() if len(lines) > 1 else lines[0]}", key="backbone") from None
+    for plugin, state in zip(plugins, checkpoint["plugins"]):
+        plugin.load_state_dict(state, model)
+    set_clock_state(template.clock, checkpoint["clock"])
+    saved = json.loads(checkpoint["results"])
+    results.matrix, results.steps = saved["matrix"], saved["steps"]
+    set_rng_state(checkpoint["rng"])  # last: building the run above drew random numbers
+    return int(checkpoint["experience"]) + 1
+
+
+def write_checkpoint(run_dir: Path, cfg: RunConfig, experience: int, *, template: Any, plugins: list[Any],
+                     results: "RunResults") -> None:
+    from .checkpoint import CHECKPOINT_FILE, clock_state, plugin_states, rng_state, save_checkpoint
+
+    optimization = next((p for p in template.plugins if hasattr(p, "schedule_state")), None)
+    state = {
+        "experience": experience,
+        "num_experiences": len(results.experiences),
+        "config": dump_yaml(cfg),
+        "model": {k: v.detach().cpu() for k, v in template.model.state_dict().items()},
+        "num_classes": int(template.model.num_classes),
+        "optimizer": template.optimizer.state_dict(),
+        "scheduler": optimization.schedule_state() if optimization is not None else {},
+        "clock": clock_state(template.clock),
+        "plugins": plugin_states(plugins),
+        "rng": rng_state(),
+        "results": json.dumps({"matrix": results.matrix, "steps": results.steps}),
+    }
+    path = run_dir / CHECKPOINT_FILE
+    save_checkpoint(state, path)
+    if cfg.output.checkpoint == "all":
+        archive = run_dir / "checkpoints"
+        archive.mkdir(exist_ok=True)
+        target = archive / f"experience_{experience:03d}.pt"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+
+def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
         echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics."""
-    prepare_run_dir(run_dir)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics.
+
+    ``resume``: continue the run in ``run_dir`` after its last checkpointed experience; the
+    final metrics.json equals an uninterrupted run's except for the wall-clock times.
+    """
+    checkpoint = None
+    if resume:
+        checkpoint = open_resume(run_dir, cfg)
+        if checkpoint is not None and checkpoint["experience"] + 1 >= checkpoint["num_experiences"]:
+            if not quiet:
+                echo(f"{run_dir}: the run is complete ({checkpoint['num_experiences']} experiences); nothing to resume")
+            return json.loads((run_dir / "metrics.json").read_text())
+    else:
+        prepare_run_dir(run_dir)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -158,6 +271,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     from .plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from .protocol import build_benchmark, make_class_split
     from .registry import STRATEGIES
+    from .checkpoint import unresumable
     from .strategy import StrategyContext
     from .summary import format_step, format_table
 
@@ -205,21 +319,35 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
     results = RunResults(cfg, list(class_split.class_order), class_split.experiences, splits.class_names, test_sizes)
     results.backbone_report = model.build_report
+    stateful = [*strategy_plugins, *compression]  # what a checkpoint holds besides the model
+    first = 0
+    if checkpoint is not None:
+        first = restore_checkpoint(checkpoint, model=model, plugins=stateful, template=template,
+                                   results=results, run_dir=run_dir)
+    if resume:
+        with open(run_dir / RESUME_LOG, "a") as log:
+            log.write(f"{datetime.now().isoformat(timespec='seconds')} resumed at experience {first}\n")
     writer = None
     if cfg.output.tensorboard:
         from .tensorboard import TensorBoardWriter, run_hparams
-        writer = TensorBoardWriter(run_dir, run_hparams(cfg))
+
+        # A resumed run drops what the stopped one logged for the experiences it redoes.
+        writer = TensorBoardWriter(run_dir, run_hparams(cfg), purge_step=first if resume else None)
     if not quiet:
         echo(f"run {cfg.name}: {cfg.dataset.name}, {class_split.num_experiences} experiences "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
              f"backbone {cfg.backbone.name} ({describe(model)}), device {device}")
         for line in describe_build(model.build_report):
             echo(line)
-        echo(f"writing to {run_dir}")
+        echo(f"resuming {run_dir} at experience {first}" if resume else f"writing to {run_dir}")
+        if cfg.output.checkpoint != "off" and unresumable(stateful):
+            echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
+                 f"({', '.join(unresumable(stateful))}); this run cannot be resumed")
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = results.to_json() if results.matrix else {}
     try:
-        for i, experience in enumerate(benchmark.train_stream):
+        for i in range(first, class_split.num_experiences):
+            experience = benchmark.train_stream[i]
             template.train_epochs = cfg.training.initial_epochs if (i == 0 and cfg.training.initial_epochs) \
                 else cfg.training.epochs
             start = time.perf_counter()
@@ -248,6 +376,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False,
                 writer.log_step(i, metrics, info)
                 if probe_suite is not None:
                     writer.log_probes(i, probe_suite.last_results, probe_suite.last_images)
+            if cfg.output.checkpoint != "off":  # last: the experience is done once this is written
+                write_checkpoint(run_dir, cfg, i, template=template, plugins=stateful, results=results)
             if not quiet:
                 echo(format_step(metrics, i))
     except BaseException:

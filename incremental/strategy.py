@@ -65,8 +65,12 @@ class StrategyPlugin(SupervisedPlugin):
         self.context = context
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (ints, floats, lists, dicts, tensors) to checkpoint between experiences."""
+        """What the plugin carries from one experience to the next, as plain data (ints, floats,
+        strings, lists, dicts, tensors), for the checkpoint written after every experience.
+        A plugin with such state must override this and :meth:`load_state_dict`, or a resumed
+        run will differ from an uninterrupted one."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        """Restore :meth:`state_dict`'s output; ``model`` already holds the checkpoint's weights
+        (teachers that are copies of the previous model are rebuilt from it)."""

@@ -95,10 +95,14 @@ def run_hparams(cfg: Any) -> dict[str, Any]:
 
 
 class TensorBoardWriter:
-    def __init__(self, log_dir: Path, hparams: dict[str, Any] | None = None):
+    def __init__(self, log_dir: Path, hparams: dict[str, Any] | None = None, purge_step: int | None = None):
+        """``purge_step``: when resuming, hide what an earlier writer logged at this step and later."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        resumed = purge_step is not None and any(Path(log_dir).glob("events.out.tfevents.*"))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        if resumed:
+            return  # the layout and hparams are in the first event file already
         self.writer.add_custom_scalars(LAYOUT)
         if hparams:
             from torch.utils.tensorboard.summary import hparams as hparams_summary

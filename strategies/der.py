@@ -59,6 +59,15 @@ class DarkExperienceReplay(ExemplarReplay):
     def after_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
         pass  # the memory comes in as a separate batch, not mixed into the dataset
 
+    def state_dict(self) -> dict[str, Any]:
+        keys = sorted(self.logits)
+        return {**super().state_dict(), "logit_keys": [list(k) for k in keys],
+                "logits": torch.stack([self.logits[k] for k in keys]) if keys else torch.empty(0)}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        super().load_state_dict(state, model)
+        self.logits = {(int(e), int(i)): row for (e, i), row in zip(state["logit_keys"], state["logits"])}
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.replay = None
         memory = self.memory.dataset(self.context.train_dataset)

@@ -44,6 +44,13 @@ def icarl_loss_plugin() -> Any:
             self.old_model = frozen(copy.deepcopy(strategy.model))
             self.old_classes += sorted({int(t) for t in strategy.experience.dataset.targets})
 
+        def state_dict(self) -> dict[str, Any]:
+            return {"old_classes": list(self.old_classes), "has_old_model": self.old_model is not None}
+
+        def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+            self.old_classes = [int(c) for c in state["old_classes"]]
+            self.old_model = frozen(copy.deepcopy(model)) if state["has_old_model"] else None
+
     return GrowingICaRLLossPlugin()
 
 
@@ -64,6 +71,17 @@ class ICaRL(ExemplarReplay):
         super().after_training_exp(strategy, **kwargs)
         if self.config.classifier == "ncm":
             self.ncm.replace_class_means_dict(self.class_means(strategy))
+
+    def state_dict(self) -> dict[str, Any]:
+        # Recomputed after every experience; kept so the checkpoint classifies as the run did.
+        means = self.ncm.class_means_dict
+        return {**super().state_dict(), "class_means": {str(k): v.detach().cpu() for k, v in means.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        super().load_state_dict(state, model)
+        if state["class_means"]:
+            device = next(model.parameters()).device
+            self.ncm.replace_class_means_dict({int(k): v.to(device) for k, v in state["class_means"].items()})
 
     @torch.no_grad()
     def class_means(self, strategy: Any) -> dict[int, torch.Tensor]:

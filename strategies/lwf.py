@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,17 @@ def frozen_teacher_lwf_plugin() -> type:
         def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
             super().after_training_exp(strategy, **kwargs)
             frozen(self.lwf.prev_model)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"experiences": self.lwf.expcount, "has_teacher": self.lwf.prev_model is not None,
+                    "classes_by_task": {str(t): sorted(int(c) for c in cs)
+                                        for t, cs in self.lwf.prev_classes_by_task.items()}}
+
+        def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+            self.lwf.expcount = int(state["experiences"])
+            self.lwf.prev_model = frozen(copy.deepcopy(model)) if state["has_teacher"] else None
+            for task, classes in state["classes_by_task"].items():
+                self.lwf.prev_classes_by_task[int(task)] = set(classes)
 
     return FrozenTeacherLwFPlugin
 

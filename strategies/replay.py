@@ -48,5 +48,5 @@ class ExemplarReplay(StrategyPlugin):
     def state_dict(self) -> dict[str, Any]:
         return self.memory.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
         self.memory.load_state_dict(state)

@@ -97,6 +97,16 @@ class ViTIL(ExemplarReplay):
         if self.config.distillation.enabled:
             self.teacher = frozen(copy.deepcopy(strategy.model))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "finetuning_losses": self.finetuning_losses,
+                "has_teacher": self.teacher is not None}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        super().load_state_dict(state, model)
+        self.finetuning_losses = [list(losses) for losses in state["finetuning_losses"]]
+        # The teacher is the model as it was checkpointed (copied after balanced finetuning).
+        self.teacher = frozen(copy.deepcopy(model)) if state["has_teacher"] else None
+
     def balanced_set(self) -> Any:
         """Old classes' exemplars and as many per class of the new classes: the memory after
         its update, whose per-class quotas are equal (up to one, for a remainder)."""

@@ -272,6 +272,12 @@ class QuantizedEvaluationPlugin(SupervisedPlugin):
             strategy.model = self._fp32
             self._fp32 = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing carries over: the int8 copy is made afresh at every evaluation
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        pass
+
 
 class FeatureDistillationPlugin(SupervisedPlugin):
     """Knowledge distillation from a frozen teacher backbone into the student's features.
@@ -294,6 +300,13 @@ class FeatureDistillationPlugin(SupervisedPlugin):
         self._student_features: torch.Tensor | None = None
         self._hook: Any = None
         self.last_loss: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # The teacher is rebuilt from its config and weights file; the projection is trained.
+        return {"projection": {k: v.detach().cpu() for k, v in self.projection.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.projection.load_state_dict(state["projection"])
 
     def add_projection_group(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A GroupHook: the projection trains at the base LR without weight decay."""

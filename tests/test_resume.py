@@ -1,0 +1,238 @@
+"""Checkpoints and --resume: a run killed with SIGKILL and resumed ends with the metrics and
+weights of an uninterrupted run; the same seed gives the same run; checkpoints load with
+weights_only and a NaN loss keeps the last good one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RUN
+
+from incremental.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from incremental.cli import main
+from incremental.errors import UserError
+from incremental.runner import without_wall_clock
+
+KILLABLE = Path(__file__).parent / "plugins" / "killable.py"
+
+
+def comparable(run_dir: Path) -> dict:
+    """Wall-clock times are the only values a resumed run cannot reproduce."""
+    return without_wall_clock(json.loads((run_dir / "metrics.json").read_text()))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "incremental", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+# ------------------------------------------------------------------ SIGKILL, then --resume
+
+KILLABLE_RUN = f"""
+extends: tiny.yaml
+plugins: [{KILLABLE}]
+strategy:
+  name: vitil_killable
+  balanced_finetuning: {{epochs: 2}}
+training:
+  epochs: 2
+  batch_size: 16
+  eval_batch_size: 128
+  optimizer: {{name: adamw, lr: 3.0e-3}}
+probes: [{{name: masking, num_samples: 40}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("kill")
+    (root / "tiny.yaml").write_text(TINY_RUN)
+    config = root / "killable.yaml"
+    config.write_text(KILLABLE_RUN)
+    done = run_cli("run", str(config), "--out", str(root / "uninterrupted"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    return config, root / "uninterrupted"
+
+
+@pytest.mark.parametrize("kill_at", ["1:train:5", "1:eval:0", "0:train:3"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, kill_at):
+    config, reference = uninterrupted
+    run_dir = tmp_path / "killed"
+    killed = run_cli("run", str(config), "--out", str(run_dir), "--quiet",
+                     env={"INCREMENTAL_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr  # died by SIGKILL, no clean-up ran
+    experience = int(kill_at.split(":")[0])
+    if experience > 0:
+        assert load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] == experience - 1
+    else:
+        assert not (run_dir / CHECKPOINT_FILE).exists()
+    resumed = run_cli("run", "--resume", str(run_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(run_dir) == comparable(reference)  # bit-identical floats, through JSON
+    assert same_weights(run_dir, reference)
+    assert f"resumed at experience {experience}" in (run_dir / "resume.log").read_text()
+
+
+def test_resuming_a_complete_run_changes_nothing(uninterrupted, tmp_path, capsys):
+    _, reference = uninterrupted
+    copy = shutil.copytree(reference, tmp_path / "copy")
+    before = (copy / "metrics.json").read_text()
+    assert main(["run", "--resume", str(copy)]) == 0
+    assert "the run is complete" in capsys.readouterr().out
+    assert (copy / "metrics.json").read_text() == before
+
+
+def test_checkpoint_loads_with_weights_only(uninterrupted):
+    _, reference = uninterrupted
+    state = torch.load(reference / CHECKPOINT_FILE, weights_only=True)
+    assert state["experience"] == 2 and state["num_classes"] == 10
+    memory = state["plugins"][0]["exemplars"]
+    assert sum(len(indices) for _, indices in memory.values()) == 30  # protocol.memory.total
+    assert all(isinstance(i, int) for _, indices in memory.values() for i in indices)  # dataset indices
+    assert state["optimizer"]["param_groups"] and state["scheduler"]["name"] == "cosine"
+    assert {"torch", "numpy", "python", "cuda"} <= set(state["rng"])
+    assert len(json.loads(state["results"])["matrix"]) == 3
+
+
+# ------------------------------------------------------------------ every strategy's state
+
+STRATEGY_CASES = {
+    "replay": "strategy: {name: replay, selection: random}",
+    "vitil": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}",
+    "icarl": "strategy: {name: icarl}",
+    "der": "strategy: {name: der}",
+    "lwf": "strategy: lwf",
+    "ewc": "strategy: {name: ewc, ewc_lambda: 10.0}",
+    "ewc_online": "strategy: {name: ewc, ewc_lambda: 10.0, mode: online, decay_factor: 0.5}",
+    "finetune": "strategy: finetune",
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_CASES))
+def test_every_strategy_resumes_to_the_same_result(write_yaml, tmp_path, strategy):
+    """A stop after experience 0 (its archived checkpoint in a fresh directory) and --resume
+    reproduce the run: memory, teachers, class means, stored logits, Fisher terms all restored."""
+    write_yaml(TINY_RUN, "tiny.yaml")
+    config = write_yaml("extends: tiny.yaml\n" + STRATEGY_CASES[strategy] + "\n", "strategy.yaml")
+    full = tmp_path / "full"
+    sets = ["--set", "training.epochs=1", "--set", "output.checkpoint=all", "--set", "output.tensorboard=false"]
+    assert main(["run", str(config), "--out", str(full), "--quiet", *sets]) == 0
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(full / "config.yaml", stopped / "config.yaml")
+    shutil.copy(full / "checkpoints" / "experience_000.pt", stopped / CHECKPOINT_FILE)
+    assert main(["run", "--resume", str(stopped), "--quiet"]) == 0
+    assert comparable(stopped) == comparable(full)
+    assert same_weights(stopped, full)
+
+
+def test_a_strategy_whose_state_cannot_be_checkpointed_refuses_to_resume(write_yaml, tmp_path, capsys):
+    write_yaml(TINY_RUN, "tiny.yaml")
+    config = write_yaml("extends: tiny.yaml\nstrategy: gdumb\n", "gdumb.yaml")
+    run_dir = tmp_path / "gdumb"
+    assert main(["run", str(config), "--out", str(run_dir), "--quiet", "--set", "training.epochs=1",
+                 "--set", "output.tensorboard=false"]) == 0
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0  # complete: nothing to do
+    checkpoint = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+    checkpoint["experience"] = 0  # as if it had stopped after the first experience
+    torch.save(checkpoint, run_dir / CHECKPOINT_FILE)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{run_dir / 'config.yaml'}: strategy.name: this strategy keeps state") \
+        and "GDumbPlugin" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_config, tmp_path):
+    """``seed`` fixes class order, initialisation, data order and augmentation (random crops):
+    two runs agree to the bit; another seed changes the order and the weights."""
+    sets = ["--quiet", "--set", "training.epochs=2", "--set", "output.tensorboard=false"]
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert main(["run", str(tiny_config), "--out", str(tmp_path / name), "--set", f"seed={seed}", *sets]) == 0
+    assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert comparable(tmp_path / "a")["class_order"] != comparable(tmp_path / "c")["class_order"]
+    assert not same_weights(tmp_path / "a", tmp_path / "c")
+
+
+def test_seed_alone_changes_initialisation_and_data_order(tiny_config, tmp_path):
+    """With the class order fixed, a different seed still gives other weights and losses:
+    the seed reaches initialisation, shuffling and augmentation, not only the class order."""
+    sets = ["--quiet", "--set", "training.epochs=1", "--set", "output.tensorboard=false",
+            "--set", "protocol.class_order=sorted"]
+    for name, seed in (("a", 3), ("b", 4)):
+        assert main(["run", str(tiny_config), "--out", str(tmp_path / name), "--set", f"seed={seed}", *sets]) == 0
+    a, b = comparable(tmp_path / "a"), comparable(tmp_path / "b")
+    assert a["class_order"] == b["class_order"]
+    assert a["train_loss"] != b["train_loss"]
+
+
+# ------------------------------------------------------------------ numerical faults
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, capsys):
+    run_dir = tmp_path / "nan"
+    code = main(["run", str(tiny_config), "--out", str(run_dir), "--quiet", "--plugin", str(KILLABLE),
+                 "--set", "strategy=replay_nan_in_second_experience", "--set", "training.epochs=1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "training.optimizer.lr: the training loss became nan in experience 1, epoch 1" in err
+    assert err.endswith(f"continue with `incremental run --resume {run_dir}`")
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    assert checkpoint["experience"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["completed_experiences"] == 1
+
+
+# ------------------------------------------------------------------ safety
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_holding_code_is_refused_unrun(uninterrupted, tmp_path, capsys):
+    _, reference = uninterrupted
+    run_dir = shutil.copytree(reference, tmp_path / "tampered")
+    state = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+    state["experience"] = 0
+    marker = tmp_path / "code-ran"
+    state["plugins"] = [_Payload(marker)]
+    torch.save(state, run_dir / CHECKPOINT_FILE)
+    with pytest.raises(UserError, match=r"refused by torch.load\(weights_only=True\)"):
+        load_checkpoint(run_dir / CHECKPOINT_FILE)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    assert "refused by torch.load(weights_only=True)" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_yaml_tags_that_build_objects_are_refused(write_yaml, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    config = write_yaml(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["run", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{config}: ") and "invalid YAML" in err and "\n" not in err
+    assert not marker.exists()
