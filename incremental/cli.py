@@ -126,8 +126,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         raise source.attribute(ConfigError(
             f"is {now!r} but the run in {run_dir} was started with {was!r}{more}; a resumed run keeps its "
             f"config: use `incremental run --resume {run_dir}` alone", key=key))
-    # Keep the saved run's name and output root, which the comparison ignores.
-    return saved, source, run_dir
+    cfg.name = saved.name  # output settings may change on resume; the name stays the run's
+    return cfg, source, run_dir
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

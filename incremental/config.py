@@ -214,6 +214,9 @@ class TrainingConfig:
     scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
     num_workers: int = opt(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs
+    # are bit-identical without it); an op with no deterministic kernel then raises an error.
+    deterministic: bool = False
 
 
 @dataclass
@@ -453,8 +456,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-# Keys that name or file a run without changing what it computes.
-RESULT_NEUTRAL_KEYS = ("name", "description", "output.root")
+# Keys (and sections) that name a run or choose what it writes, without changing what it computes.
+RESULT_NEUTRAL_KEYS = ("name", "description", "output")
 
 
 def config_differences(a: Any, b: Any, ignore: typing.Sequence[str] = RESULT_NEUTRAL_KEYS
@@ -463,7 +466,7 @@ def config_differences(a: Any, b: Any, ignore: typing.Sequence[str] = RESULT_NEU
     (``a`` and ``b`` are config objects or the dicts ``to_dict`` makes of them)."""
     flat_a, flat_b = (_flatten(c if isinstance(c, dict) else to_dict(c)) for c in (a, b))
     return [(key, flat_a.get(key), flat_b.get(key)) for key in sorted(set(flat_a) | set(flat_b))
-            if key not in ignore and flat_a.get(key) != flat_b.get(key)]
+            if not any(key == k or key.startswith(k + ".") for k in ignore) and flat_a.get(key) != flat_b.get(key)]
 
 
 # ----------------------------------------------------------------------------- files
@@ -644,7 +647,10 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema:
     from .registry import load_builtins
 
     load_builtins()
-    path = resolve_config_path(name_or_path)
+    try:
+        path = resolve_config_path(name_or_path)
+    except ConfigError as exc:
+        raise exc.with_context(key="CONFIG") from None
     source = ConfigSource(path, {})
     data = _load_tree(path, source.origins)
     for text in overrides:

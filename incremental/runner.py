@@ -86,6 +86,17 @@ def hide_avalanche_deprecations() -> None:
     warnings.showwarning = show
 
 
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """Deterministic kernels (process-wide), as torch's reproducibility notes ask."""
+    import torch
+
+    if enabled:
+        # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
+
+
 def resolve_device(requested: str) -> Any:
     import torch
 
@@ -276,6 +287,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     from .summary import format_step, format_table
 
     RNGManager.set_random_seeds(cfg.seed)
+    use_deterministic_algorithms(cfg.training.deterministic)
     device = resolve_device(cfg.training.device)
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)

@@ -164,8 +164,10 @@ def test_same_seed_same_run_other_seed_other_run(tiny_config, tmp_path):
     """``seed`` fixes class order, initialisation, data order and augmentation (random crops):
     two runs agree to the bit; another seed changes the order and the weights."""
     sets = ["--quiet", "--set", "training.epochs=2", "--set", "output.tensorboard=false"]
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        assert main(["run", str(tiny_config), "--out", str(tmp_path / name), "--set", f"seed={seed}", *sets]) == 0
+    # b also checks that torch's deterministic mode changes nothing on the CPU
+    for name, seed, deterministic in (("a", 3, False), ("b", 3, True), ("c", 4, False)):
+        assert main(["run", str(tiny_config), "--out", str(tmp_path / name), "--set", f"seed={seed}",
+                     "--set", f"training.deterministic={str(deterministic).lower()}", *sets]) == 0
     assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
     assert same_weights(tmp_path / "a", tmp_path / "b")
     assert comparable(tmp_path / "a")["class_order"] != comparable(tmp_path / "c")["class_order"]

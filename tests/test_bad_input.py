@@ -1,0 +1,245 @@
+"""The bad-input table: every malformed input ends the command with exit code 2 and one line
+that names the file (or flag) and the key, with no traceback; work already done is kept.
+
+Each case runs the real `incremental run` entry point in this process (an exception that
+escaped would fail the test); the last test runs a few through a fresh interpreter to see
+exactly what a user sees on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_RUN, write_cifar100, write_image_folder
+
+from incremental.checkpoint import CHECKPOINT_FILE
+from incremental.cli import main
+
+
+class Workspace:
+    """A folder with tiny.yaml, configs extending it, and one finished 3-experience run."""
+
+    def __init__(self, root: Path, finished: Path):
+        self.root = root
+        self.finished = finished
+        (root / "tiny.yaml").write_text(TINY_RUN)
+
+    def config(self, body: str, name: str = "case") -> str:
+        path = self.root / f"{name}.yaml"
+        path.write_text("extends: tiny.yaml\n" + body)
+        return str(path)
+
+    def run_copy(self) -> Path:
+        """A copy of the finished run, made to look stopped after experience 0."""
+        copy = self.root / "stopped"
+        shutil.copytree(self.finished, copy)
+        state = torch.load(copy / CHECKPOINT_FILE, weights_only=True)
+        state["experience"] = 0
+        torch.save(state, copy / CHECKPOINT_FILE)
+        return copy
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny.yaml").write_text(TINY_RUN)
+    out = root / "run"
+    assert main(["run", str(root / "tiny.yaml"), "--out", str(out), "--quiet", "--set", "training.epochs=1",
+                 "--set", "output.tensorboard=false"]) == 0
+    return out
+
+
+def _typo_in_parent(ws: Workspace) -> list[str]:
+    (ws.root / "tiny.yaml").write_text(TINY_RUN + "probes: [{name: masking, samples: 3}]\n")
+    return ["run", ws.config("seed: 1\n")]
+
+
+def _cifar_with_corrupt_train(ws: Workspace) -> str:
+    folder = write_cifar100(ws.root / "cifar")
+    (folder / "train").write_bytes(b"not a pickle")
+    return ws.config(f"dataset: {{name: cifar100, root: {ws.root / 'cifar'}}}\n")
+
+
+def _empty_image_folder(ws: Workspace) -> str:
+    for split in ("train", "val"):
+        (ws.root / "images" / split).mkdir(parents=True)
+    return ws.config(f"dataset: {{name: imagefolder, root: {ws.root / 'images'}}}\n")
+
+
+def _unreadable_training_image(ws: Workspace) -> list[str]:
+    root = write_image_folder(ws.root / "imgs", classes=("a", "b"), per_class=2)
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
+    return ["run", ws.config(f"dataset: {{name: imagefolder, root: {root}, image_size: 16}}\n"
+                             "protocol: {initial_classes: 0, increment: 1, class_order: sorted, memory: {total: 2}}\n"
+                             "training: {epochs: 1}\n")]
+
+
+def _other_architecture_weights(ws: Workspace) -> str:
+    path = ws.root / "resnet.safetensors"
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(path))
+    return ws.config(f"backbone: {{pretrained: {path}}}\n")
+
+
+def _truncated_checkpoint(ws: Workspace) -> list[str]:
+    run = ws.run_copy()
+    data = (run / CHECKPOINT_FILE).read_bytes()
+    (run / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    return ["run", "--resume", str(run)]
+
+
+def _foreign_checkpoint(ws: Workspace) -> list[str]:
+    run = ws.run_copy()
+    torch.save({"model": {}}, run / CHECKPOINT_FILE)
+    return ["run", "--resume", str(run)]
+
+
+def _edited_run_config(ws: Workspace) -> list[str]:
+    run = ws.run_copy()
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("epochs: 1", "epochs: 2", 1))
+    return ["run", "--resume", str(run)]
+
+
+# (case, argv builder, expected start of the line (file or flag), expected text with the key)
+CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], str], str]] = [
+    ("yaml syntax", lambda ws: ["run", ws.config("training: {epochs: 2\n")],
+     lambda ws: str(ws.root / "case.yaml"), "invalid YAML"),
+    ("key written twice", lambda ws: ["run", ws.config("seed: 1\nseed: 2\n")],
+     lambda ws: str(ws.root / "case.yaml"), "key 'seed' is written twice"),
+    ("unknown top-level key", lambda ws: ["run", ws.config("trainig: {epochs: 1}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "trainig: unknown key (did you mean 'training'?)"),
+    ("unknown nested key", lambda ws: ["run", ws.config("training: {optimizer: {lrr: 1}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.optimizer.lrr: unknown key"),
+    ("unknown strategy option", lambda ws: ["run", ws.config("strategy: {name: replay, selektion: random}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "strategy.selektion: unknown key"),
+    ("unknown key in the parent file", _typo_in_parent,
+     lambda ws: str(ws.root / "tiny.yaml"), "probes.0.samples: unknown key"),
+    ("wrong type", lambda ws: ["run", ws.config("training: {epochs: ten}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.epochs: expected an integer, got 'ten'"),
+    ("zero epochs", lambda ws: ["run", ws.config("training: {epochs: 0}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.epochs: must be >= 1, got 0"),
+    ("negative increment", lambda ws: ["run", ws.config("protocol: {increment: -3}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "protocol.increment: must be > 0"),
+    ("increments that do not add up", lambda ws: ["run", ws.config("protocol: {initial_classes: 0, increment: [4, 4]}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "protocol.increment: increments add up to 8"),
+    ("class order with a duplicate", lambda ws: ["run", ws.config("protocol: {class_order: [0,1,2,3,4,5,6,7,8,8]}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "protocol.class_order: classes listed more than once: [8]"),
+    ("class order with an unknown class", lambda ws: ["run", ws.config("protocol: {class_order: [0,1,2,3,4,5,6,7,8,12]}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "protocol.class_order: classes [12] do not exist"),
+    ("missing dataset folder", lambda ws: ["run", ws.config(f"dataset: {{name: cifar100, root: {ws.root / 'none'}}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "dataset.root: " ),
+    ("empty dataset folder", lambda ws: ["run", _empty_image_folder(ws)],
+     lambda ws: str(ws.root / "case.yaml"), "dataset.root: " ),
+    ("corrupt dataset file", lambda ws: ["run", _cifar_with_corrupt_train(ws)],
+     lambda ws: str(ws.root / "case.yaml"), "is not a CIFAR-100 pickle"),
+    ("unreadable training image", _unreadable_training_image,
+     lambda ws: str(ws.root / "case.yaml"), "dataset.root: cannot read image "),
+    ("unknown backbone", lambda ws: ["run", ws.config("backbone: {name: vitt}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.name: unknown backbone 'vitt' (did you mean 'vit'?)"),
+    ("unknown strategy", lambda ws: ["run", ws.config("strategy: replai\n")],
+     lambda ws: str(ws.root / "case.yaml"), "strategy.name: unknown strategy 'replai' (did you mean 'replay'?)"),
+    ("unknown probe", lambda ws: ["run", ws.config("probes: [masks]\n")],
+     lambda ws: str(ws.root / "case.yaml"), "probes.0.name: unknown probe 'masks' (did you mean 'masking'?)"),
+    ("missing pretrained file", lambda ws: ["run", ws.config(f"backbone: {{pretrained: {ws.root / 'none.pt'}}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: pretrained weights"),
+    ("pretrained file of another architecture", lambda ws: ["run", _other_architecture_weights(ws)],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: " ),
+    ("output directory that cannot be written", lambda ws: ["run", ws.config(""), "--out",
+                                                            str(ws.config("", "a_file")) + "/run"],
+     lambda ws: "--out", "cannot write to"),
+    ("an existing run as --out", lambda ws: ["run", ws.config(""), "--out", str(ws.finished)],
+     lambda ws: "--out", "already holds a run"),
+    ("--set of an unknown key", lambda ws: ["run", ws.config(""), "--set", "training.epoch=3"],
+     lambda ws: "--set training.epoch=3", "training.epoch: unknown key (did you mean 'epochs'?)"),
+    ("--set without a value", lambda ws: ["run", ws.config(""), "--set", "training.epochs"],
+     lambda ws: "--set", "expected key.path=value"),
+    ("missing config file", lambda ws: ["run", str(ws.root / "none.yaml")],
+     lambda ws: "CONFIG", "no such file"),
+    ("missing plugin file", lambda ws: ["run", ws.config(""), "--plugin", str(ws.root / "none.py")],
+     lambda ws: "--plugin", "does not exist"),
+    ("resume of a missing directory", lambda ws: ["run", "--resume", str(ws.root / "none")],
+     lambda ws: "--resume", "is not a directory"),
+    ("resume with an incompatible --set", lambda ws: ["run", "--resume", str(ws.run_copy()),
+                                                      "--set", "training.epochs=5"],
+     lambda ws: "--set training.epochs=5", "training.epochs: is 5 but the run in"),
+    ("resume with an incompatible config file", lambda ws: ["run", ws.config("training: {epochs: 5}\n"),
+                                                            "--resume", str(ws.run_copy())],
+     lambda ws: str(ws.root / "case.yaml"), "training.epochs: is 5 but the run in"),
+    ("resume with --out", lambda ws: ["run", "--resume", str(ws.run_copy()), "--out", str(ws.root / "x")],
+     lambda ws: "--out", "drop --out"),
+    ("resume after config.yaml was edited", _edited_run_config,
+     lambda ws: str(ws.root / "stopped" / "config.yaml"), "training.epochs: is 2 but checkpoint.pt was written with 1"),
+    ("truncated checkpoint", _truncated_checkpoint,
+     lambda ws: "--resume", "is not a readable checkpoint"),
+    ("checkpoint of another program", _foreign_checkpoint,
+     lambda ws: "--resume", "is not a checkpoint written by `incremental run`"),
+]
+
+
+@pytest.mark.parametrize("case, argv, where, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_with_file_and_key(case, argv, where, expected, finished_run, tmp_path, capsys):
+    ws = Workspace(tmp_path, finished_run)
+    args = argv(ws)
+    if "--out" not in args and "--resume" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(where(ws) + ": "), lines[0]
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 20
+
+
+def test_a_failed_resume_keeps_the_run_untouched(finished_run, tmp_path, capsys):
+    ws = Workspace(tmp_path, finished_run)
+    run = ws.run_copy()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["run", "--resume", str(run), "--set", "training.epochs=5", "--quiet"]) == 2
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_failure_in_a_later_experience_keeps_earlier_results(finished_run, tmp_path, capsys):
+    """The unreadable image belongs to the second class: experience 0 completes and is kept,
+    with its checkpoint, and the message says how to continue once the file is fixed."""
+    ws = Workspace(tmp_path, finished_run)
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
+    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    config = ws.config(f"dataset: {{name: imagefolder, root: {root}, image_size: 16}}\n"
+                       "protocol: {initial_classes: 0, increment: 1, class_order: sorted, memory: {total: 2}}\n"
+                       "training: {epochs: 1}\n")
+    out = tmp_path / "run"
+    assert main(["run", config, "--out", str(out), "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"{config}: dataset.root: cannot read image ") and "broken.png" in line
+    assert line.endswith(f"continue with `incremental run --resume {out}`")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["completed_experiences"] == 1
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=True)["experience"] == 0
+    # fixed: the run continues from its checkpoint and completes
+    (root / "train" / "b" / "broken.png").unlink()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--resume", "/nonexistent/run"],
+    ["run", "no-such-protocol"],
+])
+def test_the_console_shows_one_line_and_no_traceback(argv):
+    done = subprocess.run([sys.executable, "-m", "incremental", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
