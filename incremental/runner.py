@@ -165,6 +165,21 @@ class RunResults:
 RESUME_LOG = "resume.log"
 
 
+def can_resume(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a stopped run of ``cfg`` with a checkpoint to continue from."""
+    import yaml
+
+    from .checkpoint import CHECKPOINT_FILE
+    from .config import config_differences
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (run_dir / CHECKPOINT_FILE).is_file() and isinstance(saved, dict) \
+        and not config_differences(saved, cfg)
+
+
 def open_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The checkpoint to resume ``run_dir`` from, checked against ``cfg``; None when the run
     stopped before its first experience was complete (it then starts again in place)."""
@@ -203,7 +218,8 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
     from .models.net import grow_head
 
     states = checkpoint["plugins"]
-    if len(states) != len(plugins) or any(state is None for state in states):
+    complete = int(checkpoint["experience"]) + 1 >= int(checkpoint["num_experiences"])
+    if not complete and (len(states) != len(plugins) or any(state is None for state in states)):
         names = [type(p).__name__ for p, state in zip(plugins, states) if state is None] or ["a different plugin list"]
         raise ConfigError(f"this strategy keeps state that a checkpoint cannot hold ({', '.join(names)}); "
                           f"the run cannot be resumed, start it again", key="strategy.name")
@@ -214,10 +230,14 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
         lines = str(exc).strip().splitlines()
         raise UserError(f"{run_dir / 'checkpoint.pt'} does not fit the model of config.yaml: "
                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}", key="backbone") from None
-    for plugin, state in zip(plugins, checkpoint["plugins"]):
-        plugin.load_state_dict(state, model)
+    for plugin, state in zip(plugins, states):
+        if state is not None:
+            plugin.load_state_dict(state, model)
     set_clock_state(template.clock, checkpoint["clock"])
     saved = json.loads(checkpoint["results"])
+    if not len(saved["matrix"]) == len(saved["steps"]) == int(checkpoint["experience"]) + 1:
+        raise UserError(f"{run_dir / 'checkpoint.pt'} is inconsistent: experience {checkpoint['experience']} "
+                        f"with {len(saved['matrix'])} rows of results", key="--resume")
     results.matrix, results.steps = saved["matrix"], saved["steps"]
     set_rng_state(checkpoint["rng"])  # last: building the run above drew random numbers
     return int(checkpoint["experience"]) + 1
@@ -262,10 +282,6 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     checkpoint = None
     if resume:
         checkpoint = open_resume(run_dir, cfg)
-        if checkpoint is not None and checkpoint["experience"] + 1 >= checkpoint["num_experiences"]:
-            if not quiet:
-                echo(f"{run_dir}: the run is complete ({checkpoint['num_experiences']} experiences); nothing to resume")
-            return json.loads((run_dir / "metrics.json").read_text())
     else:
         prepare_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -336,6 +352,13 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     if checkpoint is not None:
         first = restore_checkpoint(checkpoint, model=model, plugins=stateful, template=template,
                                    results=results, run_dir=run_dir)
+    if first == class_split.num_experiences:  # complete: metrics.json is rewritten from the checkpoint
+        results.status = "complete"
+        metrics = results.to_json()
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        if not quiet:
+            echo(f"{run_dir}: the run is complete ({first} experiences); nothing to resume")
+        return metrics
     if resume:
         with open(run_dir / RESUME_LOG, "a") as log:
             log.write(f"{datetime.now().isoformat(timespec='seconds')} resumed at experience {first}\n")

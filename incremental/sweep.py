@@ -1,5 +1,6 @@
 """``incremental sweep CONFIG --seeds 0 1 2 [--set key=v1,v2 ...]``: a config over seeds and
-value grids, one run directory per combination, runs already complete skipped.
+value grids, one run directory per combination, runs already complete skipped and stopped ones
+resumed from their checkpoints.
 
 A ``--set`` whose value lists several values separated by top-level commas
 (``strategy=replay,finetune``; commas inside ``[...]`` or ``{...}`` do not split) is a grid
@@ -92,7 +93,7 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
 def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
           quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = ()) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order."""
-    from .runner import run
+    from .runner import can_resume, run
 
     root, runs = plan(config, seeds, overrides, out, plugins)
     echo(f"sweep: {len(runs)} runs under {root}")
@@ -100,11 +101,12 @@ def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out:
         if is_complete(run_dir):
             echo(f"[{index}/{len(runs)}] kept {run_dir} (complete)")
             continue
-        if run_dir.exists():  # an unfinished attempt: start it again
+        resume = can_resume(run_dir, cfg)
+        if run_dir.exists() and not resume:  # an unfinished attempt with no usable checkpoint
             shutil.rmtree(run_dir)
-        echo(f"[{index}/{len(runs)}] running {run_dir}")
+        echo(f"[{index}/{len(runs)}] {'resuming' if resume else 'running'} {run_dir}")
         try:
-            metrics = run(cfg, run_dir, quiet=True)
+            metrics = run(cfg, run_dir, quiet=True, resume=resume)
         except UserError as exc:
             raise source.attribute(exc)
         if not quiet:

@@ -31,6 +31,21 @@ training:
 """
 
 
+def rewind_checkpoint(run_dir: Path, experience: int) -> None:
+    """Make a run's checkpoint say it stopped after ``experience`` (results cut to match; the
+    weights stay those of the last experience, which only matters for comparisons)."""
+    import json
+
+    import torch
+
+    path = run_dir / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    results = json.loads(state["results"])
+    state["results"] = json.dumps({k: v[: experience + 1] for k, v in results.items()})
+    state["experience"] = experience
+    torch.save(state, path)
+
+
 @pytest.fixture
 def write_yaml(tmp_path: Path):
     def write(text: str, name: str = "config.yaml") -> Path:

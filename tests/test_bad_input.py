@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_RUN, write_cifar100, write_image_folder
+from conftest import TINY_RUN, rewind_checkpoint, write_cifar100, write_image_folder
 
 from incremental.checkpoint import CHECKPOINT_FILE
 from incremental.cli import main
@@ -42,9 +42,7 @@ class Workspace:
         """A copy of the finished run, made to look stopped after experience 0."""
         copy = self.root / "stopped"
         shutil.copytree(self.finished, copy)
-        state = torch.load(copy / CHECKPOINT_FILE, weights_only=True)
-        state["experience"] = 0
-        torch.save(state, copy / CHECKPOINT_FILE)
+        rewind_checkpoint(copy, 0)
         return copy
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import rewind_checkpoint
+
 from incremental.cli import main
 from incremental.compare import compare, group_runs, load_run, plot_curves
 from incremental.config import dump_yaml, load_config
@@ -143,11 +145,15 @@ def test_sweep_runs_the_grid_keeps_complete_runs_and_compares(tiny_config, tmp_p
     seeds = {json.loads((out / n / "metrics.json").read_text())["seed"] for n in names}
     assert seeds == {0, 1}
 
-    # Again: complete runs are kept, an unfinished one is run again.
+    # Again: complete runs are kept, a stopped one is resumed from its checkpoint, and one with
+    # no checkpoint is run again.
     stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
-    (out / "strategy=replay-seed1" / "metrics.json").write_text('{"status": "failed"}')
+    stopped = out / "strategy=replay-seed1"
+    (stopped / "metrics.json").write_text('{"status": "failed"}')
+    rewind_checkpoint(stopped, 0)
     assert main(args) == 0
-    assert "kept" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kept" in printed and f"resuming {stopped}" in printed
     for n in names:
         changed = (out / n / "metrics.json").stat().st_mtime_ns != stamps[n]
         assert changed == (n == "strategy=replay-seed1"), n

@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, rewind_checkpoint
 
 from incremental.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from incremental.cli import main
@@ -68,18 +70,37 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
     return config, root / "uninterrupted"
 
 
-@pytest.mark.parametrize("kill_at", ["1:train:5", "1:eval:0", "0:train:3"])
+def kill_from_outside_after_first_checkpoint(config: Path, run_dir: Path) -> int:
+    """SIGKILL sent by another process as soon as experience 0's checkpoint appears, whatever
+    the run is doing then (starting experience 1, writing logs)."""
+    process = subprocess.Popen([sys.executable, "-m", "incremental", "run", str(config), "--out", str(run_dir),
+                                "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir / CHECKPOINT_FILE).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    return process.wait()
+
+
+@pytest.mark.parametrize("kill_at", ["1:train:5", "1:eval:0", "0:train:3", "outside"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, kill_at):
     config, reference = uninterrupted
     run_dir = tmp_path / "killed"
-    killed = run_cli("run", str(config), "--out", str(run_dir), "--quiet",
-                     env={"INCREMENTAL_TEST_KILL_AT": kill_at})
-    assert killed.returncode == -9, killed.stderr  # died by SIGKILL, no clean-up ran
-    experience = int(kill_at.split(":")[0])
-    if experience > 0:
-        assert load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] == experience - 1
+    if kill_at == "outside":
+        assert kill_from_outside_after_first_checkpoint(config, run_dir) == -9
+        experience = load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] + 1
+        assert experience < 3, "the run finished before the kill"
     else:
-        assert not (run_dir / CHECKPOINT_FILE).exists()
+        killed = run_cli("run", str(config), "--out", str(run_dir), "--quiet",
+                         env={"INCREMENTAL_TEST_KILL_AT": kill_at})
+        assert killed.returncode == -9, killed.stderr  # died by SIGKILL, no clean-up ran
+        experience = int(kill_at.split(":")[0])
+        if experience > 0:
+            assert load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] == experience - 1
+        else:
+            assert not (run_dir / CHECKPOINT_FILE).exists()
+    # a kill during a write leaves a partial temporary file, which is never read
+    (run_dir / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"partial")
     resumed = run_cli("run", "--resume", str(run_dir), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(run_dir) == comparable(reference)  # bit-identical floats, through JSON
@@ -147,9 +168,7 @@ def test_a_strategy_whose_state_cannot_be_checkpointed_refuses_to_resume(write_y
     assert main(["run", str(config), "--out", str(run_dir), "--quiet", "--set", "training.epochs=1",
                  "--set", "output.tensorboard=false"]) == 0
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0  # complete: nothing to do
-    checkpoint = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
-    checkpoint["experience"] = 0  # as if it had stopped after the first experience
-    torch.save(checkpoint, run_dir / CHECKPOINT_FILE)
+    rewind_checkpoint(run_dir, 0)  # as if it had stopped after the first experience
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -219,8 +238,8 @@ class _Payload:
 def test_a_checkpoint_holding_code_is_refused_unrun(uninterrupted, tmp_path, capsys):
     _, reference = uninterrupted
     run_dir = shutil.copytree(reference, tmp_path / "tampered")
+    rewind_checkpoint(run_dir, 0)
     state = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
-    state["experience"] = 0
     marker = tmp_path / "code-ran"
     state["plugins"] = [_Payload(marker)]
     torch.save(state, run_dir / CHECKPOINT_FILE)

@@ -130,7 +130,8 @@ def test_a_run_that_fails_midway_keeps_finished_experiences(tiny_config, tmp_pat
     assert code == 2
     # the strategy was chosen on the command line, so the error names that flag
     assert capsys.readouterr().err.strip() == \
-        "--set strategy=test_fails_in_second_experience: strategy.name: deliberate failure"
+        "--set strategy=test_fails_in_second_experience: strategy.name: deliberate failure; " \
+        f"continue with `incremental run --resume {out}`"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["completed_experiences"] == 1
     assert len(metrics["accuracy_matrix"]) == 1
