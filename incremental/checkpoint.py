@@ -23,7 +23,6 @@ Contents (``FORMAT`` 1):
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
@@ -84,12 +83,10 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` atomically: a kill leaves the previous checkpoint or this one, whole."""
     tmp = path.with_name(path.name + ".tmp")
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "kind": KIND, **state}, buffer)
     with open(tmp, "wb") as handle:
-        handle.write(buffer.getbuffer())
+        torch.save({"format": FORMAT, "kind": KIND, **state}, handle)
         handle.flush()
-        os.fsync(handle.fileno())
+        os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
