@@ -52,10 +52,14 @@ def prepare_run_dir(run_dir: Path, marker: str = "metrics.json") -> None:
         raise UserError(f"cannot write to {run_dir}: {exc.strerror or exc}", key="--out") from None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written file
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers (and a resumed run) never see a half-written file
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_model(model: Any, path: Path, *, experience: int) -> None:
@@ -284,7 +288,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         checkpoint = open_resume(run_dir, cfg)
     else:
         prepare_run_dir(run_dir)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager

@@ -129,6 +129,27 @@ def test_checkpoint_loads_with_weights_only(uninterrupted):
     assert len(json.loads(state["results"])["matrix"]) == 3
 
 
+def test_a_resumed_writer_replaces_what_the_stopped_one_logged(tmp_path):
+    """Steps the stopped run logged after its checkpoint are redone; TensorBoard keeps one value
+    per step, the resumed run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from incremental.tensorboard import TensorBoardWriter
+
+    stopped = TensorBoardWriter(tmp_path, {"seed": 1})
+    for step in range(3):
+        stopped.writer.add_scalar("cil/accuracy", 10.0 + step, global_step=step)
+    stopped.close()
+    time.sleep(1.1)  # event files are named by the second they are opened in
+    resumed = TensorBoardWriter(tmp_path, {"seed": 1}, purge_step=1)
+    for step in (1, 2):
+        resumed.writer.add_scalar("cil/accuracy", 20.0 + step, global_step=step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("cil/accuracy")] == [(0, 10.0), (1, 21.0), (2, 22.0)]
+
+
 # ------------------------------------------------------------------ every strategy's state
 
 STRATEGY_CASES = {
