@@ -214,6 +214,12 @@ class TrainingConfig:
     scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
     num_workers: int = opt(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC model and inputs: faster convolutions on GPUs (conv models)
+    compile: bool = False  # torch.compile the model's forward (a GPU option: no speed-up on CPUs)
+    persistent_workers: bool = True  # with num_workers > 0: keep the workers between epochs
+    prefetch_factor: int | None = opt(None, ge=1)  # batches each worker loads ahead (None: torch's 2)
     # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs
     # are bit-identical without it); an op with no deterministic kernel then raises an error.
     deterministic: bool = False

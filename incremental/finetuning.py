@@ -15,11 +15,14 @@ from .plugins import GroupHook, build_optimizer, check_finite, lr_factor, scale_
 def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float, batch_size: int,
                       params: Literal["head", "all"], optimizer: OptimizerConfig, device: Any,
                       seed: int, num_workers: int = 0, label_smoothing: float = 0.0,
-                      group_hooks: Sequence[GroupHook] = ()) -> list[float]:
+                      group_hooks: Sequence[GroupHook] = (), precision: str = "fp32") -> list[float]:
     """Train ``model`` on the Avalanche ``dataset`` (train transforms) for ``epochs`` with a
     cosine-decayed ``lr``; ``params="head"`` trains the classifier only, with the backbone in
-    eval mode (frozen BN statistics, no drop path). Returns the mean loss of each epoch."""
+    eval mode (frozen BN statistics, no drop path). ``precision`` as the run's (autocast, and
+    loss scaling for fp16). Returns the mean loss of each epoch."""
     from torch.utils.data import DataLoader
+
+    from .template import autocast
 
     if params == "head":
         frozen = [p for name, p in model.named_parameters() if not name.startswith("head.") and p.requires_grad]
@@ -37,6 +40,7 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     opt = build_optimizer(model, optimizer, lr, group_hooks)
     schedule = SchedulerConfig(name="cosine")
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     epoch_losses: list[float] = []
     try:
         iteration = 0
@@ -44,13 +48,16 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
             total, count = 0.0, 0
             for x, y, *_ in loader:
                 scale_lrs(opt, lr_factor(schedule, iteration=iteration, iters_per_epoch=len(loader), epochs=epochs))
-                loss = criterion(model(x.to(device)), y.to(device))
+                with autocast(device, precision):
+                    logits = model(x.to(device))
+                loss = criterion(logits.float(), y.to(device))
                 value = float(loss.detach())
                 check_finite(value, "balanced-finetuning loss", f"in epoch {epoch + 1}",
                              key="strategy.balanced_finetuning.lr_scale")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 total += value
                 count += 1
                 iteration += 1

@@ -238,6 +238,8 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
         if state is not None:
             plugin.load_state_dict(state, model)
     set_clock_state(template.clock, checkpoint["clock"])
+    if checkpoint["grad_scaler"]:
+        template.scaler.load_state_dict(checkpoint["grad_scaler"])
     saved = json.loads(checkpoint["results"])
     if not len(saved["matrix"]) == len(saved["steps"]) == int(checkpoint["experience"]) + 1:
         raise UserError(f"{run_dir / 'checkpoint.pt'} is inconsistent: experience {checkpoint['experience']} "
@@ -261,6 +263,7 @@ def write_checkpoint(run_dir: Path, cfg: RunConfig, experience: int, *, template
         "optimizer": template.optimizer.state_dict(),
         "scheduler": optimization.schedule_state() if optimization is not None else {},
         "clock": clock_state(template.clock),
+        "grad_scaler": template.scaler.state_dict(),  # fp16 loss scale, carried across experiences
         "plugins": plugin_states(plugins),
         "rng": rng_state(),
         "results": json.dumps({"matrix": results.matrix, "steps": results.steps}),
@@ -292,7 +295,6 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
 
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
-    from avalanche.training.templates import SupervisedTemplate
 
     from .data import build_dataset
     from .models import build_model
@@ -304,6 +306,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     from .registry import STRATEGIES
     from .checkpoint import unresumable
     from .strategy import StrategyContext
+    from .template import IncrementalTemplate
     from .summary import format_step, format_table
 
     RNGManager.set_random_seeds(cfg.seed)
@@ -331,7 +334,9 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         strategy_plugins = [strategy_plugins]
     optimization = OptimizationPlugin(cfg.training, context.param_group_hooks)
     recorder = EvaluationRecorder(class_split.label_experience())
-    template = SupervisedTemplate(
+    if cfg.training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    template = IncrementalTemplate(
         model=model,
         # A placeholder: OptimizationPlugin builds the real optimizer at every experience.
         optimizer=torch.optim.SGD(model.parameters(), lr=cfg.training.optimizer.lr),
@@ -346,6 +351,11 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         plugins=[optimization, *strategy_plugins, *compression, recorder,
                  *([probe_suite] if probe_suite is not None else []), ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
+        precision=cfg.training.precision,
+        channels_last=cfg.training.channels_last,
+        compile=cfg.training.compile,
+        persistent_workers=cfg.training.persistent_workers,
+        prefetch_factor=cfg.training.prefetch_factor,
     )
 
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]

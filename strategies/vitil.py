@@ -28,6 +28,7 @@ from incremental.losses import logit_distillation
 from incremental.models.net import frozen
 from incremental.plugins import head_param_groups
 from incremental.registry import STRATEGIES
+from incremental.template import strategy_autocast
 from incremental.strategy import StrategyContext
 
 from .replay import ExemplarReplay, ReplayConfig
@@ -82,8 +83,8 @@ class ViTIL(ExemplarReplay):
         kd = self.config.distillation
         if self.teacher is None or not kd.enabled or kd.weight == 0:
             return
-        with torch.no_grad():
-            teacher_logits = self.teacher(strategy.mb_x)
+        with torch.no_grad(), strategy_autocast(strategy):
+            teacher_logits = self.teacher(strategy.mb_x).float()
         strategy.loss = strategy.loss + kd.weight * logit_distillation(
             strategy.mb_output, teacher_logits, kd.temperature)
 
@@ -120,4 +121,5 @@ class ViTIL(ExemplarReplay):
             lr=training.optimizer.lr * bft.lr_scale, batch_size=bft.batch_size or training.batch_size,
             params=bft.params, optimizer=training.optimizer, device=strategy.device,
             seed=self.context.config.seed * 1000 + experience, num_workers=training.num_workers,
-            label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks)
+            label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks,
+            precision=training.precision)

@@ -161,6 +161,8 @@ STRATEGY_CASES = {
     "ewc": "strategy: {name: ewc, ewc_lambda: 10.0}",
     "ewc_online": "strategy: {name: ewc, ewc_lambda: 10.0, mode: online, decay_factor: 0.5}",
     "finetune": "strategy: finetune",
+    # fp16: the GradScaler's loss scale carries over experiences
+    "vitil_fp16": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}\ntraining: {precision: fp16}",
 }
 
 

@@ -1,0 +1,99 @@
+"""The run's SupervisedTemplate: Avalanche's, with mixed precision, channels_last inputs and a
+tuned DataLoader.
+
+Avalanche 0.6 has no mixed precision. Its template exposes ``forward``, ``backward`` and
+``optimizer_step`` for subclasses, so autocast wraps the forward pass (training and
+evaluation), fp16 scales the loss with a GradScaler, and the optimizer step goes through the
+scaler; plugins (strategies, probes) are unchanged. Losses are computed outside autocast, in
+fp32, from the low-precision logits, as torch's AMP recipe does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from avalanche.training.templates import SupervisedTemplate
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device | str, precision: str) -> ContextManager[Any]:
+    """torch.autocast for ``precision`` on ``device``'s type (a no-op for fp32)."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def strategy_autocast(strategy: Any) -> ContextManager[Any]:
+    """The run's autocast, for a plugin's extra forward passes (a teacher's); a no-op under a
+    plain Avalanche template."""
+    make = getattr(strategy, "autocast", None)
+    return make() if callable(make) else contextlib.nullcontext()
+
+
+class IncrementalTemplate(SupervisedTemplate):
+    """SupervisedTemplate + ``precision`` (fp32, bf16, fp16 with loss scaling), ``channels_last``
+    inputs and DataLoader settings (``persistent_workers``, ``prefetch_factor``)."""
+
+    def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                 persistent_workers: bool = True, prefetch_factor: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.compile = compile
+        self._compiled: tuple[int, Any] | None = None
+        self.precision = precision
+        self.channels_last = channels_last
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        # fp16 gradients underflow without scaling; bf16 has fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=precision == "fp16")
+
+    def autocast(self) -> ContextManager[Any]:
+        return autocast(self.device, self.precision)
+
+    def compiled_model(self) -> Any:
+        """torch.compile of the current model, made again when a plugin swaps the model.
+
+        The model itself is not compiled in place: teachers are deep copies of it, and a copy of
+        an in-place-compiled module would still call the original's forward."""
+        if self._compiled is None or self._compiled[0] != id(self.model):
+            self._compiled = (id(self.model), torch.compile(self.model))
+        return self._compiled[1]
+
+    def forward(self) -> torch.Tensor:
+        with self.autocast():
+            output = self.compiled_model()(self.mb_x) if self.compile else super().forward()
+        return output.float()  # losses and metrics in fp32
+
+    def backward(self) -> None:
+        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
+
+    def _unpack_minibatch(self) -> None:
+        super()._unpack_minibatch()
+        if self.channels_last and self.mbatch[0].dim() == 4:
+            self.mbatch[0] = self.mbatch[0].contiguous(memory_format=torch.channels_last)
+
+    def _loader_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("num_workers", 0) > 0:
+            # Workers kept across epochs (not restarted each epoch) and batches prefetched.
+            kwargs.setdefault("persistent_workers", self.persistent_workers)
+        return kwargs
+
+    def make_train_dataloader(self, **kwargs: Any) -> None:
+        super().make_train_dataloader(**self._loader_args(kwargs))
+        self._set_prefetch()
+
+    def make_eval_dataloader(self, **kwargs: Any) -> None:
+        super().make_eval_dataloader(**self._loader_args(kwargs))
+        self._set_prefetch()
+
+    def _set_prefetch(self) -> None:
+        # Avalanche does not pass prefetch_factor on; the DataLoader reads it per iterator.
+        if self.prefetch_factor is not None and getattr(self.dataloader, "num_workers", 0) > 0:
+            self.dataloader.prefetch_factor = self.prefetch_factor

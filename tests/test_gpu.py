@@ -1,0 +1,48 @@
+"""Runs on a CUDA device: mixed precision, channels_last, torch.compile, determinism. Skipped
+(cleanly, at collection) where torch sees no GPU, as on CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_RUN
+
+from incremental.cli import main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def run_on_gpu(tmp_path, name: str, *sets: str) -> dict:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    args = ["run", str(config), "--out", str(tmp_path / name), "--quiet", "--set", "training.device=cuda",
+            "--set", "training.epochs=3", "--set", "output.tensorboard=false"]
+    for value in sets:
+        args += ["--set", value]
+    assert main(args) == 0
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu_is_close_to_fp32(tmp_path, precision):
+    fp32 = run_on_gpu(tmp_path, "fp32")
+    low = run_on_gpu(tmp_path, precision, f"training.precision={precision}")
+    assert low["status"] == "complete"
+    assert low["train_loss"][0] == pytest.approx(fp32["train_loss"][0], abs=0.1)
+
+
+def test_channels_last_resnet_and_compile_on_gpu(tmp_path):
+    plain = run_on_gpu(tmp_path, "plain", "backbone={name: resnet32, width: 8}")
+    fast = run_on_gpu(tmp_path, "fast", "backbone={name: resnet32, width: 8}", "training.channels_last=true",
+                      "training.compile=true", "training.precision=bf16")
+    assert fast["status"] == "complete"
+    assert fast["train_loss"][0] == pytest.approx(plain["train_loss"][0], abs=0.15)
+
+
+def test_deterministic_mode_repeats_a_gpu_run_exactly(tmp_path):
+    a = run_on_gpu(tmp_path, "a", "training.deterministic=true")
+    b = run_on_gpu(tmp_path, "b", "training.deterministic=true")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["train_loss"] == b["train_loss"]
