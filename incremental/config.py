@@ -218,6 +218,10 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # NHWC model and inputs: faster convolutions on GPUs (conv models)
     compile: bool = False  # torch.compile the model's forward (a GPU option: no speed-up on CPUs)
+    # device: in-memory datasets (digits, synthetic, CIFAR) held on the device as uint8 and
+    # augmented there in batches; loader: a DataLoader with per-sample transforms; auto: device
+    # on CUDA, loader on the CPU (other datasets always take the loader)
+    data_path: Literal["auto", "device", "loader"] = "auto"
     persistent_workers: bool = True  # with num_workers > 0: keep the workers between epochs
     prefetch_factor: int | None = opt(None, ge=1)  # batches each worker loads ahead (None: torch's 2)
     # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs

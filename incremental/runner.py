@@ -101,6 +101,11 @@ def use_deterministic_algorithms(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
 
 
+def device_data_path(data_path: str, device: Any) -> bool:
+    """Whether in-memory datasets go to the device (see TrainingConfig.data_path)."""
+    return data_path == "device" or (data_path == "auto" and getattr(device, "type", str(device)) == "cuda")
+
+
 def resolve_device(requested: str) -> Any:
     import torch
 
@@ -356,6 +361,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         compile=cfg.training.compile,
         persistent_workers=cfg.training.persistent_workers,
         prefetch_factor=cfg.training.prefetch_factor,
+        batch_augmentation=splits.batch_augmentation if device_data_path(cfg.training.data_path, device) else None,
     )
 
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]

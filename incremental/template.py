@@ -39,8 +39,13 @@ class IncrementalTemplate(SupervisedTemplate):
     inputs and DataLoader settings (``persistent_workers``, ``prefetch_factor``)."""
 
     def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                 persistent_workers: bool = True, prefetch_factor: int | None = None, **kwargs: Any):
+                 persistent_workers: bool = True, prefetch_factor: int | None = None,
+                 batch_augmentation: Any = None, **kwargs: Any):
+        """``batch_augmentation``: a :class:`~incremental.data.device.BatchAugmentation` turns on
+        the device data path (uint8 images on the device, augmented there in batches)."""
         super().__init__(**kwargs)
+        self.batch_augmentation = batch_augmentation
+        self._device_images: Any = None
         self.compile = compile
         self._compiled: tuple[int, Any] | None = None
         self.precision = precision
@@ -86,12 +91,31 @@ class IncrementalTemplate(SupervisedTemplate):
         return kwargs
 
     def make_train_dataloader(self, **kwargs: Any) -> None:
-        super().make_train_dataloader(**self._loader_args(kwargs))
-        self._set_prefetch()
+        if not self._device_loader(train=True, batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
+                                   drop_last=kwargs.get("drop_last", False)):
+            super().make_train_dataloader(**self._loader_args(kwargs))
+            self._set_prefetch()
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
-        super().make_eval_dataloader(**self._loader_args(kwargs))
-        self._set_prefetch()
+        if not self._device_loader(train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False):
+            super().make_eval_dataloader(**self._loader_args(kwargs))
+            self._set_prefetch()
+
+    def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool) -> bool:
+        """Use the device data path for this dataset if it is on and the dataset allows it."""
+        if self.batch_augmentation is None:
+            return False
+        from .data.device import DeviceBatchLoader, DeviceImages, resolve
+
+        resolved = resolve(self.adapted_dataset)
+        if resolved is None:
+            return False
+        if self._device_images is None or self._device_images.device != torch.device(self.device):
+            self._device_images = DeviceImages(self.device)
+        self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation,
+                                            batch_size=batch_size, train=train, shuffle=shuffle,
+                                            drop_last=drop_last, dataset=self.adapted_dataset)
+        return True
 
     def _set_prefetch(self) -> None:
         # Avalanche does not pass prefetch_factor on; the DataLoader reads it per iterator.

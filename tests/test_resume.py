@@ -163,6 +163,8 @@ STRATEGY_CASES = {
     "finetune": "strategy: finetune",
     # fp16: the GradScaler's loss scale carries over experiences
     "vitil_fp16": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}\ntraining: {precision: fp16}",
+    # the device data path draws its shuffles and crops from the restored generator too
+    "replay_device_data": "strategy: replay\ntraining: {data_path: device}",
 }
 
 

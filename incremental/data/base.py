@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..registry import DATASETS
+from .device import BatchAugmentation, answering_positions, register_source
 
 
 @dataclass
@@ -34,6 +35,9 @@ class DatasetSplits:
     # images in [0, 1] pixel space, where corruption and attack budgets are defined.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # The same transforms for whole uint8 batches on the device (tensor datasets only; see
+    # incremental.data.device). None: the dataset takes the DataLoader path.
+    batch_augmentation: BatchAugmentation | None = None
 
     @property
     def num_classes(self) -> int:
@@ -50,27 +54,33 @@ class TensorImageDataset(Dataset):
             raise ValueError("images and targets differ in length")
         self.images = images
         self.targets = [int(t) for t in targets]
+        self.slot = register_source(self)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if answering_positions():  # the device data path asks where each sample lives
+            return torch.tensor([self.slot, index]), self.targets[index]
         return self.images[index], self.targets[index]
 
 
 def tensor_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                      augment: bool, flip: bool) -> tuple[Callable, Callable]:
+                      augment: bool, flip: bool) -> tuple[Callable, Callable, BatchAugmentation]:
     """Train and eval transforms for uint8 tensor images: random crop with padding
-    (size/8, i.e. the usual 4 px at 32 px) and optional flip, then scaling and normalising."""
+    (size/8, i.e. the usual 4 px at 32 px) and optional flip, then scaling and normalising;
+    and the same as one batched augmentation for the device data path."""
     from torchvision.transforms import v2
 
+    padding = max(1, image_size // 8) if augment else 0
     finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     train_aug = []
     if augment:
-        train_aug.append(v2.RandomCrop(image_size, padding=max(1, image_size // 8)))
+        train_aug.append(v2.RandomCrop(image_size, padding=padding))
         if flip:
             train_aug.append(v2.RandomHorizontalFlip())
-    return v2.Compose(train_aug + finish), v2.Compose(finish)
+    batch = BatchAugmentation(tuple(mean), tuple(std), padding=padding, flip=augment and flip)
+    return v2.Compose(train_aug + finish), v2.Compose(finish), batch
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

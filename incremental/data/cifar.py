@@ -88,7 +88,7 @@ def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
     bad = sorted({t for t in train_labels + test_labels if not 0 <= t < 100})
     if bad:
         raise DataError(f"{folder}: labels outside 0..99: {bad[:5]}", key="root")
-    train_tf, eval_tf = tensor_transforms(cfg.image_size, CIFAR100_MEAN, CIFAR100_STD,
+    train_tf, eval_tf, batch_augmentation = tensor_transforms(cfg.image_size, CIFAR100_MEAN, CIFAR100_STD,
                                           augment=cfg.augment, flip=True)
     return DatasetSplits(
         train=TensorImageDataset(resize_uint8(train_images, cfg.image_size), train_labels),
@@ -98,6 +98,7 @@ def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        batch_augmentation=batch_augmentation,
         mean=tuple(CIFAR100_MEAN),
         std=tuple(CIFAR100_STD),
     )

@@ -33,7 +33,7 @@ def build_digits(cfg: DigitsConfig) -> DatasetSplits:
     # is scored on the same test images.
     train_idx, test_idx = train_test_split(np.arange(len(targets)), test_size=cfg.test_fraction,
                                            stratify=targets, random_state=0)
-    train_tf, eval_tf = tensor_transforms(cfg.image_size, [0.5], [0.5], augment=cfg.augment, flip=False)
+    train_tf, eval_tf, batch_augmentation = tensor_transforms(cfg.image_size, [0.5], [0.5], augment=cfg.augment, flip=False)
     return DatasetSplits(
         train=TensorImageDataset(images[train_idx], targets[train_idx].tolist()),
         test=TensorImageDataset(images[test_idx], targets[test_idx].tolist()),
@@ -42,6 +42,7 @@ def build_digits(cfg: DigitsConfig) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        batch_augmentation=batch_augmentation,
         mean=(0.5,),
         std=(0.5,),
     )

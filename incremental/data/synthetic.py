@@ -57,7 +57,7 @@ def build_synthetic(cfg: SyntheticConfig) -> DatasetSplits:
     train_images, train_labels = _samples(patterns, cfg.train_per_class, cfg, gen)
     test_images, test_labels = _samples(patterns, cfg.test_per_class, cfg, gen)
     mean, std = [0.5] * cfg.channels, [0.25] * cfg.channels
-    train_tf, eval_tf = tensor_transforms(cfg.image_size, mean, std, augment=cfg.augment, flip=True)
+    train_tf, eval_tf, batch_augmentation = tensor_transforms(cfg.image_size, mean, std, augment=cfg.augment, flip=True)
     return DatasetSplits(
         train=TensorImageDataset(train_images, train_labels),
         test=TensorImageDataset(test_images, test_labels),
@@ -66,6 +66,7 @@ def build_synthetic(cfg: SyntheticConfig) -> DatasetSplits:
         image_size=cfg.image_size,
         train_transform=train_tf,
         eval_transform=eval_tf,
+        batch_augmentation=batch_augmentation,
         mean=tuple(mean),
         std=tuple(std),
     )
