@@ -319,6 +319,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group the run joined (torch warns otherwise)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,7 +113,7 @@ def lr_factor(cfg: SchedulerConfig, *, iteration: int, iters_per_epoch: int, epo
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class OptimizationPlugin(SupervisedPlugin):
+class OptimizationPlugin(SupervisedPlugin, supports_distributed=True):
     """A fresh optimizer at every experience, and a per-iteration LR schedule.
 
     Avalanche otherwise carries the optimizer's state (AdamW moments) from one experience
@@ -152,7 +152,7 @@ class OptimizationPlugin(SupervisedPlugin):
 # --------------------------------------------------------------------------- records
 
 
-class EvaluationRecorder(SupervisedPlugin):
+class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
     """Counts correct predictions per evaluated experience, and the training loss.
 
     Read-only: it looks at ``mb_output`` and ``mb_y`` after each eval iteration, so the
@@ -195,12 +195,46 @@ class EvaluationRecorder(SupervisedPlugin):
         if self.loss_count:
             self.epoch_losses.append(self.loss_sum / self.loss_count)
 
+    def after_eval(self, strategy: Any, **kwargs: Any) -> None:
+        """Under torchrun each rank evaluated a shard: sum the counts over ranks."""
+        from .distributed import sum_tensor
+
+        dist = getattr(strategy, "dist", None)
+        if dist is None or not dist.enabled:
+            return
+        n = int(self.label_experience.max()) + 1 if len(self.label_experience) else 1 + max(self.total, default=0)
+        device = strategy.device
+        correct = torch.tensor([self.correct.get(j, 0) for j in range(n)], device=device)
+        total = torch.tensor([self.total.get(j, 0) for j in range(n)], device=device)
+        predicted = torch.stack([torch.as_tensor(self.predicted.get(j, torch.zeros(n, dtype=torch.long)),
+                                                 dtype=torch.long).reshape(-1)[:n] for j in range(n)]).to(device)
+        for counts in (correct, total, predicted):
+            sum_tensor(counts, dist)
+        seen = [j for j in range(n) if total[j] > 0]
+        self.correct = {j: int(correct[j]) for j in seen}
+        self.total = {j: int(total[j]) for j in seen}
+        self.predicted = {j: predicted[j].cpu() for j in seen} if len(self.label_experience) else {}
+
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        loss = float(strategy.loss.detach())
+        loss = float(self._global_loss(strategy))
         check_finite(loss, "training loss", f"in experience {strategy.experience.current_experience}, "
                      f"epoch {strategy.clock.train_exp_epochs + 1}", key="training.optimizer.lr")
         self.loss_sum += loss
         self.loss_count += 1
+
+    @staticmethod
+    def _global_loss(strategy: Any) -> torch.Tensor:
+        """The loss of the global batch under torchrun, so every rank sees the same value
+        (and a NaN stops all of them together instead of leaving the others waiting)."""
+        from .distributed import sum_tensor
+
+        loss = strategy.loss.detach()
+        dist = getattr(strategy, "dist", None)
+        if dist is None or not dist.enabled:
+            return loss
+        n = len(strategy.mb_y)  # weighted by shard size, as the gradients are
+        totals = sum_tensor(torch.stack([loss.float().reshape(()) * n, torch.tensor(float(n), device=loss.device)]), dist)
+        return totals[0] / totals[1]
 
     @property
     def train_loss(self) -> float | None:
@@ -219,7 +253,7 @@ class EvaluationRecorder(SupervisedPlugin):
         return rows
 
 
-class ProgressBars(SupervisedPlugin):
+class ProgressBars(SupervisedPlugin, supports_distributed=True):
     """tqdm bars: one per experience's training (all epochs), one per evaluated experience."""
 
     def __init__(self, enabled: bool = True):

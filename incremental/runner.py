@@ -291,12 +291,21 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     ``resume``: continue the run in ``run_dir`` after its last checkpointed experience; the
     final metrics.json equals an uninterrupted run's except for the wall-clock times.
     """
+    from .distributed import broadcast_object, device_for, init_from_environment, on_rank_zero
+
+    dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
+    main = dist.is_main  # only rank 0 prints and writes
+    quiet = quiet or not main
     checkpoint = None
     if resume:
         checkpoint = open_resume(run_dir, cfg)
     else:
-        prepare_run_dir(run_dir)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        def create() -> None:
+            prepare_run_dir(run_dir)
+            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+
+        on_rank_zero(create, dist)
 
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -316,7 +325,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
 
     RNGManager.set_random_seeds(cfg.seed)
     use_deterministic_algorithms(cfg.training.deterministic)
-    device = resolve_device(cfg.training.device)
+    device = device_for(dist, resolve_device(cfg.training.device))
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     benchmark = build_benchmark(splits, class_split)
@@ -327,7 +336,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
                                                          img_size=splits.image_size, device=device)
     context.param_group_hooks.extend(compression_hooks)
     probe_suite = None
-    if cfg.probes:
+    if cfg.probes and main:  # probes restore every RNG they touch, so ranks stay in step
         from .probes.base import ProbeData
         from .probes.suite import ProbeSuite
 
@@ -362,6 +371,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         persistent_workers=cfg.training.persistent_workers,
         prefetch_factor=cfg.training.prefetch_factor,
         batch_augmentation=splits.batch_augmentation if device_data_path(cfg.training.data_path, device) else None,
+        dist=dist,
     )
 
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
@@ -375,15 +385,16 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     if first == class_split.num_experiences:  # complete: metrics.json is rewritten from the checkpoint
         results.status = "complete"
         metrics = results.to_json()
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        if main:
+            write_json_atomic(run_dir / "metrics.json", metrics)
         if not quiet:
             echo(f"{run_dir}: the run is complete ({first} experiences); nothing to resume")
         return metrics
-    if resume:
+    if resume and main:
         with open(run_dir / RESUME_LOG, "a") as log:
             log.write(f"{datetime.now().isoformat(timespec='seconds')} resumed at experience {first}\n")
     writer = None
-    if cfg.output.tensorboard:
+    if cfg.output.tensorboard and main:
         from .tensorboard import TensorBoardWriter, run_hparams
 
         # A resumed run drops what the stopped one logged for the experiences it redoes.
@@ -424,6 +435,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
             if i == class_split.num_experiences - 1:
                 results.status = "complete"
             metrics = results.to_json()
+            if not main:
+                continue
             write_json_atomic(run_dir / "metrics.json", metrics)
             if cfg.output.save_model:
                 save_model(template.model, run_dir / MODEL_FILE, experience=i)
@@ -436,7 +449,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
             if not quiet:
                 echo(format_step(metrics, i))
     except BaseException:
-        if results.matrix:
+        if results.matrix and main:
             results.status = "failed"
             write_json_atomic(run_dir / "metrics.json", results.to_json())
         raise

@@ -56,8 +56,14 @@ class StrategyContext:
         return total
 
 
-class StrategyPlugin(SupervisedPlugin):
+class StrategyPlugin(SupervisedPlugin, supports_distributed=True):
     """Base class for registered strategies (any SupervisedPlugin subclass works too)."""
+
+    def __init_subclass__(cls, supports_distributed: bool = True, **kwargs: Any) -> None:
+        # Under torchrun every rank runs the strategy on the same model, data and random
+        # state (incremental.distributed), so strategies work there unless they say otherwise;
+        # Avalanche's own default would flag every subclass.
+        super().__init_subclass__(supports_distributed=supports_distributed, **kwargs)
 
     def __init__(self, config: Any, context: StrategyContext):
         super().__init__()

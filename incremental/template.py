@@ -40,10 +40,13 @@ class IncrementalTemplate(SupervisedTemplate):
 
     def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
-                 batch_augmentation: Any = None, **kwargs: Any):
+                 batch_augmentation: Any = None, dist: Any = None, **kwargs: Any):
         """``batch_augmentation``: a :class:`~incremental.data.device.BatchAugmentation` turns on
         the device data path (uint8 images on the device, augmented there in batches)."""
         super().__init__(**kwargs)
+        from .distributed import SINGLE
+
+        self.dist = dist or SINGLE  # a DistInfo: under torchrun, batches are sharded and reduced
         self.batch_augmentation = batch_augmentation
         self._device_images: Any = None
         self.compile = compile
@@ -76,8 +79,12 @@ class IncrementalTemplate(SupervisedTemplate):
         self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
+        from .distributed import average_gradients, broadcast_buffers
+
+        average_gradients(self.model, self.dist, len(self.mb_y))  # every rank applies the same update
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
         self.scaler.update()
+        broadcast_buffers(self.model, self.dist)
 
     def _unpack_minibatch(self) -> None:
         super()._unpack_minibatch()
@@ -91,15 +98,44 @@ class IncrementalTemplate(SupervisedTemplate):
         return kwargs
 
     def make_train_dataloader(self, **kwargs: Any) -> None:
-        if not self._device_loader(train=True, batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
-                                   drop_last=kwargs.get("drop_last", False)):
-            super().make_train_dataloader(**self._loader_args(kwargs))
-            self._set_prefetch()
+        shuffle, drop_last = kwargs.get("shuffle", True), kwargs.get("drop_last", False)
+        if self._device_loader(train=True, batch_size=self.train_mb_size, shuffle=shuffle, drop_last=drop_last):
+            return
+        if self.dist.enabled:
+            self._sharded_loader(self.train_mb_size, kwargs, train=True, shuffle=shuffle, drop_last=drop_last)
+            return
+        super().make_train_dataloader(**self._loader_args(kwargs))
+        self._set_prefetch()
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
-        if not self._device_loader(train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False):
-            super().make_eval_dataloader(**self._loader_args(kwargs))
-            self._set_prefetch()
+        if self._device_loader(train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False):
+            return
+        if self.dist.enabled:
+            self._sharded_loader(self.eval_mb_size, kwargs, train=False, shuffle=False, drop_last=False)
+            return
+        super().make_eval_dataloader(**self._loader_args(kwargs))
+        self._set_prefetch()
+
+    def _set_prefetch(self) -> None:
+        # Avalanche does not pass prefetch_factor on; the DataLoader reads it per iterator.
+        if self.prefetch_factor is not None and getattr(self.dataloader, "num_workers", 0) > 0:
+            self.dataloader.prefetch_factor = self.prefetch_factor
+
+    def _sharded_loader(self, batch_size: int, kwargs: dict[str, Any], *, train: bool, shuffle: bool,
+                        drop_last: bool) -> None:
+        """Under torchrun: each global batch split across ranks. (Avalanche's own distributed
+        evaluation loader pads shards with repeated samples, which would count them twice.)"""
+        from torch.utils.data import DataLoader
+
+        data = self.adapted_dataset
+        workers = kwargs.get("num_workers", 0)
+        sampler = ShardedBatchSampler(len(data), batch_size, self.dist, train=train, shuffle=shuffle,
+                                      drop_last=drop_last)
+        self.dataloader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                                     collate_fn=getattr(data, "collate_fn", None),
+                                     pin_memory=torch.device(self.device).type == "cuda",
+                                     persistent_workers=workers > 0 and self.persistent_workers)
+        self._set_prefetch()
 
     def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool) -> bool:
         """Use the device data path for this dataset if it is on and the dataset allows it."""
@@ -114,10 +150,27 @@ class IncrementalTemplate(SupervisedTemplate):
             self._device_images = DeviceImages(self.device)
         self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation,
                                             batch_size=batch_size, train=train, shuffle=shuffle,
-                                            drop_last=drop_last, dataset=self.adapted_dataset)
+                                            drop_last=drop_last, dataset=self.adapted_dataset, dist=self.dist)
         return True
 
-    def _set_prefetch(self) -> None:
-        # Avalanche does not pass prefetch_factor on; the DataLoader reads it per iterator.
-        if self.prefetch_factor is not None and getattr(self.dataloader, "num_workers", 0) > 0:
-            self.dataloader.prefetch_factor = self.prefetch_factor
+
+class ShardedBatchSampler:
+    """Global batches of one permutation (drawn from torch's global generator, equal on every
+    rank), each split so that this rank gets its contiguous shard."""
+
+    def __init__(self, n: int, batch_size: int, dist: Any, *, train: bool, shuffle: bool, drop_last: bool):
+        self.n, self.batch_size, self.dist = n, batch_size, dist
+        self.train, self.shuffle, self.drop_last = train, shuffle, drop_last
+
+    def __len__(self) -> int:
+        from .distributed import global_batch_count
+
+        return global_batch_count(self.n, self.batch_size, self.dist.world_size, train=self.train,
+                                  drop_last=self.drop_last)
+
+    def __iter__(self) -> Any:
+        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        for b in range(len(self)):
+            shard = self.dist.shard(order[b * self.batch_size: (b + 1) * self.batch_size])
+            if len(shard):
+                yield shard.tolist()

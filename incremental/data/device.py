@@ -35,21 +35,32 @@ class BatchAugmentation:
     padding: int = 0  # random crop with this zero padding (0: no crop)
     flip: bool = False
 
-    def __call__(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """uint8 (N, C, H, W) on any device -> normalised float32; random crop and flip if ``train``."""
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random crop offsets (2, n) and flips (n,) for ``n`` images, from torch's global CPU
+        generator (so ``seed`` fixes them, and ranks drawing for one global batch agree)."""
+        offsets = torch.randint(0, 2 * self.padding + 1, (2, n)) if self.padding else torch.zeros(2, n, dtype=torch.long)
+        mirror = torch.rand(n) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return offsets, mirror
+
+    def __call__(self, images: torch.Tensor, *, train: bool,
+                 draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """uint8 (N, C, H, W) on any device -> normalised float32; random crop and flip if
+        ``train``, with ``draws`` from :meth:`draw` (drawn here when not given)."""
         x = images
         n, c, h, w = x.shape
+        if train and (self.padding or self.flip):
+            offsets, mirror = draws if draws is not None else self.draw(n)
         if train and self.padding:
             p = self.padding
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            offsets = torch.randint(0, 2 * p + 1, (2, n)).to(x.device)  # global CPU RNG: seeded
+            offsets = offsets.to(x.device)
             rows = offsets[0][:, None] + torch.arange(h, device=x.device)[None, :]
             cols = offsets[1][:, None] + torch.arange(w, device=x.device)[None, :]
             batch = torch.arange(n, device=x.device)[:, None, None, None]
             channel = torch.arange(c, device=x.device)[None, :, None, None]
             x = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
         if train and self.flip:
-            mirror = (torch.rand(n) < 0.5).to(x.device)
+            mirror = mirror.to(x.device)
             x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
@@ -142,7 +153,10 @@ class DeviceBatchLoader:
     DataLoader (``len`` is the number of batches)."""
 
     def __init__(self, data: ResolvedData, images: DeviceImages, augmentation: BatchAugmentation, *,
-                 batch_size: int, train: bool, shuffle: bool, drop_last: bool = False, dataset: Any = None):
+                 batch_size: int, train: bool, shuffle: bool, drop_last: bool = False, dataset: Any = None,
+                 dist: Any = None):
+        """Under torchrun (``dist``, a DistInfo) each global batch of ``batch_size`` is split and
+        this rank gets its shard; shuffles and augmentation draws are made for the global batch."""
         self.data = data
         self.images = images
         self.augmentation = augmentation
@@ -152,19 +166,31 @@ class DeviceBatchLoader:
         self.drop_last = drop_last
         self.dataset = dataset  # the Avalanche dataset, for code that looks at loader.dataset
         self.num_workers = 0
+        self.dist = dist
         device = images.device
         self._targets = data.targets.to(device)
         self._tasks = data.tasks.to(device)
 
     def __len__(self) -> int:
-        n = len(self.data.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        from ..distributed import global_batch_count
+
+        return global_batch_count(len(self.data.indices), self.batch_size,
+                                  self.dist.world_size if self.dist is not None else 1,
+                                  train=self.train, drop_last=self.drop_last)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
         n = len(self.data.indices)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)  # global RNG, as DataLoader's sampler
         for b in range(len(self)):
             chosen = order[b * self.batch_size: (b + 1) * self.batch_size]
+            draws = self.augmentation.draw(len(chosen)) if self.train else None
+            if self.dist is not None and self.dist.enabled:
+                keep = self.dist.shard(torch.arange(len(chosen)))
+                chosen = chosen[keep]
+                draws = (draws[0][:, keep], draws[1][keep]) if draws is not None else None
+                if not len(chosen):  # evaluation only: a last batch smaller than the world
+                    continue
             images = self.images.gather(self.data.slots[chosen], self.data.indices[chosen])
             on_device = chosen.to(self.images.device)
-            yield [self.augmentation(images, train=self.train), self._targets[on_device], self._tasks[on_device]]
+            yield [self.augmentation(images, train=self.train, draws=draws), self._targets[on_device],
+                   self._tasks[on_device]]

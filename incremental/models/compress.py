@@ -249,7 +249,7 @@ def compress_backbone(backbone: nn.Module, cfg: CompressConfig, example: torch.T
 from avalanche.core import SupervisedPlugin  # noqa: E402  (after the pure-torch helpers)
 
 
-class QuantizedEvaluationPlugin(SupervisedPlugin):
+class QuantizedEvaluationPlugin(SupervisedPlugin, supports_distributed=True):
     """Evaluate a copy whose backbone is int8 dynamic-quantized; training stays in fp32.
 
     The copy is made at each evaluation, so it reflects the weights just trained and the
@@ -279,7 +279,7 @@ class QuantizedEvaluationPlugin(SupervisedPlugin):
         pass
 
 
-class FeatureDistillationPlugin(SupervisedPlugin):
+class FeatureDistillationPlugin(SupervisedPlugin, supports_distributed=True):
     """Knowledge distillation from a frozen teacher backbone into the student's features.
 
     The teacher has no classifier for the incremental classes, so the student is taught

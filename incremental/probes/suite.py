@@ -14,7 +14,7 @@ from ..config import Component, probe_labels
 from .base import PixelModel, Probe, ProbeBatch, ProbeData, build_probes, patch_grid, untouched
 
 
-class ProbeSuite(SupervisedPlugin):
+class ProbeSuite(SupervisedPlugin, supports_distributed=True):
     """Runs the configured probes after the evaluation of every experience.
 
     Attached after the compression plugins, so it probes the fp32 model even when the

@@ -1,0 +1,165 @@
+"""Data-parallel training under torchrun: every rank holds the same model, memory and random
+state; each global batch is split across ranks; gradients, evaluation counts and losses are
+reduced; only rank 0 writes.
+
+Avalanche 0.6 detects torch.distributed (``DistributedHelper``) but its templates neither
+shard data nor reduce gradients or metrics, and its replay buffers are per rank (DyTox's
+erratum: N ranks, N times the memory). Here:
+
+- all ranks seed identically, so the class order, initialisation, shuffles and the exemplar
+  selection (a deterministic function of the shared model and data) agree: one global memory
+  of the configured size, replicated, each exemplar seen once per epoch across ranks;
+- a global batch of ``training.batch_size`` is split into contiguous shards, one per rank,
+  and gradients are averaged after backward (the same update as one process on the whole
+  batch, up to float summation order), then buffers (BatchNorm statistics) are broadcast
+  from rank 0, as DDP's ``broadcast_buffers`` does;
+- evaluation shards the test data and sums the per-experience counts, so the accuracy matrix
+  is the single-process one exactly;
+- steps outside Avalanche's training loop (exemplar features, ViTIL's balanced finetuning,
+  probes) run on every rank on the full data, or on rank 0 only for probes, keeping ranks equal.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch (of indices)."""
+        return batch.tensor_split(self.world_size)[self.rank] if self.enabled else batch
+
+
+SINGLE = DistInfo()
+
+
+def global_batch_count(n: int, batch_size: int, world_size: int, *, train: bool, drop_last: bool) -> int:
+    """Batches in an epoch of ``n`` samples. A last, partial batch is kept unless ``drop_last``,
+    and in training only if every rank gets a sample of it (their gradients are averaged)."""
+    full, rest = divmod(n, batch_size)
+    keep_rest = rest and not drop_last and (rest >= world_size or not train)
+    return full + (1 if keep_rest else 0)
+
+
+def current() -> DistInfo:
+    """The running process group, or a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return SINGLE
+
+
+def init_from_environment(requested_device: str) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL for CUDA, gloo on the
+    CPU. A single process returns SINGLE and initialises nothing."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    if dist.is_initialized():
+        return current()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = requested_device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return current()
+
+
+def device_for(info: DistInfo, device: torch.device) -> torch.device:
+    """Each rank on its own GPU (torchrun's LOCAL_RANK)."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def average_gradients(model: nn.Module, info: DistInfo, local_samples: int) -> None:
+    """Every parameter's gradient averaged over ranks, each weighted by its shard's share of
+    the global batch (shards of a last, partial batch differ in size), in one all-reduce:
+    the gradient of the mean loss over the whole global batch."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) * local_samples for g in grads] +
+                     [torch.tensor([float(local_samples)], device=grads[0].device, dtype=grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= flat[-1].clone()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if not info.enabled:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point() or buffer.dtype in (torch.long, torch.int):
+            dist.broadcast(buffer, src=0)
+
+
+def sum_tensor(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if info.enabled:
+        dist.all_reduce(value)
+    return value
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run directory's timestamped name)."""
+    import torch.distributed as dist
+
+    if not info.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def on_rank_zero(action: Callable[[], None], info: DistInfo) -> None:
+    """Run ``action`` on rank 0 only; a UserError it raises is raised on every rank (the
+    others would otherwise wait for rank 0 at the first collective)."""
+    from .errors import UserError
+
+    failure = None
+    if info.is_main:
+        try:
+            action()
+        except UserError as exc:
+            failure = (exc.message, exc.key, exc.source)
+    failure = broadcast_object(failure, info)
+    if failure is not None:
+        message, key, source = failure
+        raise UserError(message, key=key, source=source)
+
+
+def barrier(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.enabled:
+        dist.barrier()
