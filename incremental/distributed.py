@@ -99,8 +99,10 @@ def average_gradients(model: nn.Module, info: DistInfo, local_samples: int) -> N
     the gradient of the mean loss over the whole global batch."""
     import torch.distributed as dist
 
+    if not info.enabled:
+        return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not info.enabled or not grads:
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) * local_samples for g in grads] +
                      [torch.tensor([float(local_samples)], device=grads[0].device, dtype=grads[0].dtype)])
