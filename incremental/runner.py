@@ -179,14 +179,13 @@ def can_resume(run_dir: Path, cfg: RunConfig) -> bool:
     import yaml
 
     from .checkpoint import CHECKPOINT_FILE
-    from .config import config_differences
+    from .config import config_differences, parse_dataclass
 
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        saved = parse_dataclass(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, UserError):
         return False
-    return (run_dir / CHECKPOINT_FILE).is_file() and isinstance(saved, dict) \
-        and not config_differences(saved, cfg)
+    return (run_dir / CHECKPOINT_FILE).is_file() and not config_differences(saved, cfg)
 
 
 def open_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -195,7 +194,7 @@ def open_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     import yaml
 
     from .checkpoint import CHECKPOINT_FILE, load_checkpoint
-    from .config import config_differences
+    from .config import config_differences, parse_dataclass
 
     path = run_dir / CHECKPOINT_FILE
     if not path.exists():
@@ -211,7 +210,11 @@ def open_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
                             f"(output.checkpoint was off); it cannot be resumed", key="--resume")
         return None
     checkpoint = load_checkpoint(path)
-    saved = yaml.safe_load(checkpoint["config"])
+    try:
+        # Parsed, so keys a later version adds take their defaults instead of differing.
+        saved = parse_dataclass(RunConfig, yaml.safe_load(checkpoint["config"]))
+    except (UserError, yaml.YAMLError) as exc:
+        raise UserError(f"{path} holds a config this version cannot read ({exc})", key="--resume") from None
     differences = config_differences(saved, cfg)
     if differences:
         key, was, now = differences[0]
