@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,12 +51,28 @@ class DistInfo:
 SINGLE = DistInfo()
 
 
-def global_batch_count(n: int, batch_size: int, world_size: int, *, train: bool, drop_last: bool) -> int:
-    """Batches in an epoch of ``n`` samples. A last, partial batch is kept unless ``drop_last``,
-    and in training only if every rank gets a sample of it (their gradients are averaged)."""
-    full, rest = divmod(n, batch_size)
-    keep_rest = rest and not drop_last and (rest >= world_size or not train)
-    return full + (1 if keep_rest else 0)
+class GlobalBatches:
+    """An epoch's global batches over ``n`` samples: one permutation (torch's global generator,
+    equal on every rank, as a DataLoader's sampler draws it), cut into ``batch_size`` pieces.
+    Iterating yields each global batch (sample positions) and the positions within it that
+    are this rank's contiguous shard (all of them in a single process)."""
+
+    def __init__(self, n: int, batch_size: int, dist: DistInfo, *, train: bool, shuffle: bool, drop_last: bool):
+        self.n, self.batch_size, self.dist = n, batch_size, dist
+        self.train, self.shuffle, self.drop_last = train, shuffle, drop_last
+
+    def __len__(self) -> int:
+        """A last, partial batch is kept unless ``drop_last``, and in training only if every
+        rank gets a sample of it (their gradients are averaged)."""
+        full, rest = divmod(self.n, self.batch_size)
+        keep_rest = rest and not self.drop_last and (rest >= self.dist.world_size or not self.train)
+        return full + (1 if keep_rest else 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        for b in range(len(self)):
+            batch = order[b * self.batch_size: (b + 1) * self.batch_size]
+            yield batch, self.dist.shard(torch.arange(len(batch)))
 
 
 def current() -> DistInfo:

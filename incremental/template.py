@@ -16,6 +16,8 @@ from typing import Any, ContextManager
 import torch
 from avalanche.training.templates import SupervisedTemplate
 
+from .distributed import SINGLE, GlobalBatches
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,8 +46,6 @@ class IncrementalTemplate(SupervisedTemplate):
         """``batch_augmentation``: a :class:`~incremental.data.device.BatchAugmentation` turns on
         the device data path (uint8 images on the device, augmented there in batches)."""
         super().__init__(**kwargs)
-        from .distributed import SINGLE
-
         self.dist = dist or SINGLE  # a DistInfo: under torchrun, batches are sharded and reduced
         self.batch_augmentation = batch_augmentation
         self._device_images: Any = None
@@ -98,22 +98,23 @@ class IncrementalTemplate(SupervisedTemplate):
         return kwargs
 
     def make_train_dataloader(self, **kwargs: Any) -> None:
-        shuffle, drop_last = kwargs.get("shuffle", True), kwargs.get("drop_last", False)
-        if self._device_loader(train=True, batch_size=self.train_mb_size, shuffle=shuffle, drop_last=drop_last):
-            return
-        if self.dist.enabled:
-            self._sharded_loader(self.train_mb_size, kwargs, train=True, shuffle=shuffle, drop_last=drop_last)
-            return
-        super().make_train_dataloader(**self._loader_args(kwargs))
-        self._set_prefetch()
+        self._make_loader(kwargs, train=True, batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
+                          drop_last=kwargs.get("drop_last", False), avalanche=super().make_train_dataloader)
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
-        if self._device_loader(train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False):
+        self._make_loader(kwargs, train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False,
+                          avalanche=super().make_eval_dataloader)
+
+    def _make_loader(self, kwargs: dict[str, Any], *, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
+                     avalanche: Any) -> None:
+        """The device data path when it applies; else under torchrun a sharded DataLoader; else
+        Avalanche's own loader (``avalanche``), with persistent workers and prefetching."""
+        if self._device_loader(train=train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last):
             return
         if self.dist.enabled:
-            self._sharded_loader(self.eval_mb_size, kwargs, train=False, shuffle=False, drop_last=False)
+            self._sharded_loader(batch_size, kwargs, train=train, shuffle=shuffle, drop_last=drop_last)
             return
-        super().make_eval_dataloader(**self._loader_args(kwargs))
+        avalanche(**self._loader_args(kwargs))
         self._set_prefetch()
 
     def _set_prefetch(self) -> None:
@@ -154,23 +155,10 @@ class IncrementalTemplate(SupervisedTemplate):
         return True
 
 
-class ShardedBatchSampler:
-    """Global batches of one permutation (drawn from torch's global generator, equal on every
-    rank), each split so that this rank gets its contiguous shard."""
+class ShardedBatchSampler(GlobalBatches):
+    """A DataLoader batch sampler: this rank's shard of each global batch."""
 
-    def __init__(self, n: int, batch_size: int, dist: Any, *, train: bool, shuffle: bool, drop_last: bool):
-        self.n, self.batch_size, self.dist = n, batch_size, dist
-        self.train, self.shuffle, self.drop_last = train, shuffle, drop_last
-
-    def __len__(self) -> int:
-        from .distributed import global_batch_count
-
-        return global_batch_count(self.n, self.batch_size, self.dist.world_size, train=self.train,
-                                  drop_last=self.drop_last)
-
-    def __iter__(self) -> Any:
-        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
-        for b in range(len(self)):
-            shard = self.dist.shard(order[b * self.batch_size: (b + 1) * self.batch_size])
-            if len(shard):
-                yield shard.tolist()
+    def __iter__(self) -> Any:  # type: ignore[override]
+        for batch, shard in super().__iter__():
+            if len(shard):  # evaluation only: a last batch smaller than the world
+                yield batch[shard].tolist()

@@ -157,39 +157,31 @@ class DeviceBatchLoader:
                  dist: Any = None):
         """Under torchrun (``dist``, a DistInfo) each global batch of ``batch_size`` is split and
         this rank gets its shard; shuffles and augmentation draws are made for the global batch."""
+        from ..distributed import SINGLE, GlobalBatches
+
         self.data = data
         self.images = images
         self.augmentation = augmentation
         self.batch_size = batch_size
         self.train = train
-        self.shuffle = shuffle
-        self.drop_last = drop_last
+        self.batches = GlobalBatches(len(data.indices), batch_size, dist or SINGLE, train=train, shuffle=shuffle,
+                                     drop_last=drop_last)
         self.dataset = dataset  # the Avalanche dataset, for code that looks at loader.dataset
         self.num_workers = 0
-        self.dist = dist
         device = images.device
         self._targets = data.targets.to(device)
         self._tasks = data.tasks.to(device)
 
     def __len__(self) -> int:
-        from ..distributed import global_batch_count
-
-        return global_batch_count(len(self.data.indices), self.batch_size,
-                                  self.dist.world_size if self.dist is not None else 1,
-                                  train=self.train, drop_last=self.drop_last)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        n = len(self.data.indices)
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)  # global RNG, as DataLoader's sampler
-        for b in range(len(self)):
-            chosen = order[b * self.batch_size: (b + 1) * self.batch_size]
-            draws = self.augmentation.draw(len(chosen)) if self.train else None
-            if self.dist is not None and self.dist.enabled:
-                keep = self.dist.shard(torch.arange(len(chosen)))
-                chosen = chosen[keep]
-                draws = (draws[0][:, keep], draws[1][keep]) if draws is not None else None
-                if not len(chosen):  # evaluation only: a last batch smaller than the world
-                    continue
+        for batch, shard in self.batches:
+            draws = self.augmentation.draw(len(batch)) if self.train else None  # for the whole global batch
+            chosen = batch[shard]
+            draws = (draws[0][:, shard], draws[1][shard]) if draws is not None else None
+            if not len(chosen):  # evaluation only: a last batch smaller than the world
+                continue
             images = self.images.gather(self.data.slots[chosen], self.data.indices[chosen])
             on_device = chosen.to(self.images.device)
             yield [self.augmentation(images, train=self.train, draws=draws), self._targets[on_device],
