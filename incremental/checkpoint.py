@@ -43,12 +43,14 @@ KIND = "incremental-vit checkpoint"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator a run draws from, as tensors and numbers."""
+    """Every random generator a run draws from, as tensors and numbers. CUDA's only once CUDA
+    is in use: reading them would start it (a context on every GPU) for a CPU run, and until
+    then they still hold their seed, which a resumed run sets again."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
         "python": {"version": version, "internal": list(internal), "gauss": gauss},

@@ -258,10 +258,9 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
 
 
 def write_checkpoint(run_dir: Path, cfg: RunConfig, experience: int, *, template: Any, plugins: list[Any],
-                     results: "RunResults") -> None:
+                     schedule: dict[str, Any], results: "RunResults") -> None:
     from .checkpoint import CHECKPOINT_FILE, clock_state, plugin_states, rng_state, save_checkpoint
 
-    optimization = next((p for p in template.plugins if hasattr(p, "schedule_state")), None)
     state = {
         "experience": experience,
         "num_experiences": len(results.experiences),
@@ -269,7 +268,7 @@ def write_checkpoint(run_dir: Path, cfg: RunConfig, experience: int, *, template
         "model": {k: v.detach().cpu() for k, v in template.model.state_dict().items()},
         "num_classes": int(template.model.num_classes),
         "optimizer": template.optimizer.state_dict(),
-        "scheduler": optimization.schedule_state() if optimization is not None else {},
+        "scheduler": schedule,
         "clock": clock_state(template.clock),
         "grad_scaler": template.scaler.state_dict(),  # fp16 loss scale, carried across experiences
         "plugins": plugin_states(plugins),
@@ -448,7 +447,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
                 if probe_suite is not None:
                     writer.log_probes(i, probe_suite.last_results, probe_suite.last_images)
             if cfg.output.checkpoint != "off":  # last: the experience is done once this is written
-                write_checkpoint(run_dir, cfg, i, template=template, plugins=stateful, results=results)
+                write_checkpoint(run_dir, cfg, i, template=template, plugins=stateful,
+                                 schedule=optimization.schedule_state(), results=results)
             if not quiet:
                 echo(format_step(metrics, i))
     except BaseException:

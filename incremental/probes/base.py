@@ -13,7 +13,6 @@ experience, probe position).
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -129,23 +128,22 @@ def build_probes(specs: Sequence[Any], data: "ProbeData") -> list[Probe]:
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run the body on ``model`` in eval mode, without gradients into its parameters, and
     restore its modes, ``requires_grad`` flags and all random number streams afterwards."""
+    from ..checkpoint import rng_state, set_rng_state
+
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=devices):
-        try:
-            model.eval()
-            for param, _ in flags:
-                param.requires_grad_(False)  # attacks differentiate the input only
-            yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
-            for param, flag in flags:
-                param.requires_grad_(flag)
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
+    random_state = rng_state()
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)  # attacks differentiate the input only
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        set_rng_state(random_state)
 
 
 def patch_grid(model: nn.Module) -> tuple[int, int] | None:
