@@ -3,7 +3,10 @@ data that the tests write themselves (or scikit-learn's bundled digits)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -29,6 +32,29 @@ training:
   eval_batch_size: 512
   optimizer: {name: adamw, lr: 3.0e-3}
 """
+
+
+def run_tiny(tmp_path: Path, name: str, *sets: str) -> dict:
+    """``incremental run`` of TINY_RUN (in this process) into ``tmp_path/name`` with ``--set``
+    values and no TensorBoard; returns its metrics.json."""
+    import json
+
+    from incremental.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    args = ["run", str(config), "--out", str(tmp_path / name), "--quiet", "--set", "output.tensorboard=false"]
+    for value in sets:
+        args += ["--set", value]
+    assert main(args) == 0
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def incremental_process(*args: str, env: dict | None = None, processes: int = 1) -> subprocess.CompletedProcess:
+    """``python -m incremental ARGS`` in a fresh interpreter (under torchrun with ``processes`` > 1)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "incremental", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 def rewind_checkpoint(run_dir: Path, experience: int) -> None:

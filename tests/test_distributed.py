@@ -6,14 +6,11 @@ memory of the configured size, and files written by rank 0 only."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, incremental_process
 
 from incremental.data.device import DeviceBatchLoader, DeviceImages, resolve
 from incremental.distributed import DistInfo
@@ -22,11 +19,9 @@ from incremental.template import ShardedBatchSampler
 SETS = ["--set", "training.epochs=3", "--set", "strategy=vitil", "--set", "strategy.balanced_finetuning.epochs=1"]
 
 
-def incremental(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process in both cases: same float order
-    return subprocess.run([sys.executable, *launcher, "-m", "incremental", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+def incremental(*args: str, processes: int = 1):
+    # one thread per process in both cases: the same float summation order
+    return incremental_process(*args, env={"OMP_NUM_THREADS": "1"}, processes=processes)
 
 
 def memory_size(run_dir) -> int:

@@ -3,27 +3,17 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import run_tiny
 
-from incremental.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def run_on_gpu(tmp_path, name: str, *sets: str) -> dict:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_RUN)
-    args = ["run", str(config), "--out", str(tmp_path / name), "--quiet", "--set", "training.device=cuda",
-            "--set", "training.epochs=3", "--set", "output.tensorboard=false"]
-    for value in sets:
-        args += ["--set", value]
-    assert main(args) == 0
-    return json.loads((tmp_path / name / "metrics.json").read_text())
+    return run_tiny(tmp_path, name, "training.device=cuda", "training.epochs=3", *sets)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -4,33 +4,23 @@ on CUDA when there is one."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN
+from conftest import run_tiny
 
-from incremental.cli import main
 from incremental.template import IncrementalTemplate
 
 
-def run_tiny(tmp_path, name, *sets: str) -> dict:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_RUN)
-    args = ["run", str(config), "--out", str(tmp_path / name), "--quiet", "--set", "training.epochs=2",
-            "--set", "output.tensorboard=false"]
-    for value in sets:
-        args += ["--set", value]
-    assert main(args) == 0
-    return json.loads((tmp_path / name / "metrics.json").read_text())
+def run_small(tmp_path, name, *sets: str) -> dict:
+    return run_tiny(tmp_path, name, "training.epochs=2", *sets)
 
 
 def test_bf16_and_fp16_autocast_train_close_to_fp32(tmp_path):
-    fp32 = run_tiny(tmp_path, "fp32", "strategy=vitil", "strategy.balanced_finetuning.epochs=1")
+    fp32 = run_small(tmp_path, "fp32", "strategy=vitil", "strategy.balanced_finetuning.epochs=1")
     for precision in ("bf16", "fp16"):
-        low = run_tiny(tmp_path, precision, "strategy=vitil", "strategy.balanced_finetuning.epochs=1",
+        low = run_small(tmp_path, precision, "strategy=vitil", "strategy.balanced_finetuning.epochs=1",
                        f"training.precision={precision}")
         assert low["status"] == "complete"
         # autocast really ran (the losses are not fp32's) and stayed close to fp32
@@ -46,7 +36,7 @@ def test_compile_keeps_parameter_names(tmp_path):
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run_tiny(tmp_path, "compiled", "training.compile=true", "training.epochs=1")
+    run_small(tmp_path, "compiled", "training.compile=true", "training.epochs=1")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
     names = set(load_file(str(tmp_path / "compiled" / "model.safetensors")))
     assert names and not any("_orig_mod" in n for n in names)

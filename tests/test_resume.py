@@ -5,7 +5,6 @@ weights_only and a NaN loss keeps the last good one."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, rewind_checkpoint
+from conftest import TINY_RUN, incremental_process, rewind_checkpoint
 
 from incremental.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from incremental.cli import main
@@ -35,11 +34,6 @@ def comparable(run_dir: Path) -> dict:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "incremental", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 # ------------------------------------------------------------------ SIGKILL, then --resume
@@ -65,7 +59,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
     (root / "tiny.yaml").write_text(TINY_RUN)
     config = root / "killable.yaml"
     config.write_text(KILLABLE_RUN)
-    done = run_cli("run", str(config), "--out", str(root / "uninterrupted"), "--quiet")
+    done = incremental_process("run", str(config), "--out", str(root / "uninterrupted"), "--quiet")
     assert done.returncode == 0, done.stderr
     return config, root / "uninterrupted"
 
@@ -91,7 +85,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
         experience = load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] + 1
         assert experience < 3, "the run finished before the kill"
     else:
-        killed = run_cli("run", str(config), "--out", str(run_dir), "--quiet",
+        killed = incremental_process("run", str(config), "--out", str(run_dir), "--quiet",
                          env={"INCREMENTAL_TEST_KILL_AT": kill_at})
         assert killed.returncode == -9, killed.stderr  # died by SIGKILL, no clean-up ran
         experience = int(kill_at.split(":")[0])
@@ -101,7 +95,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
             assert not (run_dir / CHECKPOINT_FILE).exists()
     # a kill during a write leaves a partial temporary file, which is never read
     (run_dir / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"partial")
-    resumed = run_cli("run", "--resume", str(run_dir), "--quiet")
+    resumed = incremental_process("run", "--resume", str(run_dir), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(run_dir) == comparable(reference)  # bit-identical floats, through JSON
     assert same_weights(run_dir, reference)
