@@ -132,7 +132,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, Path]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runner import default_run_dir, run
+    from .run import run
+    from .run.directory import default_run_dir
 
     if args.resume:
         cfg, source, run_dir = _resume_config(args)
@@ -176,7 +177,7 @@ def _with_resume_hint(exc: UserError, run_dir: Path) -> UserError:
 def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
     from .config import load_config
     from .mae import PretrainConfig, pretrain
-    from .runner import default_run_dir
+    from .run.directory import default_run_dir
 
     cfg, source = load_config(args.config, args.overrides, schema=PretrainConfig,
                               plugins=_import_cli_plugins(args))

@@ -194,7 +194,8 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     from .models.net import build_backbone
     from .plugins import check_finite, lr_factor, param_groups
     from .protocol import OrderedClassSubset, make_class_split
-    from .runner import prepare_run_dir, resolve_device, write_json_atomic
+    from .run.directory import prepare_run_dir, write_json_atomic
+    from .run.environment import resolve_device
 
     opts = cfg.mae
     torch.manual_seed(cfg.seed)

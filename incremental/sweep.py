@@ -93,7 +93,8 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
 def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
           quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = ()) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order."""
-    from .runner import can_resume, run
+    from .run import run
+    from .run.resume import can_resume
 
     root, runs = plan(config, seeds, overrides, out, plugins)
     echo(f"sweep: {len(runs)} runs under {root}")

@@ -8,7 +8,7 @@ from incremental.config import load_config
 from incremental.data import build_dataset
 from incremental.errors import ConfigError
 from incremental.protocol import build_benchmark, make_class_split
-from incremental.runner import run
+from incremental.run import run
 
 BASELINES = {
     "lwf": [],

@@ -21,7 +21,7 @@ from conftest import TINY_RUN, incremental_process, rewind_checkpoint
 from incremental.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from incremental.cli import main
 from incremental.errors import UserError
-from incremental.runner import without_wall_clock
+from incremental.run import without_wall_clock
 
 KILLABLE = Path(__file__).parent / "plugins" / "killable.py"
 

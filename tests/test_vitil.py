@@ -18,7 +18,7 @@ from incremental.models import build_model
 from incremental.models.vit import ViTConfig, build_vit, stem_channels, stem_strides
 from incremental.protocol import build_benchmark, make_class_split
 from incremental.registry import STRATEGIES
-from incremental.runner import run
+from incremental.run import run
 from incremental.strategies.vitil import ViTIL, ViTILConfig
 from incremental.strategy import StrategyContext
 

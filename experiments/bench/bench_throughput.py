@@ -13,7 +13,7 @@ Contenders, each timed over the whole training of one experience of all 10 digit
   forward, cross-entropy, backward, AdamW step (autocast and torch.compile when asked);
 - ``naive``: ``avalanche.training.Naive`` on the same Avalanche experience (fp32 only:
   Avalanche has no mixed precision);
-- ``toolkit``: ``incremental.runner.run`` with strategy ``finetune``, its training time
+- ``toolkit``: ``incremental.run.run`` with strategy ``finetune``, its training time
   (``wall_time_s[0].train``: dataset adaptation, optimizer, schedule, recorder included);
 - ``toolkit+device``: the same with ``training.data_path: device`` (uint8 images on the device,
   augmented in batches).
@@ -133,7 +133,7 @@ def avalanche_naive(model_name: str, args: argparse.Namespace) -> float:
 
 def toolkit(model_name: str, args: argparse.Namespace, data_path: str = "loader") -> float:
     from incremental.config import RunConfig, parse_dataclass
-    from incremental.runner import run
+    from incremental.run import run
 
     raw = base_config(model_name, args)
     raw["training"]["data_path"] = data_path

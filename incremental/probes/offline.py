@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, UserError
-from ..runner import MODEL_FILE, write_json_atomic
+from ..run.directory import MODEL_FILE, write_json_atomic
 
 
 def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> tuple[Any, int]:
@@ -54,7 +54,7 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     from ..config import load_config
     from ..data import build_dataset
     from ..protocol import make_class_split
-    from ..runner import resolve_device
+    from ..run.environment import resolve_device
     from .base import ProbeData
     from .suite import ProbeSuite
 

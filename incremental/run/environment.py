@@ -1,0 +1,51 @@
+"""The process a run lives in: the device, deterministic kernels and warning filters."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def hide_avalanche_deprecations() -> None:
+    """Inside a ``catch_warnings`` block: drop the deprecation warnings raised inside Avalanche's
+    own code on every experience (nothing a user can act on). Its ``@deprecated``
+    decorator re-inserts a "once" filter at every call, ahead of any ignore filter, so the
+    warnings are dropped at display time instead; every other warning is shown as usual."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, *args: Any, **kwargs: Any) -> None:
+        if f"{os.sep}avalanche{os.sep}" in filename and (
+                issubclass(category, DeprecationWarning) or "non-tuple sequence" in str(message)):
+            return  # the second: torch's indexing deprecation, inside Avalanche's EWC
+        shown(message, category, filename, *args, **kwargs)
+
+    warnings.showwarning = show
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """Deterministic kernels (process-wide), as torch's reproducibility notes ask."""
+    import torch
+
+    if enabled:
+        # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
+
+
+def device_data_path(data_path: str, device: Any) -> bool:
+    """Whether in-memory datasets go to the device (see TrainingConfig.data_path)."""
+    return data_path == "device" or (data_path == "auto" and getattr(device, "type", str(device)) == "cuda")
+
+
+def resolve_device(requested: str) -> Any:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cuda requested but no CUDA device is available", key="training.device")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
