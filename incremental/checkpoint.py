@@ -23,7 +23,6 @@ Contents (``FORMAT`` 1):
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from pathlib import Path
@@ -34,7 +33,6 @@ import torch
 
 from .errors import UserError
 
-CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
 KIND = "incremental-vit checkpoint"
 
@@ -71,26 +69,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` atomically: a kill leaves the previous checkpoint or this one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save({"format": FORMAT, "kind": KIND, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``state`` atomically and durably: a kill leaves the previous checkpoint or this
+    one, whole; a failed write (a full disk) leaves the previous one and no temporary file."""
+    from .files import write_atomic
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a Python file: a full disk is an OSError, not torch's RuntimeError
+            torch.save({"format": FORMAT, "kind": KIND, **state}, handle)
+
+    write_atomic(path, write, durable=True)
 
 
 def load_checkpoint(path: Path, *, key: str = "--resume") -> dict[str, Any]:
@@ -113,7 +101,89 @@ def load_checkpoint(path: Path, *, key: str = "--resume") -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise UserError(f"{path} has checkpoint format {state.get('format')!r}; this version reads {FORMAT}",
                         key=key)
+    validate_checkpoint(state, path)
     return state
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class CheckpointError(UserError):
+    """A checkpoint field that is missing or malformed: ``FILE: field: problem``."""
+
+    def __init__(self, path: Path, field: str, problem: str):
+        super().__init__(f"{problem}; the checkpoint is damaged, resume from a copy or start the run again",
+                         key=field, source=str(path))
+
+
+def _require(state: Any, field: str, kind: type | tuple[type, ...], path: Path, what: str) -> Any:
+    """``state[field]`` (a dotted path), or a CheckpointError saying what was expected."""
+    node = state
+    parts = field.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[: depth + (1 if isinstance(node, dict) else 0)])
+            raise CheckpointError(path, where, "is missing" if isinstance(node, dict) else "expected a mapping")
+        node = node[part]
+    if not isinstance(node, kind) or (isinstance(node, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise CheckpointError(path, field, f"expected {what}, found {type(node).__name__}")
+    return node
+
+
+def validate_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Every field a resume reads, checked for presence and type before anything is restored,
+    so a damaged checkpoint is one line naming the field, never a traceback mid-restore."""
+    import json
+
+    experience = _require(state, "experience", int, path, "an integer")
+    total = _require(state, "num_experiences", int, path, "an integer")
+    if not 0 <= experience < total:
+        raise CheckpointError(path, "experience", f"is {experience}, outside 0..{total - 1}")
+    _require(state, "config", str, path, "the config as YAML text")
+    model = _require(state, "model", dict, path, "a state dict")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise CheckpointError(path, "model", "expected a state dict of tensors")
+    if _require(state, "num_classes", int, path, "an integer") < 1:
+        raise CheckpointError(path, "num_classes", "must be at least 1")
+    for name in CLOCK_FIELDS:
+        _require(state, f"clock.{name}", int, path, "an integer")
+    _require(state, "grad_scaler", dict, path, "a GradScaler state")
+    plugins = _require(state, "plugins", list, path, "a list of plugin states")
+    for i, entry in enumerate(plugins):
+        if entry is not None and not isinstance(entry, dict):
+            raise CheckpointError(path, f"plugins.{i}", f"expected a state dict or null, found {type(entry).__name__}")
+    _require(state, "rng.torch", torch.Tensor, path, "a tensor")
+    _require(state, "rng.cuda", list, path, "a list of tensors")
+    _require(state, "rng.numpy.kind", str, path, "a string")
+    keys = _require(state, "rng.numpy.keys", torch.Tensor, path, "a tensor")
+    if keys.numel() != 624:
+        raise CheckpointError(path, "rng.numpy.keys", f"expected 624 values, found {keys.numel()}")
+    _require(state, "rng.numpy.position", int, path, "an integer")
+    _require(state, "rng.numpy.has_gauss", int, path, "an integer")
+    _require(state, "rng.numpy.cached_gauss", float, path, "a number")
+    _require(state, "rng.python.version", int, path, "an integer")
+    internal = _require(state, "rng.python.internal", list, path, "a list of integers")
+    if len(internal) != 625 or not all(isinstance(v, int) for v in internal):
+        raise CheckpointError(path, "rng.python.internal", "expected 625 integers")
+    gauss = _require(state, "rng.python", dict, path, "a mapping").get("gauss", "missing")
+    if gauss is not None and not isinstance(gauss, float):
+        raise CheckpointError(path, "rng.python.gauss", "expected a number or null")
+    text = _require(state, "results", str, path, "the results as JSON text")
+    try:
+        results = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(path, "results", f"is not JSON ({exc})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("matrix"), list)
+            and isinstance(results.get("steps"), list)):
+        raise CheckpointError(path, "results", "expected a mapping with the lists 'matrix' and 'steps'")
+    if not len(results["matrix"]) == len(results["steps"]) == experience + 1:
+        raise CheckpointError(path, "results", f"holds {len(results['matrix'])} rows of results for "
+                              f"experience {experience}")
+    if not all(isinstance(row, list) and len(row) == i + 1 and all(isinstance(v, (int, float)) for v in row)
+               for i, row in enumerate(results["matrix"])):
+        raise CheckpointError(path, "results", "the accuracy matrix is not lower-triangular rows of numbers")
+    if not all(isinstance(step, dict) for step in results["steps"]):
+        raise CheckpointError(path, "results", "expected one mapping per step")
 
 
 # --------------------------------------------------------------------------- plugin state

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value (YAML syntax), e.g. --set training.epochs=5; repeatable")
         add_plugin_arg(p)
 
+    def add_trust_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trust-plugins", action="store_true",
+                       help="import the plugin code a run folder's config.yaml lists (by default only the "
+                       "plugins you name again with --plugin are imported from a run folder)")
+
     def add_plugin_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="PATH_OR_MODULE",
                        help="a .py file or module that registers your own strategies, backbones, probes or "
@@ -47,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue a stopped run after its last complete experience "
                      "(its own config.yaml; a CONFIG given too must resolve to the same values)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no per-step lines, no table")
+    add_trust_arg(run)
 
     mae = sub.add_parser("pretrain-mae", help="pretrain a ViT encoder by masked autoencoding; "
                          "saves encoder.safetensors for `pretrained:`")
@@ -62,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                        "worst_case: true}]'; repeatable")
     probe.add_argument("--out", metavar="FILE", help="results file (default: RUN_DIR/probes.json)")
     probe.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+    add_plugin_arg(probe)
+    add_trust_arg(probe)
 
     sweep = sub.add_parser("sweep", help="run a config over seeds and value grids (complete runs are kept), "
                            "then compare them")
@@ -100,25 +108,28 @@ def _import_cli_plugins(args: argparse.Namespace) -> list[str]:
 
 def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """The config of the run in ``--resume DIR``; a CONFIG (and --set) given as well must
-    resolve to the same values, or the resumed run would mix two protocols."""
+    resolve to the same values, or the resumed run would mix two protocols. The plugin code
+    the run's config.yaml lists is imported only when named again or trusted."""
     from .config import config_differences, load_config
+    from .run.directory import CONFIG_FILE, check_recorded_plugins
 
     if args.out:
         raise UserError("--resume continues the run in its own directory; drop --out", key="--out")
     run_dir = Path(args.resume).expanduser()
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory", key="--resume")
     if not saved_path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml; expected a directory written by `incremental run`",
+        raise UserError(f"{run_dir} has no {CONFIG_FILE}; expected a directory written by `incremental run`",
                         key="--resume")
-    cli_plugins = _import_cli_plugins(args)
-    if args.config is None:
-        cfg, source = load_config(str(saved_path), args.overrides, plugins=cli_plugins)
-        saved = cfg if not args.overrides else load_config(str(saved_path), plugins=cli_plugins)[0]
-    else:
-        cfg, source = load_config(args.config, args.overrides, plugins=cli_plugins)
-        saved = load_config(str(saved_path), plugins=cli_plugins)[0]
+    named = _import_cli_plugins(args)
+    requested = None
+    if args.config is not None:  # the user's own file: its plugins are theirs to import
+        requested = load_config(args.config, args.overrides, plugins=named)
+        named = list(requested[0].plugins)
+    check_recorded_plugins(run_dir, named, args.trust_plugins)
+    saved = load_config(str(saved_path), plugins=named)[0]
+    cfg, source = requested or load_config(str(saved_path), args.overrides, plugins=named)
     differences = config_differences(saved, cfg)
     if differences:
         key, was, now = differences[0]
@@ -145,33 +156,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run(cfg, run_dir, quiet=args.quiet, resume=bool(args.resume))
     except UserError as exc:
-        raise _with_resume_hint(source.attribute(exc), run_dir)
-    except KeyboardInterrupt:
-        print(f"interrupted; results of the completed experiences are in {run_dir / 'metrics.json'}"
-              f"{_resume_hint(run_dir)}", file=sys.stderr)
-        return 130
+        raise source.attribute(exc)
     return 0
-
-
-def _resume_hint(run_dir: Path) -> str:
-    """How to continue a run that stopped with complete experiences checkpointed."""
-    import json
-
-    from .checkpoint import CHECKPOINT_FILE
-
-    try:
-        stopped = json.loads((run_dir / "metrics.json").read_text()).get("status") in ("failed", "running")
-    except (OSError, ValueError, AttributeError):
-        stopped = False
-    if stopped and (run_dir / CHECKPOINT_FILE).exists():
-        return f"; continue with `incremental run --resume {run_dir}`"
-    return ""
-
-
-def _with_resume_hint(exc: UserError, run_dir: Path) -> UserError:
-    """A run that stopped after completing experiences says how to continue it."""
-    exc.message += _resume_hint(run_dir)
-    return exc
 
 
 def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
@@ -187,7 +173,9 @@ def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
     except UserError as exc:
         raise source.attribute(exc)
     except KeyboardInterrupt:
-        print(f"interrupted; the loss so far is in {run_dir / 'mae_log.json'}", file=sys.stderr)
+        log = run_dir / "mae_log.json"
+        print(f"interrupted; the loss so far is in {log}" if log.exists() else "interrupted; nothing was kept",
+              file=sys.stderr)
         return 130
     return 0
 
@@ -198,7 +186,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory", key="RUN_DIR")
-    probe_run(run_dir, args.overrides, Path(args.out).expanduser() if args.out else None, quiet=args.quiet)
+    probe_run(run_dir, args.overrides, Path(args.out).expanduser() if args.out else None, quiet=args.quiet,
+              plugins=_import_cli_plugins(args), trust_plugins=args.trust_plugins)
     return 0
 
 
@@ -208,12 +197,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     out = Path(args.out).expanduser() if args.out else None
     echo = (lambda _: None) if args.quiet else print
-    try:
-        run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
-                         plugins=_import_cli_plugins(args))
-    except KeyboardInterrupt:
-        print("interrupted; complete runs are kept and skipped when the sweep is started again", file=sys.stderr)
-        return 130
+    run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
+                     plugins=_import_cli_plugins(args))
     report_dir = run_dirs[0].parent / "comparison"
     print(compare(run_dirs, report_dir))
     print(f"\nwrote {report_dir / 'report.md'}")
@@ -319,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except KeyboardInterrupt:  # outside a run (a run says what it kept itself)
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         _leave_process_group()
 

@@ -68,17 +68,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(path: Path) -> Run:
-    """A run directory's metrics.json and config.yaml; a one-line error when either is unusable."""
+    """A run directory's metrics.json and config.yaml; a one-line error when either is unusable.
+    A run that stopped before its first experience has no metrics.json: it loads with none."""
+    from .run.directory import CONFIG_FILE, METRICS_FILE
+
     if not path.is_dir():
         raise UserError(f"{path} is not a run directory", key="RUN_DIR")
     try:
-        metrics = json.loads((path / "metrics.json").read_text())
-        config = yaml.safe_load((path / "config.yaml").read_text())
+        config = yaml.safe_load((path / CONFIG_FILE).read_text())
+        metrics = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).exists() else {}
     except FileNotFoundError as exc:
         raise UserError(f"{path} has no {Path(exc.filename).name}; is it a run directory?", key="RUN_DIR") from None
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: unreadable run files ({type(exc).__name__})", key="RUN_DIR") from None
-    if not isinstance(metrics, dict) or "accuracy_matrix" not in metrics or not isinstance(config, dict):
+    if not isinstance(metrics, dict) or (metrics and "accuracy_matrix" not in metrics) or not isinstance(config, dict):
         raise UserError(f"{path}: metrics.json or config.yaml is not a run's", key="RUN_DIR")
     return Run(path, metrics, config)
 
@@ -243,12 +246,17 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
 
     if not paths:
         raise UserError("name at least one run directory", key="RUN_DIR")
+    from .run.directory import read_state
+
     loaded = [load_run(p) for p in paths]
-    # Unfinished runs would mix last-step numbers of different steps into one mean.
-    runs = [r for r in loaded if r.metrics.get("status") == "complete"]
-    skipped = [r for r in loaded if r.metrics.get("status") != "complete"]
+    # Unfinished runs would mix last-step numbers of different steps into one mean; a killed
+    # run's metrics.json still says running, so its state comes from the run directory.
+    states = {r.path: read_state(r.path) for r in loaded}
+    runs = [r for r in loaded if states[r.path].status == "complete"]
+    skipped = [r for r in loaded if states[r.path].status != "complete"]
     if not runs:
-        raise UserError(f"none of the {len(loaded)} runs is complete (status in metrics.json)", key="RUN_DIR")
+        raise UserError(f"none of the {len(loaded)} runs is complete "
+                        f"({', '.join(sorted({states[r.path].status for r in loaded}))})", key="RUN_DIR")
     groups = group_runs(runs, group_by)
     header, rows = table_rows(groups)
     try:
@@ -278,10 +286,11 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
              "probed step.", "", format_markdown_table(header, rows), "", "## Runs", ""]
     lines += [f"- {group.label}: " + ", ".join(f"`{r.path}`" for r in group.runs) for group in groups]
     if skipped:
-        lines += ["", "Left out (not complete): " + ", ".join(f"`{r.path}` ({r.metrics.get('status')})" for r in skipped)]
+        lines += ["", "Left out (not complete): " + ", ".join(f"`{r.path}` ({states[r.path].label})" for r in skipped)]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     table = format_text_table(header, rows)
     if skipped:
-        table += f"\n(left out {len(skipped)} runs that are not complete: {', '.join(str(r.path) for r in skipped)})"
+        table += (f"\n(left out {len(skipped)} runs that are not complete: "
+                  f"{', '.join(f'{r.path} ({states[r.path].label})' for r in skipped)})")
     return table

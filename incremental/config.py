@@ -327,6 +327,10 @@ def _parse_value(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any])
         raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}", key=path)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and isinstance(choices[0], str):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean: `checkpoint: off` means "off"
+            spelled = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in choices]
+            value = spelled[0] if spelled else value
         if value in choices and type(value) is type(choices[0]):
             return value
         hint = did_you_mean(str(value), [str(c) for c in choices])
@@ -466,8 +470,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-# Keys (and sections) that name a run or choose what it writes, without changing what it computes.
-RESULT_NEUTRAL_KEYS = ("name", "description", "output")
+# Keys (and sections) that name a run or choose what it writes, without changing what it computes;
+# and the plugin files it imported, which define components, chosen by the other keys.
+RESULT_NEUTRAL_KEYS = ("name", "description", "output", "plugins")
 
 
 def config_differences(a: Any, b: Any, ignore: typing.Sequence[str] = RESULT_NEUTRAL_KEYS
@@ -669,7 +674,8 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = (), schema:
     if data.get("name") is None:
         data["name"] = path.stem
     try:
-        data["plugins"] = _import_plugins(data.get("plugins"), source) + list(plugins)
+        # the file's own plugins, then --plugin's, each once (a resumed run names its own again)
+        data["plugins"] = list(dict.fromkeys(_import_plugins(data.get("plugins"), source) + list(plugins)))
         return parse_dataclass(schema, data), source
     except UserError as exc:
         raise source.attribute(exc)

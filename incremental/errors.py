@@ -14,6 +14,8 @@ class UserError(Exception):
     is why they are plain attributes rather than baked into the message.
     """
 
+    exit_code = 2
+
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
         if "Original Traceback" in message:
             # Re-raised by torch from a DataLoader worker as ``type(msg)`` with the worker's
@@ -35,6 +37,21 @@ class UserError(Exception):
     def __str__(self) -> str:
         parts = [p for p in (self.source, self.key) if p]
         return ": ".join(parts + [self.message])
+
+
+class Interrupted(UserError):
+    """A run stopped on request (Ctrl-C, SIGTERM): one line saying what was kept, and the
+    shell's exit code for the signal."""
+
+    def __init__(self, message: str, *, exit_code: int = 130):
+        super().__init__(message, source="")  # "": about no file, so no config file is named
+
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal lands; a BaseException, as Ctrl-C's is, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 class ConfigError(UserError):

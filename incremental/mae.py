@@ -186,15 +186,13 @@ class _Images(torch.utils.data.Dataset):
 def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain the configured backbone by MAE; writes encoder.safetensors and mae_log.json."""
-    from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
 
     from .config import dump_yaml
     from .data import build_dataset
     from .models.net import build_backbone
-    from .plugins import check_finite, lr_factor, param_groups
     from .protocol import OrderedClassSubset, make_class_split
-    from .run.directory import prepare_run_dir, write_json_atomic
+    from .run.directory import RunDirectory
     from .run.environment import resolve_device
 
     opts = cfg.mae
@@ -215,8 +213,27 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
         raise ConfigError(f"{len(images)} training images in the chosen classes, fewer than one batch",
                           key="mae.batch_size")
 
-    prepare_run_dir(run_dir, marker="mae_log.json")
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    directory = RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json")
+    try:
+        directory.begin()
+        return _train(cfg, encoder, splits, images, classes, run_dir, device=device, quiet=quiet, echo=echo)
+    except BaseException:
+        if not (run_dir / "mae_log.json").exists():
+            directory.discard()  # nothing trained yet: the same command works again
+        raise
+    finally:
+        directory.close()
+
+
+def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, classes: set[int], run_dir: Path, *,
+           device: Any, quiet: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    """MAE's training loop; writes mae_log.json after every epoch and the encoder at the end."""
+    from safetensors.torch import save
+
+    from .files import write_atomic, write_json_atomic
+    from .plugins import check_finite, lr_factor, param_groups
+
+    opts = cfg.mae
     model = MaskedAutoencoder(encoder, splits.channels, opts).to(device)
     lr = opts.base_lr * opts.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -253,7 +270,8 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     encoder.pos_embed.requires_grad_(True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     path = run_dir / "encoder.safetensors"
-    save_file(state, str(path))
+    data = save(state)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
     log.update(status="complete", encoder=str(path), wall_time_s=time.perf_counter() - start)
     write_json_atomic(run_dir / "mae_log.json", log)
     if not quiet:

@@ -5,16 +5,16 @@ resumed from their checkpoints.
 A ``--set`` whose value lists several values separated by top-level commas
 (``strategy=replay,finetune``; commas inside ``[...]`` or ``{...}`` do not split) is a grid
 axis; the runs are the product of every axis and the seeds. All the combinations are
-validated before the first run starts. Run directories are named after the axis values and
-the seed, under ``--out`` (default: ``OUTPUT_ROOT/NAME-sweep``).
+validated before the first run starts, and every existing run directory checked: one is
+reused only when its resolved config equals the requested one, and none is ever deleted. Run
+directories are named after the axis values and the seed, under ``--out`` (default:
+``OUTPUT_ROOT/NAME-sweep``).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,14 +61,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")[:40] or "x"
 
 
-def is_complete(run_dir: Path, marker: str = "metrics.json") -> bool:
-    """Whether ``run_dir/marker`` (metrics.json, or MAE's mae_log.json) says ``complete``."""
-    try:
-        return json.loads((run_dir / marker).read_text())["status"] == "complete"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None,
          plugins: Sequence[str] = ()) -> tuple[Path, list[tuple[Path, Any, Any]]]:
     """The sweep root and (run directory, config, source) of every run, all validated."""
@@ -92,22 +84,37 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
 
 def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
           quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = ()) -> list[Path]:
-    """Run every combination not yet complete; returns the run directories in order."""
+    """Run every combination not yet complete; returns the run directories in order.
+
+    An existing directory is reused only when its resolved config equals the one asked for:
+    kept when complete, resumed when stopped or failed. Any other directory (another config,
+    one in use, files that are not a run) is refused before the first run starts, and no
+    directory is ever deleted."""
+    from .errors import Interrupted
     from .run import run
-    from .run.resume import can_resume
+    from .run.directory import reuse_decision
 
     root, runs = plan(config, seeds, overrides, out, plugins)
+    decisions = [reuse_decision(run_dir, cfg) for run_dir, cfg, _ in runs]
     echo(f"sweep: {len(runs)} runs under {root}")
-    for index, (run_dir, cfg, source) in enumerate(runs, 1):
-        if is_complete(run_dir):
-            echo(f"[{index}/{len(runs)}] kept {run_dir} (complete)")
+    refused = [(run_dir, reason) for (run_dir, _, _), (kind, reason) in zip(runs, decisions) if kind == "refused"]
+    for index, ((run_dir, _, _), (kind, reason)) in enumerate(zip(runs, decisions), 1):
+        if kind != "new":
+            echo(f"[{index}/{len(runs)}] {kind} {run_dir} ({reason})")
+    if refused:
+        first, reason = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise UserError(f"{first} {reason}{more}; the sweep touches no directory it cannot reuse: remove it or "
+                        f"choose another --out", key="--out")
+    for index, ((run_dir, cfg, source), (kind, _)) in enumerate(zip(runs, decisions), 1):
+        if kind == "kept":
             continue
-        resume = can_resume(run_dir, cfg)
-        if run_dir.exists() and not resume:  # an unfinished attempt with no usable checkpoint
-            shutil.rmtree(run_dir)
-        echo(f"[{index}/{len(runs)}] {'resuming' if resume else 'running'} {run_dir}")
+        echo(f"[{index}/{len(runs)}] {'resuming' if kind == 'resume' else 'running'} {run_dir}")
         try:
-            metrics = run(cfg, run_dir, quiet=True, resume=resume)
+            metrics = run(cfg, run_dir, quiet=True, resume=kind == "resume")
+        except Interrupted as exc:
+            raise Interrupted(f"{exc.message.split(';')[0]}; complete runs are kept, and the stopped one resumes "
+                              f"when the sweep is started again", exit_code=exc.exit_code) from None
         except UserError as exc:
             raise source.attribute(exc)
         if not quiet:

@@ -72,6 +72,62 @@ def rewind_checkpoint(run_dir: Path, experience: int) -> None:
     torch.save(state, path)
 
 
+def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: bool = True) -> int:
+    """``incremental ARGS`` in a forked copy of this test process: a separate process (it can
+    be SIGKILLed, and its locks are its own) without an interpreter's 10 s of imports. Returns
+    the exit status as subprocess does (-9 for SIGKILL), or with ``wait=False`` the child's
+    PID (see :func:`wait_for_fork`). One thread, in the parent's place too
+    when results are compared: OpenMP's thread pool does not survive a fork, and the thread
+    count can change the last bit of a float."""
+    import torch
+
+    _import_what_a_run_imports()  # once here, instead of in every child
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            os.environ.update(env or {})
+            from incremental.cli import main
+
+            code = main([*args, *(["--quiet"] if quiet else [])])
+        finally:
+            os._exit(code)
+    return wait_for_fork(pid) if wait else pid
+
+
+def _import_what_a_run_imports() -> None:
+    import importlib
+
+    from incremental.registry import load_builtins
+
+    load_builtins()
+    for module in ("incremental.run.loop", "incremental.template", "incremental.plugins", "incremental.protocol",
+                   "incremental.tensorboard", "torch.utils.tensorboard", "sklearn.datasets",
+                   "sklearn.model_selection", "avalanche.training.templates", "avalanche.benchmarks.scenarios",
+                   "safetensors.torch", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        importlib.import_module(module)
+
+
+def wait_for_fork(pid: int) -> int:
+    """The exit status of a child started by ``main_in_fork(..., wait=False)``."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+@pytest.fixture
+def one_thread():
+    """This process on one thread, like main_in_fork's children, for bit-exact comparisons."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def write_yaml(tmp_path: Path):
     def write(text: str, name: str = "config.yaml") -> Path:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from conftest import TINY_RUN, rewind_checkpoint, write_cifar100, write_image_folder
 
-from incremental.checkpoint import CHECKPOINT_FILE
+from incremental.run.directory import CHECKPOINT_FILE
 from incremental.cli import main
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_RUN, incremental_process, rewind_checkpoint
 
-from incremental.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from incremental.checkpoint import load_checkpoint
+from incremental.run.directory import CHECKPOINT_FILE
 from incremental.cli import main
 from incremental.errors import UserError
 from incremental.run import without_wall_clock
@@ -95,18 +96,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
             assert not (run_dir / CHECKPOINT_FILE).exists()
     # a kill during a write leaves a partial temporary file, which is never read
     (run_dir / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"partial")
-    resumed = incremental_process("run", "--resume", str(run_dir), "--quiet")
+    resumed = incremental_process("run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE))
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(run_dir) == comparable(reference)  # bit-identical floats, through JSON
     assert same_weights(run_dir, reference)
-    assert f"resumed at experience {experience}" in (run_dir / "resume.log").read_text()
+    verb = "resumed at" if experience else "restarted from"  # no checkpoint yet: experience 0 again, in place
+    assert f"{verb} experience {experience}" in (run_dir / "resume.log").read_text()
 
 
 def test_resuming_a_complete_run_changes_nothing(uninterrupted, tmp_path, capsys):
     _, reference = uninterrupted
     copy = shutil.copytree(reference, tmp_path / "copy")
     before = (copy / "metrics.json").read_text()
-    assert main(["run", "--resume", str(copy)]) == 0
+    assert main(["run", "--resume", str(copy), "--plugin", str(KILLABLE)]) == 0
     assert "the run is complete" in capsys.readouterr().out
     assert (copy / "metrics.json").read_text() == before
 
@@ -264,7 +266,7 @@ def test_a_checkpoint_holding_code_is_refused_unrun(uninterrupted, tmp_path, cap
     torch.save(state, run_dir / CHECKPOINT_FILE)
     with pytest.raises(UserError, match=r"refused by torch.load\(weights_only=True\)"):
         load_checkpoint(run_dir / CHECKPOINT_FILE)
-    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    assert main(["run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE)]) == 2
     assert "refused by torch.load(weights_only=True)" in capsys.readouterr().err
     assert not marker.exists()
 

@@ -12,29 +12,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, UserError
-from ..run.directory import MODEL_FILE, write_json_atomic
 
 
 def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> tuple[Any, int]:
     """The run's model with the saved weights, and the experience they were saved after."""
     from avalanche.training.determinism.rng_manager import RNGManager
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     from ..models import build_model
     from ..models.net import grow_head
+    from ..run.directory import MODEL_FILE, read_model
 
     path = run_dir / MODEL_FILE
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; runs save it after each experience unless "
-                        f"output.save_model is false", key="RUN_DIR")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(path))
-        experience, num_classes = int(metadata["experience"]), int(metadata["num_classes"])
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise UserError(f"{path} is not a model saved by `incremental run` ({exc})", key="RUN_DIR") from None
+    state, experience, num_classes = read_model(path)
     RNGManager.set_random_seeds(cfg.seed)  # the same initialisation, hence the same pruned structure
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
@@ -49,20 +38,26 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
 
 
 def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = None, *, quiet: bool = False,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Probe the saved model of ``run_dir``; writes ``probes.json`` (or ``out``) and PNG heat maps."""
+              echo: Callable[[str], None] = print, plugins: Sequence[str] = (),
+              trust_plugins: bool = False) -> dict[str, Any]:
+    """Probe the saved model of ``run_dir``; writes ``probes.json`` (or ``out``) and PNG heat maps.
+    The plugin code the run's config.yaml lists is imported only when named again in
+    ``plugins`` (``--plugin``) or ``trust_plugins``."""
     from ..config import load_config
     from ..data import build_dataset
+    from ..files import write_json_atomic
     from ..protocol import make_class_split
+    from ..run.directory import CONFIG_FILE, check_recorded_plugins
     from ..run.environment import resolve_device
     from .base import ProbeData
     from .suite import ProbeSuite
 
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml; expected a directory written by `incremental run`",
+        raise UserError(f"{run_dir} has no {CONFIG_FILE}; expected a directory written by `incremental run`",
                         key="RUN_DIR")
-    cfg, source = load_config(str(config_path), overrides)
+    check_recorded_plugins(run_dir, list(plugins), trust_plugins)
+    cfg, source = load_config(str(config_path), overrides, plugins=plugins)
     target = out or run_dir / "probes.json"
     try:
         if not cfg.probes:
@@ -85,11 +80,11 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     if not quiet:
         echo(f"probing {run_dir} after experience {step} ({class_split.classes_per_experience[: step + 1]} classes)")
     results = suite.run(model, step, device)
+    write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
     try:
-        write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
         write_images(suite.last_images, target.with_suffix(""))
     except OSError as exc:
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}", key="--out") from None
+        raise UserError(f"cannot write the heat maps next to {target}: {exc.strerror or exc}", key="--out") from None
     if not quiet:
         echo(f"wrote {target}")
     return results

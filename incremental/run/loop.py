@@ -1,63 +1,63 @@
-"""Runs one class-incremental protocol: one SupervisedTemplate, the strategy as a plugin.
+"""Runs one class-incremental protocol: build once, then for every experience train, evaluate,
+probe and record.
 
-After every experience the model is evaluated on the test data of every experience seen so
-far; the row of the accuracy matrix is added, every metric recomputed from the matrix, and
-``metrics.json`` rewritten atomically, so a run that stops midway keeps what it finished.
+One SupervisedTemplate carries the strategy's plugins. After every experience the model is
+evaluated on the test data of every experience seen so far, the probes run, and the run
+directory records the experience in its durable order (see :mod:`.directory`), so a run that
+stops at any moment keeps every experience it finished and can be resumed.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import warnings
-from datetime import datetime
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..config import RunConfig, dump_yaml
-from .directory import MODEL_FILE, RESUME_LOG, prepare_run_dir, save_model, write_json_atomic, write_text_atomic
+from ..errors import Interrupted, Terminated, UserError
+from .directory import ResumePlan, RunDirectory, plan_resume
 from .environment import device_data_path, hide_avalanche_deprecations, resolve_device, use_deterministic_algorithms
-from .resume import open_resume, restore_checkpoint, write_checkpoint
+from .resume import checkpoint_state, restore_checkpoint
 from .results import RunResults
 
 
-def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics.
+@dataclass
+class BuiltRun:
+    """Everything one run trains and records with, made once by :func:`build`."""
 
-    ``resume``: continue the run in ``run_dir`` after its last checkpointed experience; the
-    final metrics.json equals an uninterrupted run's except for the wall-clock times.
-    """
-    from ..distributed import broadcast_object, device_for, init_from_environment, on_rank_zero
+    cfg: RunConfig
+    dist: Any
+    device: Any
+    class_split: Any
+    benchmark: Any
+    model: Any
+    template: Any
+    optimization: Any
+    recorder: Any
+    probe_suite: Any
+    stateful: list[Any]  # what a checkpoint holds besides the model: strategy and compression plugins
+    results: RunResults
 
-    dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
-    run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
-    main = dist.is_main  # only rank 0 prints and writes
-    quiet = quiet or not main
-    checkpoint = None
-    if resume:
-        checkpoint = open_resume(run_dir, cfg)
-    else:
-        def create() -> None:
-            prepare_run_dir(run_dir)
-            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
-        on_rank_zero(create, dist)
-
+def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]) -> BuiltRun:
+    """Data, class split, benchmark, model, strategy plugins and the template, seeded by ``cfg.seed``."""
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
 
     from ..data import build_dataset
+    from ..distributed import device_for
     from ..models import build_model
     from ..models.compress import compression_plugins
-    from ..metrics import old_predicted_as_new
-    from ..models.net import describe, describe_build, head_norm_ratio
     from ..plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
     from ..registry import STRATEGIES
-    from ..checkpoint import unresumable
     from ..strategy import StrategyContext
     from ..template import IncrementalTemplate
-    from ..summary import format_step, format_table
 
     RNGManager.set_random_seeds(cfg.seed)
     use_deterministic_algorithms(cfg.training.deterministic)
@@ -72,7 +72,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
                                                          img_size=splits.image_size, device=device)
     context.param_group_hooks.extend(compression_hooks)
     probe_suite = None
-    if cfg.probes and main:  # probes restore every RNG they touch, so ranks stay in step
+    if cfg.probes and dist.is_main:  # probes restore every RNG they touch, so ranks stay in step
         from ..probes.base import ProbeData
         from ..probes.suite import ProbeSuite
 
@@ -97,9 +97,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         device=device,
         # Compression plugins come after the strategy's: the int8 copy replaces the model
         # for evaluation once the strategy has finished its own before_eval work.
-        # Probes come after both, so they see the fp32 model once evaluation is over.
-        plugins=[optimization, *strategy_plugins, *compression, recorder,
-                 *([probe_suite] if probe_suite is not None else []), ProgressBars(enabled=not quiet)],
+        plugins=[optimization, *strategy_plugins, *compression, recorder, ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
         precision=cfg.training.precision,
         channels_last=cfg.training.channels_last,
@@ -109,87 +107,253 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
         batch_augmentation=splits.batch_augmentation if device_data_path(cfg.training.data_path, device) else None,
         dist=dist,
     )
-
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
     results = RunResults(cfg, list(class_split.class_order), class_split.experiences, splits.class_names, test_sizes)
     results.backbone_report = model.build_report
-    stateful = [*strategy_plugins, *compression]  # what a checkpoint holds besides the model
-    first = 0
-    if checkpoint is not None:
-        first = restore_checkpoint(checkpoint, model=model, plugins=stateful, template=template,
-                                   results=results, run_dir=run_dir)
-    if first == class_split.num_experiences:  # complete: metrics.json is rewritten from the checkpoint
+    return BuiltRun(cfg, dist, device, class_split, benchmark, model, template, optimization, recorder,
+                    probe_suite, [*strategy_plugins, *compression], results)
+
+
+def train_experience(built: BuiltRun, i: int) -> float:
+    """Train experience ``i`` (the strategy's own after-training work included); seconds taken."""
+    cfg = built.cfg
+    built.template.train_epochs = cfg.training.initial_epochs if (i == 0 and cfg.training.initial_epochs) \
+        else cfg.training.epochs
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        hide_avalanche_deprecations()
+        built.template.train(built.benchmark.train_stream[i], eval_streams=[], reset_optimizer_state=True,
+                             num_workers=cfg.training.num_workers)
+    return time.perf_counter() - start
+
+
+def evaluate_experience(built: BuiltRun, i: int) -> float:
+    """Evaluate on the test data of experiences 0..i (the recorder fills row i); seconds taken."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        hide_avalanche_deprecations()
+        built.template.eval(built.benchmark.test_stream[: i + 1], num_workers=built.cfg.training.num_workers)
+    return time.perf_counter() - start
+
+
+def probe_experience(built: BuiltRun, i: int) -> float:
+    """The configured probes on the model after experience ``i`` (rank 0); seconds taken."""
+    if built.probe_suite is None:
+        return 0.0
+    start = time.perf_counter()
+    built.probe_suite.run(built.template.model, i, built.device)
+    return time.perf_counter() - start
+
+
+def step_record(built: BuiltRun, i: int, *, train_s: float, eval_s: float, probe_s: float) -> dict[str, Any]:
+    """Experience ``i``'s row of metrics.json besides its accuracies."""
+    from ..metrics import old_predicted_as_new
+    from ..models.net import head_norm_ratio
+
+    recorder = built.recorder
+    predictions = recorder.prediction_matrix(i + 1)
+    return {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
+            "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
+            "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
+            "head_norm_ratio": head_norm_ratio(built.template.model, built.class_split.label_ranges(), i),
+            "probe_s": probe_s,
+            "probes": built.probe_suite.last_results if built.probe_suite is not None else {}}
+
+
+def record_experience(built: BuiltRun, directory: RunDirectory, writer: Any, i: int, info: dict[str, Any]) -> None:
+    """Write experience ``i`` into the run directory (TensorBoard, checkpoint, model, metrics)."""
+    cfg, suite = built.cfg, built.probe_suite
+    metrics = built.results.to_json()
+
+    def tensorboard() -> None:
+        writer.log_step(i, metrics, info)
+        if suite is not None:
+            writer.log_probes(i, suite.last_results, suite.last_images)
+
+    def checkpoint() -> dict[str, Any]:
+        return checkpoint_state(cfg, i, template=built.template, plugins=built.stateful,
+                                schedule=built.optimization.schedule_state(), results=built.results)
+
+    directory.record_experience(
+        i, metrics, tensorboard=tensorboard if writer is not None else None,
+        checkpoint=checkpoint if cfg.output.checkpoint != "off" else None, archive=cfg.output.checkpoint == "all",
+        model=built.template.model if cfg.output.save_model else None)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: results kept, status ``stopped``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _open_directory(cfg: RunConfig, run_dir: Path, resume: bool, dist: Any) -> tuple[RunDirectory | None, ResumePlan | None]:
+    """Rank 0 creates or reopens the directory (taking its lock); every rank reads the resume plan."""
+    from ..distributed import on_rank_zero
+
+    holder: list[RunDirectory] = []
+
+    def open_it() -> None:
+        holder.append(RunDirectory.reopen(run_dir) if resume else RunDirectory.create(run_dir, dump_yaml(cfg)))
+
+    on_rank_zero(open_it, dist)
+    directory = holder[0] if holder else None
+    try:
+        plan = plan_resume(run_dir, cfg) if resume else None
+        if directory is not None:
+            directory.begin()
+    except BaseException:
+        if directory is not None:
+            directory.close()
+        raise
+    return directory, plan
+
+
+def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics.
+
+    ``resume``: continue the run in ``run_dir`` after its last checkpointed experience (or
+    from experience 0 in place when none is complete); the final metrics.json equals an
+    uninterrupted run's except for the wall-clock times. A failure ends in a UserError whose
+    message says what was kept and how to continue, when a resume would work.
+    """
+    from ..distributed import broadcast_object, init_from_environment
+
+    dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
+    quiet = quiet or not dist.is_main  # only rank 0 prints and writes
+    directory, plan = _open_directory(cfg, run_dir, resume, dist)
+    built: BuiltRun | None = None
+    started = False  # once the resume has been restored, a failure leaves a resumable run
+    try:
+        with sigterm_as_interrupt():
+            built = build(cfg, dist, quiet=quiet, echo=echo)
+            first = 0
+            if plan is not None and plan.checkpoint is not None:
+                first = restore_checkpoint(plan.checkpoint, model=built.model, plugins=built.stateful,
+                                           template=built.template, results=built.results, run_dir=run_dir)
+            if directory is not None:
+                from ..checkpoint import unresumable
+
+                directory.num_experiences = built.class_split.num_experiences
+                directory.checkpointing = cfg.output.checkpoint != "off"
+                directory.unresumable = unresumable(built.stateful)
+                if plan is not None:
+                    directory.log_resume(plan)
+            started = True
+            return _run_experiences(built, directory, first, resume=resume, quiet=quiet, echo=echo)
+    except KeyboardInterrupt as exc:
+        stop = Interrupted("stopped by SIGTERM", exit_code=143) if isinstance(exc, Terminated) \
+            else Interrupted("interrupted")
+        raise _stopped(built, directory, stop, started=started, status="stopped") from None
+    except UserError as exc:
+        raise _stopped(built, directory, exc, started=started, status="failed") from None
+    except BaseException:
+        _stopped(built, directory, None, started=started, status="failed")
+        raise
+    finally:
+        if directory is not None:
+            directory.close()
+
+
+def _stopped(built: BuiltRun | None, directory: RunDirectory | None, exc: UserError | None, *,
+             started: bool, status: str) -> Any:
+    """Record a stopped or failed run and finish the error's message: what was kept, and how
+    to continue when (and only when) a resume would work.
+
+    A new run that ends before its first experience is complete removes what it wrote, so the
+    same command works again once the cause is fixed. Otherwise metrics.json says ``status``
+    with the experiences that are durable; a resume that fails before it restored anything
+    leaves the run as it found it."""
+    if directory is None:
+        return exc
+    interrupted = isinstance(exc, Interrupted)
+    if directory.fresh and directory.completed == 0:
+        directory.discard()
+        if interrupted:
+            exc.message += "; stopped before the first experience was complete, nothing was kept"
+        return exc
+    if started and built is not None and directory.completed:
+        built.results.truncate(directory.completed)
+        built.results.status = status
+        directory.record_stop(built.results.to_json())
+    else:
+        directory.record_stop(None)
+    if exc is None:
+        return None
+    if interrupted and directory.completed:
+        exc.message += f"; {directory.completed} complete experience(s) kept in {directory.path}"
+    if started or interrupted:
+        exc.message += directory.resume_hint()
+    return exc
+
+
+def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int, *, resume: bool, quiet: bool,
+                     echo: Callable[[str], None]) -> dict[str, Any]:
+    from ..models.net import describe, describe_build
+    from ..summary import format_step, format_table
+
+    cfg, class_split, results = built.cfg, built.class_split, built.results
+    total = class_split.num_experiences
+    if first == total:  # complete: metrics.json (and the model) rewritten from the checkpoint
         results.status = "complete"
         metrics = results.to_json()
-        if main:
-            write_json_atomic(run_dir / "metrics.json", metrics)
+        if directory is not None:
+            directory.completed = first
+            directory.record_experience(first - 1, metrics,
+                                        model=built.template.model if cfg.output.save_model else None)
         if not quiet:
-            echo(f"{run_dir}: the run is complete ({first} experiences); nothing to resume")
+            echo(f"{directory.path if directory else ''}: the run is complete ({first} experiences); nothing to resume")
         return metrics
-    if resume and main:
-        with open(run_dir / RESUME_LOG, "a") as log:
-            log.write(f"{datetime.now().isoformat(timespec='seconds')} resumed at experience {first}\n")
+    if first and directory is not None:
+        # The checkpoint is the truth: a kill between it and metrics.json or the model file
+        # left those behind; they are brought level before training goes on.
+        directory.record_experience(first - 1, results.to_json(),
+                                    model=built.template.model if cfg.output.save_model else None)
     writer = None
-    if cfg.output.tensorboard and main:
+    if cfg.output.tensorboard and directory is not None:
         from ..tensorboard import TensorBoardWriter, run_hparams
 
         # A resumed run drops what the stopped one logged for the experiences it redoes.
-        writer = TensorBoardWriter(run_dir, run_hparams(cfg), purge_step=first if resume else None)
+        writer = TensorBoardWriter(directory.path, run_hparams(cfg), purge_step=first if resume else None)
     if not quiet:
-        echo(f"run {cfg.name}: {cfg.dataset.name}, {class_split.num_experiences} experiences "
+        echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
-             f"backbone {cfg.backbone.name} ({describe(model)}), device {device}")
-        for line in describe_build(model.build_report):
+             f"backbone {cfg.backbone.name} ({describe(built.model)}), device {built.device}")
+        for line in describe_build(built.model.build_report):
             echo(line)
-        echo(f"resuming {run_dir} at experience {first}" if resume else f"writing to {run_dir}")
-        if cfg.output.checkpoint != "off" and unresumable(stateful):
+        where = directory.path if directory is not None else ""
+        echo(f"resuming {where} at experience {first}" if resume else f"writing to {where}")
+        if cfg.output.checkpoint != "off" and directory is not None and directory.unresumable:
             echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
-                 f"({', '.join(unresumable(stateful))}); this run cannot be resumed")
-
+                 f"({', '.join(directory.unresumable)}); this run cannot be resumed")
     metrics: dict[str, Any] = results.to_json() if results.matrix else {}
     try:
-        for i in range(first, class_split.num_experiences):
-            experience = benchmark.train_stream[i]
-            template.train_epochs = cfg.training.initial_epochs if (i == 0 and cfg.training.initial_epochs) \
-                else cfg.training.epochs
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                hide_avalanche_deprecations()
-                template.train(experience, eval_streams=[], reset_optimizer_state=True,
-                               num_workers=cfg.training.num_workers)
-                train_s = time.perf_counter() - start
-                template.eval(benchmark.test_stream[: i + 1], num_workers=cfg.training.num_workers)
-            probe_s = sum(probe_suite.last_seconds.values()) if probe_suite is not None else 0.0
-            eval_s = time.perf_counter() - start - train_s - probe_s
-            predictions = recorder.prediction_matrix(i + 1)
-            info = {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
-                    "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
-                    "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
-                    "head_norm_ratio": head_norm_ratio(template.model, class_split.label_ranges(), i),
-                    "probe_s": probe_s, "probes": probe_suite.last_results if probe_suite is not None else {}}
-            results.add(recorder.accuracies(i + 1), info)
-            if i == class_split.num_experiences - 1:
+        for i in range(first, total):
+            train_s = train_experience(built, i)
+            eval_s = evaluate_experience(built, i)
+            probe_s = probe_experience(built, i)
+            results.add(built.recorder.accuracies(i + 1),
+                        step_record(built, i, train_s=train_s, eval_s=eval_s, probe_s=probe_s))
+            if i == total - 1:
                 results.status = "complete"
             metrics = results.to_json()
-            if not main:
+            if directory is None:
                 continue
-            write_json_atomic(run_dir / "metrics.json", metrics)
-            if cfg.output.save_model:
-                save_model(template.model, run_dir / MODEL_FILE, experience=i)
-            if writer is not None:
-                writer.log_step(i, metrics, info)
-                if probe_suite is not None:
-                    writer.log_probes(i, probe_suite.last_results, probe_suite.last_images)
-            if cfg.output.checkpoint != "off":  # last: the experience is done once this is written
-                write_checkpoint(run_dir, cfg, i, template=template, plugins=stateful,
-                                 schedule=optimization.schedule_state(), results=results)
+            record_experience(built, directory, writer, i, {**results.steps[-1]})
             if not quiet:
                 echo(format_step(metrics, i))
-    except BaseException:
-        if results.matrix and main:
-            results.status = "failed"
-            write_json_atomic(run_dir / "metrics.json", results.to_json())
-        raise
     finally:
         if writer is not None:
             writer.close()

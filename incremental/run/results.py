@@ -38,6 +38,10 @@ class RunResults:
         self.matrix.append(row)
         self.steps.append(info)
 
+    def truncate(self, completed: int) -> None:
+        """Keep the first ``completed`` experiences: those whose writes are durable."""
+        del self.matrix[completed:], self.steps[completed:]
+
     def to_json(self) -> dict[str, Any]:
         from ..metrics import DEFINITIONS, summarize
         from ..probes import DEFINITIONS as PROBE_DEFINITIONS

@@ -1,0 +1,101 @@
+"""Writing files so that a kill or a failed write never leaves half a file behind.
+
+Every file the toolkit writes goes through :func:`write_atomic`: the content goes to
+``NAME.tmp`` next to the target, which is renamed over the target only once complete
+(optionally flushed to disk first). A failed write (a full disk, a read-only or vanished
+folder) removes the temporary file and raises :class:`WriteError`, a one-line UserError
+naming the file, so the CLI reports it with exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+TMP_SUFFIX = ".tmp"
+
+
+class WriteError(UserError):
+    """A file that could not be written: ``FILE: cannot write (reason)``."""
+
+    def __init__(self, path: Path, exc: OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        code = errno.errorcode.get(exc.errno or 0)
+        super().__init__(f"cannot write ({reason}{', ' + code if code else ''})", source=str(path))
+        self.path = path
+        self.errno = exc.errno
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (not possible on every platform; the rename
+    is atomic either way)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], *, durable: bool = False) -> None:
+    """``write(tmp_path)`` fills a temporary file, which then replaces ``path`` in one rename.
+    ``durable``: flushed to disk before the rename, and the rename flushed after, so the file
+    survives a power cut too (the checkpoint). Any OSError becomes a WriteError naming ``path``,
+    with the temporary file removed."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        write(tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise WriteError(path, exc) from None
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """One line added to a log file (``resume.log``); a failure is a WriteError."""
+    try:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(line.rstrip("\n") + "\n")
+    except OSError as exc:
+        raise WriteError(path, exc) from None
+
+
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Delete ``*.tmp`` leftovers of writes a kill interrupted (in ``folder`` and one level down)."""
+    removed = []
+    for pattern in (f"*{TMP_SUFFIX}", f"*/*{TMP_SUFFIX}"):
+        for tmp in folder.glob(pattern):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
