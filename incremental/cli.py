@@ -283,10 +283,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 options = _format_options(entry.config_cls)
                 if options:
                     out.append(f"  {'':<14}   options: {options}")
-            from .config import COMMON_OPTIONS
-
-            if kind in COMMON_OPTIONS:
-                out.append(f"  (every entry also takes: {_format_options(COMMON_OPTIONS[kind])})")
+            if registry.common_options is not None:
+                out.append(f"  (every entry also takes: {_format_options(registry.common_options)})")
         out.append("")
     sys.stdout.write("\n".join(out))
     return 0

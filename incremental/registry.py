@@ -32,9 +32,19 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, common: str | None = None):
         self.kind = kind  # singular noun used in messages: "backbone", "strategy", ...
         self._entries: dict[str, Entry[T]] = {}
+        self._common = common  # "module:Class" of the options every entry of this kind takes
+
+    @property
+    def common_options(self) -> type | None:
+        """The options class every entry takes besides its own (backbones: ``pretrained``,
+        ``compress``; probes: ``num_samples``...), imported on first use."""
+        if self._common is None:
+            return None
+        module, _, name = self._common.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def register(self, name: str, *, config: type | None = None) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -69,9 +79,9 @@ class Registry(Generic[T]):
 
 
 DATASETS: Registry[Any] = Registry("dataset")
-BACKBONES: Registry[Any] = Registry("backbone")
+BACKBONES: Registry[Any] = Registry("backbone", common="incremental.models.options:BackboneOptions")
 STRATEGIES: Registry[Any] = Registry("strategy")
-PROBES: Registry[Any] = Registry("probe")
+PROBES: Registry[Any] = Registry("probe", common="incremental.probes.options:ProbeOptions")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "datasets": DATASETS,

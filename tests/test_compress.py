@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from incremental.cli import main
-from incremental.config import Component, LowRankConfig, PruneConfig, parse_dataclass
+from incremental.config import Component, parse_dataclass
+from incremental.models.options import LowRankConfig, PruneConfig
 from incremental.models.compress import (FeatureDistillationPlugin, LowRankLinear, count_macs, low_rank_backbone,
                                          prune_backbone, quantize_int8)
 from incremental.models.net import IncrementalNet, build_backbone

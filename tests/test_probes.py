@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from incremental.cli import main
-from incremental.config import Component, ProbeOptions, load_config, parse_dataclass
+from incremental.config import Component, load_config, parse_dataclass
+from incremental.probes.options import ProbeOptions
 from incremental.data import build_dataset
-from incremental.models import build_model
+from incremental.models.net import build_model
 from incremental.probes.adversarial import band_fractions, dct_energy, dct_matrix
 from incremental.probes.attacks import deepfool, pgd
 from incremental.probes.base import PixelModel, ProbeData, untouched

@@ -18,7 +18,8 @@ from incremental.registry import BUILTIN_MODULES, REGISTRIES, Registry, load_bui
 # Modules that hold shared machinery rather than components.
 NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incremental.models.pretrained",
                   "incremental.models.compress", "incremental.probes.base", "incremental.probes.suite",
-                  "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device"}
+                  "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device",
+                  "incremental.models.options", "incremental.probes.options"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 

@@ -12,7 +12,7 @@ from avalanche.training.templates import SupervisedTemplate
 from incremental.config import OptimizerConfig, SchedulerConfig, TrainingConfig, parse_dataclass
 from incremental.data import build_dataset
 from incremental.data.synthetic import SyntheticConfig
-from incremental.models import build_model
+from incremental.models.net import build_model
 from incremental.config import Component
 from incremental.models.vit import ViTConfig
 from incremental.plugins import OptimizationPlugin, lr_factor, param_groups, silent_evaluator

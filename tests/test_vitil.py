@@ -14,7 +14,7 @@ from incremental.data import build_dataset
 from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
 from incremental.losses import logit_distillation
-from incremental.models import build_model
+from incremental.models.net import build_model
 from incremental.models.vit import ViTConfig, build_vit, stem_channels, stem_strides
 from incremental.protocol import build_benchmark, make_class_split
 from incremental.registry import STRATEGIES

@@ -65,7 +65,7 @@ def setup(model_name: str, args: argparse.Namespace) -> tuple[Any, Any, Any, tor
 
     from incremental.config import RunConfig, parse_dataclass
     from incremental.data import build_dataset
-    from incremental.models import build_model
+    from incremental.models.net import build_model
     from incremental.protocol import build_benchmark, make_class_split
 
     cfg = parse_dataclass(RunConfig, base_config(model_name, args))

@@ -19,7 +19,7 @@ import torch
 
 from incremental.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from incremental.config import RunConfig, parse_dataclass
-from incremental.models import build_model
+from incremental.models.net import build_model
 from incremental.registry import load_builtins
 
 BACKBONES = {

@@ -1,5 +1,2 @@
-"""Backbones by name, and the incremental network that puts a growing head on them."""
-
-from .net import IncrementalNet, build_model
-
-__all__ = ["IncrementalNet", "build_model"]
+"""Backbones by name (``options`` declares them and their options; ``net`` puts a growing head
+on them). Importing this package stays light: the modules load on use."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import CompressConfig, LowRankConfig, PruneConfig
+from .options import CompressConfig, LowRankConfig, PruneConfig
 
 
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ProbeOptions
+from .options import ProbeOptions
 
 
 class PixelModel(nn.Module):

@@ -18,7 +18,7 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
     """The run's model with the saved weights, and the experience they were saved after."""
     from avalanche.training.determinism.rng_manager import RNGManager
 
-    from ..models import build_model
+    from ..models.net import build_model
     from ..models.net import grow_head
     from ..run.directory import MODEL_FILE, read_model
 

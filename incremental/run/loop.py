@@ -51,7 +51,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
 
     from ..data import build_dataset
     from ..distributed import device_for
-    from ..models import build_model
+    from ..models.net import build_model
     from ..models.compress import compression_plugins
     from ..plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split

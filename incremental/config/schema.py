@@ -1,0 +1,142 @@
+"""The run config's schema: RunConfig and its sections (protocol, training, output)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from ..errors import ConfigError
+from .fields import Component, component, component_list, opt
+
+
+@dataclass
+class MemoryConfig:
+    """Exemplar memory budget: a fixed total (iCaRL: 2000) or a fixed number per class
+    (PODNet: 20). Neither set means no memory."""
+
+    total: int | None = opt(None, ge=0)
+    per_class: int | None = opt(None, ge=0)
+
+    def validate(self) -> None:
+        if self.total is not None and self.per_class is not None:
+            raise ConfigError("set either total or per_class, not both", key="per_class")
+
+
+@dataclass
+class ProtocolConfig:
+    """How the dataset's classes are split into experiences.
+
+    ``initial_classes: 0`` is the B0 protocol (every experience has ``increment`` classes);
+    ``initial_classes: 50`` is B50 (50 classes first, then ``increment`` per experience).
+    ``increment`` may be a list for uneven steps; then it lists every experience after the
+    initial one (or every experience, for B0) and must add up to the class count.
+
+    ``class_order`` is ``random`` (a permutation drawn from ``order_seed``, as PyCIL does
+    with numpy), ``sorted``, a named order (``incremental list protocols`` shows them), or
+    an explicit list of class ids.
+    """
+
+    initial_classes: int = opt(0, ge=0)
+    increment: Union[int, list[int]] = 10
+    class_order: Union[str, list[int]] = "random"
+    order_seed: int | None = None
+    memory: MemoryConfig = opt(factory=MemoryConfig)
+
+    def validate(self) -> None:
+        steps = self.increment if isinstance(self.increment, list) else [self.increment]
+        if not steps:
+            raise ConfigError("must not be empty", key="increment")
+        for i, n in enumerate(steps):
+            if n <= 0:
+                key = f"increment.{i}" if isinstance(self.increment, list) else "increment"
+                raise ConfigError(f"must be > 0, got {n}", key=key)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = opt(1e-3, gt=0)
+    # LR for the first experience only (PyCIL's init_lr); None means ``lr``.
+    initial_lr: float | None = opt(None, gt=0)
+    weight_decay: float = opt(0.05, ge=0)
+    momentum: float = opt(0.9, ge=0, lt=1)  # SGD only
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, restarted at every experience and stepped every iteration."""
+
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: int = opt(0, ge=0)
+    milestones: list[int] = opt(factory=list)  # epochs, for ``step``
+    gamma: float = opt(0.1, gt=0, le=1)
+    min_lr_ratio: float = opt(0.0, ge=0, le=1)  # cosine floor, as a fraction of the LR
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = opt(10, ge=1)
+    # Epochs of the first experience (PyCIL's init_epoch); None means ``epochs``.
+    initial_epochs: int | None = opt(None, ge=1)
+    batch_size: int = opt(64, ge=1)
+    eval_batch_size: int = opt(256, ge=1)
+    label_smoothing: float = opt(0.0, ge=0, lt=1)
+    optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
+    scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
+    num_workers: int = opt(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC model and inputs: faster convolutions on GPUs (conv models)
+    compile: bool = False  # torch.compile the model's forward (a GPU option: no speed-up on CPUs)
+    # device: in-memory datasets (digits, synthetic, CIFAR) held on the device as uint8 and
+    # augmented there in batches; loader: a DataLoader with per-sample transforms; auto: device
+    # on CUDA, loader on the CPU (other datasets always take the loader)
+    data_path: Literal["auto", "device", "loader"] = "auto"
+    persistent_workers: bool = True  # with num_workers > 0: keep the workers between epochs
+    prefetch_factor: int | None = opt(None, ge=1)  # batches each worker loads ahead (None: torch's 2)
+    # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs
+    # are bit-identical without it); an op with no deterministic kernel then raises an error.
+    deterministic: bool = False
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"  # run directories go here unless --out names one
+    tensorboard: bool = True
+    save_model: bool = True  # model.safetensors after each experience (for `incremental probe`)
+    # checkpoint.pt after each experience, for --resume; all: also checkpoints/experience_XXX.pt
+    checkpoint: Literal["last", "all", "off"] = "last"
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # defaults to the config file's stem
+    description: str = ""
+    # Python files or modules imported before the rest is validated: they register their
+    # own strategies, backbones, probes, datasets (see incremental/extensions.py)
+    plugins: list[str] = opt(factory=list)
+    seed: int = 0
+    dataset: Component = component("datasets", "digits")
+    protocol: ProtocolConfig = opt(factory=ProtocolConfig)
+    backbone: Component = component("backbones", "vit")
+    strategy: Component = component("strategies", "finetune")
+    training: TrainingConfig = opt(factory=TrainingConfig)
+    probes: list[Component] = component_list("probes")
+    output: OutputConfig = opt(factory=OutputConfig)
+
+    def validate(self) -> None:
+        probe_labels(self.probes)
+
+
+def probe_labels(specs: typing.Sequence[Component]) -> list[str]:
+    """Results keys of the probes listed in ``probes:`` (``label``, else the name); a
+    repeated key is an error."""
+    labels: list[str] = []
+    for i, spec in enumerate(specs):
+        label = spec.common.label if spec.common is not None and spec.common.label else spec.name
+        if label in labels:
+            raise ConfigError(f"{label!r} is listed twice; give one a distinct 'label'", key=f"probes.{i}.label")
+        labels.append(label)
+    return labels
