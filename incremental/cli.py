@@ -144,7 +144,6 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, Path]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import run
-    from .run.directory import default_run_dir
 
     if args.resume:
         cfg, source, run_dir = _resume_config(args)
@@ -152,24 +151,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError("give a CONFIG to run, or --resume DIR to continue a stopped run", key="CONFIG")
     else:
         cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
-        run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg)
+        run_dir = _output_path(args.out, cfg, "")
     try:
-        run(cfg, run_dir, quiet=args.quiet, resume=bool(args.resume))
+        run(cfg, run_dir, quiet=args.quiet, resume=bool(args.resume), out_key="--out" if args.out or args.resume
+            else "output.root")
     except UserError as exc:
         raise source.attribute(exc)
     return 0
 
 
+def _output_path(out: str | None, cfg: Any, suffix: str) -> Path:
+    """``--out``, or a timestamped folder under ``output.root``; a path that is not valid UTF-8
+    is refused here, before anything is written (TensorBoard and JSON need text paths)."""
+    from .run.directory import default_run_dir
+
+    path = Path(out).expanduser() if out else default_run_dir(cfg, suffix)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{str(path).encode('utf-8', 'backslashreplace').decode()} is not a valid UTF-8 path",
+                        key="--out" if out else "output.root") from None
+    return path
+
+
 def _cmd_pretrain_mae(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .mae import PretrainConfig, pretrain
-    from .run.directory import default_run_dir
+    from .config.schema import PretrainConfig
+    from .mae import pretrain
 
     cfg, source = load_config(args.config, args.overrides, schema=PretrainConfig,
                               plugins=_import_cli_plugins(args))
-    run_dir = Path(args.out).expanduser() if args.out else default_run_dir(cfg, "-mae")
+    run_dir = _output_path(args.out, cfg, "-mae")
     try:
-        pretrain(cfg, run_dir, quiet=args.quiet)
+        pretrain(cfg, run_dir, quiet=args.quiet, out_key="--out" if args.out else "output.root")
     except UserError as exc:
         raise source.attribute(exc)
     except KeyboardInterrupt:
@@ -195,7 +209,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .compare import compare
     from .sweep import sweep
 
+    from .config.fields import SEED_MAX
+
     out = Path(args.out).expanduser() if args.out else None
+    for seed in args.seeds:
+        if not 0 <= seed <= SEED_MAX:
+            raise UserError(f"seeds are 0 to {SEED_MAX}, got {seed}", key="--seeds")
     echo = (lambda _: None) if args.quiet else print
     run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
                      plugins=_import_cli_plugins(args))
@@ -220,6 +239,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
     summary = ""
+    if cfg.training.device == "cuda":  # what a run would refuse; torch is imported only here
+        from .run.environment import resolve_device
+
+        try:
+            resolve_device(cfg.training.device)
+        except UserError as exc:
+            raise source.attribute(exc)
     if not args.no_data:
         from .data import build_dataset
         from .protocol import make_class_split

@@ -74,16 +74,51 @@ def load_run(path: Path) -> Run:
 
     if not path.is_dir():
         raise UserError(f"{path} is not a run directory", key="RUN_DIR")
+    from .config.files import load_yaml_text
+
     try:
-        config = yaml.safe_load((path / CONFIG_FILE).read_text())
+        config = load_yaml_text((path / CONFIG_FILE).read_text())
         metrics = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).exists() else {}
     except FileNotFoundError as exc:
         raise UserError(f"{path} has no {Path(exc.filename).name}; is it a run directory?", key="RUN_DIR") from None
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, UserError) as exc:
         raise UserError(f"{path}: unreadable run files ({type(exc).__name__})", key="RUN_DIR") from None
     if not isinstance(metrics, dict) or (metrics and "accuracy_matrix" not in metrics) or not isinstance(config, dict):
         raise UserError(f"{path}: metrics.json or config.yaml is not a run's", key="RUN_DIR")
+    if metrics:
+        check_metrics(metrics, path / METRICS_FILE)
     return Run(path, metrics, config)
+
+
+def _numbers(value: Any, *, allow_none: bool = True) -> bool:
+    return isinstance(value, list) and all((v is None and allow_none) or
+                                           (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+
+
+def check_metrics(metrics: dict[str, Any], file: Path) -> None:
+    """The metrics.json fields compare reads, checked for shape: a hand-edited or foreign file
+    is one line naming the field, not a traceback halfway through the table."""
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    matrix = metrics.get("accuracy_matrix")
+    if not (isinstance(matrix, list) and all(_numbers(row, allow_none=False) and len(row) == i + 1
+                                             for i, row in enumerate(matrix))):
+        raise UserError("expected lower-triangular rows of accuracies", key="accuracy_matrix", source=str(file))
+    if not _numbers(metrics.get("accuracy", [])):
+        raise UserError("expected a list of accuracies", key="accuracy", source=str(file))
+    for key in ("average_incremental_accuracy", "last_accuracy"):
+        if not number(metrics.get(key)):
+            raise UserError("expected a number", key=key, source=str(file))
+    for key, inner in (("forgetting", "per_step"), ("bwt", "per_step")):
+        section = metrics.get(key, {})
+        if not (isinstance(section, dict) and _numbers(section.get(inner, [])) and
+                all(number(section.get(k)) for k in ("mean", "final"))):
+            raise UserError(f"expected a mapping with a list {inner!r} of numbers", key=key, source=str(file))
+    probes = metrics.get("probes", {})
+    if not (isinstance(probes, dict) and all(isinstance(v, list) and all(r is None or isinstance(r, dict) for r in v)
+                                             for v in probes.values())):
+        raise UserError("expected {label: [result or null per experience]}", key="probes", source=str(file))
 
 
 def _method_key(run: Run) -> tuple[tuple[str, str], ...]:

@@ -49,6 +49,8 @@ def load_plugin(spec: str, base: Path, *, key: str) -> str:
 
     if _is_path(spec):
         path = (base / Path(spec).expanduser()).resolve()
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; a plugin is a .py file or an importable module", key=key)
         if not path.is_file():
             raise UserError(f"plugin file {path} does not exist", key=key)
         if path in _loaded_files:
@@ -64,6 +66,9 @@ def load_plugin(spec: str, base: Path, *, key: str) -> str:
         except ConfigError as exc:  # e.g. a name that is already registered
             sys.modules.pop(name, None)
             raise UserError(f"{path}: {exc.message}", key=key) from None
+        except SystemExit as exc:  # would end the command silently with the plugin's code
+            sys.modules.pop(name, None)
+            raise UserError(f"{path} called sys.exit({exc.code!r}) while being imported", key=key) from None
         except Exception as exc:  # noqa: BLE001 - any error in the user's file is reported in one line
             sys.modules.pop(name, None)
             raise UserError(_failure(str(path), exc, path), key=key) from None
@@ -78,6 +83,8 @@ def load_plugin(spec: str, base: Path, *, key: str) -> str:
         raise UserError(_failure(spec, exc, None), key=key) from None
     except ConfigError as exc:
         raise UserError(f"{spec}: {exc.message}", key=key) from None
+    except SystemExit as exc:
+        raise UserError(f"{spec} called sys.exit({exc.code!r}) while being imported", key=key) from None
     except Exception as exc:  # noqa: BLE001
         raise UserError(_failure(spec, exc, None), key=key) from None
     return spec

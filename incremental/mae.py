@@ -16,45 +16,15 @@ a class-incremental learner may see before its first step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .config import RunConfig, SchedulerConfig, opt
+from .config import SchedulerConfig
+from .config.schema import MAEOptions, PretrainConfig
 from .errors import ConfigError
-
-
-@dataclass
-class MAEOptions:
-    """MAE's recipe; the decoder defaults are scaled down for small encoders
-    (MAE's ViT-B decoder: 512 wide, 8 blocks, 16 heads)."""
-
-    mask_ratio: float = opt(0.75, gt=0, lt=1)
-    decoder_embed_dim: int = opt(128, ge=1)
-    decoder_depth: int = opt(2, ge=1)
-    decoder_num_heads: int = opt(4, ge=1)
-    norm_pix_loss: bool = True
-    epochs: int = opt(100, ge=1)
-    warmup_epochs: int = opt(5, ge=0)
-    batch_size: int = opt(64, ge=1)
-    base_lr: float = opt(1.5e-4, gt=0)  # lr = base_lr * batch_size / 256, as MAE
-    weight_decay: float = opt(0.05, ge=0)
-    classes: Literal["base", "all"] = "base"  # base: the protocol's first experience only
-
-    def validate(self) -> None:
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ConfigError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                              f"decoder_num_heads {self.decoder_num_heads}", key="decoder_num_heads")
-
-
-@dataclass
-class PretrainConfig(RunConfig):
-    """A run config plus ``mae:``; the strategy and probe sections are not used."""
-
-    mae: MAEOptions = opt(factory=MAEOptions)
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -184,7 +154,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
+             echo: Callable[[str], None] = print, out_key: str = "--out") -> dict[str, Any]:
     """Pretrain the configured backbone by MAE; writes encoder.safetensors and mae_log.json."""
     from timm.models.vision_transformer import VisionTransformer
 
@@ -213,7 +183,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
         raise ConfigError(f"{len(images)} training images in the chosen classes, fewer than one batch",
                           key="mae.batch_size")
 
-    directory = RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json")
+    directory = RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json", key=out_key)
     try:
         directory.begin()
         return _train(cfg, encoder, splits, images, classes, run_dir, device=device, quiet=quiet, echo=echo)

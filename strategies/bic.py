@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
-from incremental.config import opt
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
-
-@dataclass
-class BiCConfig:
-    # Defaults are Avalanche's, which follow Wu et al.: 10% of the memory held out to fit
-    # the bias layer, T = 2, 200 epochs of SGD at 0.1 (decayed at 50/100/150) for stage 2.
-    val_percentage: float = opt(0.1, gt=0, lt=1)
-    temperature: float = opt(2.0, gt=0)
-    stage_2_epochs: int = opt(200, ge=1)
-    stage_2_lr: float = opt(0.1, gt=0)
-    # -1: Wu et al.'s adaptive weight old/(old+new) between distillation and classification
-    distillation_weight: float = opt(-1.0, ge=-1)
+from .options import BiCConfig
 
 
 class _WritableExperience:
@@ -65,7 +52,6 @@ def bic_plugin_class() -> type:
     return WritableDatasetBiCPlugin
 
 
-@STRATEGIES.register("bic", config=BiCConfig)
 def build_bic(config: BiCConfig, context: StrategyContext) -> Any:
     """BiC: replay, distillation and a bias layer fitted on held-out exemplars (Avalanche's BiCPlugin)."""
     training = context.config.training

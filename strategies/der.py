@@ -11,26 +11,16 @@ and logits padded to the total number of classes; the MSE uses the stored entrie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from incremental.config import opt
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
-from .replay import ExemplarReplay, ReplayConfig
-
-
-@dataclass
-class DERConfig(ReplayConfig):
-    selection: Literal["herding", "random"] = "random"  # DER's reservoir buffer holds a random sample
-    alpha: float = opt(0.1, ge=0)  # Avalanche's defaults, from Mammoth's DER++ on Seq-CIFAR-10
-    beta: float = opt(0.5, ge=0)   # 0: DER; > 0: DER++
-    batch_size_mem: int | None = opt(None, ge=1)  # None: training.batch_size
+from .options import DERConfig
+from .replay import ExemplarReplay
 
 
 class _MemoryWithLogits(Dataset):
@@ -45,7 +35,6 @@ class _MemoryWithLogits(Dataset):
         return x, y, self.logits[index]
 
 
-@STRATEGIES.register("der", config=DERConfig)
 class DarkExperienceReplay(ExemplarReplay):
     """DER++: replay of exemplars with their stored logits (MSE) and labels (CE)."""
 

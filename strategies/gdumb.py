@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
 
-@STRATEGIES.register("gdumb")
 def build_gdumb(config: Any, context: StrategyContext) -> Any:
     """GDumb: retrain from scratch on a class-balanced memory only (Avalanche's GDumbPlugin)."""
     from avalanche.training.plugins import GDumbPlugin

@@ -11,25 +11,17 @@ herding memory.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from incremental.memory import extract_features, indices_by_label
 from incremental.models.net import frozen
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
-from .replay import ExemplarReplay, ReplayConfig
-
-
-@dataclass
-class ICaRLConfig(ReplayConfig):
-    # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
-    classifier: Literal["ncm", "cnn"] = "ncm"
-    flip_means: bool = True  # iCaRL averages each exemplar's features with its mirror image's
+from .options import ICaRLConfig
+from .replay import ExemplarReplay
 
 
 def icarl_loss_plugin() -> Any:
@@ -122,7 +114,6 @@ class FlippedDataset:
         return (torch.flip(x, dims=[-1]), *rest)
 
 
-@STRATEGIES.register("icarl", config=ICaRLConfig)
 def build_icarl(config: ICaRLConfig, context: StrategyContext) -> list[Any]:
     """iCaRL: herding replay, Avalanche's iCaRL loss and NCMClassifier (nearest mean of exemplars)."""
     context.require_memory("icarl")

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
-from incremental.config import opt
 from incremental.models.net import frozen
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext
 
-
-@dataclass
-class LwFConfig:
-    alpha: float = opt(1.0, ge=0)        # distillation weight (Avalanche's and Li & Hoiem's 1)
-    temperature: float = opt(2.0, gt=0)  # Li & Hoiem's T = 2
+from .options import LwFConfig
 
 
 def frozen_teacher_lwf_plugin() -> type:
@@ -44,7 +37,6 @@ def frozen_teacher_lwf_plugin() -> type:
     return FrozenTeacherLwFPlugin
 
 
-@STRATEGIES.register("lwf", config=LwFConfig)
 def build_lwf(config: LwFConfig, context: StrategyContext) -> Any:
     """LwF: distillation from the previous model on new data only (Avalanche's LwFPlugin)."""
     return frozen_teacher_lwf_plugin()(alpha=config.alpha, temperature=config.temperature)

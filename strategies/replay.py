@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from incremental.memory import ExemplarMemory, extract_features, herding_order, indices_by_label
-from incremental.registry import STRATEGIES
 from incremental.strategy import StrategyContext, StrategyPlugin
 
-
-@dataclass
-class ReplayConfig:
-    # herding: iCaRL's selection on normalised features; random: a seeded random subset.
-    selection: Literal["herding", "random"] = "herding"
+from .options import ReplayConfig
 
 
-@STRATEGIES.register("replay", config=ReplayConfig)
 class ExemplarReplay(StrategyPlugin):
     """Exemplar replay: class-balanced memory (herding), mixed into each experience's data."""
 

@@ -17,55 +17,21 @@ where it comes from, and every ingredient can be switched off for ablations:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from incremental.config import opt
 from incremental.finetuning import balanced_finetune
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
 from incremental.plugins import head_param_groups
-from incremental.registry import STRATEGIES
 from incremental.template import strategy_autocast
 from incremental.strategy import StrategyContext
 
-from .replay import ExemplarReplay, ReplayConfig
+from .options import ViTILConfig
+from .replay import ExemplarReplay
 
 
-@dataclass
-class BalancedFinetuningConfig:
-    enabled: bool = True
-    # DyTox (Douillard et al. 2022) finetunes 20 epochs on a balanced set, for CIFAR and ImageNet.
-    epochs: int = opt(20, ge=1)
-    # Times training.optimizer.lr; DyTox finetunes at 5e-5 after training at 5e-4 (0.1x).
-    lr_scale: float = opt(0.1, gt=0)
-    # all: every parameter (DyTox's default); head: the classifier only (EEIL/BiC-style).
-    params: Literal["head", "all"] = "all"
-    batch_size: int | None = opt(None, ge=1)  # None: training.batch_size
-
-
-@dataclass
-class DistillationConfig:
-    enabled: bool = True
-    # T = 2 as iCaRL/LwF in PyCIL (and Hinton et al.'s examples); weight 1 as PyCIL's iCaRL.
-    temperature: float = opt(2.0, gt=0)
-    weight: float = opt(1.0, ge=0)
-
-
-@dataclass
-class ViTILConfig(ReplayConfig):
-    # The classifier's LR over the base LR. ViTIL gives no value; 10x is the usual factor for
-    # a freshly initialised layer when finetuning, and the digits ablation (experiments/
-    # vitil_ablation) measured it. 1 turns the ingredient off.
-    head_lr_scale: float = opt(10.0, gt=0)
-    head_weight_decay: float | None = opt(None, ge=0)  # None: training.optimizer.weight_decay
-    balanced_finetuning: BalancedFinetuningConfig = field(default_factory=BalancedFinetuningConfig)
-    distillation: DistillationConfig = field(default_factory=DistillationConfig)
-
-
-@STRATEGIES.register("vitil", config=ViTILConfig)
 class ViTIL(ExemplarReplay):
     """ViTIL: herding replay, head LR scaling, balanced finetuning, logit KD (each switchable)."""
 

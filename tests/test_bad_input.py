@@ -126,7 +126,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("zero epochs", lambda ws: ["run", ws.config("training: {epochs: 0}\n")],
      lambda ws: str(ws.root / "case.yaml"), "training.epochs: must be >= 1, got 0"),
     ("negative increment", lambda ws: ["run", ws.config("protocol: {increment: -3}\n")],
-     lambda ws: str(ws.root / "case.yaml"), "protocol.increment: must be > 0"),
+     lambda ws: str(ws.root / "case.yaml"), "protocol.increment: must be >= 1, got -3"),
     ("increments that do not add up", lambda ws: ["run", ws.config("protocol: {initial_classes: 0, increment: [4, 4]}\n")],
      lambda ws: str(ws.root / "case.yaml"), "protocol.increment: increments add up to 8"),
     ("class order with a duplicate", lambda ws: ["run", ws.config("protocol: {class_order: [0,1,2,3,4,5,6,7,8,8]}\n")],

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from incremental.cli import main
 from incremental.config import Component, parse_dataclass
 from incremental.errors import ConfigError
-from incremental.mae import MAEOptions, MaskedAutoencoder
+from incremental.config.schema import MAEOptions
+from incremental.mae import MaskedAutoencoder
 from incremental.models.net import build_backbone
 from incremental.models.pretrained import load_pretrained, read_checkpoint
 from incremental.registry import BACKBONES, load_builtins

@@ -334,8 +334,8 @@ probes:
 @pytest.mark.parametrize("override, key, message", [
     ("probes=[corrupsions]", "probes.0.name", "did you mean 'corruptions'"),
     ("probes=[{name: corruptions, corruptions: [fog, sonw]}]", "probes.0.corruptions.1", "did you mean 'snow'"),
-    ("probes=[{name: corruptions, severities: [6]}]", "probes.0.severities.0", "severities are 1..5"),
-    ("probes=[{name: masking, fractions: [1.5]}]", "probes.0.fractions.0", "must lie in (0, 1)"),
+    ("probes=[{name: corruptions, severities: [6]}]", "probes.0.severities.0", "must be <= 5, got 6"),
+    ("probes=[{name: masking, fractions: [1.5]}]", "probes.0.fractions.0", "must be < 1, got 1.5"),
     ("probes=[masking, masking]", "probes.1.label", "listed twice"),
     ("probes=[{name: ood, source: dataset}]", "probes.0.dataset", "needs a 'dataset' section"),
     ("probes=[{name: ood, num_sample: 3}]", "probes.0.num_sample", "did you mean 'num_samples'"),

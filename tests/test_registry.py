@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 from pathlib import Path
 
@@ -15,11 +17,12 @@ from incremental.config import RunConfig, load_config, protocol_names
 from incremental.errors import ConfigError
 from incremental.registry import BUILTIN_MODULES, REGISTRIES, Registry, load_builtins
 
-# Modules that hold shared machinery rather than components.
+# Modules that hold shared machinery (or the declarations) rather than components.
 NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incremental.models.pretrained",
                   "incremental.models.compress", "incremental.probes.base", "incremental.probes.suite",
                   "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device",
-                  "incremental.models.options", "incremental.probes.options"}
+                  "incremental.data.options", "incremental.models.options", "incremental.probes.options",
+                  "incremental.strategies.options"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 
@@ -34,13 +37,30 @@ def test_duplicate_and_unknown_names():
 
 
 @pytest.mark.parametrize("kind, package", sorted(PACKAGES.items()))
-def test_every_builtin_module_is_listed_and_registers(kind, package):
+def test_every_component_module_is_declared_and_its_declarations_resolve(kind, package):
+    """Each built-in is declared in its package's options module (a dotted target, not
+    imported); the target exists, and the declared summary is its docstring's first line."""
     load_builtins()
     modules = {f"{package}.{m.name}" for m in pkgutil.iter_modules(importlib.import_module(package).__path__)}
-    components = modules - NOT_COMPONENTS
-    assert components == set(BUILTIN_MODULES[kind])
-    registered_by = {entry.module for entry in REGISTRIES[kind]}
-    assert components <= registered_by
+    builtins = [entry for entry in REGISTRIES[kind] if entry.module.startswith("incremental.")]
+    assert modules - NOT_COMPONENTS == {entry.module for entry in builtins}
+    assert BUILTIN_MODULES[kind] == (f"{package}.options",)
+    for entry in builtins:
+        assert isinstance(entry.target, str)
+        doc = (entry.obj.__doc__ or "").strip().splitlines()[0]
+        assert entry.summary == doc, entry.name
+
+
+def test_listing_and_validating_import_neither_torch_nor_avalanche():
+    """What makes `incremental list`, `check --no-data` and a config typo answer in well under
+    2 s: the declarations, the schema and the parser need none of the heavy libraries."""
+    code = ("import sys; from incremental.cli import main; "
+            "assert main(['list']) == 0; assert main(['check', 'cifar100_b50_10steps', '--no-data']) == 0; "
+            "assert main(['check', 'digits_b0_5steps', '--no-data', '--set', 'training.epoch=3']) == 2; "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'avalanche', 'timm', 'torchvision'}); "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_builtin_names():
@@ -65,7 +85,7 @@ EXPERIMENT_CONFIGS = sorted((Path(__file__).parents[1] / "experiments").rglob("*
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_experiment_config_validates(path):
-    from incremental.mae import PretrainConfig
+    from incremental.config.schema import PretrainConfig
 
     schema = PretrainConfig if "mae" in (yaml.safe_load(path.read_text()) or {}) else RunConfig
     cfg, _ = load_config(str(path), schema=schema)

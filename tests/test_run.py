@@ -139,7 +139,7 @@ def test_a_run_that_fails_midway_keeps_finished_experiences(tiny_config, tmp_pat
 
 def test_a_diverging_loss_stops_with_a_clear_message(tiny_config, tmp_path, capsys):
     code = main(["run", str(tiny_config), "--out", str(tmp_path / "nan"), "--quiet",
-                 "--set", "training.optimizer={name: sgd, lr: 1.0e+30}", "--set", "training.epochs=1"])
+                 "--set", "training.optimizer={name: sgd, lr: 100}", "--set", "training.epochs=1"])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "training.optimizer.lr: the training loss became nan" in err or "became inf" in err

@@ -10,6 +10,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# Upper bounds shared by many options: a value beyond them is a typo (2**40 channels would try
+# to allocate), so the loader stops it with one line instead of a crash or a hang.
+SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit where it matters
+MAX_SIZE = 4096  # image sizes, in pixels
+MAX_WIDTH = 16384  # channels, embedding widths
+MAX_DEPTH = 1024  # blocks, heads, stages
+MAX_BATCH = 2 ** 20
+MAX_EPOCHS = 100_000
+MAX_COUNT = 10 ** 9  # samples, exemplars, classes
+MAX_WEIGHT = 1e6  # loss weights and scale factors
+
 
 def opt(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
         le: float | None = None, lt: float | None = None, factory: Any = None) -> Any:

@@ -10,6 +10,8 @@ dataclass, and the options every component of its kind takes (the registry's ``c
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -39,8 +41,14 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxstring = 2, 4, 4, 40
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A value as an error message quotes it: bounded in depth and length whatever its size
+    (a YAML alias bomb's repr would never finish)."""
+    text = _SHORT_REPR.repr(value)
     return (text[:60] + "...") if len(text) > 60 else text
 
 
@@ -101,14 +109,22 @@ def _parse_value(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any])
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads ``1e-3`` (no dot) as a string; accept what is plainly a number.
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"expected a finite number, got {_show(value)}", key=path) from None
+        elif isinstance(value, str):
+            # PyYAML reads ``1e-3`` (no dot) as a string; accept what is plainly a number.
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf and .nan are valid YAML, never a valid setting
+                raise ConfigError(f"expected a finite number, got {_show(value)}", key=path)
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -118,6 +134,11 @@ def _parse_value(value: Any, tp: Any, path: str, meta: typing.Mapping[str, Any])
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
+    """The field's bounds, on a number or on every number of a list."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, meta, _join(path, i))
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),

@@ -1,4 +1,5 @@
-"""The run config's schema: RunConfig and its sections (protocol, training, output)."""
+"""The run config's schema: RunConfig and its sections (protocol, training, output), and
+``incremental pretrain-mae``'s PretrainConfig."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from ..errors import ConfigError
-from .fields import Component, component, component_list, opt
+from .fields import MAX_BATCH, MAX_COUNT, MAX_DEPTH, MAX_EPOCHS, MAX_WIDTH, SEED_MAX, Component, component, component_list, opt
 
 
 @dataclass
@@ -15,8 +16,11 @@ class MemoryConfig:
     """Exemplar memory budget: a fixed total (iCaRL: 2000) or a fixed number per class
     (PODNet: 20). Neither set means no memory."""
 
-    total: int | None = opt(None, ge=0)
-    per_class: int | None = opt(None, ge=0)
+    total: int | None = opt(None, ge=0, le=MAX_COUNT)
+    per_class: int | None = opt(None, ge=0, le=MAX_COUNT)
+
+    # Alternatives: a file that sets one (an extends: child) replaces the other.
+    ALTERNATIVES: typing.ClassVar[tuple[str, ...]] = ("total", "per_class")
 
     def validate(self) -> None:
         if self.total is not None and self.per_class is not None:
@@ -37,29 +41,24 @@ class ProtocolConfig:
     an explicit list of class ids.
     """
 
-    initial_classes: int = opt(0, ge=0)
-    increment: Union[int, list[int]] = 10
-    class_order: Union[str, list[int]] = "random"
-    order_seed: int | None = None
+    initial_classes: int = opt(0, ge=0, le=MAX_COUNT)
+    increment: Union[int, list[int]] = opt(10, ge=1, le=MAX_COUNT)
+    class_order: Union[str, list[int]] = opt("random", ge=0, le=MAX_COUNT)
+    order_seed: int | None = opt(None, ge=0, le=SEED_MAX)
     memory: MemoryConfig = opt(factory=MemoryConfig)
 
     def validate(self) -> None:
-        steps = self.increment if isinstance(self.increment, list) else [self.increment]
-        if not steps:
+        if self.increment == []:
             raise ConfigError("must not be empty", key="increment")
-        for i, n in enumerate(steps):
-            if n <= 0:
-                key = f"increment.{i}" if isinstance(self.increment, list) else "increment"
-                raise ConfigError(f"must be > 0, got {n}", key=key)
 
 
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = opt(1e-3, gt=0)
+    lr: float = opt(1e-3, gt=0, le=100)
     # LR for the first experience only (PyCIL's init_lr); None means ``lr``.
-    initial_lr: float | None = opt(None, gt=0)
-    weight_decay: float = opt(0.05, ge=0)
+    initial_lr: float | None = opt(None, gt=0, le=100)
+    weight_decay: float = opt(0.05, ge=0, le=10)
     momentum: float = opt(0.9, ge=0, lt=1)  # SGD only
 
 
@@ -68,23 +67,23 @@ class SchedulerConfig:
     """Learning-rate schedule, restarted at every experience and stepped every iteration."""
 
     name: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_epochs: int = opt(0, ge=0)
-    milestones: list[int] = opt(factory=list)  # epochs, for ``step``
+    warmup_epochs: int = opt(0, ge=0, le=MAX_EPOCHS)
+    milestones: list[int] = opt(factory=list, ge=0, le=MAX_EPOCHS)  # epochs, for ``step``
     gamma: float = opt(0.1, gt=0, le=1)
     min_lr_ratio: float = opt(0.0, ge=0, le=1)  # cosine floor, as a fraction of the LR
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = opt(10, ge=1)
+    epochs: int = opt(10, ge=1, le=MAX_EPOCHS)
     # Epochs of the first experience (PyCIL's init_epoch); None means ``epochs``.
-    initial_epochs: int | None = opt(None, ge=1)
-    batch_size: int = opt(64, ge=1)
-    eval_batch_size: int = opt(256, ge=1)
+    initial_epochs: int | None = opt(None, ge=1, le=MAX_EPOCHS)
+    batch_size: int = opt(64, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = opt(256, ge=1, le=MAX_BATCH)
     label_smoothing: float = opt(0.0, ge=0, lt=1)
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
-    num_workers: int = opt(0, ge=0)
+    num_workers: int = opt(0, ge=0, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -95,10 +94,17 @@ class TrainingConfig:
     # on CUDA, loader on the CPU (other datasets always take the loader)
     data_path: Literal["auto", "device", "loader"] = "auto"
     persistent_workers: bool = True  # with num_workers > 0: keep the workers between epochs
-    prefetch_factor: int | None = opt(None, ge=1)  # batches each worker loads ahead (None: torch's 2)
+    prefetch_factor: int | None = opt(None, ge=1, le=1024)  # batches each worker loads ahead (None: torch's 2)
     # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs
     # are bit-identical without it); an op with no deterministic kernel then raises an error.
     deterministic: bool = False
+
+    def validate(self) -> None:
+        shortest = min(self.epochs, self.initial_epochs or self.epochs)
+        if self.scheduler.warmup_epochs > shortest:
+            which = "training.initial_epochs" if shortest != self.epochs else "training.epochs"
+            raise ConfigError(f"{self.scheduler.warmup_epochs} warmup epochs exceed {which} ({shortest}): the LR "
+                              f"would never finish warming up", key="scheduler.warmup_epochs")
 
 
 @dataclass
@@ -117,7 +123,7 @@ class RunConfig:
     # Python files or modules imported before the rest is validated: they register their
     # own strategies, backbones, probes, datasets (see incremental/extensions.py)
     plugins: list[str] = opt(factory=list)
-    seed: int = 0
+    seed: int = opt(0, ge=0, le=SEED_MAX)
     dataset: Component = component("datasets", "digits")
     protocol: ProtocolConfig = opt(factory=ProtocolConfig)
     backbone: Component = component("backbones", "vit")
@@ -140,3 +146,36 @@ def probe_labels(specs: typing.Sequence[Component]) -> list[str]:
             raise ConfigError(f"{label!r} is listed twice; give one a distinct 'label'", key=f"probes.{i}.label")
         labels.append(label)
     return labels
+
+
+# ----------------------------------------------------------------------------- incremental pretrain-mae
+
+
+@dataclass
+class MAEOptions:
+    """MAE's recipe; the decoder defaults are scaled down for small encoders
+    (MAE's ViT-B decoder: 512 wide, 8 blocks, 16 heads)."""
+
+    mask_ratio: float = opt(0.75, gt=0, lt=1)
+    decoder_embed_dim: int = opt(128, ge=1, le=MAX_WIDTH)
+    decoder_depth: int = opt(2, ge=1, le=MAX_DEPTH)
+    decoder_num_heads: int = opt(4, ge=1, le=MAX_DEPTH)
+    norm_pix_loss: bool = True
+    epochs: int = opt(100, ge=1, le=MAX_EPOCHS)
+    warmup_epochs: int = opt(5, ge=0, le=MAX_EPOCHS)
+    batch_size: int = opt(64, ge=1, le=MAX_BATCH)
+    base_lr: float = opt(1.5e-4, gt=0, le=100)  # lr = base_lr * batch_size / 256, as MAE
+    weight_decay: float = opt(0.05, ge=0, le=10)
+    classes: Literal["base", "all"] = "base"  # base: the protocol's first experience only
+
+    def validate(self) -> None:
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                              f"decoder_num_heads {self.decoder_num_heads}", key="decoder_num_heads")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """A run config plus ``mae:``; the strategy and probe sections are not used."""
+
+    mae: MAEOptions = opt(factory=MAEOptions)

@@ -109,11 +109,86 @@ def require_dir(path: Path, *, key: str, layout: str) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- the data guard
+#
+# Every value a loader reads from a file passes one of these before it becomes a tensor, and
+# build_dataset checks what every loader (plugins' too) returns: a file that unpickles fine but
+# holds a string where pixels belong, labels that are not integers, or pixel values past 255
+# ends in one line naming the file, never in a traceback or a silent cast.
+
+
+def pixels_uint8(values: Any, *, source: Path | str, field: str, key: str = "root") -> Any:
+    """``values`` as a uint8 numpy array: integers, or whole floats, within 0..255."""
+    import numpy as np
+
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataError(f"{source}: {field} cannot be read as pixels ({exc})", key=key) from None
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        raise DataError(f"{source}: {field} holds {array.dtype.name} values, not pixels", key=key)
+    low, high = array.min(), array.max()
+    if not (0 <= low and high <= 255) or (array.dtype.kind == "f" and not np.all(np.floor(array) == array)):
+        raise DataError(f"{source}: {field} holds values in [{low}, {high}], not whole pixels in 0..255", key=key)
+    return array.astype(np.uint8)
+
+
+def integer_labels(values: Any, *, source: Path | str, field: str, num_classes: int | None = None,
+                   key: str = "root") -> list[int]:
+    """``values`` as a list of class ids (ints in 0..num_classes-1 when given)."""
+    import numbers
+
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise DataError(f"{source}: {field} is a {type(values).__name__}, not a list of labels", key=key)
+    labels = list(values)
+    bad = [v for v in labels if not isinstance(v, numbers.Integral) or isinstance(v, bool)]
+    if bad:
+        raise DataError(f"{source}: {field} holds {type(bad[0]).__name__} values, not integer labels", key=key)
+    labels = [int(v) for v in labels]
+    if num_classes is not None:
+        outside = sorted({v for v in labels if not 0 <= v < num_classes})
+        if outside:
+            raise DataError(f"{source}: {field} has labels outside 0..{num_classes - 1}: {outside[:5]}", key=key)
+    return labels
+
+
+def class_names(values: Any, *, source: Path | str, field: str, key: str = "root") -> list[str]:
+    """``values`` as a list of class names (bytes decoded as UTF-8)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise DataError(f"{source}: {field} is a {type(values).__name__}, not a list of names", key=key)
+    names = []
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{source}: {field} holds names that are not UTF-8", key=key) from None
+        if not isinstance(value, str):
+            raise DataError(f"{source}: {field} holds {type(value).__name__} values, not names", key=key)
+        names.append(value)
+    return names
+
+
+def check_splits(splits: DatasetSplits, name: str) -> DatasetSplits:
+    """What every loader returns, checked once: names, labels within the class count, and
+    the sizes a run depends on."""
+    source = f"dataset {name!r}"
+    names = class_names(splits.class_names, source=source, field="class_names")
+    for split_name, split in (("train", splits.train), ("test", splits.test)):
+        integer_labels(getattr(split, "targets", None), source=source, field=f"{split_name} targets",
+                       num_classes=len(names))
+    if splits.channels not in (1, 3) or splits.image_size < 1:
+        raise DataError(f"{source}: {splits.channels} channels of {splits.image_size} px are not images", key="root")
+    return splits
+
+
 def build_dataset(name: str, config: Any) -> DatasetSplits:
-    """Build a registered dataset; DataErrors get the ``dataset.`` key prefix."""
+    """Build a registered dataset, its values checked; DataErrors get the ``dataset.`` key prefix."""
     entry = DATASETS.get(name)
     try:
-        return entry.obj(config)
+        return check_splits(entry.obj(config), name)
     except DataError as exc:
         if exc.key and not exc.key.startswith("dataset."):
             exc.key = f"dataset.{exc.key}"

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..config import opt
+from .options import Cifar100Config
 from ..errors import DataError
-from ..registry import DATASETS
-from .base import DatasetSplits, TensorImageDataset, require_dir, resize_uint8, root_folder, tensor_transforms
+from .base import (DatasetSplits, TensorImageDataset, class_names, integer_labels, pixels_uint8, require_dir,
+                   resize_uint8, root_folder, tensor_transforms)
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 LAYOUT = "the cifar-100-python folder (or its parent) holding the files train, test and meta"
-
-
-@dataclass
-class Cifar100Config:
-    root: str = ""  # the cifar-100-python folder, or the folder that contains it
-    image_size: int = opt(32, ge=8)  # resized once at load time when not 32
-    augment: bool = True  # random crop (padding 4) and horizontal flip, as in PyCIL
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -60,8 +51,8 @@ def _images_and_labels(path: Path) -> tuple[torch.Tensor, list[int]]:
     batch = _load_pickle(path)
     if "data" not in batch or "fine_labels" not in batch:
         raise DataError(f"{path} lacks 'data' or 'fine_labels'; is it CIFAR-10 or another file?", key="root")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = [int(v) for v in batch["fine_labels"]]
+    data = pixels_uint8(batch["data"], source=path, field="data")
+    labels = integer_labels(batch["fine_labels"], source=path, field="fine_labels", num_classes=100)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} "
                         f"and {len(labels)}", key="root")
@@ -75,19 +66,15 @@ def find_cifar_folder(root: Path) -> Path:
     return root
 
 
-@DATASETS.register("cifar100", config=Cifar100Config)
 def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
     """CIFAR-100 (50000 train / 10000 test, 32x32) from your cifar-100-python folder."""
     folder = find_cifar_folder(root_folder(cfg.root, example="/path/to/cifar-100-python"))
     train_images, train_labels = _images_and_labels(folder / "train")
     test_images, test_labels = _images_and_labels(folder / "test")
     meta = _load_pickle(folder / "meta")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("fine_label_names", [])]
+    names = class_names(meta.get("fine_label_names", []), source=folder / "meta", field="fine_label_names")
     if len(names) != 100:
         raise DataError(f"{folder / 'meta'}: expected 100 fine_label_names, got {len(names)}", key="root")
-    bad = sorted({t for t in train_labels + test_labels if not 0 <= t < 100})
-    if bad:
-        raise DataError(f"{folder}: labels outside 0..99: {bad[:5]}", key="root")
     train_tf, eval_tf, batch_augmentation = tensor_transforms(cfg.image_size, CIFAR100_MEAN, CIFAR100_STD,
                                           augment=cfg.augment, flip=True)
     return DatasetSplits(

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from ..config import opt
-from ..registry import DATASETS
+from .options import DigitsConfig
 from .base import DatasetSplits, TensorImageDataset, resize_uint8, tensor_transforms
 
 
-@dataclass
-class DigitsConfig:
-    image_size: int = opt(32, ge=8)  # the 8x8 scans are upsampled (bilinear) to this size
-    test_fraction: float = opt(0.25, gt=0, lt=1)
-    augment: bool = True  # random crop with padding; no flip (digits are not mirror-symmetric)
-
-
-@DATASETS.register("digits", config=DigitsConfig)
 def build_digits(cfg: DigitsConfig) -> DatasetSplits:
     """UCI handwritten digits from scikit-learn: 1797 8x8 images, 10 classes."""
     from sklearn.datasets import load_digits

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..config import opt
+from .options import ImageFolderConfig
 from ..errors import DataError
-from ..registry import DATASETS
 from .base import DatasetSplits, require_dir, root_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-@dataclass
-class ImageFolderConfig:
-    root: str = ""
-    train_dir: str = "train"
-    val_dir: str = "val"
-    # A text file with one class folder name per line (e.g. the 100 wnids of ImageNet-100);
-    # its order is the class-id order. Without it, every class folder is used, sorted.
-    class_list: str | None = None
-    image_size: int = opt(224, ge=8)
-    eval_resize_ratio: float = opt(0.875, gt=0, le=1)  # resize to size/ratio, then center crop
-    augment: bool = True  # RandomResizedCrop and flip
 
 
 class ImageFileDataset(Dataset):
@@ -48,7 +33,8 @@ class ImageFileDataset(Dataset):
         try:
             with Image.open(path) as img:
                 return img.convert("RGB"), label
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            # DecompressionBombError: more pixels than Pillow's safety limit (a crafted file)
             raise DataError(f"cannot read image {path}: {exc}", key="dataset.root") from None
 
 
@@ -56,8 +42,13 @@ def read_class_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; expected a text file with one class folder name per line",
                         key="class_list")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise DataError(f"cannot read {path}: {reason}", key="class_list") from None
     names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(line.split()[0])
@@ -82,7 +73,6 @@ def _scan(split_dir: Path, classes: list[str], layout: str) -> list[tuple[str, i
     return samples
 
 
-@DATASETS.register("imagefolder", config=ImageFolderConfig)
 def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
     """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100)."""
     from torchvision import transforms as T

@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..config import opt
-from ..registry import DATASETS
+from .options import SyntheticConfig
 from .base import DatasetSplits, TensorImageDataset, tensor_transforms
-
-
-@dataclass
-class SyntheticConfig:
-    num_classes: int = opt(100, ge=2)
-    train_per_class: int = opt(20, ge=1)
-    test_per_class: int = opt(10, ge=1)
-    image_size: int = opt(32, ge=4)
-    channels: int = opt(3, ge=1, le=3)
-    noise: float = opt(0.35, ge=0)  # std of the per-pixel noise; the pattern spans about [-1, 1]
-    seed: int = 0  # fixes the class patterns and samples, independently of the run seed
-    augment: bool = False
 
 
 def _class_patterns(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
@@ -49,7 +35,6 @@ def _samples(patterns: torch.Tensor, per_class: int, cfg: SyntheticConfig,
     return images, labels.tolist()
 
 
-@DATASETS.register("synthetic", config=SyntheticConfig)
 def build_synthetic(cfg: SyntheticConfig) -> DatasetSplits:
     """Generated sinusoid patterns, any number of classes; learnable, not trivial."""
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -11,16 +11,14 @@ the paper's pre-norm layers; this is what lets 30-layer-deep models train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import opt
+from .options import ViTDLCLConfig
 from ..errors import ConfigError
-from ..registry import BACKBONES
 from .vit import make_conv_stem_class
 
 
@@ -71,27 +69,6 @@ def _dlcl_vit_class() -> type:
     return DLCLVisionTransformer
 
 
-@dataclass
-class ViTDLCLConfig:
-    """A deep, narrow default: 24 blocks of width 192, patch 4 (small images)."""
-
-    img_size: int | None = opt(None, ge=1)
-    patch_size: int = opt(4, ge=1)
-    embed_dim: int = opt(192, ge=1)
-    depth: int = opt(24, ge=1)
-    num_heads: int = opt(3, ge=1)
-    mlp_ratio: float = opt(4.0, gt=0)
-    drop_path_rate: float = opt(0.1, ge=0, lt=1)
-    global_pool: Literal["token", "avg"] = "token"
-    stem: Literal["patch", "conv"] = "patch"
-
-    def validate(self) -> None:
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
-                              key="num_heads")
-
-
-@BACKBONES.register("vit_dlcl", config=ViTDLCLConfig)
 def build_vit_dlcl(cfg: ViTDLCLConfig, *, in_chans: int, img_size: int) -> nn.Module:
     """Deep pre-norm ViT with dynamic linear combination of layers (Wang et al. 2019)."""
     size = cfg.img_size or img_size

@@ -1,11 +1,18 @@
-"""Options every backbone takes, next to its own: local pretrained weights and compression."""
+"""The built-in backbones: their options, where each builder lives, and the options every
+backbone takes (local pretrained weights, compression).
+
+Declared here, apart from the builders, so that listing and validating a config never imports
+torch or timm: the registry imports a builder only when a backbone is built.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config.fields import Component, component, opt
+from ..config.fields import MAX_DEPTH, MAX_SIZE, MAX_WEIGHT, MAX_WIDTH, Component, component, opt
+from ..errors import ConfigError
+from ..registry import BACKBONES
 
 
 @dataclass
@@ -16,7 +23,7 @@ class PruneConfig:
 
     ratio: float = opt(0.5, gt=0, lt=1)
     importance: Literal["l2", "l1", "random"] = "l2"
-    round_to: int | None = opt(None, ge=1)  # keep channel counts multiples of this (GPU kernels like 8)
+    round_to: int | None = opt(None, ge=1, le=MAX_WIDTH)  # keep channel counts multiples of this (GPU kernels like 8)
 
 
 @dataclass
@@ -27,7 +34,7 @@ class LowRankConfig:
 
     rank_ratio: float = opt(0.25, gt=0, le=1)
     energy: float | None = opt(None, gt=0, le=1)
-    min_features: int = opt(32, ge=1)  # smaller layers stay dense
+    min_features: int = opt(32, ge=1, le=MAX_WIDTH)  # smaller layers stay dense
 
 
 @dataclass
@@ -36,7 +43,7 @@ class DistillConfig:
     a linear projection of the student's pooled features is pulled toward the teacher's."""
 
     teacher: Component = component("backbones")
-    weight: float = opt(1.0, ge=0)
+    weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)
     loss: Literal["cosine", "mse"] = "cosine"
 
 
@@ -63,3 +70,143 @@ class BackboneOptions:
     # weights only: a safetensors file, or a torch/timm checkpoint (loaded with weights_only)
     pretrained: str | None = None
     compress: CompressConfig = opt(factory=CompressConfig)
+
+
+# ----------------------------------------------------------------------------- the built-ins
+
+
+@dataclass
+class ViTConfig:
+    """Defaults follow DyTox's CIFAR ViT (embed 384, depth 6, patch 4, 12 heads)."""
+
+    img_size: int | None = opt(None, ge=1, le=MAX_SIZE)  # None: the dataset's image size
+    patch_size: int = opt(4, ge=1, le=MAX_SIZE)
+    embed_dim: int = opt(384, ge=1, le=MAX_WIDTH)
+    depth: int = opt(6, ge=1, le=MAX_DEPTH)
+    num_heads: int = opt(12, ge=1, le=MAX_DEPTH)
+    mlp_ratio: float = opt(4.0, gt=0, le=64)
+    qkv_bias: bool = True
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+    global_pool: Literal["token", "avg"] = "token"
+    # patch: one strided conv (ViT); conv: ViTIL's convolutional stem (Xiao et al. 2021).
+    # Xiao et al. also drop one transformer block to keep the FLOPs equal; set depth for that.
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: list[int] = opt(factory=list, ge=1, le=MAX_WIDTH)  # empty: doubling up to embed_dim
+
+    def validate(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+                              key="num_heads")
+        if self.stem_channels and self.stem != "conv":
+            raise ConfigError("stem_channels is only used with stem: conv", key="stem_channels")
+
+
+@dataclass
+class TimmViTConfig:
+    """Any timm VisionTransformer by name, at the dataset's image size and a chosen patch."""
+
+    model: str = "vit_small_patch16_224"
+    img_size: int | None = opt(None, ge=1, le=MAX_SIZE)  # None: the dataset's image size
+    patch_size: int | None = opt(None, ge=1, le=MAX_SIZE)  # None: the model's own (16 for vit_*_patch16_*)
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+    global_pool: Literal["model", "token", "avg"] = "model"  # model: what the timm entry uses
+    stem: Literal["patch", "conv"] = "patch"
+
+    def validate(self) -> None:
+        names = timm_vit_names()
+        if self.model not in names:
+            from ..errors import did_you_mean
+
+            raise ConfigError(f"not a timm VisionTransformer: {self.model!r}{did_you_mean(self.model, names)}",
+                              key="model")
+
+
+def timm_vit_names() -> list[str]:
+    """timm's VisionTransformer entries (this imports timm: only a timm_vit config pays for it)."""
+    import timm
+
+    # timm registers the DeiT variants in their own module; both build VisionTransformer
+    return sorted(timm.list_models(module="vision_transformer") + timm.list_models(module="deit"))
+
+
+@dataclass
+class SwinConfig:
+    """Swin-T/S/B by ``variant``; ``embed_dim``, ``depths``, ``num_heads`` override it."""
+
+    variant: Literal["tiny", "small", "base"] = "tiny"
+    img_size: int | None = opt(None, ge=8, le=MAX_SIZE)  # None: the dataset's image size
+    patch_size: int | None = opt(None, ge=1, le=MAX_SIZE)  # None: 2 at <= 32 px, else 4
+    window_size: list[int] = opt(factory=list, ge=1, le=MAX_SIZE)  # per stage; empty: the variant's, fitted
+    embed_dim: int | None = opt(None, ge=1, le=MAX_WIDTH)
+    depths: list[int] = opt(factory=list, ge=1, le=MAX_DEPTH)
+    num_heads: list[int] = opt(factory=list, ge=1, le=MAX_DEPTH)
+    mlp_ratio: float = opt(4.0, gt=0, le=64)
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+
+    def validate(self) -> None:
+        if self.depths and self.num_heads and len(self.depths) != len(self.num_heads):
+            raise ConfigError(f"{len(self.num_heads)} entries for {len(self.depths)} stages", key="num_heads")
+
+
+@dataclass
+class S3Config:
+    """The searched S3 architecture is fixed; size and regularisation can be set."""
+
+    img_size: int | None = opt(None, ge=8, le=MAX_SIZE)
+    patch_size: int | None = opt(None, ge=1, le=MAX_SIZE)
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+
+
+@dataclass
+class ViTDLCLConfig:
+    """A deep, narrow default: 24 blocks of width 192, patch 4 (small images)."""
+
+    img_size: int | None = opt(None, ge=1, le=MAX_SIZE)
+    patch_size: int = opt(4, ge=1, le=MAX_SIZE)
+    embed_dim: int = opt(192, ge=1, le=MAX_WIDTH)
+    depth: int = opt(24, ge=1, le=MAX_DEPTH)
+    num_heads: int = opt(3, ge=1, le=MAX_DEPTH)
+    mlp_ratio: float = opt(4.0, gt=0, le=64)
+    drop_path_rate: float = opt(0.1, ge=0, lt=1)
+    global_pool: Literal["token", "avg"] = "token"
+    stem: Literal["patch", "conv"] = "patch"
+
+    def validate(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+                              key="num_heads")
+
+
+@dataclass
+class ResNet32Config:
+    width: int = opt(16, ge=1, le=MAX_WIDTH)  # channels of the first stage (64 pooled features at 16)
+
+
+@dataclass
+class ResNet18Config:
+    # cifar: 3x3 stride-1 first conv and no max-pool, as the CIFAR ResNet-18 of DER, PODNet's
+    # ImageNet-subset code and most CIL papers; imagenet: timm's 7x7/2 conv + max-pool.
+    # auto: cifar up to 64 px, imagenet above.
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    drop_rate: float = opt(0.0, ge=0, lt=1)
+
+
+BACKBONES.declare("vit", "incremental.models.vit:build_vit", config=ViTConfig,
+                  summary="timm VisionTransformer, patchify or conv stem, any size (default: DyTox's CIFAR ViT).")
+BACKBONES.declare("timm_vit", "incremental.models.vit:build_timm_vit", config=TimmViTConfig,
+                  summary="Any timm ViT by name (vit_*, deit*, ...), with image and patch size for small images.")
+BACKBONES.declare("swin", "incremental.models.swin:build_swin", config=SwinConfig,
+                  summary="timm Swin Transformer (tiny/small/base), windows fitted to 32, 64 or 224 px grids.")
+for _size in ("tiny", "small", "base"):
+    BACKBONES.declare(f"s3_{_size}", f"incremental.models.swin:build_s3_{_size}", config=S3Config,
+                      summary=f"S3-{_size[0].upper()} (searched Swin, Chen et al. 2021; timm's swin_s3_{_size}_224).")
+BACKBONES.declare("vit_dlcl", "incremental.models.dlcl:build_vit_dlcl", config=ViTDLCLConfig,
+                  summary="Deep pre-norm ViT with dynamic linear combination of layers (Wang et al. 2019).")
+BACKBONES.declare("resnet32", "incremental.models.resnet:build_resnet32", config=ResNet32Config,
+                  summary="CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline.")
+BACKBONES.declare("resnet18", "incremental.models.resnet:build_resnet18", config=ResNet18Config,
+                  summary="timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images.")

@@ -33,12 +33,14 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
         what = "is a folder" if file.is_dir() else "do not exist"
         raise ConfigError(f"pretrained weights {path} {what}", key=key)
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about legacy formats; the error line says it all
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state: Any = load_file(str(file), device="cpu")
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+                state: Any = load_file(str(file), device="cpu")
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle that needs arbitrary code
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot read {path} as weights: {reason[:200]}", key=key) from None

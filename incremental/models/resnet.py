@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import opt
-from ..registry import BACKBONES
+from .options import ResNet18Config, ResNet32Config
 
 
 class _ShortcutA(nn.Module):
@@ -73,27 +69,11 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@dataclass
-class ResNet32Config:
-    width: int = opt(16, ge=1)  # channels of the first stage (64 pooled features at 16)
-
-
-@BACKBONES.register("resnet32", config=ResNet32Config)
 def build_resnet32(cfg: ResNet32Config, *, in_chans: int, img_size: int) -> nn.Module:
     """CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline."""
     return CifarResNet(depth=32, width=cfg.width, in_chans=in_chans)
 
 
-@dataclass
-class ResNet18Config:
-    # cifar: 3x3 stride-1 first conv and no max-pool, as the CIFAR ResNet-18 of DER, PODNet's
-    # ImageNet-subset code and most CIL papers; imagenet: timm's 7x7/2 conv + max-pool.
-    # auto: cifar up to 64 px, imagenet above.
-    stem: Literal["auto", "cifar", "imagenet"] = "auto"
-    drop_rate: float = opt(0.0, ge=0, lt=1)
-
-
-@BACKBONES.register("resnet18", config=ResNet18Config)
 def build_resnet18(cfg: ResNet18Config, *, in_chans: int, img_size: int) -> nn.Module:
     """timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images."""
     import timm

@@ -10,14 +10,12 @@ Search Space of Vision Transformer", Chen et al. 2021; timm's ``swin_s3_*``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 from torch import nn
 
-from ..config import opt
+from .options import S3Config, SwinConfig
 from ..errors import ConfigError
-from ..registry import BACKBONES
 
 # embed_dim, depths, num_heads, per-stage windows at 224 px (Liu et al. 2021; Chen et al. 2021).
 SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
@@ -45,38 +43,6 @@ def fit_windows(grids: list[int], windows: tuple[int, ...]) -> tuple[int, ...]:
     for grid, window in zip(grids, windows):
         fitted.append(max(d for d in range(1, min(grid, window) + 1) if grid % d == 0))
     return tuple(fitted)
-
-
-@dataclass
-class SwinConfig:
-    """Swin-T/S/B by ``variant``; ``embed_dim``, ``depths``, ``num_heads`` override it."""
-
-    variant: Literal["tiny", "small", "base"] = "tiny"
-    img_size: int | None = opt(None, ge=8)  # None: the dataset's image size
-    patch_size: int | None = opt(None, ge=1)  # None: 2 at <= 32 px, else 4
-    window_size: list[int] = field(default_factory=list)  # per stage; empty: the variant's, fitted
-    embed_dim: int | None = opt(None, ge=1)
-    depths: list[int] = field(default_factory=list)
-    num_heads: list[int] = field(default_factory=list)
-    mlp_ratio: float = opt(4.0, gt=0)
-    drop_rate: float = opt(0.0, ge=0, lt=1)
-    drop_path_rate: float = opt(0.1, ge=0, lt=1)
-
-    def validate(self) -> None:
-        if self.depths and self.num_heads and len(self.depths) != len(self.num_heads):
-            raise ConfigError(f"{len(self.num_heads)} entries for {len(self.depths)} stages", key="num_heads")
-        if any(v < 1 for v in [*self.window_size, *self.depths, *self.num_heads]):
-            raise ConfigError("window_size, depths and num_heads must be positive", key="window_size")
-
-
-@dataclass
-class S3Config:
-    """The searched S3 architecture is fixed; size and regularisation can be set."""
-
-    img_size: int | None = opt(None, ge=8)
-    patch_size: int | None = opt(None, ge=1)
-    drop_rate: float = opt(0.0, ge=0, lt=1)
-    drop_path_rate: float = opt(0.1, ge=0, lt=1)
 
 
 def build_swin_transformer(variant: str, cfg: SwinConfig | S3Config, *, in_chans: int, img_size: int) -> nn.Module:
@@ -122,20 +88,18 @@ def build_swin_transformer(variant: str, cfg: SwinConfig | S3Config, *, in_chans
     )
 
 
-@BACKBONES.register("swin", config=SwinConfig)
 def build_swin(cfg: SwinConfig, *, in_chans: int, img_size: int) -> nn.Module:
     """timm Swin Transformer (tiny/small/base), windows fitted to 32, 64 or 224 px grids."""
     return build_swin_transformer(cfg.variant, cfg, in_chans=in_chans, img_size=img_size)
 
 
-def _register_s3(size: str) -> None:
+def _s3_builder(size: str) -> Any:
     def build(cfg: S3Config, *, in_chans: int, img_size: int) -> nn.Module:
         return build_swin_transformer(f"s3_{size}", cfg, in_chans=in_chans, img_size=img_size)
 
     build.__doc__ = f"S3-{size[0].upper()} (searched Swin, Chen et al. 2021; timm's swin_s3_{size}_224)."
     build.__name__ = f"build_s3_{size}"
-    BACKBONES.register(f"s3_{size}", config=S3Config)(build)
+    return build
 
 
-for _size in ("tiny", "small", "base"):
-    _register_s3(_size)
+build_s3_tiny, build_s3_small, build_s3_base = (_s3_builder(size) for size in ("tiny", "small", "base"))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
-from ..config import opt
+from .options import TimmViTConfig, ViTConfig
 from ..errors import ConfigError
-from ..registry import BACKBONES
 
 
 def stem_strides(patch_size: int) -> list[int]:
@@ -61,36 +59,6 @@ def make_conv_stem_class(channels: list[int] | None) -> type:
     return ConvStemPatchEmbed
 
 
-@dataclass
-class ViTConfig:
-    """Defaults follow DyTox's CIFAR ViT (embed 384, depth 6, patch 4, 12 heads)."""
-
-    img_size: int | None = opt(None, ge=1)  # None: the dataset's image size
-    patch_size: int = opt(4, ge=1)
-    embed_dim: int = opt(384, ge=1)
-    depth: int = opt(6, ge=1)
-    num_heads: int = opt(12, ge=1)
-    mlp_ratio: float = opt(4.0, gt=0)
-    qkv_bias: bool = True
-    drop_rate: float = opt(0.0, ge=0, lt=1)
-    drop_path_rate: float = opt(0.1, ge=0, lt=1)
-    global_pool: Literal["token", "avg"] = "token"
-    # patch: one strided conv (ViT); conv: ViTIL's convolutional stem (Xiao et al. 2021).
-    # Xiao et al. also drop one transformer block to keep the FLOPs equal; set depth for that.
-    stem: Literal["patch", "conv"] = "patch"
-    stem_channels: list[int] = field(default_factory=list)  # empty: doubling up to embed_dim
-
-    def validate(self) -> None:
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
-                              key="num_heads")
-        if self.stem_channels and self.stem != "conv":
-            raise ConfigError("stem_channels is only used with stem: conv", key="stem_channels")
-        if any(c < 1 for c in self.stem_channels):
-            raise ConfigError("stem_channels must be positive", key="stem_channels")
-
-
-@BACKBONES.register("vit", config=ViTConfig)
 def build_vit(cfg: ViTConfig, *, in_chans: int, img_size: int) -> nn.Module:
     """timm VisionTransformer, patchify or conv stem, any size (default: DyTox's CIFAR ViT)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -110,35 +78,6 @@ def build_vit(cfg: ViTConfig, *, in_chans: int, img_size: int) -> nn.Module:
     )
 
 
-@dataclass
-class TimmViTConfig:
-    """Any timm VisionTransformer by name, at the dataset's image size and a chosen patch."""
-
-    model: str = "vit_small_patch16_224"
-    img_size: int | None = opt(None, ge=1)  # None: the dataset's image size
-    patch_size: int | None = opt(None, ge=1)  # None: the model's own (16 for vit_*_patch16_*)
-    drop_rate: float = opt(0.0, ge=0, lt=1)
-    drop_path_rate: float = opt(0.1, ge=0, lt=1)
-    global_pool: Literal["model", "token", "avg"] = "model"  # model: what the timm entry uses
-    stem: Literal["patch", "conv"] = "patch"
-
-    def validate(self) -> None:
-        names = timm_vit_names()
-        if self.model not in names:
-            from ..errors import did_you_mean
-
-            raise ConfigError(f"not a timm VisionTransformer: {self.model!r}{did_you_mean(self.model, names)}",
-                              key="model")
-
-
-def timm_vit_names() -> list[str]:
-    import timm
-
-    # timm registers the DeiT variants in their own module; both build VisionTransformer
-    return sorted(timm.list_models(module="vision_transformer") + timm.list_models(module="deit"))
-
-
-@BACKBONES.register("timm_vit", config=TimmViTConfig)
 def build_timm_vit(cfg: TimmViTConfig, *, in_chans: int, img_size: int) -> nn.Module:
     """Any timm ViT by name (vit_*, deit*, ...), with image and patch size for small images."""
     import timm

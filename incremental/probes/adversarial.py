@@ -4,36 +4,13 @@ sit lower in frequency than CNNs')."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
-from ..config import opt
-from ..errors import ConfigError
-from ..registry import PROBES
 from .attacks import deepfool, pgd
 from ..tensorboard import render_heat_map
 from .base import Probe, ProbeBatch, ProbeResult
-
-
-@dataclass
-class AdversarialConfig:
-    # budgets in [0, 1] pixel units: 1/255, 2/255, 4/255, 8/255 for L-inf
-    linf_eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
-    l2_eps: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
-    steps: int = opt(10, ge=1)
-    step_size: float | None = opt(None, gt=0)  # None: 2.5 eps / steps (Madry et al.)
-    random_start: bool = True
-
-    def validate(self) -> None:
-        for key in ("linf_eps", "l2_eps"):
-            for i, eps in enumerate(getattr(self, key)):
-                if eps <= 0:
-                    raise ConfigError(f"budgets must be > 0, got {eps}", key=f"{key}.{i}")
-        if not self.linf_eps and not self.l2_eps:
-            raise ConfigError("list at least one budget in linf_eps or l2_eps", key="linf_eps")
 
 
 def attack_batches(batch: ProbeBatch, **kwargs: object) -> torch.Tensor:
@@ -42,7 +19,6 @@ def attack_batches(batch: ProbeBatch, **kwargs: object) -> torch.Tensor:
                       for x, y in batch.batches()])
 
 
-@PROBES.register("adversarial", config=AdversarialConfig)
 class AdversarialProbe(Probe):
     """Accuracy under PGD attacks (L-inf and L2) at each budget."""
 
@@ -58,16 +34,6 @@ class AdversarialProbe(Probe):
                 details[norm][f"{eps:.6g}"] = scalars[f"{norm}/{eps:.4g}"] = batch.accuracy(adversarial)
         return ProbeResult(scalars=scalars, details={"clean_accuracy": scalars["clean_accuracy"], **details,
                                                      "steps": self.config.steps})
-
-
-@dataclass
-class DctSpectrumConfig:
-    attacks: list[Literal["pgd", "deepfool"]] = field(default_factory=lambda: ["pgd", "deepfool"])
-    norm: Literal["linf", "l2"] = "linf"  # PGD's budget
-    eps: float = opt(4 / 255, gt=0)
-    steps: int = opt(10, ge=1)
-    deepfool_candidates: int = opt(10, ge=2)  # classes DeepFool considers (the top ones)
-    deepfool_iterations: int = opt(50, ge=1)
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -97,7 +63,6 @@ def band_fractions(energy: np.ndarray) -> dict[str, float]:
             "high": float(energy[index >= 2 / 3].sum() / total)}
 
 
-@PROBES.register("dct_spectrum", config=DctSpectrumConfig)
 class DctSpectrumProbe(Probe):
     """DCT energy of PGD and DeepFool perturbations: heat maps and the share per frequency band."""
 

@@ -19,24 +19,17 @@ ImageNet-C frost photographs that the reference samples from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import PROBES
 from ..tensorboard import render_heat_map
 from .base import Probe, ProbeBatch, ProbeResult, luma
-
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-               "jpeg_compression")
-SEVERITIES = (1, 2, 3, 4, 5)
-ParameterSet = Literal["auto", "imagenet", "cifar"]
+from .options import CORRUPTIONS, SEVERITIES, ParameterSet
 
 # Severity 1..5 parameters, copied from the two reference implementations.
 IMAGENET_C: dict[str, list] = {
@@ -463,27 +456,6 @@ _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {name: globals()[f"_{name}"
 
 # ----------------------------------------------------------------------------- the probe
 
-@dataclass
-class CorruptionsConfig:
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
-    parameters: ParameterSet = "auto"  # severity tables: ImageNet-C, CIFAR-10-C, or by image size
-    # A finished run (its directory or metrics.json) with the same corruptions probe: its
-    # errors at the same step are the denominators of the corruption errors (mCE).
-    reference: str | None = None
-
-    def validate(self) -> None:
-        for i, name in enumerate(self.corruptions):
-            if name not in CORRUPTIONS:
-                raise ConfigError(f"unknown corruption {name!r}{did_you_mean(name, CORRUPTIONS)}; known: "
-                                  f"{', '.join(CORRUPTIONS)}", key=f"corruptions.{i}")
-        for i, severity in enumerate(self.severities):
-            if severity not in SEVERITIES:
-                raise ConfigError(f"severities are 1..5, got {severity}", key=f"severities.{i}")
-        if not self.corruptions or not self.severities:
-            raise ConfigError("must list at least one corruption and one severity", key="corruptions")
-
-
 def corruption_errors(accuracy: dict[str, list[float]], clean: float, reference: dict[str, Any] | None
                       ) -> dict[str, Any]:
     """Hendrycks and Dietterich's corruption error of each corruption, and their means:
@@ -507,7 +479,6 @@ def corruption_errors(accuracy: dict[str, list[float]], clean: float, reference:
             "relative_mce": sum(rel_values) / len(rel_values) if rel_values else None}
 
 
-@PROBES.register("corruptions", config=CorruptionsConfig)
 class CorruptionsProbe(Probe):
     """Accuracy under the 15 ImageNet-C corruptions at 5 severities; mCE against a reference run."""
 

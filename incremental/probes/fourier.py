@@ -5,23 +5,12 @@ every frequency, shown as a heat map with the zero frequency at the centre."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..config import opt
-from ..registry import PROBES
 from ..tensorboard import render_heat_map
 from .base import Probe, ProbeBatch, ProbeResult
-
-
-@dataclass
-class FourierConfig:
-    # L2 norm of the perturbation of each channel; None: 4.0 up to 64 px (Yin et al.'s
-    # CIFAR-10 value), 15.7 above (their ImageNet value).
-    eps: float | None = opt(None, gt=0)
-    stride: int = opt(1, ge=1)  # probe every stride-th frequency along each axis (large images)
 
 
 def fourier_basis(h: int, w: int, row: int, col: int) -> torch.Tensor:
@@ -41,7 +30,6 @@ def frequency_radius(h: int, w: int) -> np.ndarray:
     return np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / math.sqrt(2)
 
 
-@PROBES.register("fourier", config=FourierConfig)
 class FourierProbe(Probe):
     """Error rate under Fourier-basis noise at each frequency (a heat map), and per band.
 

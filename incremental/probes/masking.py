@@ -4,26 +4,10 @@ fraction of the image, and for patch-token models, random patch drop on the toke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import PROBES
 from .base import Probe, ProbeBatch, ProbeResult
-
-
-@dataclass
-class MaskingConfig:
-    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])
-    patch_drop: bool = True  # also drop that fraction of token-grid patches (token models only)
-    fill: Literal["zero", "mean"] = "zero"  # masked pixels: black, or each image's mean
-
-    def validate(self) -> None:
-        for i, fraction in enumerate(self.fractions):
-            if not 0 < fraction < 1:
-                raise ConfigError(f"fractions must lie in (0, 1), got {fraction}", key=f"fractions.{i}")
 
 
 def cutout(images: torch.Tensor, fraction: float, generator: torch.Generator, fill: str = "zero") -> torch.Tensor:
@@ -58,7 +42,6 @@ def _fill(images: torch.Tensor, hole: torch.Tensor, fill: str) -> torch.Tensor:
     return torch.where(hole, value.expand_as(images), images)
 
 
-@PROBES.register("masking", config=MaskingConfig)
 class MaskingProbe(Probe):
     """Accuracy with a CutOut hole of each area fraction, and with randomly dropped patches."""
 

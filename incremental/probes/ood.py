@@ -5,47 +5,20 @@ detection score, i.e. to look in-distribution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Component, opt
-from ..errors import ConfigError
-from ..registry import PROBES
 from .attacks import pgd
 from .base import Probe, ProbeBatch, ProbeResult, luma, unnormalise
-
-Score = Literal["msp", "max_logit", "energy"]
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "msp": lambda logits: logits.softmax(dim=1).max(dim=1).values,  # Hendrycks and Gimpel 2017
     "max_logit": lambda logits: logits.max(dim=1).values,  # Hendrycks et al. 2022
     "energy": lambda logits: torch.logsumexp(logits, dim=1),  # Liu et al. 2020 (negative energy, T = 1)
 }
-
-
-@dataclass
-class OodConfig:
-    source: Literal["future", "dataset"] = "future"
-    # for source: dataset, a dataset section ({name: cifar100, root: ...}); its test images
-    # are resized and converted to the run's size and channels
-    dataset: Component | None = field(default=None, metadata={"registry": "datasets", "default_name": None})
-    scores: list[Score] = field(default_factory=lambda: ["msp", "max_logit", "energy"])
-    worst_case: bool = False
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float = opt(4 / 255, gt=0)
-    steps: int = opt(10, ge=1)
-
-    def validate(self) -> None:
-        if self.source == "dataset" and self.dataset is None:
-            raise ConfigError("source: dataset needs a 'dataset' section", key="dataset")
-        if self.source == "future" and self.dataset is not None:
-            raise ConfigError("'dataset' is only read with source: dataset", key="dataset")
-        if not self.scores:
-            raise ConfigError("list at least one score", key="scores")
 
 
 def auroc_fpr95(inside: np.ndarray, outside: np.ndarray) -> tuple[float, float]:
@@ -70,7 +43,6 @@ def to_run_format(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
     return images.clamp(0, 1)
 
 
-@PROBES.register("ood", config=OodConfig)
 class OodProbe(Probe):
     """OOD detection: AUROC and FPR at 95% TPR of MSP, max-logit and energy scores.
 

@@ -382,16 +382,17 @@ class RunDirectory:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: Path, config_text: str, *, marker: str = METRICS_FILE) -> "RunDirectory":
-        """A new run in ``path`` (made if missing); refused when it already holds one."""
+    def create(cls, path: Path, config_text: str, *, marker: str = METRICS_FILE, key: str = "--out") -> "RunDirectory":
+        """A new run in ``path`` (made if missing); refused when it already holds one. ``key``
+        names what chose the path (``--out``, or ``output.root``), for errors."""
         made_folder = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot write to {path}: {exc.strerror or exc}", key="--out") from None
+            raise UserError(f"cannot write to {path}: {exc.strerror or exc}", key=key) from None
         if not path.is_dir():
-            raise UserError(f"{path} is not a folder", key="--out")
-        lock = RunLock.acquire(path, key="--out")
+            raise UserError(f"{path} is not a folder", key=key)
+        lock = RunLock.acquire(path, key=key)
         directory = cls(path, lock)
         directory.fresh, directory.made_folder = True, made_folder
         try:
@@ -399,7 +400,7 @@ class RunDirectory:
                 state = read_state(path, holding_lock=True)
                 hint = f"continue it with `incremental run --resume {path}`, or " \
                     if state.status in ("stopped", "failed") and marker == METRICS_FILE else ""
-                raise UserError(f"{path} already holds a run ({state.label}); {hint}choose another --out", key="--out")
+                raise UserError(f"{path} already holds a run ({state.label}); {hint}choose another --out", key=key)
             lock.record_holder()
             write_text_atomic(path / CONFIG_FILE, config_text)
             directory.config_written = True

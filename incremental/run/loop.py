@@ -197,14 +197,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _open_directory(cfg: RunConfig, run_dir: Path, resume: bool, dist: Any) -> tuple[RunDirectory | None, ResumePlan | None]:
+def _open_directory(cfg: RunConfig, run_dir: Path, resume: bool, dist: Any,
+                    out_key: str = "--out") -> tuple[RunDirectory | None, ResumePlan | None]:
     """Rank 0 creates or reopens the directory (taking its lock); every rank reads the resume plan."""
     from ..distributed import on_rank_zero
 
     holder: list[RunDirectory] = []
 
     def open_it() -> None:
-        holder.append(RunDirectory.reopen(run_dir) if resume else RunDirectory.create(run_dir, dump_yaml(cfg)))
+        holder.append(RunDirectory.reopen(run_dir) if resume
+                      else RunDirectory.create(run_dir, dump_yaml(cfg), key=out_key))
 
     on_rank_zero(open_it, dist)
     directory = holder[0] if holder else None
@@ -220,7 +222,7 @@ def _open_directory(cfg: RunConfig, run_dir: Path, resume: bool, dist: Any) -> t
 
 
 def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
+        echo: Callable[[str], None] = print, out_key: str = "--out") -> dict[str, Any]:
     """Run the protocol of ``cfg`` into ``run_dir``; returns the final metrics.
 
     ``resume``: continue the run in ``run_dir`` after its last checkpointed experience (or
@@ -228,12 +230,16 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     uninterrupted run's except for the wall-clock times. A failure ends in a UserError whose
     message says what was kept and how to continue, when a resume would work.
     """
+    import avalanche.training  # noqa: F401 - see below
+
     from ..distributed import broadcast_object, init_from_environment
 
+    # Avalanche's training package builds default loggers at import time, and refuses to once a
+    # process group exists on a rank other than 0: it is imported (above) before joining one.
     dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
     run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
     quiet = quiet or not dist.is_main  # only rank 0 prints and writes
-    directory, plan = _open_directory(cfg, run_dir, resume, dist)
+    directory, plan = _open_directory(cfg, run_dir, resume, dist, out_key)
     built: BuiltRun | None = None
     started = False  # once the resume has been restored, a failure leaves a resumable run
     try:

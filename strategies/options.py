@@ -1,0 +1,121 @@
+"""The built-in strategies: their options, and where each one's plugin lives.
+
+Declared here, apart from the plugins, so that listing and validating a config never imports
+torch or Avalanche: the registry imports a strategy's module only when a run builds it. Each
+option says where its default comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from incremental.config.fields import MAX_BATCH, MAX_EPOCHS, MAX_WEIGHT, opt
+from incremental.errors import ConfigError
+from incremental.registry import STRATEGIES
+
+
+@dataclass
+class ReplayConfig:
+    # herding: iCaRL's selection on normalised features; random: a seeded random subset.
+    selection: Literal["herding", "random"] = "herding"
+
+
+@dataclass
+class BalancedFinetuningConfig:
+    enabled: bool = True
+    # DyTox (Douillard et al. 2022) finetunes 20 epochs on a balanced set, for CIFAR and ImageNet.
+    epochs: int = opt(20, ge=1, le=MAX_EPOCHS)
+    # Times training.optimizer.lr; DyTox finetunes at 5e-5 after training at 5e-4 (0.1x).
+    lr_scale: float = opt(0.1, gt=0, le=1000)
+    # all: every parameter (DyTox's default); head: the classifier only (EEIL/BiC-style).
+    params: Literal["head", "all"] = "all"
+    batch_size: int | None = opt(None, ge=1, le=MAX_BATCH)  # None: training.batch_size
+
+
+@dataclass
+class DistillationConfig:
+    enabled: bool = True
+    # T = 2 as iCaRL/LwF in PyCIL (and Hinton et al.'s examples); weight 1 as PyCIL's iCaRL.
+    temperature: float = opt(2.0, gt=0, le=1000)
+    weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)
+
+
+@dataclass
+class ViTILConfig(ReplayConfig):
+    # The classifier's LR over the base LR. ViTIL gives no value; 10x is the usual factor for
+    # a freshly initialised layer when finetuning, and the digits ablation (experiments/
+    # vitil_ablation) measured it. 1 turns the ingredient off.
+    head_lr_scale: float = opt(10.0, gt=0, le=10_000)
+    head_weight_decay: float | None = opt(None, ge=0, le=10)  # None: training.optimizer.weight_decay
+    balanced_finetuning: BalancedFinetuningConfig = field(default_factory=BalancedFinetuningConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+
+
+@dataclass
+class ICaRLConfig(ReplayConfig):
+    # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
+    classifier: Literal["ncm", "cnn"] = "ncm"
+    flip_means: bool = True  # iCaRL averages each exemplar's features with its mirror image's
+
+
+@dataclass
+class DERConfig(ReplayConfig):
+    selection: Literal["herding", "random"] = "random"  # DER's reservoir buffer holds a random sample
+    alpha: float = opt(0.1, ge=0, le=MAX_WEIGHT)  # Avalanche's defaults, from Mammoth's DER++ on Seq-CIFAR-10
+    beta: float = opt(0.5, ge=0, le=MAX_WEIGHT)   # 0: DER; > 0: DER++
+    batch_size_mem: int | None = opt(None, ge=1, le=MAX_BATCH)  # None: training.batch_size
+
+
+@dataclass
+class LwFConfig:
+    alpha: float = opt(1.0, ge=0, le=MAX_WEIGHT)        # distillation weight (Avalanche's and Li & Hoiem's 1)
+    temperature: float = opt(2.0, gt=0, le=1000)  # Li & Hoiem's T = 2
+
+
+@dataclass
+class EWCConfig:
+    ewc_lambda: float = opt(1000.0, ge=0, le=1e12)  # PyCIL's EWC uses lambda = 1000
+    # separate: one penalty per past experience; online: one running penalty (Schwarz et al. 2018)
+    mode: Literal["separate", "online"] = "separate"
+    decay_factor: float | None = opt(None, ge=0, le=1)  # online mode only
+
+    def validate(self) -> None:
+        if self.mode == "online" and self.decay_factor is None:
+            raise ConfigError("mode online needs decay_factor (e.g. 0.9)", key="decay_factor")
+        if self.mode == "separate" and self.decay_factor is not None:
+            raise ConfigError("decay_factor is only used with mode: online", key="decay_factor")
+
+
+@dataclass
+class BiCConfig:
+    # Defaults are Avalanche's, which follow Wu et al.: 10% of the memory held out to fit
+    # the bias layer, T = 2, 200 epochs of SGD at 0.1 (decayed at 50/100/150) for stage 2.
+    val_percentage: float = opt(0.1, gt=0, lt=1)
+    temperature: float = opt(2.0, gt=0, le=1000)
+    stage_2_epochs: int = opt(200, ge=1, le=MAX_EPOCHS)
+    stage_2_lr: float = opt(0.1, gt=0, le=100)
+    # -1: Wu et al.'s adaptive weight old/(old+new) between distillation and classification
+    distillation_weight: float = opt(-1.0, ge=-1, le=MAX_WEIGHT)
+
+
+STRATEGIES.declare("finetune", "incremental.strategies.finetune:Finetune",
+                   summary="Naive finetuning: new data only, no memory, no regularisation (the lower bound).")
+STRATEGIES.declare("replay", "incremental.strategies.replay:ExemplarReplay", config=ReplayConfig,
+                   summary="Exemplar replay: class-balanced memory (herding), mixed into each experience's data.")
+STRATEGIES.declare("vitil", "incremental.strategies.vitil:ViTIL", config=ViTILConfig,
+                   summary="ViTIL: herding replay, head LR scaling, balanced finetuning, logit KD (each switchable).")
+STRATEGIES.declare("icarl", "incremental.strategies.icarl:build_icarl", config=ICaRLConfig,
+                   summary="iCaRL: herding replay, Avalanche's iCaRL loss and NCMClassifier (nearest mean of "
+                   "exemplars).")
+STRATEGIES.declare("lwf", "incremental.strategies.lwf:build_lwf", config=LwFConfig,
+                   summary="LwF: distillation from the previous model on new data only (Avalanche's LwFPlugin).")
+STRATEGIES.declare("ewc", "incremental.strategies.ewc:build_ewc", config=EWCConfig,
+                   summary="EWC: a Fisher-weighted quadratic penalty on parameter changes (Avalanche's EWCPlugin).")
+STRATEGIES.declare("bic", "incremental.strategies.bic:build_bic", config=BiCConfig,
+                   summary="BiC: replay, distillation and a bias layer fitted on held-out exemplars (Avalanche's "
+                   "BiCPlugin).")
+STRATEGIES.declare("der", "incremental.strategies.der:DarkExperienceReplay", config=DERConfig,
+                   summary="DER++: replay of exemplars with their stored logits (MSE) and labels (CE).")
+STRATEGIES.declare("gdumb", "incremental.strategies.gdumb:build_gdumb",
+                   summary="GDumb: retrain from scratch on a class-balanced memory only (Avalanche's GDumbPlugin).")

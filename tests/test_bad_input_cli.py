@@ -1,0 +1,301 @@
+"""Malformed input through the real CLI, each in its own process: exit code 2, exactly one line
+on stderr that starts with the file (or flag) and names the key, no traceback, nothing written.
+
+Config-level cases run `python -m incremental` (they import neither torch nor Avalanche, so
+each takes a fraction of a second); cases that read data or weights run the CLI's main in a
+forked copy of this process. Every option added later gets its bounds in this table too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_RUN, main_in_fork, write_cifar100, write_image_folder
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "tiny.yaml").write_text(TINY_RUN)
+
+    def config(self, body: str, name: str = "case") -> str:
+        path = self.root / f"{name}.yaml"
+        path.write_text("extends: tiny.yaml\n" + body)
+        return str(path)
+
+    @property
+    def case(self) -> str:
+        return str(self.root / "case.yaml")
+
+
+def _cifar(ws: Workspace, train: dict | None = None, meta: dict | None = None) -> list[str]:
+    folder = write_cifar100(ws.root / "cifar", n_train=100, n_test=100)
+    if train is not None:
+        batch = pickle.loads((folder / "train").read_bytes())
+        batch.update(train)
+        (folder / "train").write_bytes(pickle.dumps(batch, protocol=2))
+    if meta is not None:
+        (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return ["check", ws.config(f"dataset: {{name: cifar100, root: {folder}}}\n")]
+
+
+def _bomb_png(ws: Workspace) -> list[str]:
+    root = write_image_folder(ws.root / "imgs", classes=("a", "b"), per_class=1)
+    Image.new("L", (15000, 12000)).save(root / "train" / "a" / "big.png")  # past Pillow's pixel limit
+    return ["run", ws.config(f"dataset: {{name: imagefolder, root: {root}, image_size: 16}}\n"
+                             "protocol: {initial_classes: 0, increment: 1, class_order: sorted, memory: {total: 2}}\n"
+                             "training: {epochs: 1}\n")]
+
+
+def _class_list_not_utf8(ws: Workspace) -> list[str]:
+    root = write_image_folder(ws.root / "imgs", classes=("a", "b"), per_class=1)
+    (ws.root / "classes.txt").write_bytes(b"a\n\xff\xfe b\n")
+    return ["check", ws.config(f"dataset: {{name: imagefolder, root: {root}, class_list: {ws.root / 'classes.txt'}}}\n")]
+
+
+def _pickle_as_weights(ws: Workspace) -> list[str]:
+    (ws.root / "weights.pt").write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}, protocol=4))
+    return ["run", ws.config(f"backbone: {{pretrained: {ws.root / 'weights.pt'}}}\n")]
+
+
+def _fifo_config(ws: Workspace) -> list[str]:
+    os.mkfifo(ws.root / "pipe.yaml")
+    return ["check", str(ws.root / "pipe.yaml"), "--no-data"]
+
+
+def _plugin_exits(ws: Workspace) -> list[str]:
+    (ws.root / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    return ["check", ws.config(""), "--no-data", "--plugin", str(ws.root / "exits.py")]
+
+
+def _bad_metrics(ws: Workspace) -> list[str]:
+    run = ws.root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TINY_RUN)
+    (run / "metrics.json").write_text(json.dumps({"status": "complete", "accuracy_matrix": "[[1]]"}))
+    return ["compare", str(run), "--out", str(ws.root / "cmp")]
+
+
+def _non_utf8_yaml(ws: Workspace) -> list[str]:
+    (ws.root / "latin1.yaml").write_bytes("description: caf\xe9\n".encode("latin-1"))
+    return ["check", str(ws.root / "latin1.yaml"), "--no-data"]
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "seed: *i\n"
+
+# (id, argv builder, expected line start, expected text naming the key, how: "fast" = a new
+# interpreter, "fork" = a forked copy of this one for the cases that load data or weights)
+CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], str], str, str]] = [
+    # ---- hostile or odd YAML
+    ("unhashable key", lambda ws: ["check", ws.config("? [a, b]\n: 1\n"), "--no-data"],
+     lambda ws: ws.case, "a key must be a plain value, not a list", "fast"),
+    ("20000 nested brackets", lambda ws: ["check", ws.config("seed: " + "[" * 20000 + "\n"), "--no-data"],
+     lambda ws: ws.case, "nested deeper than 64 levels", "fast"),
+    ("billion laughs", lambda ws: ["check", ws.config(BILLION_LAUGHS), "--no-data"],
+     lambda ws: ws.case, "expands to more than 100000 values", "fast"),
+    ("YAML that is not UTF-8", _non_utf8_yaml, lambda ws: str(ws.root / "latin1.yaml"), "cannot read", "fast"),
+    ("a FIFO as the config", _fifo_config, lambda ws: "CONFIG", "is not a regular file", "fast"),
+    ("a folder as the config", lambda ws: ["check", str(ws.root), "--no-data"], lambda ws: "CONFIG", "is a folder", "fast"),
+    ("extends in a cycle", lambda ws: ["check", ws.config("", "tiny"), "--no-data"],
+     lambda ws: str(ws.root / "tiny.yaml"), "extends: extends itself in a cycle", "fast"),
+    # ---- seeds and bounds
+    ("negative seed", lambda ws: ["check", ws.config("seed: -1\n"), "--no-data"],
+     lambda ws: ws.case, "seed: must be >= 0, got -1", "fast"),
+    ("seed 2**70", lambda ws: ["check", ws.config(f"seed: {2 ** 70}\n"), "--no-data"],
+     lambda ws: ws.case, "seed: must be <= 4294967295", "fast"),
+    ("negative order_seed", lambda ws: ["check", ws.config("protocol: {order_seed: -1}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.order_seed: must be >= 0", "fast"),
+    ("synthetic seed 2**70", lambda ws: ["check", ws.config(f"dataset: {{name: synthetic, seed: {2 ** 70}}}\n"),
+                                         "--no-data"],
+     lambda ws: ws.case, "dataset.seed: must be <= 4294967295", "fast"),
+    ("sweep with a negative seed", lambda ws: ["sweep", ws.config(""), "--seeds", "-3", "--out", str(ws.root / "s")],
+     lambda ws: "--seeds", "seeds are 0 to 4294967295, got -3", "fast"),
+    ("infinite mlp_ratio", lambda ws: ["check", ws.config("backbone: {mlp_ratio: .inf}\n"), "--no-data"],
+     lambda ws: ws.case, "backbone.mlp_ratio: expected a finite number", "fast"),
+    ("NaN learning rate", lambda ws: ["check", ws.config("training: {optimizer: {lr: .nan}}\n"), "--no-data"],
+     lambda ws: ws.case, "training.optimizer.lr: expected a finite number", "fast"),
+    ("infinite weight decay blames weight_decay", lambda ws: ["check", ws.config(
+        "training: {optimizer: {weight_decay: .inf}}\n"), "--no-data"],
+     lambda ws: ws.case, "training.optimizer.weight_decay: expected a finite number", "fast"),
+    ("embed_dim 2**40", lambda ws: ["check", ws.config(f"backbone: {{embed_dim: {2 ** 40}}}\n"), "--no-data"],
+     lambda ws: ws.case, "backbone.embed_dim: must be <= 16384", "fast"),
+    ("eval_batch_size 2**63", lambda ws: ["check", ws.config(f"training: {{eval_batch_size: {2 ** 63}}}\n"),
+                                          "--no-data"],
+     lambda ws: ws.case, "training.eval_batch_size: must be <= 1048576", "fast"),
+    ("memory of 2**40 exemplars", lambda ws: ["check", ws.config(f"protocol: {{memory: {{total: {2 ** 40}}}}}\n"),
+                                              "--no-data"],
+     lambda ws: ws.case, "protocol.memory.total: must be <= 1000000000", "fast"),
+    ("an increment of 2**70", lambda ws: ["check", ws.config(f"protocol: {{increment: [{2 ** 70}]}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.increment.0: must be <= 1000000000", "fast"),
+    ("a negative class id", lambda ws: ["check", ws.config("protocol: {class_order: [-1, 0]}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.class_order.0: must be >= 0", "fast"),
+    ("a zero-width stem channel", lambda ws: ["check", ws.config("backbone: {stem: conv, stem_channels: [0, 8]}\n"),
+                                              "--no-data"],
+     lambda ws: ws.case, "backbone.stem_channels.0: must be >= 1", "fast"),
+    ("a masking fraction above 1", lambda ws: ["check", ws.config("probes: [{name: masking, fractions: [1.5]}]\n"),
+                                               "--no-data"],
+     lambda ws: ws.case, "probes.0.fractions.0: must be < 1", "fast"),
+    ("an infinite attack budget", lambda ws: ["check", ws.config("probes: [{name: adversarial, l2_eps: [.inf]}]\n"),
+                                              "--no-data"],
+     lambda ws: ws.case, "probes.0.l2_eps.0: expected a finite number", "fast"),
+    ("5000 workers", lambda ws: ["check", ws.config("training: {num_workers: 5000}\n"), "--no-data"],
+     lambda ws: ws.case, "training.num_workers: must be <= 1024", "fast"),
+    ("warmup longer than training", lambda ws: ["check", ws.config(
+        "training: {epochs: 2, scheduler: {warmup_epochs: 5}}\n"), "--no-data"],
+     lambda ws: ws.case, "training.scheduler.warmup_epochs: 5 warmup epochs exceed training.epochs (2)", "fast"),
+    ("a wrongly typed --set", lambda ws: ["check", ws.config(""), "--no-data", "--set", "seed=abc"],
+     lambda ws: "--set seed=abc", "seed: expected an integer, got 'abc'", "fast"),
+    # ---- --set
+    ("--set into an empty list", lambda ws: ["check", ws.config(""), "--no-data", "--set", "probes.0.name=masking"],
+     lambda ws: "--set probes.0.name=masking", "probes: has 0 item(s), so there is no item 0", "fast"),
+    ("--set past the end of a list", lambda ws: ["check", ws.config("probes: [masking]\n"), "--no-data",
+                                                 "--set", "probes.3.name=ood"],
+     lambda ws: "--set probes.3.name=ood", "probes: has 1 item(s), so there is no item 3", "fast"),
+    ("--set with a key written twice", lambda ws: ["check", ws.config(""), "--no-data",
+                                                   "--set", "training={epochs: 1, epochs: 9}"],
+     lambda ws: "--set training={epochs: 1, epochs: 9}", "training: key 'epochs' is written twice", "fast"),
+    ("--set of another component's name", lambda ws: ["check", ws.config("strategy: {name: replay, selection: random}\n"),
+                                                      "--no-data", "--set", "strategy.name=finetune"],
+     lambda ws: ws.case, "--set strategy=finetune replaces the whole section", "fast"),
+    # ---- files and flags
+    ("--plugin that is a folder", lambda ws: ["check", ws.config(""), "--no-data", "--plugin", str(ws.root)],
+     lambda ws: "--plugin", "is a folder; a plugin is a .py file", "fast"),
+    ("--plugin that calls sys.exit", _plugin_exits, lambda ws: "--plugin", "called sys.exit(3) while being imported",
+     "fast"),
+    ("output.root that is a file", lambda ws: ["run", ws.config(f"output: {{root: {ws.root / 'tiny.yaml'}}}\n")],
+     lambda ws: ws.case, "output.root: cannot write to", "fork"),
+    ("CUDA asked for without a GPU, at check", lambda ws: ["check", ws.config("training: {device: cuda}\n"),
+                                                           "--no-data"],
+     lambda ws: ws.case, "training.device: cuda requested but no CUDA device", "fork"),
+    ("compare on a malformed metrics.json", _bad_metrics, lambda ws: str(ws.root / "run" / "metrics.json"),
+     "accuracy_matrix: expected lower-triangular rows", "fast"),
+    # ---- data values
+    ("CIFAR data that is a string", lambda ws: _cifar(ws, train={b"data": "pixels"}),
+     lambda ws: ws.case, "dataset.root: ", "fork"),
+    ("CIFAR labels that are None", lambda ws: _cifar(ws, train={b"fine_labels": None}),
+     lambda ws: ws.case, "fine_labels is a NoneType, not a list of labels", "fork"),
+    ("CIFAR labels that are bytes", lambda ws: _cifar(ws, train={b"fine_labels": b"\x00\x01"}),
+     lambda ws: ws.case, "fine_labels is a bytes, not a list of labels", "fork"),
+    ("CIFAR pixels above 255", lambda ws: _cifar(ws, train={b"data": np.full((100, 3072), 300.0)}),
+     lambda ws: ws.case, "data holds values in [300.0, 300.0], not whole pixels in 0..255", "fork"),
+    ("CIFAR class names that are a number", lambda ws: _cifar(ws, meta={b"fine_label_names": 7}),
+     lambda ws: ws.case, "fine_label_names is a int, not a list of names", "fork"),
+    ("a decompression-bomb PNG", _bomb_png, lambda ws: ws.case, "could be decompression bomb", "fork"),
+    ("a class list that is not UTF-8", _class_list_not_utf8,
+     lambda ws: ws.case, "dataset.class_list: cannot read", "fork"),
+    ("a raw pickle as weights", _pickle_as_weights, lambda ws: ws.case, "backbone.pretrained: ", "fork"),
+]
+
+
+def _run(args: list[str], how: str, capfd) -> tuple[int, str]:
+    if how == "fork":
+        code = main_in_fork(*args, quiet=False)
+        return code, capfd.readouterr().err
+    done = subprocess.run([sys.executable, "-m", "incremental", *args], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("case, argv, where, expected, how", CASES, ids=[c[0] for c in CASES])
+def test_malformed_input_is_one_line(case, argv, where, expected, how, tmp_path, capfd):
+    ws = Workspace(tmp_path)
+    args = argv(ws)
+    if args[0] == "run":
+        args += ["--quiet"] + ([] if "output: {root" in Path(args[1]).read_text() else ["--out", str(tmp_path / "out")])
+    capfd.readouterr()
+    code, err = _run(args, how, capfd)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(where(ws) + ": "), lines[0]
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()  # nothing started, nothing left behind
+
+
+def test_the_table_covers_the_reported_inputs():
+    assert len(CASES) >= 40
+
+
+def test_an_out_path_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    ws = Workspace(tmp_path)
+    out = os.fsencode(str(tmp_path)) + b"/run-\xff"
+    done = subprocess.run([sys.executable, "-m", "incremental", "run", ws.config(""), "--quiet", "--out", out],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("--out: ") and "is not a valid UTF-8 path" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.yaml", "tiny.yaml"]
+
+
+# ------------------------------------------------------------------ accepted on purpose
+
+
+def test_merge_keys_are_valid_yaml(tmp_path):
+    ws = Workspace(tmp_path)
+    config = ws.config("defaults: &defaults {epochs: 2, batch_size: 8}\n")
+    Path(config).write_text("extends: tiny.yaml\ntraining:\n  <<: {epochs: 2, batch_size: 8}\n  epochs: 3\n")
+    done = subprocess.run([sys.executable, "-m", "incremental", "check", config, "--no-data"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "  epochs: 3\n" in done.stdout and "  batch_size: 8\n" in done.stdout
+
+
+def test_a_child_memory_budget_replaces_the_parents_alternative(tmp_path):
+    """total and per_class are alternatives: a child (or --set) choosing one drops the other."""
+    (tmp_path / "parent.yaml").write_text(TINY_RUN.replace("memory: {total: 30}", "memory: {per_class: 5}"))
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nprotocol: {memory: {total: 60}}\n")
+    done = subprocess.run([sys.executable, "-m", "incremental", "check", str(tmp_path / "child.yaml"), "--no-data",
+                           "--set", "protocol.memory.per_class=7"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "    per_class: 7\n" in done.stdout and "    total: null\n" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "incremental", "check", str(tmp_path / "child.yaml"), "--no-data"],
+                          capture_output=True, text=True, timeout=120)
+    assert "    total: 60\n" in done.stdout and "    per_class: null\n" in done.stdout
+
+
+def test_yaml_off_means_off(tmp_path):
+    ws = Workspace(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "incremental", "check", ws.config("output: {checkpoint: off}\n"),
+                           "--no-data"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "  checkpoint: 'off'\n" in done.stdout, done.stderr
+
+
+def test_every_numeric_option_has_bounds():
+    """Each int or float field of every config class (the run's and every registered
+    component's) has a lower and an upper bound, so no option can ask for 2**40 of anything."""
+    import dataclasses
+    import typing
+
+    from incremental.config import RunConfig
+    from incremental.config.schema import PretrainConfig
+    from incremental.registry import REGISTRIES, load_builtins
+
+    load_builtins()
+    classes = {RunConfig, PretrainConfig}
+    for registry in REGISTRIES.values():
+        classes |= {e.config_cls for e in registry if e.config_cls is not None}
+        if registry.common_options is not None:
+            classes.add(registry.common_options)
+    seen, missing = set(), []
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            leaves = {a for a in [tp, *typing.get_args(tp), *(x for a in typing.get_args(tp) for x in typing.get_args(a))]
+                      if isinstance(a, type)}
+            classes |= {a for a in leaves if dataclasses.is_dataclass(a)}
+            if {int, float} & leaves and not ({"ge", "gt"} & f.metadata.keys() and {"le", "lt"} & f.metadata.keys()):
+                missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing, missing
