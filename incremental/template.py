@@ -72,7 +72,10 @@ class IncrementalTemplate(SupervisedTemplate):
 
     def forward(self) -> torch.Tensor:
         with self.autocast():
-            output = self.compiled_model()(self.mb_x) if self.compile else super().forward()
+            if not self.is_training and getattr(self.model, "output_adapter", None) is not None:
+                output = self.model.classify(self.mb_x)  # the strategy's classifier (NCM, BiC)
+            else:
+                output = self.compiled_model()(self.mb_x) if self.compile else super().forward()
         return output.float()  # losses and metrics in fp32
 
     def backward(self) -> None:

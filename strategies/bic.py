@@ -40,6 +40,19 @@ def bic_plugin_class() -> type:
         ``strategy.experience.dataset``, a read-only property of the experiences that
         class_incremental_benchmark makes; the assignment goes to a proxy and is copied back."""
 
+        def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+            """After Avalanche's bias correction, the bias layer becomes the model's output
+            adapter: saved and probed with the model, the classifier behind the accuracy matrix."""
+            super().after_training_exp(strategy, **kwargs)
+            if self.bias_layer is not None:
+                from incremental.models.net import BiasCorrectionOutput
+
+                layer = self.bias_layer
+                strategy.model.output_adapter = BiasCorrectionOutput(layer.clss, layer.alpha, layer.beta)
+
+        def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+            """The model's classify() applies the bias correction already."""
+
         def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
             experience = strategy.experience
             strategy.experience = _WritableExperience(experience)

@@ -47,14 +47,15 @@ def icarl_loss_plugin() -> Any:
 
 
 class ICaRL(ExemplarReplay):
-    """Herding replay with the iCaRL loss as the criterion; NME classification at evaluation."""
+    """Herding replay with the iCaRL loss as the criterion; NME classification at evaluation.
+
+    The class means become the model's output adapter (``NearestMeanOutput``, the same
+    distances as Avalanche's NCMClassifier): they are saved with the model and checkpointed
+    with it, and every evaluation, probe and `incremental probe` classifies with them."""
 
     def __init__(self, config: ICaRLConfig, context: StrategyContext, loss: Any):
         super().__init__(config, context)
-        from avalanche.models import NCMClassifier
-
         self.loss = loss
-        self.ncm = NCMClassifier(normalize=True)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         strategy._criterion = self.loss  # the template calls _criterion(mb_output, mb_y)
@@ -62,18 +63,10 @@ class ICaRL(ExemplarReplay):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         super().after_training_exp(strategy, **kwargs)
         if self.config.classifier == "ncm":
-            self.ncm.replace_class_means_dict(self.class_means(strategy))
+            from incremental.models.net import NearestMeanOutput
 
-    def state_dict(self) -> dict[str, Any]:
-        # Recomputed after every experience; kept so the checkpoint classifies as the run did.
-        means = self.ncm.class_means_dict
-        return {**super().state_dict(), "class_means": {str(k): v.detach().cpu() for k, v in means.items()}}
-
-    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
-        super().load_state_dict(state, model)
-        if state["class_means"]:
-            device = next(model.parameters()).device
-            self.ncm.replace_class_means_dict({int(k): v.to(device) for k, v in state["class_means"].items()})
+            means = self.class_means(strategy)
+            strategy.model.output_adapter = NearestMeanOutput(torch.stack([means[c] for c in range(len(means))]))
 
     @torch.no_grad()
     def class_means(self, strategy: Any) -> dict[int, torch.Tensor]:
@@ -88,13 +81,6 @@ class ICaRL(ExemplarReplay):
         for label, idx in indices_by_label(data.targets).items():
             means[label] = F.normalize(feats[idx].mean(dim=0), dim=0).to(strategy.device)
         return means
-
-    def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.config.classifier != "ncm" or not self.ncm.class_means_dict:
-            return
-        model = strategy.model
-        features = model.forward_head(model.forward_features(strategy.mb_x), pre_logits=True)
-        strategy.mb_output = self.ncm(features)
 
 
 class FlippedDataset:

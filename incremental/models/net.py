@@ -29,6 +29,7 @@ class IncrementalNet(nn.Module):
         self.num_features: int = int(backbone.num_features)
         self.head = IncrementalClassifier(self.num_features, initial_out_features=initial_classes)
         self.build_report: dict[str, Any] = {}  # pretrained weights loaded, compression applied
+        self.output_adapter: nn.Module | None = None  # see classify()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -38,7 +39,17 @@ class IncrementalNet(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear head's logits: what training (and every teacher) uses."""
         return self.forward_head(self.forward_features(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The run's classifier: the logits, passed through the strategy's ``output_adapter``
+        when it has one (iCaRL's nearest class means, BiC's bias correction). Evaluation, the
+        probes and `incremental probe` all classify with this, and the adapter's tensors are
+        part of the state dict, so the saved model is the one behind the accuracy matrix."""
+        pooled = self.forward_head(self.forward_features(x), pre_logits=True)
+        logits = self.head(pooled)
+        return logits if self.output_adapter is None else self.output_adapter(pooled, logits)
 
     @property
     def num_classes(self) -> int:
@@ -47,6 +58,65 @@ class IncrementalNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.backbone, "no_weight_decay", None)
         return {f"backbone.{name}" for name in (inner() if callable(inner) else ())}
+
+
+class NearestMeanOutput(nn.Module):
+    """iCaRL's nearest-mean-of-exemplars classifier: minus the Euclidean distance of the
+    L2-normalised pooled features to each class mean, as Avalanche's NCMClassifier computes it."""
+
+    def __init__(self, means: torch.Tensor):
+        super().__init__()
+        self.register_buffer("means", means)
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        features = pooled / pooled.norm(dim=1, keepdim=True)
+        return -torch.cdist(self.means.to(features.dtype), features).T
+
+
+class BiasCorrectionOutput(nn.Module):
+    """BiC's bias layer (Wu et al. 2019): ``alpha * logit + beta`` on the classes of the latest
+    corrected experience, as Avalanche's BiasLayer computes it."""
+
+    def __init__(self, classes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+        super().__init__()
+        self.register_buffer("classes", classes.long())
+        self.register_buffer("alpha", alpha.detach().clone().reshape(1))
+        self.register_buffer("beta", beta.detach().clone().reshape(1))
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        alpha, beta = torch.ones_like(logits), torch.zeros_like(logits)
+        alpha[:, self.classes] = self.alpha.to(logits.dtype)
+        beta[:, self.classes] = self.beta.to(logits.dtype)
+        return alpha * logits + beta
+
+
+# Output adapters by the buffers they hold: a saved state dict names its adapter this way.
+OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
+    frozenset({"means"}): lambda t: NearestMeanOutput(t["means"]),
+    frozenset({"classes", "alpha", "beta"}): lambda t: BiasCorrectionOutput(t["classes"], t["alpha"], t["beta"]),
+}
+
+
+def load_trained_state(model: IncrementalNet, state: dict[str, torch.Tensor], num_classes: int) -> None:
+    """Load a saved state dict (model.safetensors, a checkpoint) into a freshly built model:
+    the head grown to ``num_classes``, the output adapter rebuilt from its tensors, then a
+    strict load (a RuntimeError when the state is of another model)."""
+    grow_head(model, num_classes)
+    prefix = "output_adapter."
+    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    model.output_adapter = None
+    if tensors:
+        build = OUTPUT_ADAPTERS.get(frozenset(tensors))
+        if build is None:
+            raise RuntimeError(f"Unexpected output adapter tensors:\n{sorted(tensors)}")
+        model.output_adapter = build(tensors).to(next(model.parameters()).device)
+    model.load_state_dict(state, strict=True)
+
+
+def classify(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.classify(x)`` where the model has the run's classifier, else ``model(x)``."""
+    method = getattr(model, "classify", None)
+    return method(x) if callable(method) else model(x)
 
 
 def grow_head(model: IncrementalNet, num_classes: int) -> None:

@@ -19,7 +19,7 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
     from avalanche.training.determinism.rng_manager import RNGManager
 
     from ..models.net import build_model
-    from ..models.net import grow_head
+    from ..models.net import load_trained_state
     from ..run.directory import MODEL_FILE, read_model
 
     path = run_dir / MODEL_FILE
@@ -27,9 +27,8 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
     RNGManager.set_random_seeds(cfg.seed)  # the same initialisation, hence the same pruned structure
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
-    grow_head(model, num_classes)
     try:
-        model.load_state_dict(state, strict=True)
+        load_trained_state(model, state, num_classes)  # with the run's classifier (NCM means, BiC's bias)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise UserError(f"{path} does not fit the model of config.yaml: {first[1].strip() if len(first) > 1 else first[0]}",

@@ -230,12 +230,13 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     uninterrupted run's except for the wall-clock times. A failure ends in a UserError whose
     message says what was kept and how to continue, when a resume would work.
     """
-    import avalanche.training  # noqa: F401 - see below
+    import importlib
 
     from ..distributed import broadcast_object, init_from_environment
 
     # Avalanche's training package builds default loggers at import time, and refuses to once a
-    # process group exists on a rank other than 0: it is imported (above) before joining one.
+    # process group exists on a rank other than 0: it is imported before joining one.
+    importlib.import_module("avalanche.training")
     dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
     run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
     quiet = quiet or not dist.is_main  # only rank 0 prints and writes

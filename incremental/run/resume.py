@@ -19,7 +19,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
     """Load a (validated) checkpoint into a freshly built run; returns the first experience
     still to train. A plugin that cannot take its saved state is one line naming it."""
     from ..checkpoint import set_clock_state
-    from ..models.net import grow_head
+    from ..models.net import load_trained_state
 
     path = run_dir / CHECKPOINT_FILE
     states = checkpoint["plugins"]
@@ -28,9 +28,8 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
         names = [type(p).__name__ for p, state in zip(plugins, states) if state is None] or ["a different plugin list"]
         raise ConfigError(f"this strategy keeps state that a checkpoint cannot hold ({', '.join(names)}); "
                           f"the run cannot be resumed, start it again", key="strategy.name")
-    grow_head(model, int(checkpoint["num_classes"]))
     try:
-        model.load_state_dict(checkpoint["model"], strict=True)
+        load_trained_state(model, checkpoint["model"], int(checkpoint["num_classes"]))
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         raise UserError(f"{path} does not fit the model of config.yaml: "

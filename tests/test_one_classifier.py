@@ -1,0 +1,84 @@
+"""One classifier per run: the saved model, evaluated on its own, reproduces the last row of
+the accuracy matrix for every shipped strategy; iCaRL's class means and BiC's bias layer travel
+with the weights, and the probes see the same classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN
+
+from incremental.cli import main
+from incremental.config import load_config
+from incremental.data import build_dataset
+from incremental.models.net import classify
+from incremental.probes.offline import load_saved_model
+from incremental.protocol import OrderedClassSubset, make_class_split
+
+STRATEGIES = {
+    "finetune": "strategy: finetune",
+    "replay": "strategy: replay",
+    "vitil": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}",
+    "icarl_ncm": "strategy: {name: icarl, classifier: ncm}",
+    "icarl_cnn": "strategy: {name: icarl, classifier: cnn}",
+    "lwf": "strategy: lwf",
+    "ewc": "strategy: ewc",
+    "bic": "strategy: {name: bic, stage_2_epochs: 2}",
+    "der": "strategy: der",
+    "gdumb": "strategy: gdumb",
+}
+
+
+def independent_accuracies(run_dir: Path) -> list[float]:
+    """The saved model on each experience's test images, outside the template and plugins."""
+    cfg, _ = load_config(str(run_dir / "config.yaml"))
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+    model, step = load_saved_model(run_dir, cfg, splits, split)
+    model.eval()
+    test = OrderedClassSubset(splits.test, split.class_order)
+    accuracies = []
+    with torch.no_grad():
+        for labels in split.label_ranges()[: step + 1]:
+            idx = [i for i, t in enumerate(test.targets) if t in labels]
+            images = torch.stack([splits.eval_transform(test[i][0]) for i in idx])
+            targets = torch.tensor([test.targets[i] for i in idx])
+            correct = sum(int((classify(model, images[k:k + 512]).argmax(1) == targets[k:k + 512]).sum())
+                          for k in range(0, len(idx), 512))
+            accuracies.append(100.0 * correct / len(idx))
+    return accuracies
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_the_saved_model_reproduces_the_last_row(strategy, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_RUN)
+    config = tmp_path / "case.yaml"
+    config.write_text(f"extends: tiny.yaml\n{STRATEGIES[strategy]}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--set", "training.epochs=2",
+                 "--set", "output.tensorboard=false"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert independent_accuracies(out) == metrics["accuracy_matrix"][-1]
+
+
+def test_icarl_saves_its_class_means_and_probes_classify_with_them(tmp_path):
+    """The NCM means are in model.safetensors; the in-run probe's clean accuracy is the NCM's."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "tiny.yaml").write_text(TINY_RUN)
+    config = tmp_path / "icarl.yaml"
+    config.write_text("extends: tiny.yaml\nstrategy: {name: icarl, classifier: ncm}\n"
+                      "probes: [{name: masking, num_samples: 10000, fractions: [0.05], patch_drop: false}]\n")
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--set", "training.epochs=1",
+                 "--set", "output.tensorboard=false"]) == 0
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved["output_adapter.means"].shape == (10, 32)
+    metrics = json.loads((out / "metrics.json").read_text())
+    probe = metrics["probes"]["masking"][-1]
+    # the probe's clean accuracy on all seen test images is the run's last accuracy, NCM's
+    assert probe["summary"]["clean_accuracy"] == pytest.approx(metrics["accuracy"][-1], abs=1e-4)  # float32 mean
