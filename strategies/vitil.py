@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
@@ -39,6 +40,10 @@ class ViTIL(ExemplarReplay):
         super().__init__(config, context)
         if config.balanced_finetuning.enabled:
             context.require_memory("vitil (balanced_finetuning)")
+            if config.balanced_finetuning.params == "frozen_encoder" and \
+                    context.config.backbone.name not in ("vit", "timm_vit", "vit_dlcl"):
+                raise ConfigError(f"frozen_encoder (DyTox's freeze_ft [sab]) needs a ViT backbone, not "
+                                  f"{context.config.backbone.name!r}", key="strategy.balanced_finetuning.params")
         if config.head_lr_scale != 1.0 or config.head_weight_decay is not None:
             context.param_group_hooks.append(head_param_groups(config.head_lr_scale, config.head_weight_decay))
         self.teacher: torch.nn.Module | None = None
@@ -85,7 +90,7 @@ class ViTIL(ExemplarReplay):
         return balanced_finetune(
             strategy.model, self.balanced_set(), epochs=bft.epochs,
             lr=training.optimizer.lr * bft.lr_scale, batch_size=bft.batch_size or training.batch_size,
-            params=bft.params, optimizer=training.optimizer, device=strategy.device,
+            params=bft.params, schedule=bft.schedule, optimizer=training.optimizer, device=strategy.device,
             seed=self.context.config.seed * 1000 + experience, num_workers=training.num_workers,
             label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks,
             precision=training.precision)

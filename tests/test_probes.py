@@ -438,3 +438,63 @@ def test_probe_command_errors(tmp_path, tiny_config, capsys):
     assert main(["probe", str(run_dir), "--set", "probes=[masking]"]) == 2
     err = capsys.readouterr().err.strip()
     assert "RUN_DIR: " in err and "is not a model saved by" in err and len(err.splitlines()) == 1
+
+
+SMALL_DETERMINISTIC = ("defocus_blur", "zoom_blur", "contrast", "brightness", "pixelate", "jpeg_compression")
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="the imagecorruptions package is not installed")
+@pytest.mark.parametrize("table, size", [("cifar", 32), ("tiny", 64)])
+@pytest.mark.parametrize("name", [*SMALL_DETERMINISTIC, "fog"])
+def test_small_image_corruptions_match_their_reference_scripts(table, size, name):
+    """CIFAR-10-C at 32 px and Tiny-ImageNet-C at 64 px against make_cifar_c.py's and
+    make_tinyimagenet_c.py's functions (tests/small_c_reference.py), on the same images and
+    with the same tables: deterministic ones pixel by pixel, fog in strength and spread (its
+    fractal is made at the image's own size: made at 256 and cropped, it was 3.6x flatter)."""
+    from incremental.probes.corruptions import TABLES
+
+    from small_c_reference import reference_functions
+
+    reference_fn = reference_functions(REFERENCE)[name]
+    images = _test_images(60 if name == "fog" else 8, size)
+    clean = images.permute(0, 2, 3, 1).numpy()
+    as_uint8 = (clean * 255).round().astype(np.uint8)
+    for severity in (1, 3, 5):
+        np.random.seed(severity)
+        c = TABLES[table][name][severity - 1]
+        reference = np.stack([reference_fn(im, c, size) for im in as_uint8]) / 255
+        ours = corrupt(images, name, severity, generator=torch.Generator().manual_seed(severity),
+                       parameters=table).permute(0, 2, 3, 1).double().numpy()
+        where = f"{table} {name} severity {severity}"
+        if name in SMALL_DETERMINISTIC:
+            assert np.abs(ours - reference).mean() < 0.004, where
+        else:
+            # the fog layer's texture: the spread of each image's change around its own mean
+            def texture(out: np.ndarray) -> float:
+                change = (out - clean).mean(axis=3)
+                return float((change - change.mean(axis=(1, 2), keepdims=True)).std(axis=(1, 2)).mean())
+
+            assert abs(texture(ours) - texture(reference)) <= 0.2 * texture(reference), \
+                (where, texture(ours), texture(reference))
+            change_ref, change_ours = np.abs(reference - clean).mean(), np.abs(ours - clean).mean()
+            assert abs(change_ours - change_ref) <= 0.15 * change_ref + 0.004, (where, change_ours, change_ref)
+
+
+def test_auto_tables_follow_the_image_size():
+    from incremental.probes.corruptions import table_name
+
+    assert [table_name(s) for s in (16, 32, 48, 64, 96, 224)] == ["cifar", "cifar", "tiny", "tiny", "imagenet",
+                                                                  "imagenet"]
+
+
+def test_every_probe_records_the_parameters_it_ran_with(digits_setup):
+    splits, split, model = digits_setup
+    suite = ProbeSuite([_spec(name) for name in sorted(SMALL_PROBES)],
+                       ProbeData(splits, split.class_order, split.classes_per_experience, seed=5),
+                       num_experiences=split.num_experiences)
+    results = suite.run(model, step=1, device=torch.device("cpu"))
+    assert results["fourier"]["parameters"]["eps"] == 4.0  # resolved from null at 16 px
+    assert results["corruptions"]["parameters"]["parameters"] == "cifar"
+    assert results["adversarial"]["parameters"]["step_size"]["linf/0.03"] == pytest.approx(2.5 * 0.03 / 3)
+    assert results["ood"]["parameters"]["steps"] == 3 and results["ood"]["parameters"]["attack"] == "pgd"
+    assert results["masking"]["parameters"]["fractions"] == [0.1, 0.5]

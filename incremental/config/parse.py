@@ -149,11 +149,23 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
 
 
 def parse_dataclass(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly (see the module docstring)."""
+    """Build dataclass ``cls`` from a mapping, strictly (see the module docstring).
+
+    A class with ``PRESETS`` (``{name: {key: value}}``) takes ``preset: NAME``: the preset's
+    values fill in every key the mapping does not set itself, so a preset is a documented
+    starting point (``balanced_finetuning: {preset: dytox}``) that explicit keys refine, and
+    the resolved config lists what the preset chose."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping, got {_show(data)}", key=path or None)
+    presets = getattr(cls, "PRESETS", None)
+    if presets and data.get("preset") is not None:
+        name = data["preset"]
+        if name not in presets:
+            raise ConfigError(f"unknown preset {_show(name)}{did_you_mean(str(name), presets)}; known: "
+                              f"{', '.join(presets)}", key=_join(path, "preset"))
+        data = {**presets[name], **data}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:

@@ -5,6 +5,8 @@ sit lower in frequency than CNNs')."""
 from __future__ import annotations
 
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,6 +25,11 @@ class AdversarialProbe(Probe):
     """Accuracy under PGD attacks (L-inf and L2) at each budget."""
 
     default_samples = 100
+
+    def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
+        cfg = self.config
+        return {"attack": "pgd", "step_size": {f"{norm}/{eps}": cfg.step_size or 2.5 * eps / cfg.steps
+                                               for norm in ("linf", "l2") for eps in getattr(cfg, f"{norm}_eps")}}
 
     def run(self, batch: ProbeBatch) -> ProbeResult:
         scalars = {"clean_accuracy": batch.accuracy(batch.images)}

@@ -89,3 +89,31 @@ def deepfool(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
         r = ((ratio[rows, best] + 1e-4) / w_norm[rows, best]).view(-1, 1, 1, 1) * w[rows, best]
         total = total + r * active.view(-1, 1, 1, 1)
     return (images + (1 + overshoot) * total).clamp(0, 1).detach()
+
+
+def apgd_score(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *,
+               score: Callable[[torch.Tensor], torch.Tensor], eps: float, norm: Norm, steps: int, restarts: int,
+               seed: int) -> torch.Tensor:
+    """torchattacks' APGD (Croce and Hein 2020) with its cross-entropy loss, raising ``score``
+    of each image: the attacked network outputs ``[0, score]`` and the label is 0, whose
+    cross-entropy ``log(1 + exp(score))`` rises with the score. ``best_loss`` mode keeps, over
+    ``restarts`` random starts, each image's highest score (no early stop on a label change)."""
+    try:
+        import torchattacks
+    except ImportError:
+        from ..errors import ConfigError
+
+        raise ConfigError("attack apgd_ce uses torchattacks' APGD, which is not installed: pip install --no-deps "
+                          "torchattacks (its requirements pin an old requests)", key="attack") from None
+
+    class ScoreAsCrossEntropy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            value = score(model(x))
+            return torch.stack([torch.zeros_like(value), value], dim=1)
+
+    attack = torchattacks.APGD(ScoreAsCrossEntropy(), norm="Linf" if norm == "linf" else "L2", eps=eps, steps=steps,
+                               n_restarts=restarts, loss="ce", seed=seed)
+    attack.device = images.device
+    _, adversarial = attack.perturb(images, torch.zeros(len(images), dtype=torch.long, device=images.device),
+                                    best_loss=True)
+    return adversarial.detach()

@@ -101,6 +101,17 @@ class Probe:
     def prepare(self, context: "ProbeData") -> None:
         """Called once before the first step (load reference runs, extra datasets)."""
 
+    def parameters(self, batch: "ProbeBatch") -> dict[str, Any]:
+        """The exact settings this probe ran with, recorded in metrics.json next to its results:
+        its options, with what ``auto`` or ``null`` resolved to on these images."""
+        from ..config import to_dict
+
+        return {**to_dict(self.config), **self.resolved(batch)}
+
+    def resolved(self, batch: "ProbeBatch") -> dict[str, Any]:
+        """Options whose value depends on the images (a budget chosen by size): override."""
+        return {}
+
     def run(self, batch: ProbeBatch) -> ProbeResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

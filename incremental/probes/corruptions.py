@@ -7,7 +7,8 @@ returns corrupted images of the same shape, following the reference code:
   size, by ``imagecorruptions`` (Michaelis et al. 2019), whose size-aware elastic transform
   and Wand-free motion blur are used here too;
 - ``parameters="cifar"``: the tables of ``make_cifar_c.py`` (CIFAR-10-C), for 32 px images;
-- ``"auto"``: CIFAR's up to 64 px, ImageNet's above.
+- ``parameters="tiny"``: the tables of ``make_tinyimagenet_c.py`` (Tiny-ImageNet-C), for 64 px;
+- ``"auto"``: CIFAR's up to 32 px, Tiny-ImageNet's up to 64 px, ImageNet's above.
 
 Random draws come from a CPU ``torch.Generator`` and are moved to the images' device, so a
 seed gives the same corruption on CPU and GPU. Frost: the reference crops photographs of
@@ -31,7 +32,7 @@ from ..tensorboard import render_heat_map
 from .base import Probe, ProbeBatch, ProbeResult, luma
 from .options import CORRUPTIONS, SEVERITIES, ParameterSet
 
-# Severity 1..5 parameters, copied from the two reference implementations.
+# Severity 1..5 parameters, copied from the three reference implementations.
 IMAGENET_C: dict[str, list] = {
     "gaussian_noise": [.08, .12, 0.18, 0.26, 0.38],
     "shot_noise": [60, 25, 12, 5, 3],
@@ -77,10 +78,40 @@ FROST_PLATES = (((0.305, 0.585, 0.650), 0.077), ((0.787, 0.805, 0.841), 0.087), 
                 ((0.540, 0.599, 0.648), 0.114), ((0.441, 0.484, 0.528), 0.169))
 
 
+TINY_IMAGENET_C: dict[str, list] = {
+    "gaussian_noise": [0.04, 0.08, .12, .15, .18],
+    "shot_noise": [250, 100, 50, 30, 15],
+    "impulse_noise": [.01, .02, .05, .08, .14],
+    "defocus_blur": [(0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)],
+    "glass_blur": [(0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)],
+    "motion_blur": [(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)],
+    "zoom_blur": [(1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01), (1, 1.26, 0.01)],
+    "snow": [(0.1, 0.2, 1, 0.6, 8, 3, 0.8), (0.1, 0.2, 1, 0.5, 10, 4, 0.8), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.7),
+             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.65), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.6)],
+    "frost": [(1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)],
+    "fog": [(.4, 3), (.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)],
+    "brightness": [.1, .2, .3, .4, .5],
+    "contrast": [.4, .3, .2, .1, 0.05],
+    "elastic_transform": [(0, 0, 0.08), (0.05, 0.3, 0.06), (0.1, 0.08, 0.06), (0.1, 0.03, 0.03), (0.16, 0.03, 0.02)],
+    "pixelate": [0.9, 0.8, 0.7, 0.6, 0.5],
+    "jpeg_compression": [65, 58, 50, 40, 25],
+}
+TABLES = {"cifar": CIFAR_C, "tiny": TINY_IMAGENET_C, "imagenet": IMAGENET_C}
+# The fog's plasma fractal is made at this size and cropped (make_cifar_c.py: 32;
+# make_tinyimagenet_c.py: 64); ImageNet's follows imagecorruptions: the next power of two.
+FOG_MAPSIZE = {"cifar": 32, "tiny": 64}
+
+
+def table_name(image_size: int, parameters: ParameterSet = "auto") -> str:
+    """Which severity tables apply: ``auto`` picks CIFAR-10-C's up to 32 px, Tiny-ImageNet-C's
+    up to 64 px, ImageNet-C's above."""
+    if parameters != "auto":
+        return parameters
+    return "cifar" if image_size <= 32 else "tiny" if image_size <= 64 else "imagenet"
+
+
 def parameter_set(image_size: int, parameters: ParameterSet = "auto") -> dict[str, list]:
-    if parameters == "auto":
-        parameters = "cifar" if image_size <= 64 else "imagenet"
-    return CIFAR_C if parameters == "cifar" else IMAGENET_C
+    return TABLES[table_name(image_size, parameters)]
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, *, generator: torch.Generator | None = None,
@@ -92,10 +123,10 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, generator: torch.
         raise ValueError(f"severity must be 1..5, got {severity}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    table = parameter_set(images.shape[-1], parameters)
+    which = table_name(images.shape[-1], parameters)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     x = images.float().clamp(0, 1)
-    out = _FUNCTIONS[name](x, table[name][severity - 1], gen, table is CIFAR_C)
+    out = _FUNCTIONS[name](x, TABLES[which][name][severity - 1], gen, which)
     return out.clamp(0, 1)
 
 
@@ -249,16 +280,16 @@ def _next_power_of_2(value: int) -> int:
 # ----------------------------------------------------------------------------- corruptions
 
 
-def _gaussian_noise(x, c, gen, cifar):
+def _gaussian_noise(x, c, gen, table):
     return x + _randn(gen, tuple(x.shape), x) * c
 
 
-def _shot_noise(x, c, gen, cifar):
+def _shot_noise(x, c, gen, table):
     # Poisson draws on the CPU from the generator: torch.poisson takes one there.
     return torch.poisson((x * c).cpu().double(), generator=gen).float().to(x.device) / c
 
 
-def _impulse_noise(x, c, gen, cifar):
+def _impulse_noise(x, c, gen, table):
     # skimage's random_noise(mode='s&p'): each value flips with probability ``amount``,
     # to 1 or 0 with equal odds.
     flip = _rand(gen, tuple(x.shape), x) <= c
@@ -266,11 +297,11 @@ def _impulse_noise(x, c, gen, cifar):
     return torch.where(flip, salt.float(), x)
 
 
-def _defocus_blur(x, c, gen, cifar):
+def _defocus_blur(x, c, gen, table):
     return _filter2d(x, _disk(c[0], c[1]))
 
 
-def _glass_blur(x, c, gen, cifar):
+def _glass_blur(x, c, gen, table):
     sigma, delta, iterations = c
     y = (gaussian_filter(x, sigma) * 255).to(torch.uint8)  # the reference quantises here
     n, _, h, w = y.shape
@@ -290,11 +321,11 @@ def _glass_blur(x, c, gen, cifar):
     return gaussian_filter(y.float() / 255, sigma)
 
 
-def _motion_blur(x, c, gen, cifar):
+def _motion_blur(x, c, gen, table):
     return motion_blur_batch(x, c[0], c[1], _uniform(gen, len(x), -45, 45))
 
 
-def _zoom_blur(x, c, gen, cifar):
+def _zoom_blur(x, c, gen, table):
     start, stop, step = c
     factors = np.arange(start, stop, step)
     out = torch.zeros_like(x)
@@ -303,7 +334,7 @@ def _zoom_blur(x, c, gen, cifar):
     return (x + out) / (len(factors) + 1)
 
 
-def _snow(x, c, gen, cifar):
+def _snow(x, c, gen, table):
     n, _, h, w = x.shape
     layer = _randn(gen, (n, 1, h, w), x) * c[1] + c[0]
     layer = clipped_zoom(layer, c[2])
@@ -340,7 +371,7 @@ def _standardise(t: torch.Tensor) -> torch.Tensor:
     return (t - t.mean()) / t.std().clamp_min(1e-8)
 
 
-def _frost(x, c, gen, cifar):
+def _frost(x, c, gen, table):
     n, channels, h, w = x.shape
     plates = frost_textures(max(h, w), channels).to(x.device)
     which = torch.randint(0, 5, (n,), generator=gen)
@@ -351,16 +382,15 @@ def _frost(x, c, gen, cifar):
     return c[0] * x + c[1] * crops
 
 
-def _fog(x, c, gen, cifar):
+def _fog(x, c, gen, table):
     n, _, h, w = x.shape
-    mapsize = 256 if cifar else _next_power_of_2(max(h, w))  # as each reference does
-    mapsize = max(mapsize, _next_power_of_2(max(h, w)))
+    mapsize = max(FOG_MAPSIZE.get(table, 1), _next_power_of_2(max(h, w)))
     fog = plasma_fractal(n, mapsize, c[1], gen)[:, None, :h, :w].to(x.device)
     max_val = x.flatten(1).max(1).values.view(n, 1, 1, 1)
     return (x + c[0] * fog) * max_val / (max_val + c[0])
 
 
-def _brightness(x, c, gen, cifar):
+def _brightness(x, c, gen, table):
     # Adding to HSV's value channel scales RGB by new V / V (hue and saturation stay).
     value = x.max(dim=1, keepdim=True).values
     new_value = (value + c).clamp(0, 1)
@@ -368,14 +398,14 @@ def _brightness(x, c, gen, cifar):
     return torch.where(value > 0, scaled, new_value.expand_as(x))
 
 
-def _contrast(x, c, gen, cifar):
+def _contrast(x, c, gen, table):
     means = x.mean(dim=(2, 3), keepdim=True)
     return (x - means) * c + means
 
 
-def _elastic_transform(x, c, gen, cifar):
+def _elastic_transform(x, c, gen, table):
     n, channels, h, w = x.shape
-    if cifar:  # make_cifar_c.py: a random affine warp, then a smooth displacement field
+    if table != "imagenet":  # make_cifar_c.py, make_tinyimagenet_c.py: an affine warp, then a displacement field
         alpha, sigma, jitter = c[0] * h, c[1] * h, c[2] * h
         x = _random_affine(x, jitter, gen)
         dx = gaussian_filter(_rand(gen, (n, h, w), x) * 2 - 1, sigma, "reflect", 3.0) * alpha
@@ -430,14 +460,14 @@ def _box_matrix(size_out: int, size_in: int) -> torch.Tensor:
     return matrix
 
 
-def _pixelate(x, c, gen, cifar):
+def _pixelate(x, c, gen, table):
     h, w = x.shape[-2:]
     rows, cols = _box_matrix(int(h * c), h).to(x.device), _box_matrix(int(w * c), w).to(x.device)
     small = rows @ x @ cols.T
     return F.interpolate(small, size=(h, w), mode="nearest-exact")  # PIL's NEAREST (and BOX, upwards)
 
 
-def _jpeg_compression(x, c, gen, cifar):
+def _jpeg_compression(x, c, gen, table):
     import io
 
     from PIL import Image
@@ -488,6 +518,9 @@ class CorruptionsProbe(Probe):
         self.reference: list[Any] | None = None
         if self.config.reference:
             self.reference = read_reference_probe(self.config.reference, "corruptions", key="reference")
+
+    def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
+        return {"parameters": table_name(batch.images.shape[-1], self.config.parameters)}
 
     def run(self, batch: ProbeBatch) -> ProbeResult:
         clean = batch.accuracy(batch.images)

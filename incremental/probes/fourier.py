@@ -5,6 +5,7 @@ every frequency, shown as a heat map with the zero frequency at the centre."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ class FourierProbe(Probe):
     Bands: low, middle and high thirds of |frequency| relative to the Nyquist frequency."""
 
     default_samples = 50
+
+    def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
+        h, w = batch.images.shape[-2:]
+        return {"eps": self.config.eps or (4.0 if max(h, w) <= 64 else 15.7)}
 
     def run(self, batch: ProbeBatch) -> ProbeResult:
         n, c, h, w = batch.images.shape

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attacks import pgd
+from ..errors import ConfigError
+from .attacks import apgd_score, pgd
 from .base import Probe, ProbeBatch, ProbeResult, luma, unnormalise
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -56,6 +57,12 @@ class OodProbe(Probe):
 
     def prepare(self, context: Any) -> None:
         self.outside: torch.Tensor | None = None
+        if self.config.worst_case and self.config.attack == "apgd_ce":
+            import importlib.util
+
+            if importlib.util.find_spec("torchattacks") is None:  # said before the first step, not after it
+                raise ConfigError("attack apgd_ce uses torchattacks' APGD, which is not installed: pip install "
+                                  "--no-deps torchattacks (its requirements pin an old requests)", key="attack")
         if self.config.source != "dataset":
             return
         from ..data import build_dataset
@@ -84,13 +91,39 @@ class OodProbe(Probe):
                 def objective(logits: torch.Tensor, _: torch.Tensor, score=score) -> torch.Tensor:
                     return score(logits[:, :seen])
 
-                dummy = torch.zeros(len(outside), dtype=torch.long, device=batch.device)
-                attacked = torch.cat([
-                    pgd(batch.model, x, y, eps=self.config.eps, norm=self.config.norm, steps=self.config.steps,
-                        generator=batch.generator, objective=objective)
-                    for x, y in zip(outside.split(batch.batch_size), dummy.split(batch.batch_size))])
+                attacked = torch.cat([self.attack(batch, x, objective) for x in outside.split(batch.batch_size)])
                 auroc, fpr = auroc_fpr95(inside, score(batch.logits(attacked)).cpu().numpy())
                 scalars[f"worst_auroc/{name}"], scalars[f"worst_fpr95/{name}"] = auroc, fpr
-        if self.config.worst_case:
-            details["attack"] = {"norm": self.config.norm, "eps": self.config.eps, "steps": self.config.steps}
         return ProbeResult(scalars=scalars, details=details)
+
+    def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
+        if not self.config.worst_case:
+            return {}
+        if self.config.attack == "apgd_ce":
+            import torchattacks
+
+            return {"implementation": f"torchattacks {torchattacks.__version__} APGD, loss ce on [0, score]"}
+        return {"implementation": "incremental.probes.attacks.pgd", "step_size": 2.5 * self.config.eps / self.config.steps}
+
+    def attack(self, batch: ProbeBatch, images: torch.Tensor, objective: Any) -> torch.Tensor:
+        """The configured attack raising the detection score of ``images`` (OOD data): the best
+        of ``restarts`` PGD runs, or torchattacks' APGD with its own restarts."""
+        cfg = self.config
+        if cfg.attack == "apgd_ce":
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=batch.generator))
+            return apgd_score(batch.model, images, score=lambda logits: objective(logits, None), eps=cfg.eps,
+                              norm=cfg.norm, steps=cfg.steps, restarts=cfg.restarts, seed=seed)
+        dummy = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        best, best_score = images, None
+        for _ in range(cfg.restarts):
+            attacked = pgd(batch.model, images, dummy, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps,
+                           generator=batch.generator, objective=objective)
+            with torch.no_grad():
+                value = objective(batch.model(attacked), dummy)
+            if best_score is None:
+                best, best_score = attacked, value
+            else:
+                better = value > best_score
+                best = torch.where(better.view(-1, 1, 1, 1), attacked, best)
+                best_score = torch.maximum(value, best_score)
+        return best

@@ -67,7 +67,8 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                                    future_images=future_images if len(future_images) else None)
                 result = probe.run(batch)
                 seconds = time.perf_counter() - start
-                self.last_results[label] = {**result.to_json(), "num_samples": len(images), "time_s": seconds}
+                self.last_results[label] = {**result.to_json(), "parameters": probe.parameters(batch),
+                                            "num_samples": len(images), "time_s": seconds}
                 self.last_images[label] = result.images
                 self.last_seconds[label] = seconds
                 if self.echo is not None:
