@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, UserError
 
-LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes")
+LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes", "tuning")
 
 
 def _quiet_third_party_warnings() -> None:
@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="run seeds (default: 0)")
     sweep.add_argument("--out", metavar="DIR", help="sweep directory (default: OUTPUT_ROOT/NAME-sweep)")
     sweep.add_argument("--quiet", "-q", action="store_true", help="only the final table")
+    sweep.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                       help="runs at a time, each in its own process (default 1: one after another, in this one)")
+    sweep.add_argument("--gpus", metavar="IDS", default="",
+                       help="with --jobs: comma-separated GPU ids, one per process in turn (CUDA_VISIBLE_DEVICES); "
+                       "default: every process sees the GPUs this one does")
     sweep.epilog = "A --set with comma-separated values (--set strategy=replay,finetune) is a grid axis."
 
     cmp_ = sub.add_parser("compare", help="table of runs (mean ± std over seeds), report.md and plots")
@@ -86,9 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                       "their seed form one group")
     cmp_.add_argument("--out", metavar="DIR", default="comparison", help="where report.md and the plots go")
 
-    check = sub.add_parser("check", help="validate a config and print it resolved")
+    check = sub.add_parser("check", help="validate a config and print it resolved; it also loads the data and "
+                           "builds the model and strategy as a run would (~10 s, mostly Avalanche's import)")
     add_config_args(check)
-    check.add_argument("--no-data", action="store_true", help="skip loading the dataset and splitting classes")
+    check.add_argument("--no-data", action="store_true",
+                       help="check the file alone, in under a second: no data, model or strategy")
 
     lst = sub.add_parser("list", help="list protocols and registered components")
     lst.add_argument("kind", nargs="?", choices=LIST_KINDS, help="what to list (default: everything)")
@@ -210,17 +217,34 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
     from .config.fields import SEED_MAX
+    from .errors import RunsFailed
+    from .run.directory import is_complete
+
+    MAX_JOBS = 256
 
     out = Path(args.out).expanduser() if args.out else None
     for seed in args.seeds:
         if not 0 <= seed <= SEED_MAX:
             raise UserError(f"seeds are 0 to {SEED_MAX}, got {seed}", key="--seeds")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise UserError(f"must be 1 to {MAX_JOBS}, got {args.jobs}", key="--jobs")
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if any(not g.isdigit() for g in gpus) or (gpus and args.jobs == 1):
+        raise UserError(f"expected comma-separated GPU ids with --jobs 2 or more, got {args.gpus!r}", key="--gpus")
     echo = (lambda _: None) if args.quiet else print
-    run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
-                     plugins=_import_cli_plugins(args))
-    report_dir = run_dirs[0].parent / "comparison"
-    print(compare(run_dirs, report_dir))
-    print(f"\nwrote {report_dir / 'report.md'}")
+    failure: RunsFailed | None = None
+    try:
+        run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
+                         plugins=_import_cli_plugins(args), jobs=args.jobs, gpus=gpus)
+    except RunsFailed as exc:  # the complete runs are still compared
+        failure, run_dirs = exc, exc.run_dirs
+    complete = [d for d in run_dirs if is_complete(d)]
+    if complete:
+        report_dir = complete[0].parent / "comparison"
+        print(compare(complete, report_dir))
+        print(f"\nwrote {report_dir / 'report.md'}")
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -232,6 +256,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(table)
     print(f"\nwrote {out / 'report.md'}")
     return 0
+
+
+def _build_model_and_strategy(cfg: Any, splits: Any, split: Any) -> None:
+    """What a run builds before its first step, on the CPU: a strategy that does not fit the
+    backbone (prompts on a ResNet, prompt layers past its depth) fails here as it would there."""
+    from .models.net import build_model
+    from .protocol import build_benchmark
+    from .strategy import StrategyContext, build_strategy
+
+    model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
+                        initial_classes=split.classes_per_experience[0])
+    context = StrategyContext(config=cfg, class_split=split, benchmark=build_benchmark(splits, split), device="cpu")
+    build_strategy(context, model)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -256,6 +293,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             check_pretrained_files(cfg.backbone)
             splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
             split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+            _build_model_and_strategy(cfg, splits, split)
             if cfg.probes:  # reads reference runs and OOD datasets, as a run would
                 from .probes.base import ProbeData, build_probes
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 
 class UserError(Exception):
@@ -47,6 +47,17 @@ class Interrupted(UserError):
         super().__init__(message, source="")  # "": about no file, so no config file is named
 
         self.exit_code = exit_code
+
+
+class RunsFailed(UserError):
+    """Some runs of a parallel sweep failed (each in its own process; the rest completed):
+    one line naming them and their logs, exit code 1 (the input was fine)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, run_dirs: Sequence[Any] = ()):
+        super().__init__(message, source="")
+        self.run_dirs = list(run_dirs)  # every run of the sweep, complete or not
 
 
 class Terminated(KeyboardInterrupt):

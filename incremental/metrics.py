@@ -43,6 +43,13 @@ DEFINITIONS = {
     "head_norm_ratio": "per step i (ViTIL's bias diagnostic): mean L2 norm of the classifier weight rows of the "
                        "classes of experience i / that of the classes of experiences j < i",
     "train_loss_per_epoch": "per step: mean training loss of each epoch (the convergence diagnostic)",
+    "wall_time_s": "per step, seconds: train (the strategy's after-training work included, compilation "
+                   "excluded), eval, probes, and the phases timed within training: compile (torch.compile), "
+                   "kd_teacher (a distillation teacher's forward passes), balanced_finetuning, "
+                   "exemplar_selection; writing the run directory is not included",
+    "trained_params": "per step: parameters the step's optimizer updated (0 for a step without gradient "
+                      "steps; a strategy's own extra fitting, such as SLCA's alignment or BiC's bias layer, "
+                      "is not counted)",
 }
 
 

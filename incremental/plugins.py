@@ -23,6 +23,9 @@ class TrainingDiverged(UserError):
 GroupHook = Callable[[nn.Module, list[dict[str, Any]]], list[dict[str, Any]]]
 
 
+LOSS_CHECK_EVERY = 50  # training steps between reads of the loss (a host sync on a GPU)
+
+
 def check_finite(loss: float, what: str, when: str, key: str) -> None:
     """Stop with a one-line error naming the LR key when the loss is NaN or infinite."""
     if not math.isfinite(loss):
@@ -79,14 +82,18 @@ def head_param_groups(lr_scale: float, weight_decay: float | None = None) -> Gro
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    if not groups:  # nothing trains (SimpleCIL, or after a first-session adaptation): an idle optimizer
+        groups = [{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": 0.0, "name": "idle"}]
     for group in groups:
         group["base_lr"] = lr * group.get("lr_scale", 1.0)
         group["lr"] = group["base_lr"]
+    # One fused kernel for the whole update on a GPU, rather than a few per parameter tensor.
+    fused = {"fused": True} if all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, **fused)
+    return torch.optim.AdamW(groups, lr=lr, **fused)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
@@ -163,35 +170,55 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
         super().__init__()
         # label (order position) -> experience that brought it, for the prediction matrix
         self.label_experience = torch.as_tensor(list(label_experience), dtype=torch.long)
+        self.num_experiences = int(self.label_experience.max()) + 1 if len(self.label_experience) else 0
         self.correct: dict[int, int] = {}
         self.total: dict[int, int] = {}
         self.predicted: dict[int, torch.Tensor] = {}
+        self._hits: dict[int, torch.Tensor] = {}  # correct predictions so far, on the device
         self.loss_sum = 0.0
         self.loss_count = 0
+        self._pending: list[torch.Tensor] = []  # this epoch's unread per-step losses, on the device
         self.epoch_losses: list[float] = []
         self.train_samples = 0
+        self.trained_params = 0
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.train_samples = len(strategy.adapted_dataset)  # new data plus any replayed memory
         self.epoch_losses = []
+        # after OptimizationPlugin built this experience's optimizer (it comes earlier in the list)
+        self.trained_params = 0 if not strategy.train_epochs else sum(
+            p.numel() for group in strategy.optimizer.param_groups if group.get("name") != "idle"
+            for p in group["params"])
+        self.loss_sum, self.loss_count, self._pending = 0.0, 0, []  # no step, no loss
 
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
-        self.correct, self.total, self.predicted = {}, {}, {}
+        self.correct, self.total, self.predicted, self._hits = {}, {}, {}, {}
 
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        # Counted on the device and read once per experience (after_eval_exp), not per batch.
         exp = strategy.experience.current_experience
         predictions = strategy.mb_output.argmax(dim=1)
-        hits = int((predictions == strategy.mb_y).sum())
-        self.correct[exp] = self.correct.get(exp, 0) + hits
+        hits = (predictions == strategy.mb_y).sum()
+        self._hits[exp] = self._hits[exp] + hits if exp in self._hits else hits
         self.total[exp] = self.total.get(exp, 0) + len(strategy.mb_y)
         if len(self.label_experience):
-            counts = torch.bincount(self.label_experience[predictions.cpu()], minlength=int(self.label_experience.max()) + 1)
-            self.predicted[exp] = self.predicted.get(exp, 0) + counts
+            if self.label_experience.device != predictions.device:
+                self.label_experience = self.label_experience.to(predictions.device)
+            counts = torch.bincount(self.label_experience[predictions], minlength=self.num_experiences)
+            self.predicted[exp] = self.predicted[exp] + counts if exp in self.predicted else counts
+
+    def after_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
+        exp = strategy.experience.current_experience
+        if exp in self._hits:
+            self.correct[exp] = int(self._hits.pop(exp))
+        if exp in self.predicted:
+            self.predicted[exp] = self.predicted[exp].cpu()
 
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         self.loss_sum, self.loss_count = 0.0, 0  # report the last epoch's mean loss
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self._flush_losses(strategy)
         if self.loss_count:
             self.epoch_losses.append(self.loss_sum / self.loss_count)
 
@@ -202,7 +229,7 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
         dist = getattr(strategy, "dist", None)
         if dist is None or not dist.enabled:
             return
-        n = int(self.label_experience.max()) + 1 if len(self.label_experience) else 1 + max(self.total, default=0)
+        n = self.num_experiences or 1 + max(self.total, default=0)
         device = strategy.device
         correct = torch.tensor([self.correct.get(j, 0) for j in range(n)], device=device)
         total = torch.tensor([self.total.get(j, 0) for j in range(n)], device=device)
@@ -216,25 +243,33 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
         self.predicted = {j: predicted[j].cpu() for j in seen} if len(self.label_experience) else {}
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        loss = float(self._global_loss(strategy))
-        check_finite(loss, "training loss", f"in experience {strategy.experience.current_experience}, "
-                     f"epoch {strategy.clock.train_exp_epochs + 1}", key="training.optimizer.lr")
-        self.loss_sum += loss
-        self.loss_count += 1
+        # Kept on the device: reading the loss every step would stall the GPU's queue once per
+        # iteration. The losses are read, and checked for NaN, every LOSS_CHECK_EVERY steps.
+        loss = strategy.loss.detach().float().reshape(())
+        self._pending.append(torch.stack([loss * len(strategy.mb_y), loss.new_tensor(float(len(strategy.mb_y)))]))
+        if len(self._pending) >= LOSS_CHECK_EVERY:
+            self._flush_losses(strategy)
 
-    @staticmethod
-    def _global_loss(strategy: Any) -> torch.Tensor:
-        """The loss of the global batch under torchrun, so every rank sees the same value
-        (and a NaN stops all of them together instead of leaving the others waiting)."""
+    def _flush_losses(self, strategy: Any) -> None:
+        """Read the pending steps' losses (one host sync), each the loss of the global batch
+        under torchrun, so every rank sees the same values and a NaN stops all of them together."""
+        if not self._pending:
+            return
         from .distributed import sum_tensor
 
-        loss = strategy.loss.detach()
+        steps = torch.stack(self._pending)  # (k, 2): loss x batch size, batch size
         dist = getattr(strategy, "dist", None)
-        if dist is None or not dist.enabled:
-            return loss
-        n = len(strategy.mb_y)  # weighted by shard size, as the gradients are
-        totals = sum_tensor(torch.stack([loss.float().reshape(()) * n, torch.tensor(float(n), device=loss.device)]), dist)
-        return totals[0] / totals[1]
+        if dist is not None and dist.enabled:
+            steps = sum_tensor(steps, dist)
+        losses = (steps[:, 0] / steps[:, 1]).tolist()
+        first_step = self.loss_count + 1
+        self._pending = []
+        for offset, loss in enumerate(losses):
+            check_finite(loss, "training loss", f"in experience {strategy.experience.current_experience}, "
+                         f"epoch {strategy.clock.train_exp_epochs + 1} (step {first_step + offset} of the epoch)",
+                         key="training.optimizer.lr")
+        self.loss_sum += sum(losses)
+        self.loss_count += len(losses)
 
     @property
     def train_loss(self) -> float | None:

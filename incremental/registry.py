@@ -107,12 +107,15 @@ DATASETS: Registry[Any] = Registry("dataset")
 BACKBONES: Registry[Any] = Registry("backbone", common="incremental.models.options:BackboneOptions")
 STRATEGIES: Registry[Any] = Registry("strategy")
 PROBES: Registry[Any] = Registry("probe", common="incremental.probes.options:ProbeOptions")
+# How a pre-trained ViT is tuned by the methods that start from one (adapters, SSF, VPT, ...)
+TUNING: Registry[Any] = Registry("tuning")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "datasets": DATASETS,
     "backbones": BACKBONES,
     "strategies": STRATEGIES,
     "probes": PROBES,
+    "tuning": TUNING,
 }
 
 # The modules whose import fills each registry: each declares its kind's built-ins (their
@@ -123,6 +126,7 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "backbones": ("incremental.models.options",),
     "strategies": ("incremental.strategies.options",),
     "probes": ("incremental.probes.options",),
+    "tuning": ("incremental.models.options",),
 }
 
 

@@ -70,6 +70,11 @@ class StrategyPlugin(SupervisedPlugin, supports_distributed=True):
         self.config = config
         self.context = context
 
+    def prepare_model(self, model: Any) -> None:
+        """Adapt the model once, when the run builds it and before any weights are loaded into
+        it (a checkpoint, on resume): attach adapters or prompts, freeze a pre-trained backbone.
+        The run builds the same model again on resume, so it must not depend on training."""
+
     def state_dict(self) -> dict[str, Any]:
         """What the plugin carries from one experience to the next, as plain data (ints, floats,
         strings, lists, dicts, tensors), for the checkpoint written after every experience.
@@ -80,3 +85,18 @@ class StrategyPlugin(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
         """Restore :meth:`state_dict`'s output; ``model`` already holds the checkpoint's weights
         (teachers that are copies of the previous model are rebuilt from it)."""
+
+
+def build_strategy(context: StrategyContext, model: Any) -> list[Any]:
+    """The run's strategy plugins, each given the chance to adapt ``model`` (``prepare_model``):
+    a run builds them this way, and so does whatever rebuilds a saved model (`incremental probe`)."""
+    from .registry import STRATEGIES
+
+    cfg = context.config
+    plugins = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    for plugin in plugins:  # adapters, prompts, a frozen backbone: before any weights are loaded
+        prepare = getattr(plugin, "prepare_model", None)
+        if callable(prepare):
+            prepare(model)
+    return plugins

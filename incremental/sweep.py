@@ -9,12 +9,22 @@ validated before the first run starts, and every existing run directory checked:
 reused only when its resolved config equals the requested one, and none is ever deleted. Run
 directories are named after the axis values and the seed, under ``--out`` (default:
 ``OUTPUT_ROOT/NAME-sweep``).
+
+With ``--jobs N`` the runs go N at a time, each in its own ``incremental run`` process (a
+failure stays in its run; the others go on), with ``cpu_count / N`` threads each; ``--gpus 0,1``
+gives each process one of those GPUs through ``CUDA_VISIBLE_DEVICES`` (without it they share
+the visible ones: small models fill a large GPU poorly one at a time). Each process's output
+goes to ``SWEEP/logs/RUN.log``; the sweep prints one line per run as it starts and ends.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -62,8 +72,9 @@ def _slug(text: str) -> str:
 
 
 def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None,
-         plugins: Sequence[str] = ()) -> tuple[Path, list[tuple[Path, Any, Any]]]:
-    """The sweep root and (run directory, config, source) of every run, all validated."""
+         plugins: Sequence[str] = ()) -> tuple[Path, list[tuple[Path, Any, Any, list[str]]]]:
+    """The sweep root and (run directory, config, source, its --set overrides) of every run,
+    all validated."""
     from .config import load_config
 
     fixed, axes = grid(overrides)
@@ -71,34 +82,35 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
     root = out
     for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
         for seed in seeds:
-            assignment = [f"{key}={value}" for (key, _), value in zip(axes, values)]
-            cfg, source = load_config(config, [*fixed, *assignment, f"seed={seed}"], plugins=plugins)
+            sets = [*fixed, *(f"{key}={value}" for (key, _), value in zip(axes, values)), f"seed={seed}"]
+            cfg, source = load_config(config, sets, plugins=plugins)
             if root is None:
                 root = Path(cfg.output.root) / f"{cfg.name}-sweep"
             parts = [_slug(f"{key.rsplit('.', 1)[-1]}={value}") for (key, _), value in zip(axes, values)]
-            runs.append((root / "-".join([*parts, f"seed{seed}"]), cfg, source))
+            runs.append((root / "-".join([*parts, f"seed{seed}"]), cfg, source, sets))
     if root is None:
         raise UserError("no seeds given", key="--seeds")
     return root, runs
 
 
 def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
-          quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = ()) -> list[Path]:
+          quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = (),
+          jobs: int = 1, gpus: Sequence[str] = ()) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order.
 
     An existing directory is reused only when its resolved config equals the one asked for:
     kept when complete, resumed when stopped or failed. Any other directory (another config,
     one in use, files that are not a run) is refused before the first run starts, and no
     directory is ever deleted."""
-    from .errors import Interrupted
+    from .errors import Interrupted, RunsFailed
     from .run import run
     from .run.directory import reuse_decision
 
     root, runs = plan(config, seeds, overrides, out, plugins)
-    decisions = [reuse_decision(run_dir, cfg) for run_dir, cfg, _ in runs]
-    echo(f"sweep: {len(runs)} runs under {root}")
-    refused = [(run_dir, reason) for (run_dir, _, _), (kind, reason) in zip(runs, decisions) if kind == "refused"]
-    for index, ((run_dir, _, _), (kind, reason)) in enumerate(zip(runs, decisions), 1):
+    decisions = [reuse_decision(run_dir, cfg) for run_dir, cfg, _, _ in runs]
+    echo(f"sweep: {len(runs)} runs under {root}" + (f", {jobs} at a time" if jobs > 1 else ""))
+    refused = [(run_dir, reason) for (run_dir, *_), (kind, reason) in zip(runs, decisions) if kind == "refused"]
+    for index, ((run_dir, *_), (kind, reason)) in enumerate(zip(runs, decisions), 1):
         if kind != "new":
             echo(f"[{index}/{len(runs)}] {kind} {run_dir} ({reason})")
     if refused:
@@ -106,12 +118,20 @@ def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out:
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise UserError(f"{first} {reason}{more}; the sweep touches no directory it cannot reuse: remove it or "
                         f"choose another --out", key="--out")
-    for index, ((run_dir, cfg, source), (kind, _)) in enumerate(zip(runs, decisions), 1):
-        if kind == "kept":
-            continue
-        echo(f"[{index}/{len(runs)}] {'resuming' if kind == 'resume' else 'running'} {run_dir}")
+    todo = [(index, run_dir, sets, kind == "resume") for index, ((run_dir, _, _, sets), (kind, _))
+            in enumerate(zip(runs, decisions), 1) if kind != "kept"]
+    if jobs > 1:
         try:
-            metrics = run(cfg, run_dir, quiet=True, resume=kind == "resume")
+            _run_in_processes(config, root, todo, len(runs), jobs=jobs, gpus=gpus, plugins=plugins, echo=echo)
+        except RunsFailed as exc:
+            exc.run_dirs = [run_dir for run_dir, *_ in runs]
+            raise
+        return [run_dir for run_dir, *_ in runs]
+    for index, run_dir, sets, resume in todo:
+        _, cfg, source, _ = runs[index - 1]
+        echo(f"[{index}/{len(runs)}] {'resuming' if resume else 'running'} {run_dir}")
+        try:
+            metrics = run(cfg, run_dir, quiet=True, resume=resume)
         except Interrupted as exc:
             raise Interrupted(f"{exc.message.split(';')[0]}; complete runs are kept, and the stopped one resumes "
                               f"when the sweep is started again", exit_code=exc.exit_code) from None
@@ -120,4 +140,61 @@ def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out:
         if not quiet:
             echo(f"    average incremental accuracy {metrics['average_incremental_accuracy']:.2f}, "
                  f"last {metrics['last_accuracy']:.2f}")
-    return [run_dir for run_dir, _, _ in runs]
+    return [run_dir for run_dir, *_ in runs]
+
+
+def _run_in_processes(config: str, root: Path, todo: list[tuple[int, Path, list[str], bool]], total: int, *,
+                      jobs: int, gpus: Sequence[str], plugins: Sequence[str], echo: Callable[[str], None]) -> None:
+    """``todo``'s runs, ``jobs`` processes at a time; one line per run as it starts and ends.
+    A run that fails is reported and the others go on; at the end, one error lists them."""
+    import json
+
+    from .errors import Interrupted, RunsFailed
+
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    pending, running, failed = list(todo), [], []
+    plugin_args = [arg for spec in plugins for arg in ("--plugin", spec)]
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                index, run_dir, sets, resume = pending.pop(0)
+                slot = next(k for k in range(jobs) if k not in {r[4] for r in running})
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+                where = ["--resume", str(run_dir)] if resume else [config, "--out", str(run_dir)]
+                sets_args = [] if resume else [arg for value in sets for arg in ("--set", value)]
+                log = (logs / f"{run_dir.name}.log").open("w")
+                process = subprocess.Popen([sys.executable, "-m", "incremental", "run", *where, *sets_args, "--quiet",
+                                            *plugin_args], stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((process, index, run_dir, log, slot, time.monotonic()))
+                device = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+                echo(f"[{index}/{total}] {'resuming' if resume else 'running'} {run_dir}{device}")
+            time.sleep(0.2)
+            for entry in [r for r in running if r[0].poll() is not None]:
+                process, index, run_dir, log, _, began = entry
+                running.remove(entry)
+                log.close()
+                seconds = time.monotonic() - began
+                if process.returncode == 0:
+                    metrics = json.loads((run_dir / "metrics.json").read_text())
+                    echo(f"[{index}/{total}] done {run_dir}: average incremental accuracy "
+                         f"{metrics['average_incremental_accuracy']:.2f}, last {metrics['last_accuracy']:.2f} "
+                         f"({seconds:.0f} s)")
+                else:
+                    lines = (logs / f"{run_dir.name}.log").read_text(errors="replace").strip().splitlines()
+                    failed.append(run_dir)
+                    echo(f"[{index}/{total}] FAILED {run_dir} (exit {process.returncode}): "
+                         f"{lines[-1] if lines else 'no output'} (log: {logs / (run_dir.name + '.log')})")
+    except KeyboardInterrupt:
+        for process, *_ in running:  # each run stops as after Ctrl-C: results kept, resumable
+            process.terminate()
+        for process, *_ in running:
+            process.wait()
+        raise Interrupted("interrupted; complete runs are kept, and the stopped ones resume when the sweep is "
+                          "started again") from None
+    if failed:
+        raise RunsFailed(f"{len(failed)} of {len(todo)} runs failed ({', '.join(p.name for p in failed)}); their "
+                         f"logs are in {logs}; the others are complete")

@@ -17,6 +17,7 @@ import torch
 from avalanche.training.templates import SupervisedTemplate
 
 from .distributed import SINGLE, GlobalBatches
+from .timing import PhaseTimes
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,7 +41,7 @@ class IncrementalTemplate(SupervisedTemplate):
     """SupervisedTemplate + ``precision`` (fp32, bf16, fp16 with loss scaling), ``channels_last``
     inputs and DataLoader settings (``persistent_workers``, ``prefetch_factor``)."""
 
-    def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+    def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool | str = False,
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
                  batch_augmentation: Any = None, dist: Any = None, **kwargs: Any):
         """``batch_augmentation``: a :class:`~incremental.data.device.BatchAugmentation` turns on
@@ -49,7 +50,8 @@ class IncrementalTemplate(SupervisedTemplate):
         self.dist = dist or SINGLE  # a DistInfo: under torchrun, batches are sharded and reduced
         self.batch_augmentation = batch_augmentation
         self._device_images: Any = None
-        self.compile = compile
+        # torch.compile's mode, or None for eager ("default" for ``compile: true``)
+        self.compile_mode: str | None = ("default" if compile is True else compile) or None
         self._compiled: tuple[int, Any] | None = None
         self.precision = precision
         self.channels_last = channels_last
@@ -57,25 +59,46 @@ class IncrementalTemplate(SupervisedTemplate):
         self.prefetch_factor = prefetch_factor
         # fp16 gradients underflow without scaling; bf16 has fp32's exponent range and needs none.
         self.scaler = torch.amp.GradScaler(torch.device(self.device).type, enabled=precision == "fp16")
+        self.phase_times = PhaseTimes(self.device)  # plugins time their phases into it (incremental.timing)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        """Nothing to regroup: OptimizationPlugin builds a fresh optimizer over the trainable
+        parameters at every experience, after the head has grown. (Avalanche's regrouping keeps
+        the previous optimizer's groups, and fails on parameters a strategy froze.)"""
+        self.optimized_param_id = dict(self.model.named_parameters())
 
     def autocast(self) -> ContextManager[Any]:
         return autocast(self.device, self.precision)
 
     def compiled_model(self) -> Any:
-        """torch.compile of the current model, made again when a plugin swaps the model.
+        """The training forward, compiled: the backbone's pooled features under torch.compile
+        (static shapes), the head eager, so a growing head never recompiles. Made again when a
+        plugin swaps the model or its backbone. A model without a backbone and head is compiled
+        whole.
 
         The model itself is not compiled in place: teachers are deep copies of it, and a copy of
         an in-place-compiled module would still call the original's forward."""
-        if self._compiled is None or self._compiled[0] != id(self.model):
-            self._compiled = (id(self.model), torch.compile(self.model))
-        return self._compiled[1]
+        model = self.model
+        backbone = getattr(model, "backbone", None)
+        key = id(backbone if backbone is not None else model)
+        if self._compiled is None or self._compiled[0] != key:
+            target = PooledFeatures(backbone) if backbone is not None and hasattr(model, "head") else model
+            self._compiled = (key, torch.compile(target, mode=self.compile_mode, dynamic=False))
+        compiled = self._compiled[1]
+        if backbone is not None and hasattr(model, "head"):
+            return lambda x: model.head(compiled(x))
+        return compiled
 
     def forward(self) -> torch.Tensor:
         with self.autocast():
             if not self.is_training and getattr(self.model, "output_adapter", None) is not None:
                 output = self.model.classify(self.mb_x)  # the strategy's classifier (NCM, BiC)
+            elif self.compile_mode and self.is_training:  # evaluation stays eager: its batches vary
+                if self.compile_mode == "reduce-overhead":  # a new CUDA-graph step: earlier outputs are done
+                    torch.compiler.cudagraph_mark_step_begin()
+                output = self.compiled_model()(self.mb_x)
             else:
-                output = self.compiled_model()(self.mb_x) if self.compile else super().forward()
+                output = super().forward()
         return output.float()  # losses and metrics in fp32
 
     def backward(self) -> None:
@@ -101,8 +124,13 @@ class IncrementalTemplate(SupervisedTemplate):
         return kwargs
 
     def make_train_dataloader(self, **kwargs: Any) -> None:
+        # Compiled: each epoch's last partial batch is dropped (as timm's loader does), since a
+        # new batch size would recompile; not when the data holds less than one batch.
+        drop_last = kwargs.get("drop_last", False) or (
+            self.compile_mode is not None and len(self.adapted_dataset) >= self.train_mb_size)
+        kwargs["drop_last"] = drop_last
         self._make_loader(kwargs, train=True, batch_size=self.train_mb_size, shuffle=kwargs.get("shuffle", True),
-                          drop_last=kwargs.get("drop_last", False), avalanche=super().make_train_dataloader)
+                          drop_last=drop_last, avalanche=super().make_train_dataloader)
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
         self._make_loader(kwargs, train=False, batch_size=self.eval_mb_size, shuffle=False, drop_last=False,
@@ -156,6 +184,29 @@ class IncrementalTemplate(SupervisedTemplate):
                                             batch_size=batch_size, train=train, shuffle=shuffle,
                                             drop_last=drop_last, dataset=self.adapted_dataset, dist=self.dist)
         return True
+
+
+class PooledFeatures(torch.nn.Module):
+    """A backbone's pooled features, ``forward_head(forward_features(x), pre_logits=True)``:
+    the part of the model torch.compile gets."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent so far in this process (dynamo and inductor, forward
+    and backward graphs), from torch's own timers; 0 where they are not available."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # pragma: no cover - older torch
+        return 0.0
+    return float(sum(sum(times) for name, times in compilation_time_metrics.items()
+                     if name == "_compile.compile_inner" or "bw_compiler" in name))
 
 
 class ShardedBatchSampler(GlobalBatches):

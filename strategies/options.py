@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from incremental.config.fields import MAX_BATCH, MAX_EPOCHS, MAX_WEIGHT, opt
+from incremental.config.fields import MAX_BATCH, MAX_EPOCHS, MAX_WEIGHT, Component, component, opt
 from incremental.errors import ConfigError
 from incremental.registry import STRATEGIES
 
@@ -120,6 +120,79 @@ class BiCConfig:
     distillation_weight: float = opt(-1.0, ge=-1, le=MAX_WEIGHT)
 
 
+# ----------------------------------------------------------------------------- pre-trained-model methods
+# Their defaults are the published ones (PILOT's exps/*.json, the papers); the optimizer, LR,
+# epochs and batch size live in `training:`, as the shipped *_ptm protocols set them.
+
+
+@dataclass
+class SimpleCILConfig:
+    metric: Literal["cosine", "euclidean"] = "cosine"  # PILOT: a cosine classifier of prototypes
+
+
+@dataclass
+class APERConfig:
+    # how the first session adapts the model (PILOT's aper_adapter / _ssf / _vpt / _finetune)
+    tuning: Component = component("tuning", "adapter")
+    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
+    metric: Literal["cosine", "euclidean"] = "cosine"
+
+
+@dataclass
+class RanPACConfig:
+    # optional first-session adaptation (PILOT's ranpac: adapters, 20 epochs); frozen: none
+    tuning: Component = component("tuning", "adapter")
+    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
+    projection_dim: int = opt(10_000, ge=1, le=100_000)  # M (RanPAC: 10,000)
+    validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
+
+
+@dataclass
+class SLCAConfig:
+    backbone_lr_scale: float = opt(0.01, ge=0, le=1)  # SLCA's 1/100 of the head's LR
+    ca_epochs: int = opt(3, ge=0, le=MAX_EPOCHS)  # classifier alignment epochs (PILOT: 3)
+    ca_samples_per_class: int = opt(256, ge=1, le=100_000)
+    ca_logit_norm: float | None = opt(0.1, gt=0, le=100)  # None: plain cross-entropy in alignment
+
+
+@dataclass
+class L2PConfig:
+    pool_size: int = opt(10, ge=1, le=10_000)
+    length: int = opt(5, ge=1, le=1024)
+    top_k: int = opt(5, ge=1, le=10_000)
+    pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
+    batchwise: bool = True  # training: the batch's most frequent keys (as L2P)
+    pool: Literal["prompt", "token"] = "prompt"  # L2P's head: the mean of the prompt tokens
+
+    def validate(self) -> None:
+        if self.top_k > self.pool_size:
+            raise ConfigError(f"top_k {self.top_k} exceeds pool_size {self.pool_size}", key="top_k")
+
+
+@dataclass
+class DualPromptConfig:
+    g_length: int = opt(5, ge=1, le=1024)
+    g_layers: list[int] = opt(factory=lambda: [0, 1], ge=0, le=1023)
+    e_length: int = opt(5, ge=1, le=1024)
+    e_layers: list[int] = opt(factory=lambda: [2, 3, 4], ge=0, le=1023)
+    pool_size: int | None = opt(None, ge=1, le=10_000)  # None: one E-prompt per experience
+    pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
+
+
+@dataclass
+class CodaPromptConfig:
+    pool_size: int = opt(100, ge=1, le=10_000)
+    length: int = opt(8, ge=2, le=1024)
+    layers: list[int] = opt(factory=lambda: [0, 1, 2, 3, 4], ge=0, le=1023)
+    ortho_weight: float = opt(0.0, ge=0, le=MAX_WEIGHT)  # PILOT's prompt_param[2]
+
+
+@dataclass
+class EASEConfig:
+    bottleneck: int = opt(64, ge=1, le=16384)  # one adapter set per experience (PILOT's ffn_num)
+    adapter_scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)
+
+
 STRATEGIES.declare("finetune", "incremental.strategies.finetune:Finetune",
                    summary="Naive finetuning: new data only, no memory, no regularisation (the lower bound).")
 STRATEGIES.declare("replay", "incremental.strategies.replay:ExemplarReplay", config=ReplayConfig,
@@ -140,3 +213,20 @@ STRATEGIES.declare("der", "incremental.strategies.der:DarkExperienceReplay", con
                    summary="DER++: replay of exemplars with their stored logits (MSE) and labels (CE).")
 STRATEGIES.declare("gdumb", "incremental.strategies.gdumb:build_gdumb",
                    summary="GDumb: retrain from scratch on a class-balanced memory only (Avalanche's GDumbPlugin).")
+STRATEGIES.declare("simplecil", "incremental.strategies.simplecil:SimpleCIL", config=SimpleCILConfig,
+                   summary="SimpleCIL: the frozen pre-trained model and a prototype (class-mean) classifier.")
+STRATEGIES.declare("aper", "incremental.strategies.aper:APER", config=APERConfig,
+                   summary="APER: first-session adaptation, then prototypes on the adapted and the original features.")
+STRATEGIES.declare("ranpac", "incremental.strategies.ranpac:RanPAC", config=RanPACConfig,
+                   summary="RanPAC: a random projection with ReLU and a ridge-regression head, accumulated over "
+                   "experiences.")
+STRATEGIES.declare("slca", "incremental.strategies.slca:SLCA", config=SLCAConfig,
+                   summary="SLCA: a slow backbone, a fast head, and classifier alignment from class Gaussians.")
+STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
+                   summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
+STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,
+                   summary="DualPrompt: a shared G-prompt and task E-prompts as attention prefixes.")
+STRATEGIES.declare("codaprompt", "incremental.strategies.prompting:CodaPrompt", config=CodaPromptConfig,
+                   summary="CODA-Prompt: attention-weighted prompt components as attention prefixes.")
+STRATEGIES.declare("ease", "incremental.strategies.ease:EASE", config=EASEConfig,
+                   summary="EASE: an adapter subspace per experience and prototypes complemented across subspaces.")

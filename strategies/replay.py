@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from incremental.timing import phase
 from incremental.memory import ExemplarMemory, extract_features, herding_order, indices_by_label
 from incremental.strategy import StrategyContext, StrategyPlugin
 
@@ -30,12 +31,13 @@ class ExemplarReplay(StrategyPlugin):
         experience = strategy.experience.current_experience
         data = self.context.train_dataset(experience)
         groups = indices_by_label(data.targets)
-        if self.config.selection == "herding":
-            feats = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size,
-                                     device=strategy.device)
-            ranked = {label: [idx[k] for k in herding_order(feats[idx])] for label, idx in groups.items()}
-        else:
-            ranked = {label: [idx[k] for k in torch.randperm(len(idx)).tolist()] for label, idx in groups.items()}
+        with phase(strategy, "exemplar_selection"):
+            if self.config.selection == "herding":
+                feats = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size,
+                                         device=strategy.device)
+                ranked = {label: [idx[k] for k in herding_order(feats[idx])] for label, idx in groups.items()}
+            else:
+                ranked = {label: [idx[k] for k in torch.randperm(len(idx)).tolist()] for label, idx in groups.items()}
         self.memory.add_classes(experience, ranked)
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 
 from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
+from incremental.timing import phase
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
 from incremental.plugins import head_param_groups
@@ -55,7 +56,8 @@ class ViTIL(ExemplarReplay):
         if self.teacher is None or not kd.enabled or kd.weight == 0:
             return
         with torch.no_grad(), strategy_autocast(strategy):
-            teacher_logits = self.teacher(strategy.mb_x).float()
+            with phase(strategy, "kd_teacher"):
+                teacher_logits = self.teacher(strategy.mb_x).float()
         strategy.loss = strategy.loss + kd.weight * logit_distillation(
             strategy.mb_output, teacher_logits, kd.temperature)
 
@@ -65,7 +67,8 @@ class ViTIL(ExemplarReplay):
         experience = strategy.experience.current_experience
         bft = self.config.balanced_finetuning
         if bft.enabled and experience > 0:
-            self.finetuning_losses.append(self.finetune(strategy, experience))
+            with phase(strategy, "balanced_finetuning"):
+                self.finetuning_losses.append(self.finetune(strategy, experience))
         if self.config.distillation.enabled:
             self.teacher = frozen(copy.deepcopy(strategy.model))
 

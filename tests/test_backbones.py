@@ -179,7 +179,7 @@ def test_list_backbones_shows_every_entry(capsys):
     out = capsys.readouterr().out
     for name in SMALL:
         assert f"  {name} " in out
-    assert "every entry also takes: pretrained=None, compress=" in out
+    assert "every entry also takes: pretrained=None, pretrained_tag=None, compress=" in out
 
 
 # Small options that train on 16 px digits in seconds.

@@ -195,6 +195,26 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("a class list that is not UTF-8", _class_list_not_utf8,
      lambda ws: ws.case, "dataset.class_list: cannot read", "fork"),
     ("a raw pickle as weights", _pickle_as_weights, lambda ws: ws.case, "backbone.pretrained: ", "fork"),
+    # ---- the pre-trained-model methods
+    ("an unknown tuning", lambda ws: ["check", ws.config("strategy: {name: aper, tuning: adaptr}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.tuning.name: unknown tuning 'adaptr' (did you mean 'adapter'?)", "fast"),
+    ("a zero-width adapter", lambda ws: ["check", ws.config(
+        "strategy: {name: ranpac, tuning: {name: adapter, bottleneck: 0}}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.tuning.bottleneck: must be >= 1", "fast"),
+    ("RanPAC holding out everything", lambda ws: ["check", ws.config(
+        "strategy: {name: ranpac, validation_fraction: 1.0}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.validation_fraction: must be < 1", "fast"),
+    ("L2P choosing more prompts than its pool", lambda ws: ["check", ws.config(
+        "strategy: {name: l2p, pool_size: 4, top_k: 5}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.top_k: top_k 5 exceeds pool_size 4", "fast"),
+    ("a pretrained_tag that is a number", lambda ws: ["check", ws.config("backbone: {pretrained_tag: 5}\n"),
+                                                      "--no-data"],
+     lambda ws: ws.case, "backbone.pretrained_tag: expected a string, got 5", "fast"),
+    ("E-prompts past the ViT's depth", lambda ws: ["check", ws.config(
+        "strategy: {name: dualprompt, g_layers: [0], e_layers: [0, 7]}\n")],
+     lambda ws: ws.case, "strategy.e_layers: blocks [7] do not exist: the backbone has 1 (0..0)", "fork"),
+    ("prompts on a ResNet", lambda ws: ["run", ws.config("strategy: l2p\nbackbone: {name: resnet32}\n")],
+     lambda ws: ws.case, "backbone.name: this needs a ViT backbone", "fork"),
 ]
 
 

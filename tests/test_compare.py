@@ -174,3 +174,31 @@ def test_sweep_validates_every_combination_before_running(tiny_config, tmp_path,
     err = capsys.readouterr().err.strip()
     assert "strategy.name: unknown strategy 'replai'" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_sweep_jobs_runs_processes_side_by_side_and_keeps_a_failure_in_its_run(tiny_config, tmp_path, capsys):
+    """--jobs 2: each run in its own process gives the numbers the same run gives alone; a run
+    that fails (a loss that turns NaN) is reported on its line and in its log, the others
+    complete and are compared, and the sweep exits 1."""
+    plugin = Path(__file__).parent / "plugins" / "killable.py"
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny_config), "--seeds", "0", "1", "--jobs", "2", "--plugin", str(plugin),
+                 "--set", "strategy=replay,replay_nan_in_second_experience", "--set", "training.epochs=1",
+                 "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 1
+    assert printed.err.count("\n") == 1 and "2 of 4 runs failed" in printed.err
+    lines = printed.out.splitlines()
+    assert sum("FAILED" in line and "the training loss became nan" in line for line in lines) == 2
+    assert sum("] done " in line for line in lines) == 2 and (out / "comparison" / "report.md").is_file()
+    assert "the training loss became nan" in (out / "logs" / "strategy=replay_nan_in_second_experience-seed0.log"
+                                              ).read_text()
+    alone = tmp_path / "alone"
+    assert main(["run", str(tiny_config), "--quiet", "--out", str(alone), "--set", "strategy=replay",
+                 "--set", "training.epochs=1", "--set", "seed=1"]) == 0
+    parallel = json.loads((out / "strategy=replay-seed1" / "metrics.json").read_text())
+    single = json.loads((alone / "metrics.json").read_text())
+    # the processes run with cpu_count / jobs threads: sums may round differently, nothing more
+    assert parallel["accuracy_matrix"] == single["accuracy_matrix"]
+    assert parallel["prediction_matrix"] == single["prediction_matrix"]
+    assert parallel["train_loss"] == pytest.approx(single["train_loss"], rel=1e-6)

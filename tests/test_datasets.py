@@ -55,6 +55,22 @@ def test_cifar100_reads_the_standard_folder(tmp_path):
     assert resized.train[0][0].shape == (3, 64, 64)
 
 
+def test_normalize_chooses_the_pretrained_models_statistics(tmp_path):
+    """none: PILOT's [0, 1] pixels; inception: (x - 0.5) / 0.5, what augreg/in21k ViTs expect;
+    dataset: CIFAR-100's own statistics. The device data path uses the same numbers."""
+    folder = write_cifar100(tmp_path)
+    raw = build_dataset("cifar100", Cifar100Config(root=str(folder))).test[0][0].float() / 255
+    for choice, expected in (("none", raw), ("inception", (raw - 0.5) / 0.5),
+                             ("dataset", (raw - torch.tensor([0.5071, 0.4865, 0.4409]).view(3, 1, 1))
+                              / torch.tensor([0.2673, 0.2564, 0.2762]).view(3, 1, 1))):
+        data = build_dataset("cifar100", Cifar100Config(root=str(folder), normalize=choice, augment=False))
+        assert torch.allclose(data.eval_transform(data.test[0][0]), expected, atol=1e-5), choice
+    root = write_image_folder(tmp_path / "imnet")
+    data = build_dataset("imagefolder", ImageFolderConfig(root=str(root), image_size=16, normalize="inception"))
+    assert data.mean == (0.5, 0.5, 0.5) and data.std == (0.5, 0.5, 0.5)
+    assert -1.0 <= float(data.eval_transform(data.test[0][0]).min()) < 0
+
+
 def test_cifar100_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist; expected the cifar-100-python folder") as info:
         build_dataset("cifar100", Cifar100Config(root=str(tmp_path / "nowhere")))

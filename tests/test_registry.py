@@ -22,7 +22,8 @@ NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incrementa
                   "incremental.models.compress", "incremental.probes.base", "incremental.probes.suite",
                   "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device",
                   "incremental.data.options", "incremental.models.options", "incremental.probes.options",
-                  "incremental.strategies.options"}
+                  "incremental.strategies.options", "incremental.models.prompts",
+                  "incremental.strategies.pretrained", "incremental.models.peft"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 
@@ -49,6 +50,17 @@ def test_every_component_module_is_declared_and_its_declarations_resolve(kind, p
         assert isinstance(entry.target, str)
         doc = (entry.obj.__doc__ or "").strip().splitlines()[0]
         assert entry.summary == doc, entry.name
+
+
+def test_tuning_methods_are_declared_and_resolve_in_peft():
+    """The ways of adapting a pre-trained ViT live in one module, declared like the rest."""
+    load_builtins()
+    assert BUILTIN_MODULES["tuning"] == ("incremental.models.options",)
+    entries = list(REGISTRIES["tuning"])
+    assert {e.name for e in entries} == {"frozen", "finetune", "adapter", "ssf", "vpt_deep"}
+    for entry in entries:
+        assert entry.module == "incremental.models.peft" and callable(entry.obj), entry.name
+        assert entry.summary == entry.obj.__doc__.strip().splitlines()[0]
 
 
 def test_listing_and_validating_import_neither_torch_nor_avalanche():

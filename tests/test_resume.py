@@ -148,6 +148,7 @@ def test_a_resumed_writer_replaces_what_the_stopped_one_logged(tmp_path):
 
 # ------------------------------------------------------------------ every strategy's state
 
+PTM_SETUP = "backbone: {global_pool: token}\nprotocol: {memory: {}}"
 STRATEGY_CASES = {
     "replay": "strategy: {name: replay, selection: random}",
     "vitil": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}",
@@ -161,6 +162,15 @@ STRATEGY_CASES = {
     "vitil_fp16": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}\ntraining: {precision: fp16}",
     # the device data path draws its shuffles and crops from the restored generator too
     "replay_device_data": "strategy: replay\ntraining: {data_path: device}",
+    # the pre-trained-model methods: RanPAC's G, Q and projection, SLCA's Gaussians, the prompt
+    # pools and EASE's adapters and prototypes carry over (here on an encoder trained by its seed)
+    **{name: f"{PTM_SETUP}\nstrategy: {spec}" for name, spec in {
+        "ranpac": "{name: ranpac, projection_dim: 64}",
+        "aper": "{name: aper, tuning: {name: adapter, bottleneck: 4}}",
+        "slca": "{name: slca, ca_samples_per_class: 8}",
+        "l2p": "{name: l2p, pool_size: 4, length: 2, top_k: 2}",
+        "codaprompt": "{name: codaprompt, pool_size: 6, length: 2, layers: [0]}",
+        "ease": "{name: ease, bottleneck: 4}"}.items()},
 }
 
 

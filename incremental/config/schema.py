@@ -88,7 +88,11 @@ class TrainingConfig:
     # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # NHWC model and inputs: faster convolutions on GPUs (conv models)
-    compile: bool = False  # torch.compile the model's forward (a GPU option: no speed-up on CPUs)
+    # torch.compile of the backbone's training forward (a GPU option: no speed-up on CPUs):
+    # true or "default"; "reduce-overhead" adds CUDA graphs; "max-autotune" searches kernels.
+    # The head and evaluation stay eager, and training drops each epoch's last partial batch,
+    # so neither a growing head nor a short batch recompiles.
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     # device: in-memory datasets (digits, synthetic, CIFAR) held on the device as uint8 and
     # augmented there in batches; loader: a DataLoader with per-sample transforms; auto: device
     # on CUDA, loader on the CPU (other datasets always take the loader)

@@ -65,21 +65,37 @@ class TensorImageDataset(Dataset):
         return self.images[index], self.targets[index]
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,) * 3, (0.5,) * 3),
+                  "none": ((0.0,) * 3, (1.0,) * 3)}
+
+
+def normalization(choice: str, dataset_mean: Sequence[float],
+                  dataset_std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std of the ``normalize`` option (see incremental.data.options)."""
+    mean, std = (dataset_mean, dataset_std) if choice == "dataset" else NORMALIZATIONS[choice]
+    return tuple(mean), tuple(std)
+
+
 def tensor_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                      augment: bool, flip: bool) -> tuple[Callable, Callable, BatchAugmentation]:
-    """Train and eval transforms for uint8 tensor images: random crop with padding
-    (size/8, i.e. the usual 4 px at 32 px) and optional flip, then scaling and normalising;
-    and the same as one batched augmentation for the device data path."""
+                      augment: bool, flip: bool, resize: int | None = None) -> tuple[Callable, Callable, BatchAugmentation]:
+    """Train and eval transforms for uint8 tensor images of ``image_size``: random crop with
+    padding (size/8, i.e. the usual 4 px at 32 px) and optional flip, then scaling and
+    normalising, and a bilinear resize to ``resize`` (the image size the model sees, when the
+    images are stored smaller); and the same as one batched augmentation for the device data path."""
     from torchvision.transforms import v2
 
     padding = max(1, image_size // 8) if augment else 0
     finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if resize is not None and resize != image_size:
+        finish.insert(1, v2.Resize((resize, resize), antialias=False))
     train_aug = []
     if augment:
         train_aug.append(v2.RandomCrop(image_size, padding=padding))
         if flip:
             train_aug.append(v2.RandomHorizontalFlip())
-    batch = BatchAugmentation(tuple(mean), tuple(std), padding=padding, flip=augment and flip)
+    batch = BatchAugmentation(tuple(mean), tuple(std), padding=padding, flip=augment and flip,
+                              resize=resize if resize != image_size else None)
     return v2.Compose(train_aug + finish), v2.Compose(finish), batch
 
 

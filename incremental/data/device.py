@@ -34,6 +34,7 @@ class BatchAugmentation:
     std: tuple[float, ...]
     padding: int = 0  # random crop with this zero padding (0: no crop)
     flip: bool = False
+    resize: int | None = None  # then bilinear to this size (images kept small, used large: CIFAR at 224 px)
 
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random crop offsets (2, n) and flips (n,) for ``n`` images, from torch's global CPU
@@ -62,9 +63,25 @@ class BatchAugmentation:
         if train and self.flip:
             mirror = mirror.to(x.device)
             x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        mean, std = _constants(self.mean, self.std, x.device)
+        x = x.float() / 255.0
+        if self.resize is not None and self.resize != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        return (x - mean) / std
+
+
+_CONSTANTS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(mean: tuple[float, ...], std: tuple[float, ...],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation tensors on ``device``, made once: a host-to-device copy per batch
+    would make the CPU wait for the GPU's queue every step."""
+    key = (mean, std, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+                           torch.tensor(std, device=device).view(1, -1, 1, 1))
+    return _CONSTANTS[key]
 
 
 # --------------------------------------------------------------------------- sources
@@ -122,30 +139,36 @@ def resolve(dataset: Any) -> ResolvedData | None:
 
 
 class DeviceImages:
-    """uint8 copies of the source datasets on one device, made on first use."""
+    """uint8 copies of the source datasets on one device, in one tensor (so a batch drawing
+    from several sources, new data and replayed memory, is one gather), made on first use."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self._images: dict[int, torch.Tensor] = {}
+        self.images: torch.Tensor | None = None
+        self._start: dict[int, int] = {}  # slot -> its first row in ``images``
 
-    def get(self, slot: int) -> torch.Tensor:
-        if slot not in self._images:
-            source = _SOURCES[slot]()
-            if source is None:
-                raise RuntimeError("a dataset was freed while its images were in use")
-            self._images[slot] = source.images.to(self.device)
-        return self._images[slot]
+    def positions(self, slots: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of ``images`` holding these (slot, index) samples (CPU), copying new sources over."""
+        for slot in slots.unique().tolist():
+            if slot not in self._start:
+                source = _SOURCES[slot]()
+                if source is None:
+                    raise RuntimeError("a dataset was freed while its images were in use")
+                added = source.images.to(self.device)
+                self._start[slot] = 0 if self.images is None else len(self.images)
+                self.images = added if self.images is None else torch.cat([self.images, added])
+        starts = torch.zeros(max(self._start) + 1, dtype=torch.long)
+        for slot, start in self._start.items():
+            starts[slot] = start
+        return starts[slots] + indices
 
     def gather(self, slots: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        unique = slots.unique().tolist()
-        if len(unique) == 1:
-            return self.get(unique[0])[indices.to(self.device)]
-        first = self.get(unique[0])
-        out = torch.empty((len(indices), *first.shape[1:]), dtype=first.dtype, device=self.device)
-        for slot in unique:
-            where = (slots == slot).nonzero().squeeze(1)
-            out[where.to(self.device)] = self.get(slot)[indices[where].to(self.device)]
-        return out
+        """The uint8 images of these (slot, index) samples, on the device."""
+        return self.images_at(self.positions(slots, indices))
+
+    def images_at(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self.images is not None
+        return self.images[rows.to(self.device)]
 
 
 class DeviceBatchLoader:
@@ -176,13 +199,37 @@ class DeviceBatchLoader:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        # The epoch's sample positions and augmentation draws go to the device in one copy each;
+        # a few small copies per batch would each make the CPU wait for the GPU's queue. The
+        # random numbers are drawn in the same order as batch by batch (shuffle, then per batch
+        # crops and flips for the whole global batch), so the results are those of that order.
+        planned = []
         for batch, shard in self.batches:
             draws = self.augmentation.draw(len(batch)) if self.train else None  # for the whole global batch
             chosen = batch[shard]
-            draws = (draws[0][:, shard], draws[1][shard]) if draws is not None else None
-            if not len(chosen):  # evaluation only: a last batch smaller than the world
-                continue
-            images = self.images.gather(self.data.slots[chosen], self.data.indices[chosen])
-            on_device = chosen.to(self.images.device)
-            yield [self.augmentation(images, train=self.train, draws=draws), self._targets[on_device],
-                   self._tasks[on_device]]
+            if len(chosen):  # empty: evaluation only, a last batch smaller than the world
+                planned.append((chosen, (draws[0][:, shard], draws[1][shard]) if draws is not None else None))
+        if not planned:
+            return
+        device = self.images.device
+        chosen = torch.cat([c for c, _ in planned])
+        rows = _to_device(self.images.positions(self.data.slots[chosen], self.data.indices[chosen]), device)
+        chosen = _to_device(chosen, device)
+        if self.train:
+            offsets = _to_device(torch.cat([d[0] for _, d in planned], dim=1), device)
+            mirror = _to_device(torch.cat([d[1] for _, d in planned]), device)
+        start = 0
+        for batch_chosen, _ in planned:
+            end = start + len(batch_chosen)
+            draws = (offsets[:, start:end], mirror[start:end]) if self.train else None
+            images = self.images.images[rows[start:end]]
+            yield [self.augmentation(images, train=self.train, draws=draws), self._targets[chosen[start:end]],
+                   self._tasks[chosen[start:end]]]
+            start = end
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``, asynchronously from pinned memory on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

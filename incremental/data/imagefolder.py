@@ -9,10 +9,7 @@ from torch.utils.data import Dataset
 
 from .options import ImageFolderConfig
 from ..errors import DataError
-from .base import DatasetSplits, require_dir, root_folder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetSplits, normalization, require_dir, root_folder
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -88,7 +85,8 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{train_dir} has no class folders; expected {layout}", key="root")
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalization(cfg.normalize, IMAGENET_MEAN, IMAGENET_STD)
+    normalize = T.Normalize(mean, std)
     size = cfg.image_size
     train_steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.augment else \
         [T.Resize(int(round(size / cfg.eval_resize_ratio))), T.CenterCrop(size)]
@@ -101,6 +99,6 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         image_size=size,
         train_transform=T.Compose(train_steps + [T.ToTensor(), normalize]),
         eval_transform=T.Compose(eval_steps + [T.ToTensor(), normalize]),
-        mean=tuple(IMAGENET_MEAN),
-        std=tuple(IMAGENET_STD),
+        mean=mean,
+        std=std,
     )

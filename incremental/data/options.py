@@ -7,9 +7,17 @@ torch: the registry imports a loader only when a dataset is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ..config.fields import MAX_SIZE, SEED_MAX, opt
 from ..registry import DATASETS
+
+
+# What the pixels are normalised with. A pre-trained model wants its own: dataset (the
+# dataset's statistics; ImageNet's for image folders), imagenet (timm's IMAGENET_DEFAULT),
+# inception (0.5 / 0.5: timm's augreg and in21k ViTs), none (pixels in [0, 1]: what PILOT
+# feeds its pre-trained ViTs, a ToTensor without Normalize).
+Normalization = Literal["dataset", "imagenet", "inception", "none"]
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Cifar100Config:
     root: str = ""  # the cifar-100-python folder, or the folder that contains it
     image_size: int = opt(32, ge=8, le=MAX_SIZE)  # resized once at load time when not 32
     augment: bool = True  # random crop (padding 4) and horizontal flip, as in PyCIL
+    normalize: Normalization = "dataset"
 
 
 @dataclass
@@ -49,6 +58,7 @@ class ImageFolderConfig:
     image_size: int = opt(224, ge=8, le=MAX_SIZE)
     eval_resize_ratio: float = opt(0.875, gt=0, le=1)  # resize to size/ratio, then center crop
     augment: bool = True  # RandomResizedCrop and flip
+    normalize: Normalization = "dataset"
 
 
 DATASETS.declare("digits", "incremental.data.digits:build_digits", config=DigitsConfig,

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import Component
 from ..errors import ConfigError
@@ -90,10 +91,49 @@ class BiasCorrectionOutput(nn.Module):
         return alpha * logits + beta
 
 
+class PrototypeOutput(nn.Module):
+    """A class-prototype classifier over the pooled features (SimpleCIL, APER, EASE): cosine
+    similarity to each prototype times ``scale`` (PILOT's CosineLinear, sigma 1), or minus the
+    Euclidean distance. A prototype of zeros (a class not seen yet) scores 0 under cosine."""
+
+    def __init__(self, prototypes: torch.Tensor, metric: str = "cosine", scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("euclidean", torch.tensor(metric == "euclidean"))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    @property
+    def metric(self) -> str:
+        return "euclidean" if bool(self.euclidean) else "cosine"
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        prototypes = self.prototypes.to(pooled.dtype)
+        if bool(self.euclidean):
+            return -torch.cdist(pooled, prototypes)
+        return F.linear(F.normalize(pooled, dim=1), F.normalize(prototypes, dim=1)) * self.scale
+
+
+class RandomProjectionOutput(nn.Module):
+    """RanPAC's classifier (McDonnell et al. 2023): ``ReLU(f W_rand) W^T``, with W from the ridge
+    regression of :class:`incremental.strategies.ranpac.RanPAC`; computed in fp32."""
+
+    def __init__(self, projection: torch.Tensor, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("projection", projection)
+        self.register_buffer("weights", weights)
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(pooled.float() @ self.projection.float())
+        return hidden @ self.weights.float().T
+
+
 # Output adapters by the buffers they hold: a saved state dict names its adapter this way.
 OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"means"}): lambda t: NearestMeanOutput(t["means"]),
     frozenset({"classes", "alpha", "beta"}): lambda t: BiasCorrectionOutput(t["classes"], t["alpha"], t["beta"]),
+    frozenset({"prototypes", "euclidean", "scale"}): lambda t: PrototypeOutput(
+        t["prototypes"], "euclidean" if bool(t["euclidean"]) else "cosine", float(t["scale"])),
+    frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),
 }
 
 
@@ -175,7 +215,7 @@ def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = 
 
         loaded = load_pretrained(backbone, options.pretrained, key=f"{key}.pretrained")
         if report is not None:
-            report["pretrained"] = loaded
+            report["pretrained"] = {**loaded, "tag": options.pretrained_tag}
     compress = options.compress
     if compress.structural or compress.quantize != "none":
         from .compress import compress_backbone
@@ -214,7 +254,9 @@ def describe_build(report: dict[str, Any]) -> list[str]:
     if loaded:
         resized = f", resized {', '.join(loaded['resized'])}" if loaded["resized"] else ""
         renamed = f", {', '.join(loaded['renamed'])}" if loaded.get("renamed") else ""
-        lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{resized}{renamed}")
+        tag = f" ({loaded['tag']})" if loaded.get("tag") else ""
+        lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{tag}, sha256 "
+                     f"{loaded['sha256'][:12]}...{resized}{renamed}")
     compression = report.get("compression")
     if compression:
         for label in ("before", "after", "int8"):

@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..config.fields import MAX_DEPTH, MAX_SIZE, MAX_WEIGHT, MAX_WIDTH, Component, component, opt
 from ..errors import ConfigError
-from ..registry import BACKBONES
+from ..registry import BACKBONES, TUNING
 
 
 @dataclass
@@ -69,6 +69,9 @@ class BackboneOptions:
 
     # weights only: a safetensors file, or a torch/timm checkpoint (loaded with weights_only)
     pretrained: str | None = None
+    # what the file is, recorded with the run next to its SHA-256 (e.g. vit_base_patch16_224.augreg_in21k:
+    # PILOT's "IN21K"; L2P used .orig_in21k, a different set of weights)
+    pretrained_tag: str | None = None
     compress: CompressConfig = opt(factory=CompressConfig)
 
 
@@ -210,3 +213,29 @@ BACKBONES.declare("resnet32", "incremental.models.resnet:build_resnet32", config
                   summary="CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline.")
 BACKBONES.declare("resnet18", "incremental.models.resnet:build_resnet18", config=ResNet18Config,
                   summary="timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images.")
+
+
+# ----------------------------------------------------------------------------- tuning a pre-trained ViT
+
+
+@dataclass
+class AdapterConfig:
+    bottleneck: int = opt(64, ge=1, le=MAX_WIDTH)  # PILOT's ffn_num
+    scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)  # AdaptFormer's s (PILOT: 0.1)
+
+
+@dataclass
+class VPTConfig:
+    length: int = opt(5, ge=1, le=1024)  # prompt tokens per block (PILOT's prompt_token_num)
+
+
+TUNING.declare("frozen", "incremental.models.peft:tune_frozen",
+               summary="The pre-trained ViT as it is: no parameter of it trains.")
+TUNING.declare("finetune", "incremental.models.peft:tune_all",
+               summary="Every parameter of the pre-trained ViT trains.")
+TUNING.declare("adapter", "incremental.models.peft:tune_adapter", config=AdapterConfig,
+               summary="AdaptFormer's parallel adapters in every block (zero-initialised); only they train.")
+TUNING.declare("ssf", "incremental.models.peft:tune_ssf",
+               summary="SSF: a scale and shift after every linear layer and norm (identity at first); only they train.")
+TUNING.declare("vpt_deep", "incremental.models.peft:tune_vpt_deep", config=VPTConfig,
+               summary="VPT-deep: learned prompt tokens at the input of every block; only they train.")

@@ -139,5 +139,17 @@ def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> di
     resized = sorted(k for k, shape in original_shapes.items() if k in state and tuple(state[k].shape) != shape)
     resized = [f"{k} (incl. input channels)" if k in adapted else k for k in resized]
     backbone.load_state_dict(state, strict=True)
-    return {"path": str(path), "tensors": len(state), "dropped": dropped, "resized": resized, "renamed": renamed}
+    return {"path": str(path), "sha256": file_sha256(Path(path).expanduser()), "tensors": len(state),
+            "dropped": dropped, "resized": resized, "renamed": renamed}
+
+
+def file_sha256(path: Path) -> str:
+    """The weight file's SHA-256, recorded with the run: which weights a number came from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 

@@ -20,6 +20,7 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
 
     from ..models.net import build_model
     from ..models.net import load_trained_state
+    from ..strategy import StrategyContext, build_strategy
     from ..run.directory import MODEL_FILE, read_model
 
     path = run_dir / MODEL_FILE
@@ -27,6 +28,8 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
     RNGManager.set_random_seeds(cfg.seed)  # the same initialisation, hence the same pruned structure
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
+    # the strategy's adapters, prompts or branches, as the run built them
+    build_strategy(StrategyContext(config=cfg, class_split=class_split, benchmark=None, device="cpu"), model)
     try:
         load_trained_state(model, state, num_classes)  # with the run's classifier (NCM means, BiC's bias)
     except RuntimeError as exc:

@@ -55,8 +55,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     from ..models.compress import compression_plugins
     from ..plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
-    from ..registry import STRATEGIES
-    from ..strategy import StrategyContext
+    from ..strategy import StrategyContext, build_strategy
     from ..template import IncrementalTemplate
 
     RNGManager.set_random_seeds(cfg.seed)
@@ -79,9 +78,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
         probe_data = ProbeData(splits, class_split.class_order, class_split.classes_per_experience, cfg.seed)
         probe_suite = ProbeSuite(cfg.probes, probe_data, class_split.num_experiences,
                                  echo=None if quiet else echo)
-    strategy_plugins = STRATEGIES.get(cfg.strategy.name).obj(cfg.strategy.config, context)
-    if not isinstance(strategy_plugins, (list, tuple)):
-        strategy_plugins = [strategy_plugins]
+    strategy_plugins = build_strategy(context, model)
     optimization = OptimizationPlugin(cfg.training, context.param_group_hooks)
     recorder = EvaluationRecorder(class_split.label_experience())
     if cfg.training.channels_last:
@@ -95,9 +92,11 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
         device=device,
-        # Compression plugins come after the strategy's: the int8 copy replaces the model
-        # for evaluation once the strategy has finished its own before_eval work.
-        plugins=[optimization, *strategy_plugins, *compression, recorder, ProgressBars(enabled=not quiet)],
+        # The optimizer is built after the strategy's before_training_exp, over the parameters
+        # it left trainable (EASE unfreezes the new experience's adapters there). Compression
+        # plugins come after the strategy's: the int8 copy replaces the model for evaluation
+        # once the strategy has finished its own before_eval work.
+        plugins=[*strategy_plugins, optimization, *compression, recorder, ProgressBars(enabled=not quiet)],
         evaluator=silent_evaluator(),
         precision=cfg.training.precision,
         channels_last=cfg.training.channels_last,
@@ -115,8 +114,12 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
 
 
 def train_experience(built: BuiltRun, i: int) -> float:
-    """Train experience ``i`` (the strategy's own after-training work included); seconds taken."""
+    """Train experience ``i`` (the strategy's own after-training work included); seconds taken,
+    torch.compile's time excluded (it goes to the template's phase times as ``compile``)."""
+    from ..template import compile_seconds
+
     cfg = built.cfg
+    compiled_before = compile_seconds()
     built.template.train_epochs = cfg.training.initial_epochs if (i == 0 and cfg.training.initial_epochs) \
         else cfg.training.epochs
     start = time.perf_counter()
@@ -124,7 +127,10 @@ def train_experience(built: BuiltRun, i: int) -> float:
         hide_avalanche_deprecations()
         built.template.train(built.benchmark.train_stream[i], eval_streams=[], reset_optimizer_state=True,
                              num_workers=cfg.training.num_workers)
-    return time.perf_counter() - start
+    compiling = compile_seconds() - compiled_before
+    if compiling:
+        built.template.phase_times.add("compile", compiling)
+    return time.perf_counter() - start - compiling
 
 
 def evaluate_experience(built: BuiltRun, i: int) -> float:
@@ -152,8 +158,10 @@ def step_record(built: BuiltRun, i: int, *, train_s: float, eval_s: float, probe
 
     recorder = built.recorder
     predictions = recorder.prediction_matrix(i + 1)
-    return {"train_s": train_s, "eval_s": eval_s, "train_loss": recorder.train_loss,
+    return {"train_s": train_s, "eval_s": eval_s, "phase_s": built.template.phase_times.collect(),
+            "train_loss": recorder.train_loss,
             "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
+            "trained_params": recorder.trained_params,
             "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
             "head_norm_ratio": head_norm_ratio(built.template.model, built.class_split.label_ranges(), i),
             "probe_s": probe_s,

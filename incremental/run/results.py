@@ -68,9 +68,11 @@ class RunResults:
             "old_predicted_as_new": [s.get("old_predicted_as_new") for s in self.steps],
             "head_norm_ratio": [s.get("head_norm_ratio") for s in self.steps],
             "train_samples": [s.get("train_samples") for s in self.steps],
-            "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"], "probes": s.get("probe_s", 0.0)}
-                            for s in self.steps],
-            "total_wall_time_s": sum(s["train_s"] + s["eval_s"] + s.get("probe_s", 0.0) for s in self.steps),
+            "trained_params": [s.get("trained_params") for s in self.steps],
+            "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"], "probes": s.get("probe_s", 0.0),
+                             **(s.get("phase_s") or {})} for s in self.steps],
+            "total_wall_time_s": sum(s["train_s"] + s["eval_s"] + s.get("probe_s", 0.0)
+                                     + (s.get("phase_s") or {}).get("compile", 0.0) for s in self.steps),
             # {label: [result after experience i, or None where the probe did not run]}
             "probes": {label: [(s.get("probes") or {}).get(label) for s in self.steps]
                        for label in probe_labels(self.cfg.probes)},

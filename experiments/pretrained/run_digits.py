@@ -1,0 +1,110 @@
+"""The pre-trained-model methods on digits, from a ViT the toolkit pretrained itself.
+
+    python experiments/pretrained/run_digits.py [--seeds 1993 1994 1995] [--jobs 1]
+        [--out runs/pretrained_digits] [--report-only]
+
+Per seed: `incremental pretrain-mae` on the training images of the base classes (experience 0
+of that seed's class order; no labels, no test image, no later class), then every method on the
+default digits protocol (B0, 5 steps of 2 classes) from that encoder, next to finetune, replay
+and ViTIL started from the same encoder. The methods take no exemplars; replay and ViTIL keep
+200. Every run is the real `incremental` command in its own process with one thread; complete
+runs are kept, so the script can be stopped and started again. Writes results.md next to itself
+(keeping its "## Reading" section) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from run_common import is_complete, kept_reading, mean_std, run_incremental  # noqa: E402
+
+MAE_CONFIG = HERE.parent / "backbones" / "digits" / "vit_mae_pretrain.yaml"  # 200 epochs, mask ratio 0.75
+NO_MEMORY = "protocol.memory={}"
+# name -> (what it is, overrides). The digits ViT is 128 wide with 4 blocks, so the adapters
+# are 16 wide, DualPrompt's G/E layers are 0-1/2-3 and CODA's 0-3; RanPAC projects to 1000.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "finetune": ("finetune (from the MAE encoder)", ["strategy=finetune", NO_MEMORY]),
+    "replay": ("replay, 200 exemplars (from the MAE encoder)", ["strategy={name: replay, selection: herding}"]),
+    "vitil": ("ViTIL, 200 exemplars (from the MAE encoder)", ["strategy=vitil"]),
+    "simplecil": ("SimpleCIL", ["strategy=simplecil", NO_MEMORY]),
+    "aper_adapter": ("APER, adapters", ["strategy={name: aper, tuning: {name: adapter, bottleneck: 16}}", NO_MEMORY]),
+    "aper_ssf": ("APER, SSF", ["strategy={name: aper, tuning: ssf}", NO_MEMORY]),
+    "ranpac": ("RanPAC, adapters, M = 1000",
+               ["strategy={name: ranpac, tuning: {name: adapter, bottleneck: 16}, projection_dim: 1000}", NO_MEMORY]),
+    "ranpac_frozen": ("RanPAC, frozen, M = 1000",
+                      ["strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", NO_MEMORY]),
+    "slca": ("SLCA", ["strategy=slca", NO_MEMORY]),
+    "l2p": ("L2P", ["strategy={name: l2p, pool_size: 10, length: 5, top_k: 5}", NO_MEMORY]),
+    "dualprompt": ("DualPrompt", ["strategy={name: dualprompt, g_layers: [0, 1], e_layers: [2, 3]}", NO_MEMORY]),
+    "codaprompt": ("CODA-Prompt", ["strategy={name: codaprompt, pool_size: 100, length: 8, layers: [0, 1, 2, 3]}",
+                                   NO_MEMORY]),
+    "ease": ("EASE", ["strategy={name: ease, bottleneck: 16}", NO_MEMORY]),
+}
+
+
+def run_seed(seed: int, out: Path, jobs: int) -> None:
+    overrides = [f"seed={seed}", f"protocol.order_seed={seed}", "output.tensorboard=false"]
+    mae_dir = out / f"mae-seed{seed}"
+    print(run_incremental("pretrain-mae", MAE_CONFIG, mae_dir, *overrides, marker="mae_log.json"), flush=True)
+    encoder = f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"
+    jobs_list = [("digits_b0_5steps", out / f"{name}-seed{seed}", *overrides, encoder, *sets)
+                 for name, (_, sets) in METHODS.items()]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for message in pool.map(lambda job: run_incremental("run", *job), jobs_list):
+            print(message, flush=True)
+
+
+def report(out: Path, seeds: list[int], command: str) -> str:
+    lines = ["# Pre-trained-model methods on digits, from the toolkit's own MAE encoder", "", "Produced by", "",
+             f"    {command}", "",
+             "Digits (scikit-learn), B0, 5 steps of 2 classes, the default protocol's ViT (patch 4, 128 wide, 4 "
+             "blocks, mean-pooled) initialised from `incremental pretrain-mae` on the 2 base classes' training "
+             "images of that seed's class order (200 epochs, mask ratio 0.75). Training as the protocol: AdamW "
+             "1e-3, batch 32, 20 epochs per step (APER and RanPAC: the first step only). Seeds " + str(seeds)
+             + " (each sets the run seed and the class order); mean ± std over seeds.", "",
+             "| method | memory | avg inc acc | last acc | forgetting | trained params | wall s | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (label, sets) in METHODS.items():
+        runs = [json.loads((out / f"{name}-seed{s}" / "metrics.json").read_text())
+                for s in seeds if is_complete(out / f"{name}-seed{s}")]
+        if not runs:
+            lines.append(f"| {label} | - | - | - | - | - | - | 0 |")
+            continue
+        memory = 0 if NO_MEMORY in sets else 200
+        trained = runs[0].get("backbone_report", {}).get("trainable_params")
+        lines.append(f"| {label} | {memory} | {mean_std([m['average_incremental_accuracy'] for m in runs])} | "
+                     f"{mean_std([m['last_accuracy'] for m in runs])} | "
+                     f"{mean_std([m['forgetting']['mean'] for m in runs])} | "
+                     f"{'-' if trained is None else f'{trained:,}'} | "
+                     f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/pretrained_digits"))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(seed, args.out, args.jobs)
+    command = "python experiments/pretrained/run_digits.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only")
+    results = HERE / "results.md"
+    text = report(args.out, args.seeds, command.strip()) + kept_reading(results)
+    results.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Parameter-efficient tuning of a timm ViT or Swin, for the methods that start from a pre-trained one.
+
+Each block attaches to a ``timm`` VisionTransformer or SwinTransformer without touching its own
+weights or their names (so pre-trained checkpoints still load into it), through forward hooks
+and one attention wrapper, and starts as the identity:
+
+- :func:`freeze`: no gradients (and, for the pre-trained-model methods, eval mode) for a module;
+- :func:`add_adapters`: AdaptFormer's parallel adapters (Chen et al. 2022): ``x + MLP(LN(x)) +
+  s * up(ReLU(down(x)))`` in every block, the up-projection zero-initialised (PILOT's
+  ``vit_adapter``: bottleneck 64, scale 0.1); several adapter *sets*, one active at a time (EASE);
+- :func:`add_ssf`: SSF's scale and shift (Lian et al. 2022) after every linear layer and
+  LayerNorm: ``y * gamma + beta``, with gamma 1 and beta 0 at the start;
+- :func:`add_vpt_deep`: VPT-deep prompts (Jia et al. 2022): learned tokens after the class
+  token, replaced at the input of every block (ViT only: Swin's windows have no place for them);
+- :class:`PrefixAttention`: prefix-tuning inside attention (Li and Liang 2021): per-sample key
+  and value prefixes concatenated to the keys and values of a block (DualPrompt, CODA-Prompt);
+  in a Swin block, every window of an image attends to that image's prefixes;
+- :func:`query_features`: the query pass (L2P, DualPrompt, CODA-Prompt): the pooled features
+  (a token-pooled ViT's class token) with every prompt and adapter switched off.
+
+On Swin the adapters' and prefixes' widths follow each stage's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+
+
+def vision_transformer(backbone: nn.Module, *, key: str = "backbone.name", swin: bool = False) -> nn.Module:
+    """The timm VisionTransformer (with ``swin``, or SwinTransformer) these blocks attach to, or a
+    one-line error."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer) or (swin and isinstance(backbone, SwinTransformer)):
+        return backbone
+    wanted = "a ViT or Swin backbone (vit, timm_vit, vit_dlcl, swin, s3_*)" if swin else \
+        "a ViT backbone (vit, timm_vit, vit_dlcl)"
+    raise ConfigError(f"this needs {wanted}, not {type(backbone).__name__}", key=key)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in order: a ViT's ``blocks``, or every stage's blocks of a Swin."""
+    if hasattr(model, "layers"):  # Swin: stages of blocks
+        return [block for stage in model.layers for block in stage.blocks]
+    return list(model.blocks)
+
+
+def block_width(block: nn.Module) -> int:
+    return int(block.norm2.normalized_shape[0])
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients for ``module``'s parameters; returns it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class Adapter(nn.Module):
+    """AdaptFormer's bottleneck: ``scale * up(ReLU(down(x)))``; zero at the start."""
+
+    def __init__(self, dim: int, bottleneck: int, scale: float):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)  # PILOT's "lora" init
+        for tensor in (self.down.bias, self.up.weight, self.up.bias):
+            nn.init.zeros_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.down(x))) * self.scale
+
+
+class AdapterBank(nn.Module):
+    """Adapter sets (one adapter per block each); ``active`` picks the set in use (None: off)."""
+
+    def __init__(self, widths: list[int], bottleneck: int, scale: float, sets: int):
+        super().__init__()
+        self.sets = nn.ModuleList(nn.ModuleList(Adapter(width, bottleneck, scale) for width in widths)
+                                  for _ in range(sets))
+        self.active: int | None = 0
+        self._inputs: dict[int, torch.Tensor] = {}
+
+
+def add_adapters(vit: nn.Module, *, bottleneck: int, scale: float, sets: int = 1) -> AdapterBank:
+    """Parallel adapters in every block of ``vit`` (registered as ``vit.adapters``): the block's
+    MLP branch gets ``+ adapter(x)``, ``x`` the block's input to that branch."""
+    blocks = transformer_blocks(vit)
+    bank = AdapterBank([block_width(block) for block in blocks], bottleneck, scale, sets)
+    vit.adapters = bank
+    for index, block in enumerate(blocks):
+        def capture(module: nn.Module, args: tuple, index: int = index) -> None:
+            bank._inputs[index] = args[0]
+
+        def add(module: nn.Module, args: tuple, output: torch.Tensor, index: int = index) -> torch.Tensor:
+            x = bank._inputs.pop(index)
+            if bank.active is None or not tuning_on(vit):
+                return output
+            return output + bank.sets[bank.active][index](x)
+
+        block.norm2.register_forward_pre_hook(capture)
+        block.mlp.register_forward_hook(add)
+    return bank
+
+
+@contextlib.contextmanager
+def adapters_set(vit: nn.Module, active: int | None) -> Iterator[None]:
+    """Run the body with adapter set ``active`` (None: none), then restore the previous one (EASE)."""
+    bank = getattr(vit, "adapters", None)
+    if bank is None:
+        yield
+        return
+    previous, bank.active = bank.active, active
+    try:
+        yield
+    finally:
+        bank.active = previous
+
+
+# --------------------------------------------------------------------------- SSF
+
+
+class ScaleShift(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma + self.beta
+
+
+def add_ssf(vit: nn.Module) -> nn.ModuleDict:
+    """SSF after every Linear and LayerNorm of the blocks (a Swin's stages, with their patch
+    merging) and the final norm (``vit.ssf``)."""
+    targets = [(name, m) for name, m in vit.named_modules()
+               if (name.startswith(("blocks.", "layers.")) or name in ("norm", "fc_norm"))
+               and isinstance(m, (nn.Linear, nn.LayerNorm))]
+    ssf = nn.ModuleDict()
+    for name, module in targets:
+        dim = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
+        layer = ScaleShift(dim)
+        ssf[name.replace(".", "_")] = layer
+        module.register_forward_hook(lambda m, args, out, layer=layer: layer(out) if tuning_on(vit) else out)
+    vit.ssf = ssf
+    return ssf
+
+
+# --------------------------------------------------------------------------- VPT-deep
+
+
+def add_vpt_deep(vit: nn.Module, *, length: int) -> nn.Parameter:
+    """``length`` prompt tokens after the prefix tokens, a fresh set at every block's input
+    (``vit.vpt``, depth x length x dim); the pooling skips them (they join the prefix tokens)."""
+    depth, dim = len(vit.blocks), vit.embed_dim
+    prompts = nn.Parameter(torch.empty(depth, length, dim))
+    nn.init.uniform_(prompts, -(6.0 / (dim + length)) ** 0.5, (6.0 / (dim + length)) ** 0.5)  # VPT's xavier
+    vit.vpt = prompts
+    prefix = vit.num_prefix_tokens
+
+    def insert(module: nn.Module, args: tuple, index: int) -> tuple | None:
+        if not tuning_on(vit):
+            return None
+        x = args[0]
+        p = prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)
+        if index == 0:
+            return (torch.cat([x[:, :prefix], p, x[:, prefix:]], dim=1), *args[1:])
+        return (torch.cat([x[:, :prefix], p, x[:, prefix + length:]], dim=1), *args[1:])
+
+    for index, block in enumerate(vit.blocks):
+        block.register_forward_pre_hook(lambda m, args, index=index: insert(m, args, index))
+    vit.num_prefix_tokens = prefix + length
+    vit._vpt_length = length
+    return prompts
+
+
+# --------------------------------------------------------------------------- prefixes in attention
+
+
+class PrefixAttention(nn.Module):
+    """timm's Attention with optional key/value prefixes: set ``prefix`` to ``(keys, values)``,
+    each (B, heads, length, head_dim), before the forward pass; None runs it unchanged."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.inner = attention
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        inner = self.inner
+        windowed = hasattr(inner, "window_area")  # Swin's WindowAttention: x holds windows, ``mask`` shifts
+        if self.prefix is None or not self.enabled:
+            return inner(x, mask=mask) if windowed else inner(x, attn_mask=attn_mask, is_causal=is_causal)
+        if windowed:
+            return self._windows(x, mask)
+        b, n, _ = x.shape
+        qkv = inner.qkv(x).reshape(b, n, 3, inner.num_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = inner.q_norm(q), inner.k_norm(k)
+        keys, values = self.prefix
+        k = torch.cat([keys.to(k.dtype), k], dim=2)
+        v = torch.cat([values.to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=inner.attn_drop.p if self.training else 0.0)
+        out = inner.norm(out.transpose(1, 2).reshape(b, n, inner.attn_dim))
+        return inner.proj_drop(inner.proj(out))
+
+
+    def _windows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Swin: x is (B * windows, N, C), image-major (timm's window_partition); each window
+        attends to its image's prefixes, which carry no position bias and no shift mask."""
+        inner = self.inner
+        keys, values = self.prefix
+        windows, n, _ = x.shape
+        per_image = windows // keys.shape[0]
+        qkv = inner.qkv(x).reshape(windows, n, 3, inner.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        k = torch.cat([keys.to(k.dtype).repeat_interleave(per_image, dim=0), k], dim=2)
+        v = torch.cat([values.to(v.dtype).repeat_interleave(per_image, dim=0), v], dim=2)
+        bias = inner._get_rel_pos_bias().expand(windows, -1, -1, -1)  # (windows, heads, N, N)
+        if mask is not None:
+            shifts = mask.shape[0]
+            bias = (bias.reshape(-1, shifts, inner.num_heads, n, n) + mask.view(1, shifts, 1, n, n)
+                    ).reshape(windows, inner.num_heads, n, n)
+        bias = F.pad(bias, (keys.shape[2], 0)).to(q.dtype)  # prefix columns: no bias
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=inner.attn_drop.p if self.training else 0.0)
+        return inner.proj_drop(inner.proj(out.transpose(1, 2).reshape(windows, n, -1)))
+
+
+def add_prefix_attention(vit: nn.Module, layers: list[int]) -> list[PrefixAttention]:
+    """Wrap the attention of ``layers`` (block indices, counted over a Swin's stages) so that
+    they take prefixes (see PrefixAttention)."""
+    wrapped = []
+    blocks = transformer_blocks(vit)
+    for index in layers:
+        block = blocks[index]
+        if not isinstance(block.attn, PrefixAttention):
+            block.attn = PrefixAttention(block.attn)
+        wrapped.append(block.attn)
+    return wrapped
+
+
+# --------------------------------------------------------------------------- the query pass
+
+
+def tuning_on(vit: nn.Module) -> bool:
+    return getattr(vit, "_tuning_on", True)
+
+
+@contextlib.contextmanager
+def tuning_off(vit: nn.Module) -> Iterator[None]:
+    """Run the body on the pre-trained network alone: adapters, SSF, VPT prompts and attention
+    prefixes switched off (APER's original branch, the prompt methods' query pass)."""
+    previous = tuning_on(vit)
+    prefix_tokens = getattr(vit, "num_prefix_tokens", 0)  # a Swin has none
+    attentions = [m for m in vit.modules() if isinstance(m, PrefixAttention)]
+    vit._tuning_on = False
+    if hasattr(vit, "num_prefix_tokens"):
+        vit.num_prefix_tokens = prefix_tokens - getattr(vit, "_vpt_length", 0) if previous else prefix_tokens
+    for module in attentions:
+        module.enabled = False
+    try:
+        yield
+    finally:
+        vit._tuning_on = previous
+        if hasattr(vit, "num_prefix_tokens"):
+            vit.num_prefix_tokens = prefix_tokens
+        for module in attentions:
+            module.enabled = True
+
+
+@torch.no_grad()
+def query_features(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features of ``vit`` on ``x`` with every tuning block off: the query L2P,
+    DualPrompt and CODA-Prompt match their keys against (PILOT's ``original_backbone``; the
+    prompted backbone's own weights are frozen, so they are the same network). The model's own
+    pooling: the class token for a token-pooled ViT (the references'), the mean of the patch
+    tokens for an avg-pooled one, a Swin's pooled features."""
+    with tuning_off(vit):
+        return vit.forward_head(vit.forward_features(x), pre_logits=True)
+
+
+# --------------------------------------------------------------------------- the tuning registry's builders
+# tune_NAME(vit, config): attach the block to ``vit`` and leave trainable exactly what the
+# method trains (the pre-trained weights frozen, except for ``finetune``).
+
+
+def tune_frozen(vit: nn.Module, config: Any = None) -> None:
+    """The pre-trained ViT (or Swin) as it is: no parameter of it trains."""
+    freeze(vision_transformer(vit, swin=True))
+
+
+def tune_all(vit: nn.Module, config: Any = None) -> None:
+    """Every parameter of the pre-trained ViT (or Swin) trains."""
+    for p in vision_transformer(vit, swin=True).parameters():
+        p.requires_grad_(True)
+
+
+def tune_adapter(vit: nn.Module, config: Any) -> None:
+    """AdaptFormer's parallel adapters in every block (zero-initialised); only they train."""
+    freeze(vision_transformer(vit, swin=True))
+    add_adapters(vit, bottleneck=config.bottleneck, scale=config.scale)
+
+
+def tune_ssf(vit: nn.Module, config: Any = None) -> None:
+    """SSF: a scale and shift after every linear layer and norm (identity at first); only they train."""
+    freeze(vision_transformer(vit, swin=True))
+    add_ssf(vit)
+
+
+def tune_vpt_deep(vit: nn.Module, config: Any) -> None:
+    """VPT-deep: learned prompt tokens at the input of every block; only they train."""
+    freeze(vision_transformer(vit))
+    add_vpt_deep(vit, length=config.length)
+
+
+def apply_tuning(vit: nn.Module, spec: Any) -> None:
+    """Apply a ``tuning`` component (``{name: adapter, bottleneck: 64}``) to ``vit``."""
+    from ..registry import TUNING
+
+    TUNING.get(spec.name).obj(vit, spec.config)
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["Adapter", "AdapterBank", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
+           "add_ssf", "add_vpt_deep", "adapters_set", "apply_tuning", "block_width", "freeze", "query_features",
+           "trainable_parameters", "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_ssf",
+           "tune_vpt_deep", "tuning_off", "tuning_on", "vision_transformer"]

@@ -1,0 +1,63 @@
+"""What the methods that start from a pre-trained ViT share: class prototypes kept in the model's
+output adapter, features of an experience's training images, and first-session-only training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from incremental.memory import extract_features
+from incremental.models.net import PrototypeOutput
+from incremental.strategy import StrategyPlugin
+
+
+def experience_features(strategy: Any, experience: int, context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (eval transforms, eval mode, fp32) and labels of experience ``experience``'s
+    training images."""
+    data = context.train_dataset(experience)
+    features = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size, device=strategy.device)
+    return features, torch.as_tensor(list(data.targets))
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The mean feature of each label present."""
+    return {int(c): features[labels == c].mean(dim=0) for c in labels.unique()}
+
+
+def set_prototypes(model: nn.Module, means: dict[int, torch.Tensor], metric: str) -> None:
+    """Put ``means`` (label -> prototype) into the model's prototype classifier, growing it to
+    the largest label; rows of classes not given stay as they were (zeros if new)."""
+    width = next(iter(means.values())).numel()
+    old = model.output_adapter.prototypes if isinstance(model.output_adapter, PrototypeOutput) else None
+    rows = max(max(means) + 1, 0 if old is None else len(old))
+    prototypes = torch.zeros(rows, width, device=next(model.parameters()).device)
+    if old is not None:
+        prototypes[: len(old)] = old
+    for label, mean in means.items():
+        prototypes[label] = mean.to(prototypes.device)
+    model.output_adapter = PrototypeOutput(prototypes, metric)
+
+
+def replace_head(model: nn.Module, num_features: int) -> None:
+    """A fresh growing classifier for a backbone whose feature width the strategy changed."""
+    from avalanche.models import IncrementalClassifier
+
+    model.head = IncrementalClassifier(num_features, initial_out_features=model.head.classifier.out_features)
+    model.num_features = num_features
+
+
+class FirstSessionTraining(StrategyPlugin):
+    """Trains in the first experience only (``tune_epochs`` of it), then adds classes without
+    gradient steps (APER, RanPAC): later experiences run zero epochs."""
+
+    def tune_epochs(self) -> int:
+        training = self.context.config.training
+        configured = getattr(self.config, "tune_epochs", None)
+        return configured if configured is not None else (training.initial_epochs or training.epochs)
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        first = strategy.experience.current_experience == 0
+        trains = first and any(p.requires_grad for p in strategy.model.backbone.parameters())
+        strategy.train_epochs = self.tune_epochs() if trains else 0

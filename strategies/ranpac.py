@@ -1,0 +1,96 @@
+"""RanPAC (McDonnell et al. 2023, "RanPAC: random projections and pre-trained models for
+continual learning"), PILOT's ``ranpac``.
+
+Optionally, the first experience adapts the ViT (``tuning``: adapters by default, as RanPAC's
+"first-session adaptation"; ``frozen`` for none). Then, for every experience, the pooled
+features ``f`` of its training images (eval transforms) go through a fixed random projection
+``h = ReLU(f W_rand)`` (``W_rand``: d x M, standard normal, drawn once) and update
+
+    G <- G + H^T H,     Q <- Q + H^T Y        (Y: one-hot labels of every class)
+
+and the classifier is the ridge solution ``W = (G + lambda I)^-1 Q``, logits ``h W``. lambda is
+chosen from 10^-8 .. 10^8 by the mean squared error on ``validation_fraction`` of the
+experience's images, held out of a solve on the rest (RanPAC's ``optimise_ridge_parameter``).
+The statistics are summed and the ridge solved in fp64, whatever ``training.precision`` is
+(the reference keeps and solves them in fp32, which small ridges make unstable; the price is
+M^2 x 8 bytes for G: 800 MB at M = 10,000).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from incremental.models.net import RandomProjectionOutput
+from incremental.models.peft import apply_tuning, vision_transformer
+from incremental.strategy import StrategyContext
+
+from .options import RanPACConfig
+from .pretrained import FirstSessionTraining, experience_features
+
+RIDGES = [10.0 ** k for k in range(-8, 9)]
+
+
+def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + ridge I)^-1 Q``, transposed: (classes, M), solved in fp64 and returned in fp32 (an
+    fp32 solve, the reference's, lost half the accuracy on digits at lambda 0.01)."""
+    eye = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
+    return torch.linalg.solve(gram.double() + ridge * eye, targets.double()).T.float()
+
+
+def choose_ridge(hidden: torch.Tensor, onehot: torch.Tensor, validation_fraction: float) -> float:
+    """RanPAC's lambda: the one whose solve on the first part predicts the held-out rest best."""
+    split = int(len(hidden) * (1 - validation_fraction))
+    fit, held = hidden[:split], hidden[split:]
+    gram, targets = fit.T @ fit, fit.T @ onehot[:split]
+    losses = [torch.mean((held @ ridge_solve(gram, targets, ridge).T.to(held) - onehot[split:]) ** 2).item()
+              for ridge in RIDGES]
+    return RIDGES[int(torch.tensor(losses).argmin())]
+
+
+class RanPAC(FirstSessionTraining):
+    """RanPAC: a random projection with ReLU and a ridge-regression head, accumulated over experiences."""
+
+    def __init__(self, config: RanPACConfig, context: StrategyContext):
+        super().__init__(config, context)
+        self.projection: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.ridges: list[float] = []
+
+    def prepare_model(self, model: Any) -> None:
+        apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        experience = strategy.experience.current_experience
+        if experience == 0:
+            for p in strategy.model.backbone.parameters():  # adapted once, then fixed
+                p.requires_grad_(False)
+        features, labels = experience_features(strategy, experience, self.context)
+        features = features.float().cpu()
+        if self.projection is None:
+            self.projection = torch.randn(features.shape[1], self.config.projection_dim)
+            m = self.config.projection_dim
+            # fp64: summed in fp32 over thousands of images, G lost its positive definiteness
+            # (an eigenvalue of -0.45 next to 4e7 on digits), and small ridges then broke the solve
+            self.gram = torch.zeros(m, m, dtype=torch.float64)
+            self.targets = torch.zeros(m, self.context.total_classes, dtype=torch.float64)
+        order = torch.randperm(len(features))  # a random held-out part (RanPAC's loader shuffles)
+        hidden = torch.relu(features[order].double() @ self.projection.double())
+        onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).double()
+        self.gram += hidden.T @ hidden
+        self.targets += hidden.T @ onehot
+        ridge = choose_ridge(hidden, onehot, self.config.validation_fraction)
+        self.ridges.append(ridge)
+        seen = int(labels.max()) + 1
+        weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
+        device = next(strategy.model.parameters()).device
+        strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"projection": self.projection, "gram": self.gram, "targets": self.targets, "ridges": self.ridges}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        self.projection, self.gram, self.targets = state["projection"], state["gram"], state["targets"]
+        self.ridges = [float(r) for r in state["ridges"]]

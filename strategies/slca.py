@@ -1,0 +1,132 @@
+"""SLCA (Zhang et al. 2023, "SLCA: slow learner with classifier alignment"), PILOT's ``slca``.
+
+Slow learner: the whole pre-trained ViT trains at ``backbone_lr_scale`` (1/100) of the head's
+LR, on the current experience's classes only (a softmax over them: older classes' logits are
+masked out of the loss). Classifier alignment: after each experience every class seen so far is
+a Gaussian of its features (mean, and covariance + 1e-4 I, from its training images when its
+experience ended); from the second experience on, ``ca_epochs`` epochs train the head alone on
+``ca_samples_per_class`` features drawn per class from those Gaussians, with SLCA's logit
+normalisation (logits divided by the mean per-experience logit norm, over ``ca_logit_norm``).
+The means are drawn at ``(0.9 + 0.1 (t + 1) / (T + 1))`` times their value, t the class's
+experience and T the current one, as the reference does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from incremental.strategy import StrategyContext, StrategyPlugin
+
+from .options import SLCAConfig
+from .pretrained import experience_features
+
+
+def backbone_lr_hook(scale: float) -> Any:
+    """Parameter groups: the backbone's at ``scale`` times the LR (the head keeps it)."""
+
+    def hook(model: Any, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        backbone = {id(p) for p in model.backbone.parameters()}
+        out = []
+        for group in groups:
+            slow = [p for p in group["params"] if id(p) in backbone]
+            fast = [p for p in group["params"] if id(p) not in backbone]
+            if slow:
+                out.append({**group, "params": slow, "name": f"backbone_{group['name']}",
+                            "lr_scale": group.get("lr_scale", 1.0) * scale})
+            if fast:
+                out.append({**group, "params": fast})
+        return out
+
+    return hook
+
+
+def alignment_samples(means: torch.Tensor, covariances: torch.Tensor, class_experience: list[int], current: int,
+                      per_class: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` features of every class from its Gaussian (mean scaled as SLCA does), and
+    their labels, shuffled."""
+    features, labels = [], []
+    for label in range(len(means)):
+        mean = means[label] * (0.9 + 0.1 * (class_experience[label] + 1) / (current + 1))
+        normal = torch.distributions.MultivariateNormal(mean.float(), covariance_matrix=covariances[label].float())
+        features.append(normal.sample((per_class,)))
+        labels += [label] * per_class
+    features, labels = torch.cat(features), torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=generator)
+    return features[order], labels[order]
+
+
+class SLCA(StrategyPlugin):
+    """SLCA: a slow backbone, a fast head, and classifier alignment from class Gaussians."""
+
+    def __init__(self, config: SLCAConfig, context: StrategyContext):
+        super().__init__(config, context)
+        if config.backbone_lr_scale > 0:
+            context.param_group_hooks.append(backbone_lr_hook(config.backbone_lr_scale))
+        self.means: torch.Tensor | None = None  # (classes, d)
+        self.covariances: torch.Tensor | None = None  # (classes, d, d)
+
+    def prepare_model(self, model: Any) -> None:
+        if self.config.backbone_lr_scale == 0:
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        """The loss sees the current experience's classes only (SLCA's per-task softmax)."""
+        known = self.context.class_split.label_ranges()[strategy.experience.current_experience].start
+        if known:
+            strategy.mb_output = strategy.mb_output.clone()
+            strategy.mb_output[:, :known] = float("-inf")
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        experience = strategy.experience.current_experience
+        features, labels = experience_features(strategy, experience, self.context)
+        features = features.double()
+        width, seen = features.shape[1], int(labels.max()) + 1
+        means = torch.zeros(seen, width, dtype=torch.float64)
+        covariances = torch.zeros(seen, width, width, dtype=torch.float64)
+        if self.means is not None:
+            means[: len(self.means)], covariances[: len(self.covariances)] = self.means, self.covariances
+        for label in labels.unique().tolist():
+            own = features[labels == label]
+            means[label] = own.mean(dim=0)
+            covariances[label] = torch.cov(own.T) + 1e-4 * torch.eye(width, dtype=torch.float64)
+        self.means, self.covariances = means, covariances
+        if experience > 0 and self.config.ca_epochs > 0:
+            self.align(strategy, experience)
+
+    def align(self, strategy: Any, experience: int) -> None:
+        """Classifier alignment: the head alone, on features drawn from the class Gaussians."""
+        head = strategy.model.head
+        training = self.context.config.training
+        optimizer = torch.optim.SGD(head.parameters(), lr=training.optimizer.lr, momentum=0.9,
+                                    weight_decay=training.optimizer.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.ca_epochs)
+        ranges = self.context.class_split.label_ranges()[: experience + 1]
+        class_experience = [e for e, r in enumerate(ranges) for _ in r]
+        per_class = self.config.ca_samples_per_class
+        was_training = strategy.model.training
+        strategy.model.eval()
+        for _ in range(self.config.ca_epochs):
+            features, labels = alignment_samples(self.means, self.covariances, class_experience, experience, per_class)
+            features, labels = features.to(strategy.device), labels.to(strategy.device)
+            for start in range(0, len(labels), per_class):
+                logits = head(features[start:start + per_class])[:, : len(self.means)]
+                target = labels[start:start + per_class]
+                if self.config.ca_logit_norm is not None:
+                    norms = torch.stack([logits[:, r.start:r.stop].norm(dim=1) + 1e-7 for r in ranges], 1).mean(1)
+                    logits = logits / norms.unsqueeze(1) / self.config.ca_logit_norm
+                loss = F.cross_entropy(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+        strategy.model.train(was_training)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"means": self.means, "covariances": self.covariances}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        self.means, self.covariances = state["means"], state["covariances"]

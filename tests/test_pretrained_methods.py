@@ -1,0 +1,318 @@
+"""The pre-trained-model methods checked on their mathematics: prototypes are class means,
+RanPAC's head is a ridge least-squares solve, frozen weights stay bit-identical, adapters and
+SSF start as the identity, L2P picks the top-k keys by cosine, CODA mixes its components by
+its attention weights, SLCA samples from the Gaussians it stored; and every method runs from
+the CLI on a small pre-trained ViT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_RUN
+
+from incremental.cli import main
+
+VIT = "{name: vit, patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2, global_pool: token, drop_path_rate: 0.0}"
+METHODS = {
+    "simplecil": "simplecil",
+    "aper_adapter": "{name: aper, tuning: {name: adapter, bottleneck: 8}}",
+    "aper_ssf": "{name: aper, tuning: ssf}",
+    "aper_vpt": "{name: aper, tuning: {name: vpt_deep, length: 2}}",
+    "aper_finetune": "{name: aper, tuning: finetune}",
+    "ranpac": "{name: ranpac, projection_dim: 300}",
+    "slca": "{name: slca, ca_samples_per_class: 16}",
+    "l2p": "{name: l2p, pool_size: 6, length: 2, top_k: 2}",
+    "dualprompt": "{name: dualprompt, g_layers: [0], e_layers: [1, 2]}",
+    "codaprompt": "{name: codaprompt, pool_size: 6, length: 4, layers: [0, 1, 2], ortho_weight: 0.01}",
+    "ease": "{name: ease, bottleneck: 8}",
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, Path]:
+    """tiny.yaml, and a 'pre-trained' encoder file: a ViT of the run's shape trained by nothing
+    but its seed (the methods' maths does not need good weights)."""
+    from incremental.config import load_config
+    from incremental.models.net import build_backbone
+
+    root = tmp_path_factory.mktemp("pretrained")
+    (root / "tiny.yaml").write_text(TINY_RUN)
+    cfg, _ = load_config(str(root / "tiny.yaml"), [f"backbone={VIT}"])
+    torch.manual_seed(7)
+    encoder = build_backbone(cfg.backbone, in_chans=1, img_size=16)
+    weights = root / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
+    return root / "tiny.yaml", weights
+
+
+def run_method(config: Path, weights: Path, out: Path, strategy: str, *sets: str) -> dict:
+    args = ["run", str(config), "--out", str(out), "--quiet", "--set", f"backbone={VIT}",
+            "--set", f"backbone.pretrained={weights}", "--set", f"strategy={strategy}",
+            "--set", "training.epochs=1", "--set", "output.tensorboard=false", "--set", "protocol.memory={}"]
+    for value in sets:
+        args += ["--set", value]
+    assert main(args) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_from_the_cli(method, pretrained, tmp_path):
+    config, weights = pretrained
+    metrics = run_method(config, weights, tmp_path / method, METHODS[method])
+    assert metrics["status"] == "complete" and len(metrics["accuracy_matrix"]) == 3
+    assert metrics["backbone_report"]["pretrained"]["sha256"] == _sha256(weights)
+    trained, encoder = metrics["trained_params"], metrics["backbone_report"]["params"]
+    if method == "simplecil":  # no gradient step at all
+        assert trained == [0, 0, 0]
+    elif method.startswith(("aper", "ranpac")):  # the first session only
+        assert trained[0] > 0 and trained[1:] == [0, 0]
+    else:  # every step; prompts, adapters and SLCA's slow backbone, never more than the whole
+        assert all(t > 0 for t in trained)
+    if method not in ("aper_finetune", "slca"):  # parameter-efficient: a fraction of the encoder
+        assert max(trained) < encoder / 2, (trained, encoder)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _saved_features(run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[range]]:
+    """The saved model, the pooled features and labels of all training images (eval transforms)."""
+    from incremental.config import load_config
+    from incremental.data import build_dataset
+    from incremental.probes.offline import load_saved_model
+    from incremental.protocol import OrderedClassSubset, make_class_split
+
+    cfg, _ = load_config(str(run_dir / "config.yaml"))
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+    model, _ = load_saved_model(run_dir, cfg, splits, split)
+    model.eval()
+    train = OrderedClassSubset(splits.train, split.class_order)
+    images = torch.stack([splits.eval_transform(train[i][0]) for i in range(len(train))])
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    return model, features, torch.tensor(train.targets), split.label_ranges()
+
+
+def test_simplecil_prototypes_are_the_class_means_and_the_backbone_is_untouched(pretrained, tmp_path):
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "simplecil")
+    model, features, labels, _ = _saved_features(tmp_path / "run")
+    means = torch.stack([features[labels == c].mean(0) for c in range(10)])
+    assert torch.allclose(model.output_adapter.prototypes, means, atol=1e-5)
+    saved, original = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(weights))
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in original.items())  # bit-identical
+
+
+def test_ranpac_head_is_the_ridge_least_squares_solution(pretrained, tmp_path):
+    """W = argmin ||H W^T - Y||^2 + lambda ||W||^2 over every image seen, H = ReLU(F W_rand),
+    with lambda the last one chosen: numpy's lstsq on [H; sqrt(lambda) I] gives the same W."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: ranpac, projection_dim: 64, tuning: frozen}")
+    model, features, labels, _ = _saved_features(tmp_path / "run")
+    adapter = model.output_adapter
+    ridge = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["plugins"][0]["ridges"][-1]
+    hidden = torch.relu(features.double() @ adapter.projection.double()).numpy()
+    onehot = np.eye(10)[labels.numpy()]
+    m = hidden.shape[1]
+    stacked = np.vstack([hidden, np.sqrt(ridge) * np.eye(m)])
+    solution = np.linalg.lstsq(stacked, np.vstack([onehot, np.zeros((m, 10))]), rcond=None)[0].T
+    assert np.allclose(adapter.weights.numpy(), solution, rtol=1e-3, atol=1e-4 * np.abs(solution).max())
+
+
+def test_ranpac_accumulates_to_the_solve_over_the_union():
+    from incremental.strategies.ranpac import ridge_solve
+
+    gen = torch.Generator().manual_seed(0)
+    h1, h2 = torch.rand(30, 8, generator=gen, dtype=torch.float64), torch.rand(20, 8, generator=gen, dtype=torch.float64)
+    y1, y2 = torch.eye(4, dtype=torch.float64)[torch.randint(0, 4, (30,), generator=gen)], \
+        torch.eye(4, dtype=torch.float64)[torch.randint(0, 4, (20,), generator=gen)]
+    accumulated = ridge_solve(h1.T @ h1 + h2.T @ h2, h1.T @ y1 + h2.T @ y2, 0.5)
+    union = torch.cat([h1, h2])
+    assert torch.allclose(accumulated.double(), ridge_solve(union.T @ union, union.T @ torch.cat([y1, y2]), 0.5).double(),
+                          atol=1e-5)
+
+
+def test_prompt_methods_leave_the_pretrained_vit_bit_identical(pretrained, tmp_path):
+    config, weights = pretrained
+    original = load_file(str(weights))
+    for method in ("l2p", "dualprompt", "codaprompt"):
+        run_method(config, weights, tmp_path / method, METHODS[method])
+        saved = load_file(str(tmp_path / method / "model.safetensors"))
+        inner = {k.replace(".attn.inner.", ".attn."): v for k, v in saved.items() if k.startswith("backbone.vit.")}
+        assert all(torch.equal(inner[f"backbone.vit.{k}"], v) for k, v in original.items()), method
+        assert any(k.startswith("backbone.prompter.") for k in saved)
+
+
+def _tiny_transformer(kind: str) -> torch.nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        return VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=2,
+                                 num_heads=2).eval()
+    return SwinTransformer(img_size=16, patch_size=2, in_chans=1, num_classes=0, embed_dim=16, depths=(2, 2),
+                           num_heads=(1, 2), window_size=4).eval()
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_adapters_and_ssf_start_as_the_identity(kind):
+    from incremental.models.peft import add_adapters, add_ssf, tuning_off
+
+    model = _tiny_transformer(kind)
+    x = torch.randn(3, 1, 16, 16)
+    before = model(x)
+    add_adapters(model, bottleneck=8, scale=0.1)
+    add_ssf(model)
+    assert len(model.adapters.sets[0]) == (2 if kind == "vit" else 4) and len(model.ssf) > 4
+    assert torch.equal(model(x), before)
+    with torch.no_grad():  # once they change, the output does, and switching them off restores it
+        for p in [*model.adapters.parameters(), *model.ssf.parameters()]:
+            p.add_(0.1)
+    assert not torch.allclose(model(x), before)
+    with tuning_off(model):
+        assert torch.equal(model(x), before)
+
+
+def test_prefixes_in_a_shifted_swin_window_are_the_explicit_softmax():
+    """Each window attends to [its image's prefix; its own tokens]; the relative position
+    bias and the shift mask apply to the window's tokens only."""
+    from incremental.models.peft import add_prefix_attention, transformer_blocks
+
+    swin = _tiny_transformer("swin")
+    block = transformer_blocks(swin)[1]  # the shifted one of stage 0: its mask is not None
+    assert block.attn_mask is not None
+    inner = block.attn
+    wrapped = add_prefix_attention(swin, [1])[0]
+    images, windows_per_image, n, c, heads, length = 2, block.attn_mask.shape[0], inner.window_area, 16, 1, 3
+    x = torch.randn(images * windows_per_image, n, c)
+    keys, values = torch.randn(images, heads, length, c // heads), torch.randn(images, heads, length, c // heads)
+    wrapped.prefix = (keys, values)
+    out = wrapped(x, mask=block.attn_mask)
+    qkv = inner.qkv(x).reshape(len(x), n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    bias = inner._get_rel_pos_bias()[0]
+    for w in range(len(x)):
+        image, shift = divmod(w, windows_per_image)
+        q, k, v = qkv[0][w], torch.cat([keys[image], qkv[1][w]], 1), torch.cat([values[image], qkv[2][w]], 1)
+        logits = q @ k.transpose(-1, -2) * inner.scale
+        logits[..., length:] += bias + block.attn_mask[shift]
+        expected = inner.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c))
+        assert torch.allclose(out[w], expected, atol=1e-5), w
+    wrapped.prefix = None
+    assert torch.equal(wrapped(x, mask=block.attn_mask), inner(x, mask=block.attn_mask))
+
+
+SWIN = "{name: swin, embed_dim: 16, depths: [2, 2], num_heads: [1, 2], drop_path_rate: 0.0}"
+
+
+@pytest.mark.parametrize("method", ["aper_adapter", "aper_ssf", "ranpac", "ease"])
+def test_the_tuning_methods_run_on_a_swin(method, tmp_path):
+    """Adapters and SSF attach to every block of every Swin stage, at that stage's width."""
+    (tmp_path / "tiny.yaml").write_text(TINY_RUN)
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "tiny.yaml"), "--out", str(out), "--quiet", "--set", f"backbone={SWIN}",
+                 "--set", f"strategy={METHODS[method]}", "--set", "training.epochs=1",
+                 "--set", "output.tensorboard=false", "--set", "protocol.memory={}"]) == 0
+    saved = load_file(str(out / "model.safetensors"))
+    tuned = {k for k in saved if ".adapters." in k or ".ssf." in k}
+    assert tuned or method == "ranpac"
+    if ".adapters." in " ".join(tuned):
+        widths = {saved[k].shape[0] for k in tuned if k.endswith("up.weight")}
+        assert widths == {16, 32}  # stage 0 and stage 1
+
+
+def test_l2p_selects_the_top_k_keys_by_cosine_similarity():
+    from incremental.models.prompts import L2PPool
+
+    torch.manual_seed(0)
+    pool = L2PPool(dim=6, pool_size=5, length=2, top_k=2, batchwise=False)
+    query = torch.randn(4, 6)
+    cosine = torch.nn.functional.cosine_similarity(query.unsqueeze(1), pool.keys.unsqueeze(0), dim=2)
+    expected = cosine.argsort(dim=1, descending=True)[:, :2]
+    out = pool.eval()(query)
+    chosen = torch.stack([torch.stack([torch.nonzero((pool.prompts == t).all(-1).all(-1))[0, 0]
+                                       for t in tokens.view(2, 2, 6)]) for tokens in out.tokens])
+    assert torch.equal(chosen, expected)
+    pull = (torch.nn.functional.normalize(pool.keys, dim=1)[expected]
+            * torch.nn.functional.normalize(query, dim=1).unsqueeze(1)).sum() / 4
+    assert torch.allclose(-out.loss, pull)
+
+
+def test_coda_prompt_is_the_attention_weighted_sum_of_its_components():
+    from incremental.models.prompts import CodaPrompts
+
+    torch.manual_seed(0)
+    coda = CodaPrompts(dim=8, heads=2, pool_size=6, length=4, layers=[0], tasks=3, ortho_weight=0.0)
+    coda.start_task(1)
+    coda.eval()
+    query = torch.randn(5, 8)
+    prompt, alpha = coda.mix(query, 0)
+    k = 4  # (task + 1) * components per task
+    keys, attention, components = coda.keys[0, :k], coda.attention[0, :k], coda.components[0, :k]
+    for b in range(5):
+        weights = torch.stack([torch.nn.functional.cosine_similarity(query[b] * attention[j], keys[j], dim=0)
+                               for j in range(k)])
+        assert torch.allclose(alpha[b], weights, atol=1e-6)
+        assert torch.allclose(prompt[b], (weights[:, None, None] * components).sum(0), atol=1e-5)
+    # a new task's components are orthonormal to each other and to the earlier ones'
+    flat = coda.keys[0, :k]
+    assert torch.allclose(flat @ flat.T, torch.eye(k), atol=1e-5)
+
+
+def test_slca_alignment_samples_come_from_the_stored_gaussians():
+    from incremental.strategies.slca import alignment_samples
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    root = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    covariances = root @ root.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    torch.manual_seed(0)
+    samples, labels = alignment_samples(means, covariances, class_experience=[0, 1], current=1, per_class=20000)
+    for label, factor in ((0, 0.9 + 0.1 * 1 / 2), (1, 0.9 + 0.1 * 2 / 2)):
+        own = samples[labels == label].double()
+        assert torch.allclose(own.mean(0), means[label] * factor, atol=0.05)
+        assert torch.allclose(torch.cov(own.T), covariances[label], atol=0.08)
+
+
+def test_ease_complements_old_prototypes_from_the_new_classes():
+    from incremental.strategies.ease import complement
+
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(5, 2, 4, generator=gen)
+    old, new = range(0, 2), range(2, 5)
+    got = complement(prototypes, old, new, own=0, target=1)
+    for i in old:
+        weights = torch.softmax(torch.stack([torch.nn.functional.cosine_similarity(prototypes[i, 0], prototypes[j, 0], dim=0)
+                                             for j in new]), dim=0)
+        assert torch.allclose(got[i], (weights[:, None] * prototypes[2:5, 1]).sum(0), atol=1e-6)
+
+
+def test_ease_trains_each_experience_its_own_adapter_set_only(pretrained, tmp_path):
+    """After experience t, set t has moved from its start and sets < t are bit-identical to
+    what they were after their own experience; the pre-trained ViT never moves."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", METHODS["ease"], "output.checkpoint=all")
+    states = [torch.load(tmp_path / "run" / "checkpoints" / f"experience_{t:03d}.pt", weights_only=True)["model"]
+              for t in range(3)]
+
+    def adapter_set(state: dict, index: int) -> dict:
+        prefix = f"backbone.vit.adapters.sets.{index}."
+        return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+    original = load_file(str(weights))
+    for t, state in enumerate(states):
+        assert all(torch.equal(state[f"backbone.vit.{k}"], v) for k, v in original.items())
+        for earlier in range(t):
+            assert all(torch.equal(v, states[earlier][k]) for k, v in adapter_set(state, earlier).items())
+        if t:
+            assert any(not torch.equal(v, states[t - 1][k]) for k, v in adapter_set(state, t).items())
