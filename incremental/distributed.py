@@ -9,14 +9,17 @@ erratum: N ranks, N times the memory). Here:
 - all ranks seed identically, so the class order, initialisation, shuffles and the exemplar
   selection (a deterministic function of the shared model and data) agree: one global memory
   of the configured size, replicated, each exemplar seen once per epoch across ranks;
-- a global batch of ``training.batch_size`` is split into contiguous shards, one per rank,
-  and gradients are averaged after backward (the same update as one process on the whole
-  batch, up to float summation order), then buffers (BatchNorm statistics) are broadcast
-  from rank 0, as DDP's ``broadcast_buffers`` does;
+- a global batch of ``training.batch_size`` is split into contiguous shards, one per rank;
+  the training forward runs through torch's DistributedDataParallel, whose bucketed
+  all-reduce overlaps backward, with each rank's loss weighted by its share of the batch (the
+  same update as one process on the whole batch, up to float summation order); then buffers
+  (BatchNorm statistics) are broadcast from rank 0 (see IncrementalTemplate.data_parallel);
 - evaluation shards the test data and sums the per-experience counts, so the accuracy matrix
   is the single-process one exactly;
-- steps outside Avalanche's training loop (exemplar features, ViTIL's balanced finetuning,
-  probes) run on every rank on the full data, or on rank 0 only for probes, keeping ranks equal.
+- feature passes outside the training loop (herding, iCaRL's class means, the prototypes of the
+  pre-trained methods: :func:`incremental.memory.extract_features`) and EWC's Fisher are split
+  across ranks and gathered; ViTIL's balanced finetuning still runs on every rank on the full
+  balanced set, and probes on rank 0 only, keeping ranks equal.
 """
 
 from __future__ import annotations
@@ -109,27 +112,6 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def average_gradients(model: nn.Module, info: DistInfo, local_samples: int) -> None:
-    """Every parameter's gradient averaged over ranks, each weighted by its shard's share of
-    the global batch (shards of a last, partial batch differ in size), in one all-reduce:
-    the gradient of the mean loss over the whole global batch."""
-    import torch.distributed as dist
-
-    if not info.enabled:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) * local_samples for g in grads] +
-                     [torch.tensor([float(local_samples)], device=grads[0].device, dtype=grads[0].dtype)])
-    dist.all_reduce(flat)
-    flat /= flat[-1].clone()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
     import torch.distributed as dist
 
@@ -146,6 +128,26 @@ def sum_tensor(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(value)
     return value
+
+
+def shard_range(n: int, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous part of ``range(n)`` (all of it in a single process)."""
+    return torch.arange(n).tensor_split(info.world_size)[info.rank] if info.enabled else torch.arange(n)
+
+
+def gather_shards(local: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
+    """The rows of every rank's :func:`shard_range` part of ``n`` rows, in order, on every rank
+    (one all-gather; shards differ in size by at most one row, so each is padded to the largest)."""
+    import torch.distributed as dist
+
+    if not info.enabled:
+        return local
+    sizes = [len(part) for part in torch.arange(n).tensor_split(info.world_size)]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

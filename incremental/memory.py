@@ -92,20 +92,34 @@ class ExemplarMemory:
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, device: Any) -> torch.Tensor:
-    """Pooled (pre-logit) features of a dataset, in eval mode and with eval transforms."""
+    """Pooled (pre-logit) features of a dataset, in eval mode and with eval transforms (on the
+    CPU, in the dataset's order). Under torchrun each rank extracts its contiguous part and the
+    parts are gathered, so every rank gets the same features for a world-size-th of the work."""
     from torch.utils.data import DataLoader
+
+    from .distributed import current, gather_shards, shard_range
 
     was_training = model.training
     model.eval()
+    data = dataset.eval()
+    dist = current()
+    sharded = dist.enabled and len(data) >= dist.world_size  # else every rank has a part to gather
+    if sharded:
+        data = data.subset(shard_range(len(data), dist).tolist())
     feats = []
     # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and this
     # evaluation-side pass would change the training's random stream.
-    loader = DataLoader(dataset.eval(), batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in loader:
         x = batch[0].to(device)
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
     model.train(was_training)
-    return torch.cat(feats) if feats else torch.empty(0)
+    if not feats:
+        return torch.empty(0)
+    features = torch.cat(feats)
+    if sharded:
+        features = gather_shards(features, len(dataset), dist)
+    return features.cpu()
 
 
 def indices_by_label(targets: Sequence[int]) -> dict[int, list[int]]:

@@ -53,6 +53,7 @@ class IncrementalTemplate(SupervisedTemplate):
         # torch.compile's mode, or None for eager ("default" for ``compile: true``)
         self.compile_mode: str | None = ("default" if compile is True else compile) or None
         self._compiled: tuple[int, Any] | None = None
+        self._ddp: tuple[tuple[int, ...], Any] | None = None  # (trainable parameters' ids, the DDP wrapper)
         self.precision = precision
         self.channels_last = channels_last
         self.persistent_workers = persistent_workers
@@ -89,10 +90,36 @@ class IncrementalTemplate(SupervisedTemplate):
             return lambda x: model.head(compiled(x))
         return compiled
 
+    def data_parallel(self) -> Any:
+        """The training forward under torchrun: torch's DistributedDataParallel around the model
+        (bucketed gradient all-reduce, overlapped with backward). Made again when the trainable
+        parameters change (a grown head, a strategy freezing or unfreezing a part), since DDP
+        registers them once. The model itself stays unwrapped: plugins, teachers and checkpoints
+        see the plain module.
+
+        ``find_unused_parameters``: prompt pools (L2P, DualPrompt) use only the selected prompts
+        in a step; the search costs one graph traversal per step. Buffers (BatchNorm statistics)
+        are broadcast from rank 0 after each step by :meth:`optimizer_step`, as before."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+        if self._ddp is None or self._ddp[0] != trainable:
+            device = torch.device(self.device)
+            forward = TrainingForward(self.model, self.compiled_model() if self.compile_mode else None)
+            wrapper = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False, find_unused_parameters=True)
+            self._ddp = (trainable, wrapper)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._ddp[1]
+
     def forward(self) -> torch.Tensor:
         with self.autocast():
             if not self.is_training and getattr(self.model, "output_adapter", None) is not None:
                 output = self.model.classify(self.mb_x)  # the strategy's classifier (NCM, BiC)
+            elif self.dist.enabled and self.is_training:
+                output = self.data_parallel()(self.mb_x)
+                output = output[0] if isinstance(output, tuple) else output  # the aux loss stays on the backbone
             elif self.compile_mode and self.is_training:  # evaluation stays eager: its batches vary
                 if self.compile_mode == "reduce-overhead":  # a new CUDA-graph step: earlier outputs are done
                     torch.compiler.cudagraph_mark_step_begin()
@@ -102,13 +129,18 @@ class IncrementalTemplate(SupervisedTemplate):
         return output.float()  # losses and metrics in fp32
 
     def backward(self) -> None:
-        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+        loss = self.loss
+        if self.dist.enabled:
+            # DDP averages gradients over ranks equally; shards of a last, partial global batch
+            # differ in size, so each rank's mean loss is weighted by its share of the batch:
+            # the gradient of the mean loss over the whole global batch, as in one process.
+            loss = loss * shard_weight(len(self.mb_y), self.dist, loss.device)
+        self.scaler.scale(loss).backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
-        from .distributed import average_gradients, broadcast_buffers
+        from .distributed import broadcast_buffers
 
-        average_gradients(self.model, self.dist, len(self.mb_y))  # every rank applies the same update
-        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.step(self.optimizer)  # under torchrun the gradients were reduced by DDP in backward  # skipped when fp16 gradients overflowed
         self.scaler.update()
         broadcast_buffers(self.model, self.dist)
 
@@ -184,6 +216,35 @@ class IncrementalTemplate(SupervisedTemplate):
                                             batch_size=batch_size, train=train, shuffle=shuffle,
                                             drop_last=drop_last, dataset=self.adapted_dataset, dist=self.dist)
         return True
+
+
+def shard_weight(local_samples: int, dist: Any, device: torch.device) -> torch.Tensor:
+    """world size x this shard's share of the global batch (1 for equal shards), for DDP's
+    equal average; the global size is summed on the device, so no host sync."""
+    import torch.distributed
+
+    count = torch.tensor(float(local_samples), device=device)
+    total = count.clone()
+    torch.distributed.all_reduce(total)
+    return dist.world_size * count / total
+
+
+class TrainingForward(torch.nn.Module):
+    """The model's training forward as one module for DDP: the whole model, or the head over
+    the compiled forward (:meth:`IncrementalTemplate.compiled_model`) when compiled."""
+
+    def __init__(self, model: torch.nn.Module, compiled: Any = None):
+        super().__init__()
+        self.model = model
+        self.__dict__["compiled"] = compiled  # a callable over the model's own modules, not a submodule
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """The logits, and a backbone's auxiliary loss when it left one (L2P's pull constraint):
+        DDP looks for unused parameters from the outputs, so a loss over parameters outside the
+        logits' graph (the prompt keys) must be among them, or its gradient would be reduced twice."""
+        logits = self.model(x) if self.compiled is None else self.compiled(x)
+        aux = getattr(getattr(self.model, "backbone", None), "aux_loss", None)
+        return (logits, aux) if torch.is_tensor(aux) and aux.requires_grad else logits
 
 
 class PooledFeatures(torch.nn.Module):

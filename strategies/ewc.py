@@ -17,6 +17,36 @@ def checkpointed_ewc_plugin() -> type:
         """Avalanche's EWCPlugin with its saved parameters and Fisher importances (per
         experience, per parameter name) in the run's checkpoints."""
 
+        def compute_importances(self, model: Any, criterion: Any, optimizer: Any, dataset: Any, device: Any,
+                                batch_size: int, num_workers: int = 0) -> Any:
+            """Under torchrun each rank takes a contiguous block of the minibatches one process
+            would make, and the squared-gradient sums are all-reduced: the single-process
+            Fisher (an average over those minibatches) for a world-size-th of the work."""
+            import torch
+            import torch.distributed
+
+            from avalanche.training.utils import zerolike_params_dict
+
+            from incremental.distributed import current
+
+            dist = current()
+            if not dist.enabled:
+                return super().compute_importances(model, criterion, optimizer, dataset, device, batch_size,
+                                                   num_workers)
+            batches = -(-len(dataset) // batch_size)
+            mine = torch.arange(batches).tensor_split(dist.world_size)[dist.rank]
+            if len(mine):
+                block = range(int(mine[0]) * batch_size, min((int(mine[-1]) + 1) * batch_size, len(dataset)))
+                importances = super().compute_importances(model, criterion, optimizer, dataset.subset(list(block)),
+                                                          device, batch_size, num_workers)
+            else:
+                importances = zerolike_params_dict(model)
+            for importance in importances.values():
+                importance.data *= len(mine)  # back to a sum over this rank's minibatches
+                torch.distributed.all_reduce(importance.data)
+                importance.data /= batches
+            return importances
+
         def state_dict(self) -> dict[str, Any]:
             def tensors(table: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 return {str(exp): {name: data.data.detach().cpu() for name, data in params.items()}

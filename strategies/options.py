@@ -161,7 +161,7 @@ class L2PConfig:
     length: int = opt(5, ge=1, le=1024)
     top_k: int = opt(5, ge=1, le=10_000)
     pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
-    batchwise: bool = True  # training: the batch's most frequent keys (as L2P)
+    batchwise: bool = True  # training: the batch's most frequent keys (as L2P; under torchrun, each rank's shard's)
     pool: Literal["prompt", "token"] = "prompt"  # L2P's head: the mean of the prompt tokens
 
     def validate(self) -> None:

@@ -104,3 +104,95 @@ def test_device_batches_shard_the_single_process_batch_and_its_crops():
     for b, (x, y, _) in enumerate(whole[: len(parts[0])]):
         assert torch.equal(torch.cat([parts[0][b][0], parts[1][b][0]]), x)
         assert torch.equal(torch.cat([parts[0][b][1], parts[1][b][1]]), y)
+
+
+def _split_work_rank(rank: int, port: int, results) -> None:
+    """One gloo rank: the sharded feature pass and EWC Fisher, next to their single-process values."""
+    import torch.distributed as dist
+
+    from avalanche.training.plugins import EWCPlugin
+    from test_device_data import digits
+
+    from incremental.config import RunConfig, parse_dataclass
+    from incremental.distributed import current, gather_shards
+    from incremental.memory import extract_features
+    from incremental.models.net import build_model
+    from incremental.strategies.ewc import checkpointed_ewc_plugin
+
+    torch.set_num_threads(1)
+    _, benchmark = digits()
+    data = benchmark.train_stream[1].dataset
+    torch.manual_seed(0)
+    cfg = parse_dataclass(RunConfig, {"backbone": {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 1,
+                                                   "num_heads": 2, "drop_path_rate": 0.0}})
+    model = build_model(cfg.backbone, in_chans=1, img_size=16, initial_classes=10)
+    model.head.active_units.fill_(1)  # every class seen: no masked logits, so every gradient flows
+    single = extract_features(model, data, batch_size=64, device="cpu")
+    criterion, optimizer = torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1)
+    fixed = data.eval()  # no random crops: the two Fisher passes see the same images
+    fisher_single = EWCPlugin(1.0).compute_importances(model, criterion, optimizer, fixed, "cpu", 50)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        info = current()
+        rows = torch.arange(7)[:, None].float()
+        part = rows[torch.arange(7).tensor_split(2)[rank]]
+        gathered = gather_shards(part, 7, info)
+        sharded = extract_features(model, data, batch_size=64, device="cpu")
+        fisher = checkpointed_ewc_plugin()(1.0).compute_importances(model, criterion, optimizer, fixed, "cpu", 50)
+        results[rank] = {
+            "gathered": torch.equal(gathered, rows),
+            "features": torch.allclose(sharded, single, atol=1e-5) and sharded.shape == single.shape,
+            "fisher": all(torch.allclose(fisher[k].data, fisher_single[k].data, rtol=1e-4, atol=1e-9)
+                          for k in fisher_single),
+            "fisher_nonzero": sum(float(v.data.sum()) for v in fisher.values()) > 0,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_passes_and_ewc_fisher_are_split_across_ranks_and_equal_one_process():
+    """Herding's and the prototypes' feature pass (extract_features) and EWC's Fisher, each
+    rank doing half: the single-process result on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_split_work_rank, args=(port, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert results[rank] == {"gathered": True, "features": True, "fisher": True, "fisher_nonzero": True}
+
+
+def test_a_prompt_pool_trains_under_ddp_as_in_one_process(config, tmp_path):
+    """L2P leaves the unselected prompts out of a step's graph (DDP must look for unused
+    parameters, and its pull loss over the keys is outside the logits' graph). Per-image key
+    choice (``batchwise: false``): the batch-wise choice is made per rank's shard, as in L2P's
+    own multi-GPU code, so it would differ from one process by design."""
+    from safetensors.torch import save_file
+
+    from incremental.config import load_config
+    from incremental.models.net import build_backbone
+
+    vit = "{name: vit, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, global_pool: token, drop_path_rate: 0.0}"
+    cfg, _ = load_config(str(config), [f"backbone={vit}"])
+    torch.manual_seed(7)
+    weights = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in build_backbone(cfg.backbone, in_chans=1, img_size=16).state_dict().items()},
+              str(weights))
+    sets = ["backbone=" + vit, f"backbone.pretrained={weights}", "strategy={name: l2p, pool_size: 6, length: 2, top_k: 2, batchwise: false}",
+            "protocol.memory={}", "training.epochs=1", "training.data_path=device", "output.tensorboard=false",
+            # no experience leaves a last batch of one image, which two ranks cannot share (dropped there)
+            "training.batch_size=32"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        done = incremental("run", str(config), "--out", str(out), "--quiet",
+                           *[a for s in sets for a in ("--set", s)], processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = json.loads((out / "metrics.json").read_text())
+    for row_one, row_two in zip(runs[1]["accuracy_matrix"], runs[2]["accuracy_matrix"]):
+        assert row_two == pytest.approx(row_one, abs=1.0)
+    assert runs[2]["train_loss"] == pytest.approx(runs[1]["train_loss"], rel=1e-4)

@@ -1,0 +1,17 @@
+#!/bin/bash
+# One GPU visit's measurements (issue 20), each part under its own timeout, logs into $OUT.
+#   ../shared/gpu/prepare-carry.sh   # here, venv active; then on the GPU machine:
+#   bash experiments/bench/gpu_visit.sh
+export PYTHONPATH=$PWD/.gpu-site PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/gpu_visit}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/hardware.txt" 2>&1
+python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >> "$out/hardware.txt" 2>&1
+timeout ${BENCH_S:-280} python3 experiments/bench/bench_gpu.py --peak-tflops 790 --epochs 2 --train-per-class 250 \
+  --modes fp32 bf16 bf16+compile bf16+cudagraphs --compile-batches 128 256 > "$out/bench_gpu.log" 2>&1
+echo "rc=$?" >> "$out/bench_gpu.log"
+timeout ${PROTOCOL_S:-140} python3 experiments/bench/bench_protocol.py --epochs 3 > "$out/bench_protocol.log" 2>&1
+echo "rc=$?" >> "$out/bench_protocol.log"
+timeout ${TESTS_S:-130} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device_data.py \
+  > "$out/tests.log" 2>&1
+echo "rc=$?" >> "$out/tests.log"
+tail -n 30 "$out"/*.log

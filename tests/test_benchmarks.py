@@ -1,0 +1,38 @@
+"""The GPU benchmarks' CPU smoke mode: the scripts run end to end on the real toolkit and print
+their tables (their figures are not checked; speed targets live in the scripts, not in tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
+
+
+def run_script(name: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / name), "--tiny"], capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_gpu_tiny_prints_both_contenders_and_their_ratio():
+    out = run_script("bench_gpu.py")
+    row = re.search(r"^\s+16 fp32\s+(\d+)\s+(\d+)\s+([\d.]+)", out, re.M)
+    assert row, out
+    loop, toolkit, ratio = float(row[1]), float(row[2]), float(row[3])
+    assert loop > 0 and toolkit > 0 and ratio == pytest.approx(toolkit / loop, abs=0.01)
+
+
+def test_bench_protocol_tiny_breaks_the_run_into_phases():
+    out = run_script("bench_protocol.py")
+    phases = dict(re.findall(r"^(\w+)\s+([\d.-]+)\s+[\d.-]+%$", out, re.M))
+    assert set(phases) == {"sgd", "kd_teacher", "balanced_finetuning", "exemplar_selection", "compile",
+                           "evaluation", "probes", "other"}, out
+    # ViTIL's own phases were timed (a KD teacher from step 1, balanced finetuning, herding)
+    assert all(float(phases[p]) > 0 for p in ("sgd", "kd_teacher", "balanced_finetuning", "exemplar_selection"))
+    assert re.search(r"ratio [\d.]+ \(training\)", out), out
