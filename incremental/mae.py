@@ -207,10 +207,12 @@ def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, cl
     model = MaskedAutoencoder(encoder, splits.channels, opts).to(device)
     lr = opts.base_lr * opts.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, betas=(0.9, 0.95))
+    from .run.environment import resolve_workers
+
     data_gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         _Images(images, splits.train_transform), batch_size=opts.batch_size,
-        shuffle=True, drop_last=True, generator=data_gen, num_workers=cfg.training.num_workers)
+        shuffle=True, drop_last=True, generator=data_gen, num_workers=resolve_workers(cfg.training.num_workers))
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     schedule = SchedulerConfig(name="cosine", warmup_epochs=opts.warmup_epochs)
 

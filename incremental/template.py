@@ -172,7 +172,8 @@ class IncrementalTemplate(SupervisedTemplate):
                      avalanche: Any) -> None:
         """The device data path when it applies; else under torchrun a sharded DataLoader; else
         Avalanche's own loader (``avalanche``), with persistent workers and prefetching."""
-        if self._device_loader(train=train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last):
+        if self._device_loader(train=train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                               num_workers=kwargs.get("num_workers", 0)):
             return
         if self.dist.enabled:
             self._sharded_loader(batch_size, kwargs, train=train, shuffle=shuffle, drop_last=drop_last)
@@ -201,20 +202,27 @@ class IncrementalTemplate(SupervisedTemplate):
                                      persistent_workers=workers > 0 and self.persistent_workers)
         self._set_prefetch()
 
-    def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool) -> bool:
-        """Use the device data path for this dataset if it is on and the dataset allows it."""
+    def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
+                       num_workers: int = 0) -> bool:
+        """Use the device data path for this dataset if it is on and the dataset allows it:
+        in-memory images (uint8 on the device) or image folders (bytes decoded on the device)."""
         if self.batch_augmentation is None:
             return False
         from .data.device import DeviceBatchLoader, DeviceImages, resolve
+        from .data.jpeg import FileBatchAugmentation, FileBatchLoader
 
         resolved = resolve(self.adapted_dataset)
         if resolved is None:
             return False
+        common = dict(batch_size=batch_size, train=train, shuffle=shuffle, drop_last=drop_last,
+                      dataset=self.adapted_dataset, dist=self.dist)
+        if isinstance(self.batch_augmentation, FileBatchAugmentation):
+            self.dataloader = FileBatchLoader(resolved, torch.device(self.device), self.batch_augmentation,
+                                              num_workers=num_workers, **common)
+            return True
         if self._device_images is None or self._device_images.device != torch.device(self.device):
             self._device_images = DeviceImages(self.device)
-        self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation,
-                                            batch_size=batch_size, train=train, shuffle=shuffle,
-                                            drop_last=drop_last, dataset=self.adapted_dataset, dist=self.dist)
+        self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
         return True
 
 

@@ -23,6 +23,7 @@ import torch
 
 from incremental.errors import ConfigError
 from incremental.finetuning import balanced_finetune
+from incremental.run.environment import resolve_workers
 from incremental.timing import phase
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
@@ -94,6 +95,6 @@ class ViTIL(ExemplarReplay):
             strategy.model, self.balanced_set(), epochs=bft.epochs,
             lr=training.optimizer.lr * bft.lr_scale, batch_size=bft.batch_size or training.batch_size,
             params=bft.params, schedule=bft.schedule, optimizer=training.optimizer, device=strategy.device,
-            seed=self.context.config.seed * 1000 + experience, num_workers=training.num_workers,
+            seed=self.context.config.seed * 1000 + experience, num_workers=resolve_workers(training.num_workers),
             label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks,
             precision=training.precision)

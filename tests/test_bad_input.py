@@ -210,25 +210,29 @@ def test_a_failed_resume_keeps_the_run_untouched(finished_run, tmp_path, capsys)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
-def test_a_failure_in_a_later_experience_keeps_earlier_results(finished_run, tmp_path, capsys):
+@pytest.mark.parametrize("data_path, broken, content", [("loader", "broken.png", b"\x89PNG garbage"),
+                                                         ("device", "broken.JPEG", b"\xff\xd8\xff garbage")])
+def test_a_failure_in_a_later_experience_keeps_earlier_results(finished_run, tmp_path, capsys, data_path, broken,
+                                                               content):
     """The unreadable image belongs to the second class: experience 0 completes and is kept,
-    with its checkpoint, and the message says how to continue once the file is fixed."""
+    with its checkpoint, and the message says how to continue once the file is fixed. On the
+    device data path the bytes are read fine and the JPEG decoder fails on them."""
     ws = Workspace(tmp_path, finished_run)
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
-    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    (root / "train" / "b" / broken).write_bytes(content)
     config = ws.config(f"dataset: {{name: imagefolder, root: {root}, image_size: 16}}\n"
                        "protocol: {initial_classes: 0, increment: 1, class_order: sorted, memory: {total: 2}}\n"
-                       "training: {epochs: 1}\n")
+                       f"training: {{epochs: 1, data_path: {data_path}}}\n")
     out = tmp_path / "run"
     assert main(["run", config, "--out", str(out), "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line.startswith(f"{config}: dataset.root: cannot read image ") and "broken.png" in line
+    assert line.startswith(f"{config}: dataset.root: cannot read image ") and broken in line
     assert line.endswith(f"continue with `incremental run --resume {out}`")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["completed_experiences"] == 1
     assert torch.load(out / CHECKPOINT_FILE, weights_only=True)["experience"] == 0
     # fixed: the run continues from its checkpoint and completes
-    (root / "train" / "b" / "broken.png").unlink()
+    (root / "train" / "b" / broken).unlink()
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
 

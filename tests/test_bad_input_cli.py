@@ -151,6 +151,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: ws.case, "probes.0.l2_eps.0: expected a finite number", "fast"),
     ("5000 workers", lambda ws: ["check", ws.config("training: {num_workers: 5000}\n"), "--no-data"],
      lambda ws: ws.case, "training.num_workers: must be <= 1024", "fast"),
+    ("workers neither a number nor auto", lambda ws: ["check", ws.config("training: {num_workers: many}\n"), "--no-data"],
+     lambda ws: ws.case, "training.num_workers: expected an integer or one of 'auto', got 'many'", "fast"),
     ("warmup longer than training", lambda ws: ["check", ws.config(
         "training: {epochs: 2, scheduler: {warmup_epochs: 5}}\n"), "--no-data"],
      lambda ws: ws.case, "training.scheduler.warmup_epochs: 5 warmup epochs exceed training.epochs (2)", "fast"),

@@ -36,3 +36,10 @@ def test_bench_protocol_tiny_breaks_the_run_into_phases():
     # ViTIL's own phases were timed (a KD teacher from step 1, balanced finetuning, herding)
     assert all(float(phases[p]) > 0 for p in ("sgd", "kd_teacher", "balanced_finetuning", "exemplar_selection"))
     assert re.search(r"ratio [\d.]+ \(training\)", out), out
+
+
+def test_bench_jpeg_tiny_measures_both_data_paths():
+    out = run_script("bench_jpeg.py")
+    rows = dict((path, (float(data), float(train)))
+                for path, data, train in re.findall(r"^(loader|device)\s+(\d+)\s+(\d+)$", out, re.M))
+    assert set(rows) == {"loader", "device"} and all(v > 0 for pair in rows.values() for v in pair), out

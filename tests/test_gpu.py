@@ -36,3 +36,19 @@ def test_deterministic_mode_repeats_a_gpu_run_exactly(tmp_path):
     a = run_on_gpu(tmp_path, "a", "training.deterministic=true")
     b = run_on_gpu(tmp_path, "b", "training.deterministic=true")
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["train_loss"] == b["train_loss"]
+
+
+def test_gpu_jpeg_decoding_matches_the_cpu_decoder(tmp_path):
+    """nvJPEG and libjpeg-turbo may differ by a grey level (their IDCTs); the crops built on
+    them agree to that."""
+    from test_jpeg_path import image_folder
+
+    from incremental.data.device import resolve
+    from incremental.data.jpeg import FileBatchLoader
+
+    splits, benchmark = image_folder(tmp_path)
+    data = benchmark.test_stream[0].dataset
+    batches = {device: torch.cat([x.cpu() for x, _, _ in FileBatchLoader(
+        resolve(data), torch.device(device), splits.batch_augmentation, batch_size=4, train=False, shuffle=False)])
+        for device in ("cpu", "cuda")}
+    assert (batches["cuda"] - batches["cpu"]).abs().max() <= 2 * 2 / 255  # 2 grey levels, in units of std 0.5

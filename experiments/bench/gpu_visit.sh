@@ -11,7 +11,9 @@ timeout ${BENCH_S:-280} python3 experiments/bench/bench_gpu.py --peak-tflops 790
 echo "rc=$?" >> "$out/bench_gpu.log"
 timeout ${PROTOCOL_S:-140} python3 experiments/bench/bench_protocol.py --epochs 3 > "$out/bench_protocol.log" 2>&1
 echo "rc=$?" >> "$out/bench_protocol.log"
-timeout ${TESTS_S:-130} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device_data.py \
+timeout ${JPEG_S:-150} python3 experiments/bench/bench_jpeg.py --images 4000 > "$out/bench_jpeg.log" 2>&1
+echo "rc=$?" >> "$out/bench_jpeg.log"
+timeout ${TESTS_S:-130} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device_data.py tests/test_jpeg_path.py \
   > "$out/tests.log" 2>&1
 echo "rc=$?" >> "$out/tests.log"
 tail -n 30 "$out"/*.log

@@ -83,7 +83,10 @@ class TrainingConfig:
     label_smoothing: float = opt(0.0, ge=0, lt=1)
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     scheduler: SchedulerConfig = opt(factory=SchedulerConfig)
-    num_workers: int = opt(0, ge=0, le=1024)
+    # DataLoader worker processes (image folders: on the device data path they only read bytes);
+    # auto: this machine's CPU cores per GPU (per local rank under torchrun), less one for the
+    # training process
+    num_workers: Union[int, Literal["auto"]] = opt(0, ge=0, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -94,8 +97,8 @@ class TrainingConfig:
     # so neither a growing head nor a short batch recompiles.
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     # device: in-memory datasets (digits, synthetic, CIFAR) held on the device as uint8 and
-    # augmented there in batches; loader: a DataLoader with per-sample transforms; auto: device
-    # on CUDA, loader on the CPU (other datasets always take the loader)
+    # augmented there in batches, and image folders read as bytes, decoded (nvJPEG) and augmented
+    # there; loader: a DataLoader with per-sample transforms; auto: device on CUDA, loader on the CPU
     data_path: Literal["auto", "device", "loader"] = "auto"
     persistent_workers: bool = True  # with num_workers > 0: keep the workers between epochs
     prefetch_factor: int | None = opt(None, ge=1, le=1024)  # batches each worker loads ahead (None: torch's 2)

@@ -35,9 +35,10 @@ class DatasetSplits:
     # images in [0, 1] pixel space, where corruption and attack budgets are defined.
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    # The same transforms for whole uint8 batches on the device (tensor datasets only; see
-    # incremental.data.device). None: the dataset takes the DataLoader path.
-    batch_augmentation: BatchAugmentation | None = None
+    # The same transforms for whole uint8 batches on the device (incremental.data.device for
+    # tensor datasets, incremental.data.jpeg's FileBatchAugmentation for image folders).
+    # None: the dataset takes the DataLoader path.
+    batch_augmentation: Any = None
 
     @property
     def num_classes(self) -> int:

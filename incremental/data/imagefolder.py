@@ -10,15 +10,20 @@ from torch.utils.data import Dataset
 from .options import ImageFolderConfig
 from ..errors import DataError
 from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetSplits, normalization, require_dir, root_folder
+from .device import answering_positions, register_source
+from .jpeg import FileBatchAugmentation
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class ImageFileDataset(Dataset):
-    """(path, label) pairs read lazily as RGB PIL images."""
+    """(path, label) pairs read lazily as RGB PIL images (or, on the device data path, read as
+    bytes and decoded on the device: incremental.data.jpeg)."""
 
     def __init__(self, samples: list[tuple[str, int]]):
         self.samples = samples
         self.targets = [label for _, label in samples]
+        self.slot = register_source(self)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -27,6 +32,10 @@ class ImageFileDataset(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path, label = self.samples[index]
+        if answering_positions():  # the device data path asks where each sample lives
+            import torch
+
+            return torch.tensor([self.slot, index]), label
         try:
             with Image.open(path) as img:
                 return img.convert("RGB"), label
@@ -101,4 +110,6 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         eval_transform=T.Compose(eval_steps + [T.ToTensor(), normalize]),
         mean=mean,
         std=std,
+        batch_augmentation=FileBatchAugmentation(size, mean, std, augment=cfg.augment,
+                                                 eval_resize_ratio=cfg.eval_resize_ratio),
     )

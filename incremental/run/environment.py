@@ -41,6 +41,23 @@ def device_data_path(data_path: str, device: Any) -> bool:
     return data_path == "device" or (data_path == "auto" and getattr(device, "type", str(device)) == "cuda")
 
 
+def resolve_workers(num_workers: int | str) -> int:
+    """``training.num_workers`` as a number: ``auto`` is the CPU cores this process may use,
+    shared among the GPUs' processes on this node (torchrun's LOCAL_WORLD_SIZE, else the GPUs
+    seen), less one for the training process itself."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _gpus_seen() or 1
+    return max(0, cores // sharing - 1)
+
+
+def _gpus_seen() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_device(requested: str) -> Any:
     import torch
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 from ..config import RunConfig, dump_yaml
 from ..errors import Interrupted, Terminated, UserError
 from .directory import ResumePlan, RunDirectory, plan_resume
-from .environment import device_data_path, hide_avalanche_deprecations, resolve_device, use_deterministic_algorithms
+from .environment import (device_data_path, hide_avalanche_deprecations, resolve_device, resolve_workers,
+                          use_deterministic_algorithms)
 from .resume import checkpoint_state, restore_checkpoint
 from .results import RunResults
 
@@ -126,7 +127,7 @@ def train_experience(built: BuiltRun, i: int) -> float:
     with warnings.catch_warnings():
         hide_avalanche_deprecations()
         built.template.train(built.benchmark.train_stream[i], eval_streams=[], reset_optimizer_state=True,
-                             num_workers=cfg.training.num_workers)
+                             num_workers=resolve_workers(cfg.training.num_workers))
     compiling = compile_seconds() - compiled_before
     if compiling:
         built.template.phase_times.add("compile", compiling)
@@ -138,7 +139,7 @@ def evaluate_experience(built: BuiltRun, i: int) -> float:
     start = time.perf_counter()
     with warnings.catch_warnings():
         hide_avalanche_deprecations()
-        built.template.eval(built.benchmark.test_stream[: i + 1], num_workers=built.cfg.training.num_workers)
+        built.template.eval(built.benchmark.test_stream[: i + 1], num_workers=resolve_workers(built.cfg.training.num_workers))
     return time.perf_counter() - start
 
 
