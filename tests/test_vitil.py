@@ -111,6 +111,23 @@ def test_balanced_finetune_trains_what_it_says(params):
     assert model.training
 
 
+def test_a_nan_in_balanced_finetuning_stops_it_naming_the_epoch_and_key():
+    """The loss is summed on the device and checked once per epoch; a NaN still stops the pass."""
+    from incremental.errors import UserError
+
+    cfg, splits, split, benchmark = _tiny_benchmark()
+    model = build_model(Component("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2)),
+                        in_chans=1, img_size=16, initial_classes=2)
+    model.head.active_units.fill_(1)  # both classes seen: their logits are not masked
+    with torch.no_grad():
+        model.backbone.norm.weight[0] = float("nan")
+    with pytest.raises(UserError, match="balanced-finetuning loss.*in epoch 1") as info:
+        balanced_finetune(model, benchmark.train_stream[0].dataset.subset(range(32)), epochs=2, lr=1e-2,
+                          batch_size=16, params="all", optimizer=cfg.training.optimizer, device="cpu", seed=0)
+    assert info.value.key == "strategy.balanced_finetuning.lr_scale"
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone on the way out
+
+
 # ------------------------------------------------------------------------- one run, every check
 
 TINY_VITIL = """
