@@ -9,7 +9,6 @@ import math
 import warnings
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
