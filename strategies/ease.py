@@ -32,7 +32,7 @@ from incremental.models.peft import add_adapters, adapters_set, freeze, vision_t
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import EASEConfig
-from .pretrained import experience_features, replace_head
+from .pretrained import experience_features, mask_old_classes, replace_head
 
 
 class SubspaceViT(nn.Module):
@@ -98,10 +98,7 @@ class EASE(StrategyPlugin):
                 p.requires_grad_(index == experience)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        known = self.context.class_split.label_ranges()[strategy.experience.current_experience].start
-        if known:
-            strategy.mb_output = strategy.mb_output.clone()
-            strategy.mb_output[:, :known] = float("-inf")
+        mask_old_classes(strategy, self.context)
 
     @torch.no_grad()
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

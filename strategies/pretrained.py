@@ -40,6 +40,15 @@ def set_prototypes(model: nn.Module, means: dict[int, torch.Tensor], metric: str
     model.output_adapter = PrototypeOutput(prototypes, metric)
 
 
+def mask_old_classes(strategy: Any, context: Any) -> None:
+    """The training loss sees the current experience's classes only (PILOT's L2P, DualPrompt,
+    CODA-Prompt, SLCA and EASE): older classes' logits are set to -inf (an ``after_forward``)."""
+    known = context.class_split.label_ranges()[strategy.experience.current_experience].start
+    if known:
+        strategy.mb_output = strategy.mb_output.clone()
+        strategy.mb_output[:, :known] = float("-inf")
+
+
 def replace_head(model: nn.Module, num_features: int) -> None:
     """A fresh growing classifier for a backbone whose feature width the strategy changed."""
     from avalanche.models import IncrementalClassifier

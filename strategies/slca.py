@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import SLCAConfig
-from .pretrained import experience_features
+from .pretrained import experience_features, mask_old_classes
 
 
 def backbone_lr_hook(scale: float) -> Any:
@@ -74,11 +74,7 @@ class SLCA(StrategyPlugin):
                 p.requires_grad_(False)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        """The loss sees the current experience's classes only (SLCA's per-task softmax)."""
-        known = self.context.class_split.label_ranges()[strategy.experience.current_experience].start
-        if known:
-            strategy.mb_output = strategy.mb_output.clone()
-            strategy.mb_output[:, :known] = float("-inf")
+        mask_old_classes(strategy, self.context)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience

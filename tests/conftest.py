@@ -172,3 +172,38 @@ def write_image_folder(root: Path, classes=("n01", "n02", "n03"), per_class: int
                 ext = ".JPEG" if i % 2 else ".png"
                 Image.fromarray(pixels).save(d / f"img{i}{ext}")
     return root
+
+
+def load_run_model(run_dir: Path):
+    """A finished run's config, dataset splits, class split, and its saved model in eval mode
+    with the experience it was saved after (the way `incremental probe` loads it)."""
+    from incremental.config import load_config
+    from incremental.data import build_dataset
+    from incremental.probes.offline import load_saved_model
+    from incremental.protocol import make_class_split
+
+    cfg, _ = load_config(str(run_dir / "config.yaml"))
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+    model, step = load_saved_model(run_dir, cfg, splits, split)
+    model.eval()
+    return cfg, splits, split, model, step
+
+
+def comparable(run_dir: Path) -> dict:
+    """A run's metrics.json without its wall-clock times, the only values a resumed run cannot
+    reproduce."""
+    import json
+
+    from incremental.run import without_wall_clock
+
+    return without_wall_clock(json.loads((run_dir / "metrics.json").read_text()))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs saved bit-identical models."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

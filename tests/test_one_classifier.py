@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, load_run_model
 
 from incremental.cli import main
-from incremental.config import load_config
-from incremental.data import build_dataset
 from incremental.models.net import classify
-from incremental.probes.offline import load_saved_model
-from incremental.protocol import OrderedClassSubset, make_class_split
+from incremental.protocol import OrderedClassSubset
 
 STRATEGIES = {
     "finetune": "strategy: finetune",
@@ -35,11 +32,7 @@ STRATEGIES = {
 
 def independent_accuracies(run_dir: Path) -> list[float]:
     """The saved model on each experience's test images, outside the template and plugins."""
-    cfg, _ = load_config(str(run_dir / "config.yaml"))
-    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
-    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
-    model, step = load_saved_model(run_dir, cfg, splits, split)
-    model.eval()
+    cfg, splits, split, model, step = load_run_model(run_dir)
     test = OrderedClassSubset(splits.test, split.class_order)
     accuracies = []
     with torch.no_grad():

@@ -86,16 +86,11 @@ def _sha256(path: Path) -> str:
 
 def _saved_features(run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[range]]:
     """The saved model, the pooled features and labels of all training images (eval transforms)."""
-    from incremental.config import load_config
-    from incremental.data import build_dataset
-    from incremental.probes.offline import load_saved_model
-    from incremental.protocol import OrderedClassSubset, make_class_split
+    from conftest import load_run_model
 
-    cfg, _ = load_config(str(run_dir / "config.yaml"))
-    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
-    split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
-    model, _ = load_saved_model(run_dir, cfg, splits, split)
-    model.eval()
+    from incremental.protocol import OrderedClassSubset
+
+    _, splits, split, model, _ = load_run_model(run_dir)
     train = OrderedClassSubset(splits.train, split.class_order)
     images = torch.stack([splits.eval_transform(train[i][0]) for i in range(len(train))])
     with torch.no_grad():

@@ -14,27 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY_RUN, incremental_process, rewind_checkpoint
+from conftest import TINY_RUN, comparable, incremental_process, rewind_checkpoint, same_weights
 
 from incremental.checkpoint import load_checkpoint
 from incremental.run.directory import CHECKPOINT_FILE
 from incremental.cli import main
 from incremental.errors import UserError
-from incremental.run import without_wall_clock
 
 KILLABLE = Path(__file__).parent / "plugins" / "killable.py"
-
-
-def comparable(run_dir: Path) -> dict:
-    """Wall-clock times are the only values a resumed run cannot reproduce."""
-    return without_wall_clock(json.loads((run_dir / "metrics.json").read_text()))
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ------------------------------------------------------------------ SIGKILL, then --resume

@@ -15,28 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, main_in_fork, rewind_checkpoint, wait_for_fork
+from conftest import TINY_RUN, comparable, main_in_fork, rewind_checkpoint, same_weights, wait_for_fork
 
 from incremental.cli import main
-from incremental.run import without_wall_clock
 from incremental.run.directory import (CHECKPOINT_FILE, LOCK_FILE, RunDirectory, RunLock, lock_holder, read_state,
                                        reuse_decision)
 
 FAULTS = Path(__file__).parent / "plugins" / "write_faults.py"
 FAST = ["--set", "training.epochs=1", "--set", "output.tensorboard=true"]
-
-
-def comparable(run_dir: Path) -> dict:
-    return without_wall_clock(json.loads((run_dir / "metrics.json").read_text()))
-
-
-def weights(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def files_of(run_dir: Path) -> dict[str, bytes]:
