@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import TINY_RUN, comparable, main_in_fork, rewind_checkpoint, same_weights, wait_for_fork
 
