@@ -29,12 +29,14 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
                       params: Literal["head", "all", "frozen_encoder"], optimizer: OptimizerConfig, device: Any,
                       seed: int, num_workers: int = 0, label_smoothing: float = 0.0,
                       group_hooks: Sequence[GroupHook] = (), precision: str = "fp32",
-                      schedule: Literal["cosine", "constant"] = "cosine") -> list[float]:
+                      schedule: Literal["cosine", "constant"] = "cosine", batches: Any = None) -> list[float]:
     """Train ``model`` on the Avalanche ``dataset`` (train transforms) for ``epochs`` at ``lr``,
     cosine-decayed or constant (``schedule``). ``params``: ``all``; ``head``, the classifier
     only, with the backbone in eval mode (frozen BN statistics, no drop path); or
     ``frozen_encoder``, DyTox's: the patch and position embeddings and all blocks but the last
     frozen, in eval mode. ``precision`` as the run's (autocast, and loss scaling for fp16).
+    ``batches``: the epochs' batches from the run's data path (``IncrementalTemplate.batches``,
+    the device path when it is on); by default a DataLoader with the train transforms.
     Returns the mean loss of each epoch."""
     from torch.utils.data import DataLoader
 
@@ -56,9 +58,9 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     model.train(True)
     for module in eval_modules:
         module.eval()
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset.train(), batch_size=batch_size, shuffle=True, generator=generator,
-                        num_workers=num_workers, drop_last=len(dataset) > batch_size)
+    loader = batches if batches is not None else DataLoader(
+        dataset.train(), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers, drop_last=len(dataset) > batch_size)
     opt = build_optimizer(model, optimizer, lr, group_hooks)
     schedule_cfg = SchedulerConfig(name=schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -202,6 +202,32 @@ class IncrementalTemplate(SupervisedTemplate):
                                      persistent_workers=workers > 0 and self.persistent_workers)
         self._set_prefetch()
 
+    def batches(self, dataset: Any, *, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                num_workers: int = 0) -> Any:
+        """An epoch-iterable of training batches ``[x, y, t]`` (train transforms) of ``dataset``
+        for a plugin's own loop (ViTIL's balanced finetuning), through the run's data path: on the
+        device when it is on, else a DataLoader. Shuffles and augmentation draws come from a
+        generator seeded by ``seed``, never from the training's random stream. Not sharded under
+        torchrun: every rank makes the same batches."""
+        from torch.utils.data import DataLoader
+
+        from .data.device import DeviceBatchLoader, DeviceImages, resolve
+        from .data.jpeg import FileBatchAugmentation, FileBatchLoader
+
+        resolved = resolve(dataset) if self.batch_augmentation is not None else None
+        if resolved is None:
+            return DataLoader(dataset.train(), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+        common = dict(batch_size=batch_size, train=True, shuffle=shuffle, drop_last=drop_last, dataset=dataset)
+        if isinstance(self.batch_augmentation, FileBatchAugmentation):
+            loader: Any = FileBatchLoader(resolved, torch.device(self.device), self.batch_augmentation,
+                                          num_workers=num_workers, **common)
+        else:
+            if self._device_images is None or self._device_images.device != torch.device(self.device):
+                self._device_images = DeviceImages(self.device)
+            loader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
+        return SeededEpochs(loader, seed)
+
     def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
                        num_workers: int = 0) -> bool:
         """Use the device data path for this dataset if it is on and the dataset allows it:
@@ -224,6 +250,31 @@ class IncrementalTemplate(SupervisedTemplate):
             self._device_images = DeviceImages(self.device)
         self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
         return True
+
+
+class SeededEpochs:
+    """A device loader whose epochs draw their random numbers from their own seeded stream (the
+    global generator's state is saved and restored around each epoch)."""
+
+    def __init__(self, loader: Any, seed: int):
+        self.loader, self.generator = loader, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        iterator = iter(self.loader)
+        with torch.random.fork_rng(devices=[]):
+            # device loaders plan the epoch (shuffle and every draw) before their first batch
+            torch.random.set_rng_state(self.generator.get_state())
+            try:
+                first = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.generator.set_state(torch.random.get_rng_state())
+        yield first
+        yield from iterator
 
 
 def shard_weight(local_samples: int, dist: Any, device: torch.device) -> torch.Tensor:

@@ -117,3 +117,30 @@ def test_a_run_on_the_device_path_trains_like_the_loader(tmp_path, strategy):
     assert device["train_samples"] == loader["train_samples"]  # memory included the same way
     assert device["train_loss"] != loader["train_loss"]  # another augmentation stream...
     assert device["average_incremental_accuracy"] == pytest.approx(loader["average_incremental_accuracy"], abs=12)
+
+
+def test_a_plugins_own_loop_gets_seeded_device_batches_without_touching_the_training_stream():
+    """IncrementalTemplate.batches (ViTIL's balanced finetuning): on the device path, epochs of
+    augmented batches from their own seeded stream; the global generator is left as it was."""
+    from incremental.template import IncrementalTemplate, SeededEpochs
+
+    splits, benchmark = digits()
+    data = benchmark.train_stream[0].dataset.subset(range(40))
+    model = torch.nn.Linear(4, 2)
+    template = IncrementalTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   batch_augmentation=splits.batch_augmentation, device="cpu")
+
+    def two_epochs(seed):
+        batches = template.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=seed)
+        assert isinstance(batches, SeededEpochs) and len(batches) == 2
+        return [torch.cat([x.flatten() for x, _, _ in batches]) for _ in range(2)]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, again, other = two_epochs(7), two_epochs(7), two_epochs(8)
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # seeded
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], other[0])  # a new draw per epoch
+    plain = IncrementalTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device="cpu")
+    assert isinstance(plain.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=7),
+                      torch.utils.data.DataLoader)  # the loader path keeps the DataLoader

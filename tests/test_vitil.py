@@ -162,7 +162,11 @@ class _Recorder(SupervisedPlugin):
         self.kept_rows: list[bool] = []
         self.balanced_counts: list[dict[int, int]] = []
 
-    def before_training_exp(self, strategy, **kwargs):
+    def before_training_epoch(self, strategy, **kwargs):
+        # the first epoch: the optimizer of this experience is built by then (OptimizationPlugin
+        # runs after the strategies' before_training_exp)
+        if strategy.clock.train_exp_epochs:
+            return
         names = {id(p): n for n, p in strategy.model.named_parameters()}
         self.groups.append([{"name": g["name"], "base_lr": g["base_lr"], "weight_decay": g["weight_decay"],
                              "params": sorted(names[id(p)] for p in g["params"]),
