@@ -93,15 +93,23 @@ def test_the_same_seed_gives_the_same_batches():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_image_folders_take_the_dataloader(tmp_path):
+def test_image_folders_resolve_to_their_files(tmp_path):
+    """Image folders take the device path too, as files (incremental.data.jpeg decodes them)."""
+    from incremental.data.device import _SOURCES
+    from incremental.data.imagefolder import ImageFileDataset
+    from incremental.data.jpeg import FileBatchAugmentation
+
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2)
     load_builtins()
     cfg = parse_dataclass(RunConfig, {"dataset": {"name": "imagefolder", "root": str(root), "image_size": 16},
                                       "protocol": {"increment": 1, "class_order": "sorted"}})
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     benchmark = build_benchmark(splits, make_class_split(cfg.protocol, splits.num_classes, 0))
-    assert splits.batch_augmentation is None
-    assert resolve(benchmark.train_stream[0].dataset) is None
+    assert isinstance(splits.batch_augmentation, FileBatchAugmentation)
+    resolved = resolve(benchmark.train_stream[1].dataset)
+    assert all(isinstance(_SOURCES[int(s)](), ImageFileDataset) for s in resolved.slots)
+    files = [splits.train.samples[int(i)][0] for i in resolved.indices]
+    assert all("/train/b/" in f for f in files) and len(files) == 2
 
 
 @pytest.mark.parametrize("strategy", ["replay", "der"])

@@ -23,7 +23,7 @@ NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incrementa
                   "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device",
                   "incremental.data.options", "incremental.models.options", "incremental.probes.options",
                   "incremental.strategies.options", "incremental.models.prompts",
-                  "incremental.strategies.pretrained", "incremental.models.peft"}
+                  "incremental.strategies.pretrained", "incremental.models.peft", "incremental.data.jpeg"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 
