@@ -230,7 +230,7 @@ class VPTConfig:
 
 
 TUNING.declare("frozen", "incremental.models.peft:tune_frozen",
-               summary="The pre-trained ViT as it is: no parameter of it trains.")
+               summary="The pre-trained ViT (or Swin) as it is: no parameter of it trains.")
 TUNING.declare("finetune", "incremental.models.peft:tune_all",
                summary="Every parameter of the pre-trained ViT (or Swin) trains.")
 TUNING.declare("adapter", "incremental.models.peft:tune_adapter", config=AdapterConfig,
