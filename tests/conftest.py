@@ -14,6 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the machine's cores: one thread each (and in the processes the
+    # tests start), since oversubscribed OpenMP threads spin and slow everything down.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 # A protocol small enough to train in seconds: 16 px digits, a one-block ViT, 3 experiences.
 TINY_RUN = """
 name: tiny
