@@ -211,45 +211,44 @@ class IncrementalTemplate(SupervisedTemplate):
         torchrun: every rank makes the same batches."""
         from torch.utils.data import DataLoader
 
-        from .data.device import DeviceBatchLoader, DeviceImages, resolve
-        from .data.jpeg import FileBatchAugmentation, FileBatchLoader
-
-        resolved = resolve(dataset) if self.batch_augmentation is not None else None
-        if resolved is None:
+        loader = self._device_batches(dataset, batch_size=batch_size, train=True, shuffle=shuffle,
+                                      drop_last=drop_last, num_workers=num_workers, dist=None)
+        if loader is None:
             return DataLoader(dataset.train(), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
-        common = dict(batch_size=batch_size, train=True, shuffle=shuffle, drop_last=drop_last, dataset=dataset)
-        if isinstance(self.batch_augmentation, FileBatchAugmentation):
-            loader: Any = FileBatchLoader(resolved, torch.device(self.device), self.batch_augmentation,
-                                          num_workers=num_workers, **common)
-        else:
-            if self._device_images is None or self._device_images.device != torch.device(self.device):
-                self._device_images = DeviceImages(self.device)
-            loader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
         return SeededEpochs(loader, seed)
 
     def _device_loader(self, *, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
                        num_workers: int = 0) -> bool:
-        """Use the device data path for this dataset if it is on and the dataset allows it:
-        in-memory images (uint8 on the device) or image folders (bytes decoded on the device)."""
-        if self.batch_augmentation is None:
+        """Use the device data path for the experience's dataset if it is on and the dataset allows it."""
+        loader = self._device_batches(self.adapted_dataset, batch_size=batch_size, train=train, shuffle=shuffle,
+                                      drop_last=drop_last, num_workers=num_workers, dist=self.dist)
+        if loader is None:
             return False
+        self.dataloader = loader
+        return True
+
+    def _device_batches(self, dataset: Any, *, batch_size: int, train: bool, shuffle: bool, drop_last: bool,
+                        num_workers: int, dist: Any) -> Any:
+        """A device-path loader over ``dataset``: in-memory images (uint8 on the device) or image
+        folders (bytes decoded on the device); None when the path is off or the dataset has
+        samples from elsewhere."""
+        if self.batch_augmentation is None:
+            return None
         from .data.device import DeviceBatchLoader, DeviceImages, resolve
         from .data.jpeg import FileBatchAugmentation, FileBatchLoader
 
-        resolved = resolve(self.adapted_dataset)
+        resolved = resolve(dataset)
         if resolved is None:
-            return False
-        common = dict(batch_size=batch_size, train=train, shuffle=shuffle, drop_last=drop_last,
-                      dataset=self.adapted_dataset, dist=self.dist)
+            return None
+        common = dict(batch_size=batch_size, train=train, shuffle=shuffle, drop_last=drop_last, dataset=dataset,
+                      dist=dist)
         if isinstance(self.batch_augmentation, FileBatchAugmentation):
-            self.dataloader = FileBatchLoader(resolved, torch.device(self.device), self.batch_augmentation,
-                                              num_workers=num_workers, **common)
-            return True
+            return FileBatchLoader(resolved, torch.device(self.device), self.batch_augmentation,
+                                   num_workers=num_workers, **common)
         if self._device_images is None or self._device_images.device != torch.device(self.device):
             self._device_images = DeviceImages(self.device)
-        self.dataloader = DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
-        return True
+        return DeviceBatchLoader(resolved, self._device_images, self.batch_augmentation, **common)
 
 
 class SeededEpochs:

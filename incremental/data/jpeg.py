@@ -84,10 +84,8 @@ class FileBatchAugmentation:
             rest = ~found
             hr, wr = h[rest], w[rest]
             in_ratio = wr / hr
-            cw = torch.where(in_ratio < self.ratio[0], wr, torch.where(in_ratio > self.ratio[1],
-                                                                     (hr * self.ratio[1]).round(), wr))
-            ch = torch.where(in_ratio < self.ratio[0], (wr / self.ratio[0]).round(),
-                             torch.where(in_ratio > self.ratio[1], hr, hr))
+            cw = torch.where(in_ratio > self.ratio[1], (hr * self.ratio[1]).round(), wr)
+            ch = torch.where(in_ratio < self.ratio[0], (wr / self.ratio[0]).round(), hr)
             chosen[rest] = torch.stack([((hr - ch) / 2).round(), ((wr - cw) / 2).round(), ch, cw], 1)
         return chosen.long(), u[:, -1] < 0.5
 
