@@ -97,7 +97,7 @@ def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, d
     parts are gathered, so every rank gets the same features for a world-size-th of the work."""
     from torch.utils.data import DataLoader
 
-    from .distributed import current, gather_shards, shard_range
+    from ..distributed import current, gather_shards, shard_range
 
     was_training = model.training
     model.eval()
