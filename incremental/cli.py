@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, UserError
 
-LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes", "tuning")
+LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes", "tuning", "codecs")
 
 
 def _quiet_third_party_warnings() -> None:
@@ -267,7 +267,8 @@ def _build_model_and_strategy(cfg: Any, splits: Any, split: Any) -> None:
 
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=split.classes_per_experience[0])
-    context = StrategyContext(config=cfg, class_split=split, benchmark=build_benchmark(splits, split), device="cpu")
+    context = StrategyContext(config=cfg, class_split=split, benchmark=build_benchmark(splits, split), device="cpu",
+                              splits=splits)
     build_strategy(context, model)
 
 

@@ -109,6 +109,8 @@ STRATEGIES: Registry[Any] = Registry("strategy")
 PROBES: Registry[Any] = Registry("probe", common="incremental.probes.options:ProbeOptions")
 # How a pre-trained ViT is tuned by the methods that start from one (adapters, SSF, VPT, ...)
 TUNING: Registry[Any] = Registry("tuning")
+# How an exemplar memory stores its images (raw pixels, JPEG, NeRV), for byte budgets
+CODECS: Registry[Any] = Registry("codec")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "datasets": DATASETS,
@@ -116,6 +118,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "strategies": STRATEGIES,
     "probes": PROBES,
     "tuning": TUNING,
+    "codecs": CODECS,
 }
 
 # The modules whose import fills each registry: each declares its kind's built-ins (their
@@ -127,6 +130,7 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "strategies": ("incremental.strategies.options",),
     "probes": ("incremental.probes.options",),
     "tuning": ("incremental.models.options",),
+    "codecs": ("incremental.memory.options",),
 }
 
 

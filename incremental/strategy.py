@@ -27,6 +27,9 @@ class StrategyContext:
     class_split: ClassSplit
     benchmark: Any  # the Avalanche CLScenario (train_stream, test_stream)
     device: Any
+    # the dataset's DatasetSplits (transforms, normalisation, image shape): what memories that
+    # store or generate images need to hand them back to training
+    splits: Any = None
     # applied whenever the runner builds an optimizer (every experience)
     param_group_hooks: list[GroupHook] = field(default_factory=list)
 
@@ -42,13 +45,55 @@ class StrategyContext:
     def memory_per_class(self) -> int | None:
         return self.config.protocol.memory.per_class
 
+    @property
+    def memory_bytes(self) -> int | None:
+        value = self.config.protocol.memory.bytes
+        return None if value is None else int(value)
+
     def train_dataset(self, experience: int) -> Any:
         return self.benchmark.train_stream[experience].dataset
+
+    def require_stored_images(self, what: str) -> None:
+        """An error naming ``what`` unless the dataset holds its images as uint8 tensors (digits,
+        synthetic, CIFAR): checked when the strategy is built, before any training."""
+        from .data.base import TensorImageDataset
+        from .errors import ConfigError
+
+        if self.splits is not None and not isinstance(self.splits.train, TensorImageDataset):
+            raise ConfigError(f"{what} stores or generates the dataset's uint8 images; dataset "
+                              f"{self.config.dataset.name!r} reads image files", key="dataset.name")
+
+    def train_images(self, experience: int, indices: list[int]) -> Any:
+        """uint8 pixels of these samples of an experience's training set, as the dataset stores
+        them (what a byte-budgeted memory encodes)."""
+        from .data.device import stored_images
+        from .errors import ConfigError
+
+        images = stored_images(self.train_dataset(experience).subset(indices))
+        if images is None:
+            raise ConfigError(f"a memory in bytes stores the dataset's uint8 images; dataset "
+                              f"{self.config.dataset.name!r} reads image files", key="protocol.memory.bytes")
+        return images
+
+    def images_dataset(self, images: Any, labels: Any) -> Any:
+        """uint8 images (decoded exemplars) as an Avalanche dataset with the run's train/eval
+        transforms, like the experiences' own (task label 0)."""
+        from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+
+        from .data.base import TensorImageDataset
+
+        groups = {"train": self.splits.train_transform, "eval": self.splits.eval_transform}
+        base = TensorImageDataset(images, [int(y) for y in labels])
+        return _make_taskaware_classification_dataset(base, transform_groups=groups, task_labels=0).train()
 
     def require_memory(self, strategy: str) -> int:
         """The total exemplar budget, or an error naming the missing protocol key."""
         from .errors import ConfigError
 
+        if self.memory_bytes is not None:
+            raise ConfigError(f"strategy {strategy!r} counts its memory in exemplars; a budget in bytes works "
+                              f"with replay and gan_replay: set protocol.memory.total or per_class",
+                              key="protocol.memory.bytes")
         total = self.memory_total or (self.memory_per_class or 0) * self.total_classes
         if not total:
             raise ConfigError(f"strategy {strategy!r} needs exemplars: set protocol.memory.total "

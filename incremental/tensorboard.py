@@ -90,6 +90,7 @@ def run_hparams(cfg: Any) -> dict[str, Any]:
               "seed": cfg.seed, "lr": cfg.training.optimizer.lr, "optimizer": cfg.training.optimizer.name,
               "epochs": cfg.training.epochs, "batch_size": cfg.training.batch_size,
               "memory": memory.total if memory.total is not None else (memory.per_class or 0),
+              "memory_bytes": memory.bytes or 0,
               "initial_classes": cfg.protocol.initial_classes, "name": cfg.name or ""}
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
 
@@ -133,6 +134,15 @@ class TensorBoardWriter:
                 self.writer.add_scalar(tag, value, global_step=step)
         image = render_accuracy_matrix(metrics["accuracy_matrix"], f"accuracy (%) after experience {step}")
         self.writer.add_image("cil/accuracy_matrix", image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def log_memory(self, step: int, report: dict[str, Any] | None, images: dict[str, np.ndarray]) -> None:
+        """``memory/KEY`` scalars (bytes, exemplars, PSNR, generated-sample quality) and images."""
+        for key, value in (report or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"memory/{key}", value, global_step=step)
+        for name, image in images.items():
+            self.writer.add_image(f"memory/{name}", image, global_step=step, dataformats="HWC")
         self.writer.flush()
 
     def log_probes(self, step: int, results: dict[str, Any], images: dict[str, dict[str, np.ndarray]]) -> None:

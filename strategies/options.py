@@ -193,8 +193,36 @@ class EASEConfig:
     adapter_scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)
 
 
+@dataclass
+class GANReplayConfig:
+    """Generative replay (Shin et al. 2017) with a class-conditional GAN (incremental.memory.gan):
+    hinge loss, spectral norm, a projection discriminator and DiffAugment by default.
+
+    The generator is the whole memory: its bytes count towards ``protocol.memory.bytes``, and
+    ``width: null`` picks the widest generator that fits that budget (32 without one). The
+    discriminator is rebuilt each experience and not kept."""
+
+    loss: Literal["hinge", "wgan_gp"] = "hinge"
+    width: int | None = opt(None, ge=4, le=1024)  # the generator's blocks; its 4x4 map has twice that
+    z_dim: int = opt(32, ge=1, le=4096)  # DCGAN's 100 would take most of a small budget
+    discriminator_width: int = opt(32, ge=4, le=1024)
+    steps: int = opt(1000, ge=1, le=10_000_000)  # generator updates per experience
+    d_steps: int = opt(1, ge=1, le=20)  # discriminator updates per generator update (WGAN-GP: 5)
+    batch_size: int = opt(64, ge=2, le=MAX_BATCH)
+    lr: float = opt(2e-4, gt=0, le=1.0)  # Adam, betas (0, 0.9), as SNGAN
+    diffaugment: bool = True
+    gp_weight: float = opt(10.0, ge=0, le=MAX_WEIGHT)
+    # the share of each classifier batch that is generated old-class samples (0: finetuning)
+    mix_ratio: float = opt(0.5, ge=0, le=0.95)
+    storage: Literal["float32", "float16"] = "float32"  # the generator's weights as kept
+    quality_samples: int = opt(100, ge=2, le=100_000)  # generated per class to score them
+    grid_samples: int = opt(8, ge=1, le=64)  # per class, in TensorBoard
+
+
 STRATEGIES.declare("finetune", "incremental.strategies.finetune:Finetune",
                    summary="Naive finetuning: new data only, no memory, no regularisation (the lower bound).")
+STRATEGIES.declare("gan_replay", "incremental.strategies.gan_replay:GANReplay", config=GANReplayConfig,
+                   summary="Generative replay: a class-conditional GAN (hinge, spectral norm, projection D, DiffAugment).")
 STRATEGIES.declare("replay", "incremental.strategies.replay:ExemplarReplay", config=ReplayConfig,
                    summary="Exemplar replay: class-balanced memory (herding), mixed into each experience's data.")
 STRATEGIES.declare("vitil", "incremental.strategies.vitil:ViTIL", config=ViTILConfig,

@@ -217,6 +217,43 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: ws.case, "strategy.e_layers: blocks [7] do not exist: the backbone has 1 (0..0)", "fork"),
     ("prompts on a ResNet", lambda ws: ["run", ws.config("strategy: l2p\nbackbone: {name: resnet32}\n")],
      lambda ws: ws.case, "backbone.name: this needs a ViT backbone", "fork"),
+    # ---- memories in bytes and generative replay
+    ("a negative byte budget", lambda ws: ["check", ws.config("protocol: {memory: {bytes: -5}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.bytes: must be >= 1", "fast"),
+    ("bytes and a total together", lambda ws: ["check", ws.config(
+        "protocol: {memory: {bytes: 1000, total: 20}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.bytes: set one of total, per_class and bytes, not total and bytes", "fast"),
+    ("an unknown codec", lambda ws: ["check", ws.config("protocol: {memory: {bytes: 1000, codec: jpg}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.codec.name: unknown codec 'jpg' (did you mean 'jpeg'?)", "fast"),
+    ("JPEG quality 0", lambda ws: ["check", ws.config(
+        "protocol: {memory: {bytes: 1000, codec: {name: jpeg, quality: 0}}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.codec.quality: must be >= 1", "fast"),
+    ("NeRV pruned away", lambda ws: ["check", ws.config(
+        "protocol: {memory: {bytes: 1000, codec: {name: nerv, prune: 1.0}}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.codec.prune: must be <= 0.95", "fast"),
+    ("a codec without a byte budget", lambda ws: ["check", ws.config("protocol: {memory: {codec: nerv}}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.memory.codec: codec 'nerv' stores exemplars under a byte budget", "fast"),
+    ("a GAN mix ratio of 1", lambda ws: ["check", ws.config("strategy: {name: gan_replay, mix_ratio: 1.0}\n"),
+                                         "--no-data"],
+     lambda ws: ws.case, "strategy.mix_ratio: must be <= 0.95", "fast"),
+    ("a misspelt GAN loss", lambda ws: ["check", ws.config("strategy: {name: gan_replay, loss: hinj}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.loss: expected", "fast"),
+    ("a 2-wide generator", lambda ws: ["check", ws.config("strategy: {name: gan_replay, width: 2}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.width: must be >= 4", "fast"),
+    ("iCaRL under a byte budget", lambda ws: ["check", ws.config("strategy: icarl\nprotocol: {memory: {bytes: 9000}}\n")],
+     lambda ws: ws.case, "protocol.memory.bytes: strategy 'icarl' counts its memory in exemplars", "fork"),
+    ("a budget smaller than any generator", lambda ws: ["check", ws.config(
+        "strategy: gan_replay\nprotocol: {memory: {bytes: 1000}}\n")],
+     lambda ws: ws.case, "protocol.memory.bytes: the smallest generator (width 4) takes", "fork"),
+    ("a generator wider than its budget", lambda ws: ["check", ws.config(
+        "strategy: {name: gan_replay, width: 64}\nprotocol: {memory: {bytes: 20000}}\n")],
+     lambda ws: ws.case, "strategy.width: a generator of width 64 takes", "fork"),
+    ("a GAN at 24 px", lambda ws: ["check", ws.config("strategy: gan_replay\ndataset: {name: digits, image_size: 24}\n")],
+     lambda ws: ws.case, "dataset.image_size: gan_replay: the GAN generates images of 4 * 2^k pixels", "fork"),
+    ("bytes of image files", lambda ws: ["check", ws.config(
+        f"dataset: {{name: imagefolder, root: {write_image_folder(ws.root / 'imgs', classes=('a', 'b'), per_class=2)}}}\n"
+        "protocol: {initial_classes: 1, increment: 1, memory: {bytes: 9000}}\n")],
+     lambda ws: ws.case, "dataset.name: a memory in bytes (protocol.memory.bytes) stores or generates", "fork"),
 ]
 
 

@@ -36,7 +36,7 @@ def error_of(path, *overrides) -> str:
     ("dataset: {name: digits, image_size: 4}", "dataset.image_size: must be >= 8, got 4"),
     ("protocol: {increment: [2, 0, 3]}", "protocol.increment.1: must be >= 1, got 0"),
     ("protocol: {increment: -2}", "protocol.increment: must be >= 1, got -2"),
-    ("protocol: {memory: {total: 10, per_class: 2}}", "protocol.memory.per_class: set either total or per_class"),
+    ("protocol: {memory: {total: 10, per_class: 2}}", "protocol.memory.per_class: set one of total, per_class and bytes"),
     ("protocol: {class_order: [1, two]}", "protocol.class_order.1: expected an integer, got 'two'"),
     ("probes: [{name: corruption}]", "probes.0.name: unknown probe 'corruption' (did you mean 'corruptions'?)"),
     ("- a\n- b", "expected a mapping at the top level"),

@@ -150,6 +150,12 @@ STRATEGY_CASES = {
     "vitil_fp16": "strategy: {name: vitil, balanced_finetuning: {epochs: 1}}\ntraining: {precision: fp16}",
     # the device data path draws its shuffles and crops from the restored generator too
     "replay_device_data": "strategy: replay\ntraining: {data_path: device}",
+    # memories in bytes: encoded payloads (JPEG files, NeRV's 8-bit weights) and the GAN's
+    # generator go into the checkpoint as tensors
+    "replay_jpeg": "protocol: {memory: {bytes: 6000, codec: {name: jpeg, quality: 40}}}",
+    "replay_nerv": "protocol: {memory: {bytes: 6000, codec: {name: nerv, steps: 10, finetune_steps: 3, max_width: 6}}}",
+    "gan_replay": "protocol: {memory: {bytes: 60000}}\n"
+                  "strategy: {name: gan_replay, steps: 3, batch_size: 8, quality_samples: 4}",
     # the pre-trained-model methods: RanPAC's G, Q and projection, SLCA's Gaussians, the prompt
     # pools and EASE's adapters and prototypes carry over (here on an encoder trained by its seed)
     **{name: f"{PTM_SETUP}\nstrategy: {spec}" for name, spec in {

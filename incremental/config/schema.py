@@ -13,18 +13,29 @@ from .fields import MAX_BATCH, MAX_COUNT, MAX_DEPTH, MAX_EPOCHS, MAX_WIDTH, SEED
 
 @dataclass
 class MemoryConfig:
-    """Exemplar memory budget: a fixed total (iCaRL: 2000) or a fixed number per class
-    (PODNet: 20). Neither set means no memory."""
+    """Exemplar memory budget: a fixed total (iCaRL: 2000), a fixed number per class
+    (PODNet: 20), or a number of ``bytes``. Neither set means no memory.
+
+    A byte budget counts every byte the memory keeps (pixels, codec weights, generator weights);
+    ``codec`` decides how exemplars are stored under it (``incremental list codecs``), and so
+    how many fit. Each class gets an equal share of the bytes, as ``total`` gives each an equal
+    share of the exemplars."""
 
     total: int | None = opt(None, ge=0, le=MAX_COUNT)
     per_class: int | None = opt(None, ge=0, le=MAX_COUNT)
+    bytes: float | None = opt(None, ge=1, le=1e12)  # a float, so YAML's 2.0e6 reads as written
+    codec: Component = component("codecs", "raw")
 
-    # Alternatives: a file that sets one (an extends: child) replaces the other.
-    ALTERNATIVES: typing.ClassVar[tuple[str, ...]] = ("total", "per_class")
+    # Alternatives: a file that sets one (an extends: child) replaces the others.
+    ALTERNATIVES: typing.ClassVar[tuple[str, ...]] = ("total", "per_class", "bytes")
 
     def validate(self) -> None:
-        if self.total is not None and self.per_class is not None:
-            raise ConfigError("set either total or per_class, not both", key="per_class")
+        chosen = [k for k in self.ALTERNATIVES if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ConfigError(f"set one of total, per_class and bytes, not {' and '.join(chosen)}", key=chosen[-1])
+        if self.codec is not None and self.codec.name != "raw" and self.bytes is None:
+            raise ConfigError(f"codec {self.codec.name!r} stores exemplars under a byte budget: set "
+                              f"protocol.memory.bytes", key="codec")
 
 
 @dataclass

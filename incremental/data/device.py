@@ -138,6 +138,22 @@ def resolve(dataset: Any) -> ResolvedData | None:
     return ResolvedData(as_long(slots), as_long(indices), as_long(targets), as_long(tasks))
 
 
+def stored_images(dataset: Any) -> torch.Tensor | None:
+    """The uint8 images (N, C, H, W) an Avalanche dataset holds, as stored (no transform), in its
+    order; None when some sample does not come from a TensorImageDataset (an image folder)."""
+    resolved = resolve(dataset)
+    if resolved is None:
+        return None
+    if not len(resolved.slots):
+        return torch.empty(0, dtype=torch.uint8)
+    first = _SOURCES[int(resolved.slots[0])]()
+    out = torch.empty((len(resolved.slots), *first.images.shape[1:]), dtype=torch.uint8)
+    for slot in resolved.slots.unique().tolist():
+        rows = (resolved.slots == slot).nonzero().flatten()
+        out[rows] = _SOURCES[slot]().images[resolved.indices[rows]]
+    return out
+
+
 class DeviceImages:
     """uint8 copies of the source datasets on one device, in one tensor (so a batch drawing
     from several sources, new data and replayed memory, is one gather), made on first use."""

@@ -367,3 +367,85 @@ def compression_plugins(spec: Any, model: nn.Module, *, in_chans: int, img_size:
         plugins.append(distill)
         hooks.append(distill.add_projection_group)
     return plugins, hooks
+
+
+# ------------------------------------------------------------- weights as stored bytes
+#
+# What NeRV does to turn a fitted network into a small file (Chen et al. 2021, Sec. 3.3):
+# global magnitude pruning, then 8-bit uniform quantization of every weight. Kept here, beside
+# the backbones' compression, so a neural-representation memory compresses with the same code.
+
+
+def magnitude_prune(module: nn.Module, amount: float) -> dict[str, torch.Tensor]:
+    """Zero the smallest-magnitude ``amount`` of all weight matrices and kernels together
+    (torch's global L1-unstructured pruning; biases are kept); returns ``{name: keep mask}``,
+    which :func:`apply_masks` re-applies after fine-tuning steps. The pruning is made
+    permanent (no reparametrisation left on the module)."""
+    from torch.nn.utils import prune
+
+    weights = [(m, "weight") for m in module.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
+               and m.weight.dim() > 1]
+    names = {id(m): name for name, m in module.named_modules()}
+    if not weights:
+        return {}
+    prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=float(amount))
+    masks = {}
+    for m, name in weights:  # the masks pruning chose (exactly the requested count), not p != 0
+        masks[f"{names[id(m)]}.weight" if names[id(m)] else "weight"] = m.weight_mask.bool().clone()
+        prune.remove(m, name)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Keep pruned weights at zero (after an optimizer step)."""
+    for name, p in module.named_parameters():
+        if name in masks:
+            p.mul_(masks[name])
+
+
+def pack_int8(module: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every parameter as symmetric per-tensor 8-bit integers: ``NAME.q`` (int8; only the kept
+    entries of a pruned tensor), ``NAME.scale`` (float32) and, for pruned tensors, ``NAME.mask``
+    (the keep mask, 1 bit per weight, packed into uint8). These tensors are all that is stored:
+    their ``nbytes`` is the size of the network."""
+    import numpy as np
+
+    packed: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        values = p.detach().float().cpu()
+        mask = masks.get(name)
+        kept = values[mask.cpu()] if mask is not None else values.flatten()
+        scale = kept.abs().max().clamp_min(1e-12) / 127.0 if kept.numel() else torch.tensor(1.0)
+        packed[f"{name}.q"] = (kept / scale).round().clamp(-127, 127).to(torch.int8)
+        packed[f"{name}.scale"] = scale.reshape(1).float()
+        if mask is not None:
+            packed[f"{name}.mask"] = torch.from_numpy(np.packbits(mask.cpu().flatten().numpy()))
+    return packed
+
+
+@torch.no_grad()
+def unpack_int8(module: nn.Module, packed: dict[str, torch.Tensor]) -> None:
+    """Load :func:`pack_int8`'s tensors into ``module`` (same architecture), dequantized."""
+    import numpy as np
+
+    for name, p in module.named_parameters():
+        values = packed[f"{name}.q"].float() * packed[f"{name}.scale"]
+        if f"{name}.mask" in packed:
+            bits = np.unpackbits(packed[f"{name}.mask"].numpy(), count=p.numel()).astype(bool)
+            full = torch.zeros(p.numel())
+            full[torch.from_numpy(bits)] = values
+            values = full
+        p.copy_(values.reshape(p.shape))
+
+
+def packed_bytes(module: nn.Module, amount: float) -> int:
+    """The size of :func:`pack_int8`'s output after :func:`magnitude_prune` by ``amount``,
+    known before fitting (global pruning removes ``round(amount * total)`` weights, as torch
+    counts them): what a memory needs to choose a network that fits its budget."""
+    numels = [(p.numel(), name.endswith("weight") and p.dim() > 1) for name, p in module.named_parameters()]
+    pruned_total = sum(n for n, pruned in numels if pruned)
+    kept_total = pruned_total - round(pruned_total * amount)
+    mask_bytes = sum((n + 7) // 8 for n, pruned in numels if pruned)
+    plain = sum(n for n, pruned in numels if not pruned)
+    return kept_total + plain + mask_bytes + 4 * len(numels)

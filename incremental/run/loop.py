@@ -67,7 +67,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     benchmark = build_benchmark(splits, class_split)
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
                         initial_classes=class_split.classes_per_experience[0])
-    context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device)
+    context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device, splits=splits)
     compression, compression_hooks = compression_plugins(cfg.backbone, model, in_chans=splits.channels,
                                                          img_size=splits.image_size, device=device)
     context.param_group_hooks.extend(compression_hooks)
@@ -166,7 +166,27 @@ def step_record(built: BuiltRun, i: int, *, train_s: float, eval_s: float, probe
             "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
             "head_norm_ratio": head_norm_ratio(built.template.model, built.class_split.label_ranges(), i),
             "probe_s": probe_s,
-            "probes": built.probe_suite.last_results if built.probe_suite is not None else {}}
+            "probes": built.probe_suite.last_results if built.probe_suite is not None else {},
+            "memory": memory_report(built.stateful)}
+
+
+def memory_images(plugins: list[Any]) -> dict[str, Any]:
+    """Images a memory shows in TensorBoard (a generator's samples per class), HWC uint8."""
+    for plugin in plugins:
+        images = getattr(plugin, "memory_images", None)
+        if callable(images):
+            return images()
+    return {}
+
+
+def memory_report(plugins: list[Any]) -> dict[str, Any] | None:
+    """What the strategy's memory holds after this experience (its plugins' ``memory_report``:
+    bytes, exemplars, decoded quality), or None for a strategy without one."""
+    for plugin in plugins:
+        report = getattr(plugin, "memory_report", None)
+        if callable(report):
+            return report()
+    return None
 
 
 def record_experience(built: BuiltRun, directory: RunDirectory, writer: Any, i: int, info: dict[str, Any]) -> None:
@@ -176,6 +196,7 @@ def record_experience(built: BuiltRun, directory: RunDirectory, writer: Any, i: 
 
     def tensorboard() -> None:
         writer.log_step(i, metrics, info)
+        writer.log_memory(i, info.get("memory"), memory_images(built.stateful))
         if suite is not None:
             writer.log_probes(i, suite.last_results, suite.last_images)
 

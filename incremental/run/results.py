@@ -76,6 +76,10 @@ class RunResults:
             # {label: [result after experience i, or None where the probe did not run]}
             "probes": {label: [(s.get("probes") or {}).get(label) for s in self.steps]
                        for label in probe_labels(self.cfg.probes)},
+            # what the memory holds after each experience (None: no memory): bytes, budget_bytes,
+            # exemplars, psnr_db (of the decoded exemplars; null when lossless), and for
+            # generative replay the generated samples' accuracy and Frechet distance
+            "memory": [s.get("memory") for s in self.steps],
             "backbone_report": self.backbone_report,
             "definitions": {**DEFINITIONS, **(PROBE_DEFINITIONS if self.cfg.probes else {})},
         }

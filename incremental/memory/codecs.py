@@ -1,0 +1,188 @@
+"""Exemplar codecs: how a byte-budgeted memory stores one class's exemplars.
+
+A codec turns a class's ranked exemplars (uint8, best first) and a byte budget into a payload,
+a dict of tensors that is exactly what the memory keeps: its size is ``payload_bytes``, the sum
+of the tensors' ``nbytes``, and the checkpoint stores those tensors. Each codec keeps the
+longest prefix of the ranking that fits, so herding decides which exemplars survive, and can
+shrink a payload to a smaller budget when later classes take their share.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Protocol
+
+import torch
+
+Payload = dict[str, torch.Tensor]
+
+
+def payload_bytes(payload: Payload) -> int:
+    """The bytes a payload occupies: every tensor it holds, nothing else."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def psnr_db(decoded: torch.Tensor, original: torch.Tensor) -> float | None:
+    """PSNR in dB of uint8 images against the originals over the whole set (None: identical)."""
+    mse = (decoded.float() - original.float()).pow(2).mean().item()
+    return None if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+class ExemplarCodec(Protocol):
+    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
+        """The longest prefix of ``images`` (uint8 (n, C, H, W), best first) that fits in
+        ``budget`` bytes, as a payload; None when not even one exemplar fits."""
+
+    def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
+        """``payload`` re-stored within ``budget`` bytes, from what it holds (never the originals)."""
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        """The exemplars as uint8 (n, C, H, W), in ranking order."""
+
+    def count(self, payload: Payload) -> int:
+        """How many exemplars the payload holds."""
+
+
+class RawCodec:
+    """uint8 pixels, as the dataset stores them: n * C * H * W bytes."""
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
+        per_image = images[0].numel() if len(images) else 1
+        n = min(len(images), budget // per_image)
+        return {"pixels": images[:n].clone()} if n else None
+
+    def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
+        return self.encode(payload["pixels"], budget, seed=seed)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        return payload["pixels"]
+
+    def count(self, payload: Payload) -> int:
+        return len(payload["pixels"])
+
+
+class JPEGCodec:
+    """Each exemplar a JPEG file from Pillow (Wang et al. 2022): the files' bytes, concatenated,
+    and their lengths as int32. Grey images are encoded as mode L, colour ones as RGB."""
+
+    def __init__(self, config: Any):
+        self.quality = config.quality
+
+    def _jpeg(self, image: torch.Tensor) -> bytes:
+        from PIL import Image
+
+        array = image.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=self.quality)
+        return buffer.getvalue()
+
+    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
+        files: list[bytes] = []
+        used = 0
+        for image in images:
+            data = self._jpeg(image)
+            if used + len(data) + 4 > budget:  # its bytes and its length
+                break
+            files.append(data)
+            used += len(data) + 4
+        return self._payload(files) if files else None
+
+    @staticmethod
+    def _payload(files: list[bytes]) -> Payload:
+        data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+        return {"data": data, "lengths": torch.tensor([len(f) for f in files], dtype=torch.int32)}
+
+    def _files(self, payload: Payload) -> list[bytes]:
+        raw, files, start = payload["data"].numpy().tobytes(), [], 0
+        for length in payload["lengths"].tolist():
+            files.append(raw[start:start + length])
+            start += length
+        return files
+
+    def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
+        kept, used = [], 0
+        for data in self._files(payload):  # the best first: drop from the end, re-encode nothing
+            if used + len(data) + 4 > budget:
+                break
+            kept.append(data)
+            used += len(data) + 4
+        return self._payload(kept) if kept else None
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        images = []
+        for data in self._files(payload):
+            array = np.asarray(Image.open(io.BytesIO(data)))
+            images.append(torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()))
+        return torch.stack(images)
+
+    def count(self, payload: Payload) -> int:
+        return len(payload["lengths"])
+
+
+NERV_HEADER = 4 + 16  # the payload's frame count and shape (int32)
+
+
+class NeRVCodec:
+    """One NeRV network per class (incremental.memory.nerv), stored as 8-bit pruned weights."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def _width(self, budget: int, images: torch.Tensor) -> int | None:
+        from .nerv import widest_fitting
+
+        c = self.config
+        return widest_fitting(budget - NERV_HEADER, image_size=images.shape[-1], channels=images.shape[1],
+                              levels=c.levels, prune=c.prune, max_width=c.max_width)
+
+    def _encode(self, images: torch.Tensor, width: int, seed: int) -> Payload:
+        from .nerv import encode_frames
+
+        c = self.config
+        return encode_frames(images, width=width, levels=c.levels, steps=c.steps, lr=c.lr, prune=c.prune,
+                             finetune_steps=c.finetune_steps, seed=seed)
+
+    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
+        width = self._width(budget, images) if len(images) else None
+        if width is None:
+            return None
+        return self._encode(images[:self._frames(budget, images)], width, seed)
+
+    def _frames(self, budget: int, images: torch.Tensor) -> int:
+        """``expansion`` times what raw pixels would fit, at least one, at most all."""
+        raw_fit = budget // images[0].numel()
+        return min(len(images), max(1, int(self.config.expansion * raw_fit)))
+
+    def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
+        if payload_bytes(payload) <= budget:
+            return payload
+        # a smaller network fitted to what the memory holds, with as many frames as a new class
+        # of this share gets (the classes stay balanced)
+        frames = self.decode(payload)
+        width = self._width(budget, frames)
+        return None if width is None else self._encode(frames[:self._frames(budget, frames)], width, seed)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        from .nerv import decode_frames
+
+        return decode_frames(payload)
+
+    def count(self, payload: Payload) -> int:
+        return int(payload["frames"][0])
+
+
+def build_codec(spec: Any) -> ExemplarCodec:
+    """The codec a ``protocol.memory.codec`` component names (raw when unset)."""
+    from ..registry import CODECS
+
+    if spec is None:
+        return RawCodec()
+    return CODECS.get(spec.name).obj(spec.config)

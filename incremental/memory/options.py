@@ -1,0 +1,50 @@
+"""The exemplar codecs' options, declared without importing torch (see incremental.registry).
+
+A codec decides how a byte-budgeted memory (``protocol.memory.bytes``) stores each class's
+exemplars, and so how many it can keep: ``raw`` uint8 pixels, ``jpeg`` (Wang et al. 2022,
+"Memory Replay with Data Compression"), or ``nerv``, one small network per class that maps a
+frame index to an image (Chen et al. 2021), pruned and quantized to 8 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.fields import MAX_WIDTH, opt
+from ..registry import CODECS
+
+
+@dataclass
+class JPEGCodecConfig:
+    # Pillow's quality scale; Wang et al. 2022 pick it per dataset (50-90 on ImageNet subsets)
+    quality: int = opt(50, ge=1, le=95)
+
+
+@dataclass
+class NeRVCodecConfig:
+    """NeRV (Chen et al. 2021): positional encoding of the frame index (base 1.25, ``levels``
+    frequencies), an MLP to a small feature map, then 3x3 conv + PixelShuffle(2) blocks with
+    GELU, a 1x1 conv head and (tanh + 1) / 2. Fitted per class on its herding-ordered exemplars
+    with Adam and a cosine LR, then magnitude-pruned, fine-tuned with the mask fixed, and stored
+    as 8-bit weights (the paper's pipeline, without its Huffman coding).
+
+    A class's network is the widest of the width ladder that fits its share of the budget once
+    compressed; it holds ``expansion`` times as many exemplars as raw pixels would fit in that
+    share (all of the class when fewer). When a later experience shrinks the share, a narrower
+    network is fitted to the first frames the old one decodes (as many as a new class gets):
+    the memory never goes back to the original images."""
+
+    expansion: float = opt(4.0, ge=1.0, le=1000.0)
+    steps: int = opt(400, ge=1, le=1_000_000)  # Adam steps, each over every frame of the class
+    lr: float = opt(5e-3, gt=0, le=1.0)
+    prune: float = opt(0.4, ge=0.0, le=0.95)  # NeRV prunes 40% with little loss (their Fig. 5)
+    finetune_steps: int = opt(100, ge=0, le=1_000_000)  # after pruning, mask fixed
+    levels: int = opt(40, ge=1, le=128)  # NeRV's embedding 1.25_40 for short videos
+    max_width: int = opt(64, ge=2, le=MAX_WIDTH)
+
+
+CODECS.declare("raw", "incremental.memory.codecs:RawCodec", summary="uint8 pixels, as stored by the dataset")
+CODECS.declare("jpeg", "incremental.memory.codecs:JPEGCodec", config=JPEGCodecConfig,
+               summary="each exemplar JPEG-encoded by Pillow at a quality (Wang et al. 2022)")
+CODECS.declare("nerv", "incremental.memory.codecs:NeRVCodec", config=NeRVCodecConfig,
+               summary="one NeRV network per class (frame index -> image), pruned and 8-bit (Chen et al. 2021)")

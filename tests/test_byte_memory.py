@@ -1,0 +1,197 @@
+"""Memories counted in bytes: the codecs (raw, JPEG through Pillow, NeRV), the budget, the
+8-bit packing they share with the compression code, and generative replay's GAN."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from incremental.cli import main
+from incremental.data.digits import build_digits
+from incremental.data.options import DigitsConfig
+from incremental.memory.budget import LABEL_BYTES, ByteBudgetMemory
+from incremental.memory.codecs import JPEGCodec, NeRVCodec, RawCodec, payload_bytes, psnr_db
+from incremental.memory.options import JPEGCodecConfig, NeRVCodecConfig
+from incremental.models.compress import magnitude_prune, pack_int8, packed_bytes, unpack_int8
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, list[int]]:
+    splits = build_digits(DigitsConfig())
+    return splits.train.images, splits.train.targets
+
+
+def class_images(digits, label: int, n: int | None = None) -> torch.Tensor:
+    images, targets = digits
+    return images[[i for i, t in enumerate(targets) if t == label]][:n]
+
+
+FAST_NERV = NeRVCodecConfig(steps=60, finetune_steps=10, max_width=8)
+
+
+# ------------------------------------------------------------------ codecs
+
+
+def test_raw_codec_keeps_the_pixels_that_fit(digits):
+    images = class_images(digits, 1, 20)
+    payload = RawCodec().encode(images, 5 * 1024 + 1000, seed=0)
+    assert torch.equal(RawCodec().decode(payload), images[:5])  # 1 KiB each at 32 px, grey
+    assert payload_bytes(payload) == 5 * 1024 == payload["pixels"].nbytes
+    assert RawCodec().encode(images, 1023, seed=0) is None
+
+
+def test_jpeg_payload_is_pillows_files_and_decodes_as_pillow_does(digits):
+    images = class_images(digits, 2, 12)
+    codec = JPEGCodec(JPEGCodecConfig(quality=50))
+    payload = codec.encode(images, 10 ** 6, seed=0)
+    lengths = payload["lengths"].tolist()
+    assert payload_bytes(payload) == sum(lengths) + 4 * len(lengths) == payload["data"].nbytes + payload["lengths"].nbytes
+    decoded = codec.decode(payload)
+    raw = payload["data"].numpy().tobytes()
+    first = Image.open(io.BytesIO(raw[:lengths[0]]))  # a JPEG file Pillow reads by itself
+    assert first.format == "JPEG" and first.size == (32, 32)
+    assert np.array_equal(np.asarray(first), decoded[0, 0].numpy())
+    # the same image encoded independently has the same bytes
+    again = io.BytesIO()
+    Image.fromarray(images[0, 0].numpy()).save(again, format="JPEG", quality=50)
+    assert again.getvalue() == raw[:lengths[0]]
+    assert 25.0 < psnr_db(decoded, images) < 60.0
+    # lower quality: smaller files, more of them fit the same budget
+    low = JPEGCodec(JPEGCodecConfig(quality=10))
+    assert low.count(low.encode(images, 4000, seed=0)) > codec.count(codec.encode(images, 4000, seed=0))
+
+
+def test_jpeg_shrink_drops_the_last_files_without_re_encoding(digits):
+    codec = JPEGCodec(JPEGCodecConfig(quality=75))
+    payload = codec.encode(class_images(digits, 3, 10), 10 ** 6, seed=0)
+    smaller = codec.shrink(payload, payload_bytes(payload) // 2, seed=0)
+    n = codec.count(smaller)
+    assert 0 < n < 10 and payload_bytes(smaller) <= payload_bytes(payload) // 2
+    assert torch.equal(smaller["lengths"], payload["lengths"][:n])
+    assert torch.equal(smaller["data"], payload["data"][:int(payload["lengths"][:n].sum())])
+
+
+def test_nerv_reaches_25_db_on_digits_exemplars_in_300_steps(digits):
+    images = class_images(digits, 4, 16)
+    codec = NeRVCodec(NeRVCodecConfig(steps=300, finetune_steps=50, max_width=16, expansion=1.0))
+    payload = codec.encode(images, 16 * 1024, seed=0)
+    assert codec.count(payload) == 16 and payload_bytes(payload) <= 16 * 1024
+    decoded = codec.decode(payload)
+    assert decoded.dtype == torch.uint8 and decoded.shape == images.shape
+    assert psnr_db(decoded, images) >= 25.0
+    # what is stored is 8-bit weights: the payload holds no float parameter tensor
+    assert all(t.dtype in (torch.int8, torch.uint8, torch.int32) or t.numel() == 1 for t in payload.values())
+
+
+def test_nerv_holds_more_exemplars_than_raw_pixels_in_the_same_bytes(digits):
+    images = class_images(digits, 5)
+    budget = 4 * 1024
+    nerv = NeRVCodec(FAST_NERV)
+    payload = nerv.encode(images, budget, seed=0)
+    assert nerv.count(payload) == 4 * RawCodec().count(RawCodec().encode(images, budget, seed=0))  # expansion 4
+    assert payload_bytes(payload) <= budget
+
+
+def test_int8_packing_stores_exactly_the_predicted_bytes_and_round_trips():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.GELU(), torch.nn.Linear(30, 5))
+    predicted = packed_bytes(net, 0.4)
+    masks = magnitude_prune(net, 0.4)
+    weights = 20 * 30 + 30 * 5
+    assert sum(int((~m).sum()) for m in masks.values()) == round(weights * 0.4)  # global, exact count
+    packed = pack_int8(net, masks)
+    assert payload_bytes(packed) == predicted
+    rebuilt = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.GELU(), torch.nn.Linear(30, 5))
+    unpack_int8(rebuilt, packed)
+    restored = dict(rebuilt.named_parameters())
+    for name, p in net.named_parameters():
+        q = restored[name]
+        scale = float(packed[f"{name}.scale"])
+        assert (p - q).abs().max() <= scale / 2 + 1e-6  # the rounding error of 8-bit quantization
+        if name in masks:
+            assert bool((q[~masks[name]] == 0).all())  # pruned weights come back as zeros
+
+
+# ------------------------------------------------------------------ the budget
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), JPEGCodec(JPEGCodecConfig(quality=50)), NeRVCodec(FAST_NERV)],
+                         ids=["raw", "jpeg", "nerv"])
+def test_a_byte_budget_is_never_exceeded_and_classes_stay_balanced(digits, codec):
+    images, targets = digits
+    budget = 12_000
+    memory = ByteBudgetMemory(budget, codec, seed=0)
+    for experience, labels in enumerate([(0, 1), (2, 3), (4, 5, 6)]):
+        ranked = {label: [i for i, t in enumerate(targets) if t == label] for label in labels}
+        memory.add_classes(experience, ranked, lambda indices: images[indices])
+        assert memory.bytes_used() <= budget
+        share = budget // len(memory.classes)
+        for label, stored in memory.classes.items():
+            assert LABEL_BYTES + payload_bytes(stored.payload) <= share
+        state = memory.state_dict()
+        stored_bytes = sum(LABEL_BYTES + payload_bytes(c["payload"]) for c in state["classes"].values())
+        assert stored_bytes == memory.bytes_used()  # what the checkpoint keeps is what is counted
+        report = memory.report(lambda exp, indices: images[indices])
+        assert report["bytes"] == memory.bytes_used() and report["exemplars"] == len(memory)
+    counts = [codec.count(c.payload) for c in memory.classes.values()]
+    assert max(counts) - min(counts) <= max(2, max(counts) // 3)
+    decoded_images, labels = memory.decoded()
+    assert len(decoded_images) == len(labels) == len(memory)
+    assert sorted(set(labels.tolist())) == list(range(7))
+
+
+def test_raw_memory_keeps_the_herding_prefix_when_it_shrinks(digits):
+    images, targets = digits
+    memory = ByteBudgetMemory(10 * 1024 + 2 * LABEL_BYTES, RawCodec(), seed=0)
+    order = [i for i, t in enumerate(targets) if t == 7][::-1]
+    memory.add_classes(0, {7: order, 8: [i for i, t in enumerate(targets) if t == 8]}, lambda idx: images[idx])
+    assert memory.classes[7].indices == order[:5]
+    memory.add_classes(1, {9: [i for i, t in enumerate(targets) if t == 9]}, lambda idx: images[idx])
+    assert memory.classes[7].indices == order[:3]  # (10 KiB + 4) / 3 classes: 3 exemplars of 1 KiB
+    assert torch.equal(memory.classes[7].payload["pixels"], images[order[:3]])
+
+
+# ------------------------------------------------------------------ runs
+
+
+BYTE_RUN = """
+name: bytes
+seed: 5
+dataset: {name: digits, image_size: 16}
+protocol: {initial_classes: 4, increment: 3, memory: {bytes: 6000, codec: {name: jpeg, quality: 60}}}
+backbone: {name: vit, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}
+strategy: {name: replay}
+training: {epochs: 1, batch_size: 32}
+output: {tensorboard: false}
+"""
+
+
+def test_a_run_records_bytes_exemplars_and_psnr_per_experience(write_yaml, tmp_path):
+    config = write_yaml(BYTE_RUN)
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["memory"]) == 3
+    for row, seen in zip(metrics["memory"], (4, 7, 10)):
+        assert row["codec"] == "jpeg" and row["budget_bytes"] == 6000
+        assert 0 < row["bytes"] <= 6000 and row["classes"] == seen
+        assert row["exemplars"] >= seen  # every class keeps some (a 16 px JPEG is ~400 bytes with its header)
+        assert 20.0 < row["psnr_db"] < 60.0
+    # the training set of experience 1 is its new images plus every decoded exemplar
+    targets = build_digits(DigitsConfig(image_size=16)).train.targets
+    new_classes = set(metrics["experiences"][1])  # original class ids
+    new_images = sum(1 for t in targets if t in new_classes)
+    assert metrics["train_samples"][1] == new_images + metrics["memory"][0]["exemplars"]
+
+
+def test_a_count_memory_reports_raw_bytes(write_yaml, tmp_path):
+    config = write_yaml(BYTE_RUN.replace("memory: {bytes: 6000, codec: {name: jpeg, quality: 60}}", "memory: {total: 20}"))
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [m["exemplars"] for m in metrics["memory"]] == [20, 20, 20]
+    assert [m["bytes"] for m in metrics["memory"]] == [20 * 256] * 3
