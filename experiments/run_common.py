@@ -5,15 +5,17 @@ and never deleted."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from incremental.compare import format_mean_std as mean_std
 from incremental.run.directory import is_complete
 
-__all__ = ["is_complete", "kept_reading", "mean_std", "run_incremental"]
+__all__ = ["experiment_args", "is_complete", "kept_reading", "mean_std", "run_incremental", "write_results"]
 
 
 def run_incremental(command: str, config: Path, path: Path, *overrides: str, marker: str = "metrics.json") -> str:
@@ -43,4 +45,24 @@ def run_incremental(command: str, config: Path, path: Path, *overrides: str, mar
 def kept_reading(results: Path) -> str:
     """The hand-written "## Reading" section of an existing results file, kept on rewrite."""
     old = results.read_text() if results.is_file() else ""
-    return old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+    return "\n" + old[old.index("\n## Reading"):].rstrip("\n") if "\n## Reading" in old else ""
+
+
+def experiment_args(description: str, default_out: str) -> argparse.Namespace:
+    """The options every seeded experiment script takes: --seeds, --jobs, --out, --report-only."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args()
+
+
+def write_results(folder: Path, script: str, report: Any) -> str:
+    """``report(command)``'s table, with the existing results.md's reading kept, into
+    ``folder/results.md``; the command is the one that produced it (without --report-only)."""
+    command = f"python {script} " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    results = folder / "results.md"
+    text = report(command.strip()) + kept_reading(results)
+    results.write_text(text + "\n")
+    return text

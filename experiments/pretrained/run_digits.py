@@ -14,7 +14,6 @@ runs are kept, so the script can be stopped and started again. Writes results.md
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import is_complete, kept_reading, mean_std, run_incremental  # noqa: E402
+from run_common import experiment_args, is_complete, mean_std, run_incremental, write_results  # noqa: E402
 
 MAE_CONFIG = HERE.parent / "backbones" / "digits" / "vit_mae_pretrain.yaml"  # 200 epochs, mask ratio 0.75
 NO_MEMORY = "protocol.memory={}"
@@ -91,21 +90,11 @@ def report(out: Path, seeds: list[int], command: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/pretrained_digits"))
-    parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
+    args = experiment_args(__doc__.splitlines()[0], "runs/pretrained_digits")
     if not args.report_only:
         for seed in args.seeds:
             run_seed(seed, args.out, args.jobs)
-    command = "python experiments/pretrained/run_digits.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--report-only")
-    results = HERE / "results.md"
-    text = report(args.out, args.seeds, command.strip()) + kept_reading(results)
-    results.write_text(text + "\n")
-    print(text)
+    print(write_results(HERE, "experiments/pretrained/run_digits.py", lambda command: report(args.out, args.seeds, command)))
     return 0
 
 
