@@ -29,6 +29,8 @@ from .options import GANReplayConfig
 
 
 class GANReplay(StrategyPlugin):
+    """Generative replay: a class-conditional GAN (hinge, spectral norm, projection D, DiffAugment)."""
+
     def __init__(self, config: GANReplayConfig, context: StrategyContext):
         super().__init__(config, context)
         splits = context.splits
@@ -55,7 +57,8 @@ class GANReplay(StrategyPlugin):
                  "image_size": splits.image_size, "z_dim": config.z_dim}
         width = config.width
         if width is None:
-            width = 32 if budget is None else widest_generator(budget, storage=config.storage, **shape)
+            width = min(32, config.max_width) if budget is None else widest_generator(
+                budget, storage=config.storage, max_width=config.max_width, **shape)
             if width is None:
                 smallest = generator_bytes(Generator(width=4, **shape), config.storage)
                 raise ConfigError(f"the smallest generator (width 4) takes {smallest} bytes, over the budget of "

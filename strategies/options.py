@@ -204,6 +204,7 @@ class GANReplayConfig:
 
     loss: Literal["hinge", "wgan_gp"] = "hinge"
     width: int | None = opt(None, ge=4, le=1024)  # the generator's blocks; its 4x4 map has twice that
+    max_width: int = opt(128, ge=4, le=1024)  # the widest ``width: null`` may pick (training time grows with it)
     z_dim: int = opt(32, ge=1, le=4096)  # DCGAN's 100 would take most of a small budget
     discriminator_width: int = opt(32, ge=4, le=1024)
     steps: int = opt(1000, ge=1, le=10_000_000)  # generator updates per experience

@@ -144,7 +144,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("unknown backbone", lambda ws: ["run", ws.config("backbone: {name: vitt}\n")],
      lambda ws: str(ws.root / "case.yaml"), "backbone.name: unknown backbone 'vitt' (did you mean 'vit'?)"),
     ("unknown strategy", lambda ws: ["run", ws.config("strategy: replai\n")],
-     lambda ws: str(ws.root / "case.yaml"), "strategy.name: unknown strategy 'replai' (did you mean 'replay'?)"),
+     lambda ws: str(ws.root / "case.yaml"), "strategy.name: unknown strategy 'replai' (did you mean 'replay' or 'gan_replay'?)"),
     ("unknown probe", lambda ws: ["run", ws.config("probes: [masks]\n")],
      lambda ws: str(ws.root / "case.yaml"), "probes.0.name: unknown probe 'masks' (did you mean 'masking'?)"),
     ("missing pretrained file", lambda ws: ["run", ws.config(f"backbone: {{pretrained: {ws.root / 'none.pt'}}}\n")],

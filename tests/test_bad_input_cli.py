@@ -240,6 +240,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: ws.case, "strategy.loss: expected", "fast"),
     ("a 2-wide generator", lambda ws: ["check", ws.config("strategy: {name: gan_replay, width: 2}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.width: must be >= 4", "fast"),
+    ("a GAN width search capped at 2", lambda ws: ["check", ws.config("strategy: {name: gan_replay, max_width: 2}\n"),
+                                                    "--no-data"],
+     lambda ws: ws.case, "strategy.max_width: must be >= 4", "fast"),
     ("iCaRL under a byte budget", lambda ws: ["check", ws.config("strategy: icarl\nprotocol: {memory: {bytes: 9000}}\n")],
      lambda ws: ws.case, "protocol.memory.bytes: strategy 'icarl' counts its memory in exemplars", "fork"),
     ("a budget smaller than any generator", lambda ws: ["check", ws.config(

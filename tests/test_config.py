@@ -31,7 +31,7 @@ def error_of(path, *overrides) -> str:
     ("backbone: {name: vitt}", "backbone.name: unknown backbone 'vitt' (did you mean 'vit'?)"),
     ("backbone: {name: vit, depht: 2}", "backbone.depht: unknown key (did you mean 'depth'?)"),
     ("backbone: {name: vit, embed_dim: 30, num_heads: 4}", "backbone.num_heads: embed_dim 30 is not divisible"),
-    ("strategy: replai", "strategy.name: unknown strategy 'replai' (did you mean 'replay'?)"),
+    ("strategy: replai", "strategy.name: unknown strategy 'replai' (did you mean 'replay' or 'gan_replay'?)"),
     ("strategy: {name: replay, selection: herd}", "strategy.selection: expected one of 'herding', 'random'"),
     ("dataset: {name: digits, image_size: 4}", "dataset.image_size: must be >= 8, got 4"),
     ("protocol: {increment: [2, 0, 3]}", "protocol.increment.1: must be >= 1, got 0"),

@@ -48,6 +48,7 @@ def test_the_generator_is_the_widest_that_fits_the_budget(plugin):
     assert plugin.generator.first_width == 2 * width and plugin.bytes <= 60000
     wider = Generator(width=width + 2, **shape)
     assert generator_bytes(wider, "float32") > 60000 or width == 128
+    assert widest_generator(10 ** 9, storage="float32", max_width=16, **shape) == 16  # the cap on the search
     # the bytes are those of the tensors the checkpoint keeps
     kept = {k: v for k, v in plugin.state_dict()["generator"].items() if not k.endswith("num_batches_tracked")}
     assert sum(v.numel() * v.element_size() for v in kept.values()) == plugin.bytes
@@ -168,3 +169,37 @@ def test_tensorboard_gets_a_grid_of_samples_per_class(write_yaml, tmp_path):
     first = events.Images(grids[0])[0]
     assert first.width == 2 * 16 + 3 and first.height == 16 + 2  # 2 samples with torchvision's 1 px padding
     assert {"memory/bytes", "memory/generated_accuracy", "memory/frechet_distance"} <= set(tags["scalars"])
+
+
+def test_the_gradient_penalty_of_a_linear_critic_is_its_closed_form():
+    from incremental.memory.gan import _gradient_penalty
+
+    class Linear(torch.nn.Module):  # D(x, y) = <w, x>: its gradient is w everywhere
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(1, 2, 4, 4))
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return (x * self.w).flatten(1).sum(1)
+
+    critic = Linear()
+    real, fake = torch.rand(5, 2, 4, 4), torch.rand(5, 2, 4, 4)
+    penalty = _gradient_penalty(critic, real, fake, torch.zeros(5, dtype=torch.long))
+    assert penalty.item() == pytest.approx((critic.w.norm().item() - 1) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "wgan_gp"])
+def test_a_few_gan_steps_move_the_generator_and_keep_its_shapes(loss):
+    from incremental.memory.gan import train_gan
+
+    torch.manual_seed(0)
+    g = Generator(num_classes=4, channels=1, image_size=8, width=4, z_dim=8)
+    d = ProjectionDiscriminator(num_classes=4, channels=1, image_size=8, width=4)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    real = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    previous = Generator(num_classes=4, channels=1, image_size=8, width=4, z_dim=8).eval()
+    losses = train_gan(g, d, real, torch.full((20,), 2), previous=previous, old_labels=[0, 1], steps=3,
+                       batch_size=6, lr=1e-3, loss=loss, d_steps=2, diffaugment=True, gp_weight=10.0)
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(before[k], v) for k, v in g.state_dict().items())
+    assert g(torch.randn(3, 8), torch.tensor([0, 2, 3])).shape == (3, 1, 8, 8)

@@ -122,9 +122,9 @@ def round_to_storage(generator: nn.Module, storage: str) -> None:
 
 
 def widest_generator(budget: int, *, num_classes: int, channels: int, image_size: int, z_dim: int,
-                     storage: str) -> int | None:
+                     storage: str, max_width: int = WIDTH_LADDER[-1]) -> int | None:
     best = None
-    for width in WIDTH_LADDER:
+    for width in (w for w in WIDTH_LADDER if w <= max_width):
         g = Generator(num_classes=num_classes, channels=channels, image_size=image_size, width=width, z_dim=z_dim)
         if generator_bytes(g, storage) <= budget:
             best = width
