@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from incremental.compare import format_mean_std as mean_std
 from incremental.run.directory import is_complete
@@ -58,11 +57,11 @@ def experiment_args(description: str, default_out: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def write_results(folder: Path, script: str, report: Any) -> str:
-    """``report(command)``'s table, with the existing results.md's reading kept, into
-    ``folder/results.md``; the command is the one that produced it (without --report-only)."""
+def write_results(folder: Path, script: str, title: str, body: str) -> str:
+    """``folder/results.md``: the title, the command that produced it (without --report-only),
+    ``body``, and the existing file's hand-written reading, kept."""
     command = f"python {script} " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     results = folder / "results.md"
-    text = report(command.strip()) + kept_reading(results)
+    text = "\n".join([f"# {title}", "", "Produced by", "", f"    {command.strip()}", "", body]) + kept_reading(results)
     results.write_text(text + "\n")
     return text

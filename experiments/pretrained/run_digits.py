@@ -63,10 +63,11 @@ def run_seed(seed: int, out: Path, jobs: int) -> None:
             print(message, flush=True)
 
 
-def report(out: Path, seeds: list[int], command: str) -> str:
-    lines = ["# Pre-trained-model methods on digits, from the toolkit's own MAE encoder", "", "Produced by", "",
-             f"    {command}", "",
-             "Digits (scikit-learn), B0, 5 steps of 2 classes, the default protocol's ViT (patch 4, 128 wide, 4 "
+TITLE = "Pre-trained-model methods on digits, from the toolkit's own MAE encoder"
+
+
+def report(out: Path, seeds: list[int]) -> str:
+    lines = ["Digits (scikit-learn), B0, 5 steps of 2 classes, the default protocol's ViT (patch 4, 128 wide, 4 "
              "blocks, mean-pooled) initialised from `incremental pretrain-mae` on the 2 base classes' training "
              "images of that seed's class order (200 epochs, mask ratio 0.75). Training as the protocol: AdamW "
              "1e-3, batch 32, 5 epochs per step (APER and RanPAC: the first step only). Seeds " + str(seeds)
@@ -94,7 +95,7 @@ def main() -> int:
     if not args.report_only:
         for seed in args.seeds:
             run_seed(seed, args.out, args.jobs)
-    print(write_results(HERE, "experiments/pretrained/run_digits.py", lambda command: report(args.out, args.seeds, command)))
+    print(write_results(HERE, "experiments/pretrained/run_digits.py", TITLE, report(args.out, args.seeds)))
     return 0
 
 
