@@ -149,7 +149,7 @@ class GANReplay(StrategyPlugin):
             test = test.concat(part)
         real = extract_features(model, test, batch_size=strategy.eval_mb_size, device=strategy.device)
         report = {"codec": "gan", "bytes": self.bytes, "budget_bytes": self.context.memory_bytes, "exemplars": 0,
-                  "classes": len(self.seen), "generator_width": self.generator.first_width, "psnr_db": None,
+                  "classes": len(self.seen), "generator_width": self.generator.first_width // 2, "psnr_db": None,
                   "generated_accuracy": accuracy, "frechet_distance": frechet_distance(feats, real)}
         shown = self.config.grid_samples
         grids = {f"generated/class_{c:03d}": grid(images[labels == c][:shown], rows=1) for c in self.seen}

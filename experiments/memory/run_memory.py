@@ -128,6 +128,8 @@ def plot(out: Path, seeds: list[int], path: Path) -> None:
             ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=label.split(" (")[0])
     for ax, title in zip(axes, ("average incremental accuracy (%)", "last accuracy (%)")):
         ax.set_xscale("log")
+        ax.minorticks_off()  # the log axis' minor labels overlap; the budgets are the ticks
+        ax.set_xticks([b / 1024 for b in BUDGETS.values()], [f"{b / 1024:.0f}" for b in BUDGETS.values()])
         ax.set_xlabel("memory budget (KiB)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
