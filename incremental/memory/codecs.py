@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 
@@ -82,15 +82,19 @@ class JPEGCodec:
         return buffer.getvalue()
 
     def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
-        files: list[bytes] = []
+        return self._fitting_prefix((self._jpeg(image) for image in images), budget)
+
+    def _fitting_prefix(self, files: Iterable[bytes], budget: int) -> Payload | None:
+        """The first files (best first) whose bytes and int32 lengths fit ``budget``; the files
+        past the first that does not fit are never made."""
+        kept: list[bytes] = []
         used = 0
-        for image in images:
-            data = self._jpeg(image)
-            if used + len(data) + 4 > budget:  # its bytes and its length
+        for data in files:
+            if used + len(data) + 4 > budget:
                 break
-            files.append(data)
+            kept.append(data)
             used += len(data) + 4
-        return self._payload(files) if files else None
+        return self._payload(kept) if kept else None
 
     @staticmethod
     def _payload(files: list[bytes]) -> Payload:
@@ -105,13 +109,7 @@ class JPEGCodec:
         return files
 
     def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
-        kept, used = [], 0
-        for data in self._files(payload):  # the best first: drop from the end, re-encode nothing
-            if used + len(data) + 4 > budget:
-                break
-            kept.append(data)
-            used += len(data) + 4
-        return self._payload(kept) if kept else None
+        return self._fitting_prefix(self._files(payload), budget)  # drops from the end, re-encodes nothing
 
     def decode(self, payload: Payload) -> torch.Tensor:
         import numpy as np
