@@ -260,8 +260,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _build_model_and_strategy(cfg: Any, splits: Any, split: Any) -> None:
     """What a run builds before its first step, on the CPU: a strategy that does not fit the
-    backbone (prompts on a ResNet, prompt layers past its depth) fails here as it would there."""
+    backbone (prompts on a ResNet, prompt layers past its depth, class-name heads without a text
+    tower) fails here as it would there."""
     from .models.net import build_model
+    from .probes.ood import check_text_heads
     from .protocol import build_benchmark
     from .strategy import StrategyContext, build_strategy
 
@@ -270,6 +272,7 @@ def _build_model_and_strategy(cfg: Any, splits: Any, split: Any) -> None:
     context = StrategyContext(config=cfg, class_split=split, benchmark=build_benchmark(splits, split), device="cpu",
                               splits=splits)
     build_strategy(context, model)
+    check_text_heads(cfg.probes, model)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -298,7 +301,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             if cfg.probes:  # reads reference runs and OOD datasets, as a run would
                 from .probes.base import ProbeData, build_probes
 
-                build_probes(cfg.probes, ProbeData(splits, split.class_order, split.classes_per_experience, cfg.seed))
+                build_probes(cfg.probes, ProbeData(splits, split.class_order, split.classes_per_experience, cfg.seed,
+                                                   cfg.protocol.templates))
         except UserError as exc:
             raise source.attribute(exc)
         summary = (f"# {splits.num_classes} classes ({len(splits.train)} train / {len(splits.test)} test images), "

@@ -341,3 +341,26 @@ def silent_evaluator() -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No loggers specified")
         return EvaluationPlugin(loggers=[])
+
+
+class TextHeadInit(SupervisedPlugin, supports_distributed=True):
+    """``backbone.head_init: text``: before each experience trains, the head rows of its new
+    classes become ``scale * t_c``, the normalised text embedding of the class name times CLIP's
+    logit scale, with a zero bias, so training starts from the zero-shot classifier."""
+
+    def __init__(self, context: Any):
+        super().__init__()
+        self.context = context
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        from .models.clip import set_text_rows
+
+        labels = self.context.class_split.label_ranges()[strategy.experience.current_experience]
+        names = self.context.class_texts()[labels.start:labels.stop]
+        set_text_rows(strategy.model, labels, names, self.context.prompt_templates())
+
+    def state_dict(self) -> dict[str, Any]:  # stateless: the rows come from the checkpointed model
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        pass

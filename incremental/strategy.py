@@ -50,6 +50,29 @@ class StrategyContext:
         value = self.config.protocol.memory.bytes
         return None if value is None else int(value)
 
+    def class_texts(self) -> list[str]:
+        """The class names in label order (position in the class order), as a text encoder reads
+        them: underscores as spaces (CIFAR's ``aquarium_fish``)."""
+        names = self.splits.class_names
+        return [names[c].replace("_", " ") for c in self.class_split.class_order]
+
+    def prompt_templates(self) -> list[str]:
+        """``protocol.templates``, open_clip's named sets expanded."""
+        from .models.clip import prompt_templates
+
+        return prompt_templates(self.config.protocol.templates)
+
+    def require_text_tower(self, model: Any, strategy: str) -> Any:
+        """The model's backbone, or an error unless it has a text tower (backbone: clip)."""
+        from .errors import ConfigError
+        from .models.clip import has_text_tower
+
+        if not has_text_tower(model):
+            raise ConfigError(f"strategy {strategy!r} writes classifiers from class names and needs a backbone "
+                              f"with a text tower (backbone.name: clip), not {self.config.backbone.name!r}",
+                              key="backbone.name")
+        return model.backbone
+
     def train_dataset(self, experience: int) -> Any:
         return self.benchmark.train_stream[experience].dataset
 

@@ -220,6 +220,35 @@ class GANReplayConfig:
     grid_samples: int = opt(8, ge=1, le=64)  # per class, in TensorBoard
 
 
+@dataclass
+class ZeroShotConfig:
+    # all: every class name of the dataset from the first experience (CLIP's zero-shot evaluation
+    # over the whole label set); seen: the names of the classes seen so far (PROOF's ZS-CLIP,
+    # the same classifier as continual_clip)
+    classes: Literal["all", "seen"] = "all"
+
+
+@dataclass
+class CLIPReplayConfig(ReplayConfig):
+    """Replay plus feature distillation through the old classes' text embeddings: the KL between
+    the old and the new model's CLIP logits over the old classes, ``weight * T^2 * KL``."""
+
+    distill_weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)
+    temperature: float = opt(2.0, gt=0, le=100)
+
+
+@dataclass
+class PROOFConfig(ReplayConfig):
+    """PROOF's options (Zhou et al. 2025); defaults from its repository's exps/cifar.json."""
+
+    prompt_length: int = opt(3, ge=1, le=1024)  # context prompts added per experience
+    dropout: float = opt(0.1, ge=0, lt=1)  # in the fusion attention
+    # instance: each image attends over its own copy of the text, prototype and prompt tokens, as
+    # the paper writes it (logits that do not depend on the batch); batch: the repository's code,
+    # which averages the fused text and prototype tokens over the batch
+    fusion: Literal["instance", "batch"] = "instance"
+
+
 STRATEGIES.declare("finetune", "incremental.strategies.finetune:Finetune",
                    summary="Naive finetuning: new data only, no memory, no regularisation (the lower bound).")
 STRATEGIES.declare("gan_replay", "incremental.strategies.gan_replay:GANReplay", config=GANReplayConfig,
@@ -259,3 +288,12 @@ STRATEGIES.declare("codaprompt", "incremental.strategies.prompting:CodaPrompt", 
                    summary="CODA-Prompt: attention-weighted prompt components as attention prefixes.")
 STRATEGIES.declare("ease", "incremental.strategies.ease:EASE", config=EASEConfig,
                    summary="EASE: an adapter subspace per experience and prototypes complemented across subspaces.")
+STRATEGIES.declare("zeroshot", "incremental.strategies.clip:ZeroShot", config=ZeroShotConfig,
+                   summary="Zero-shot CLIP: no training; the classifier is the class names' text embeddings.")
+STRATEGIES.declare("continual_clip", "incremental.strategies.clip:ContinualCLIP",
+                   summary="Continual-CLIP: zero-shot CLIP over the class names seen so far (Thengane et al. 2022).")
+STRATEGIES.declare("clip_replay", "incremental.strategies.clip:CLIPReplay", config=CLIPReplayConfig,
+                   summary="CLIP finetuning: text-initialised head, herding replay, distillation through old text "
+                   "embeddings.")
+STRATEGIES.declare("proof", "incremental.strategies.proof:PROOF", config=PROOFConfig,
+                   summary="PROOF: frozen CLIP, per-experience projections and cross-modal fusion with replay.")

@@ -68,6 +68,19 @@ def _pickle_as_weights(ws: Workspace) -> list[str]:
     return ["run", ws.config(f"backbone: {{pretrained: {ws.root / 'weights.pt'}}}\n")]
 
 
+def _write(ws: Workspace, name: str, text: str) -> Path:
+    (ws.root / name).write_text(text)
+    return ws.root / name
+
+
+# an open_clip config whose text tower is a Hugging Face model (xlm-roberta): it would be downloaded
+HF_TEXT_CLIP = json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "patch_size": 8},
+                           "text_cfg": {"hf_model_name": "xlm-roberta-base", "hf_tokenizer_name": "xlm-roberta-base"}})
+
+
+NOT_A_CLIP = json.dumps({"layers": 2})
+
+
 def _fifo_config(ws: Workspace) -> list[str]:
     os.mkfifo(ws.root / "pipe.yaml")
     return ["check", str(ws.root / "pipe.yaml"), "--no-data"]
@@ -257,6 +270,64 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
         f"dataset: {{name: imagefolder, root: {write_image_folder(ws.root / 'imgs', classes=('a', 'b'), per_class=2)}}}\n"
         "protocol: {initial_classes: 1, increment: 1, memory: {bytes: 9000}}\n")],
      lambda ws: ws.case, "dataset.name: a memory in bytes (protocol.memory.bytes) stores or generates", "fork"),
+    # vision-language backbones and class-name strategies
+    ("a template without a name slot", lambda ws: ["check", ws.config("protocol: {templates: ['a photo']}\n"),
+                                                    "--no-data"],
+     lambda ws: ws.case, "protocol.templates.0: 'a photo' needs one '{}' where the class name goes", "fast"),
+    ("no templates", lambda ws: ["check", ws.config("protocol: {templates: []}\n"), "--no-data"],
+     lambda ws: ws.case, "protocol.templates: must list at least one template", "fast"),
+    ("a misspelt template set", lambda ws: ["check", ws.config("protocol: {templates: [openai_imagnet]}\n"),
+                                            "--no-data"],
+     lambda ws: ws.case, "(did you mean 'openai_imagenet'", "fast"),
+    ("a misspelt head_init", lambda ws: ["check", ws.config("backbone: {name: clip, head_init: txt}\n"), "--no-data"],
+     lambda ws: ws.case, "backbone.head_init: expected", "fast"),
+    ("a CLIP at 4 px", lambda ws: ["check", ws.config("backbone: {name: clip, img_size: 4}\n"), "--no-data"],
+     lambda ws: ws.case, "backbone.img_size: must be >= 8", "fast"),
+    ("an unknown CLIP architecture", lambda ws: ["check", ws.config("backbone: {name: clip, model: ViT-B-61}\n")],
+     lambda ws: ws.case, "backbone.model: unknown open_clip architecture 'ViT-B-61' (did you mean", "fork"),
+    ("a missing CLIP config file", lambda ws: ["check", ws.config(
+        f"backbone: {{name: clip, config_file: {ws.root / 'none.json'}}}\n")],
+     lambda ws: ws.case, "backbone.config_file: ", "fork"),
+    ("a CLIP config file that is not JSON", lambda ws: ["check", ws.config(
+        f"backbone: {{name: clip, config_file: {_write(ws, 'arch.json', '{embed_dim: 1')}}}\n")],
+     lambda ws: ws.case, "backbone.config_file: cannot read", "fork"),
+    ("a JSON file that is no CLIP config", lambda ws: ["check", ws.config(
+        f"backbone: {{name: clip, config_file: {_write(ws, 'arch.json', NOT_A_CLIP)}}}\n")],
+     lambda ws: ws.case, "backbone.config_file: ", "fork"),
+    ("a text tower that would be downloaded", lambda ws: ["check", ws.config(
+        f"backbone: {{name: clip, config_file: {_write(ws, 'arch.json', HF_TEXT_CLIP)}}}\n")],
+     lambda ws: ws.case, "backbone.config_file: ", "fork"),
+    ("zero-shot on a backbone without text", lambda ws: ["check", ws.config("strategy: zeroshot\n")],
+     lambda ws: str(ws.root / "tiny.yaml"), "backbone.name: strategy 'zeroshot' writes classifiers from class names", "fork"),
+    ("PROOF on a backbone without text", lambda ws: ["check", ws.config("strategy: proof\n")],
+     lambda ws: str(ws.root / "tiny.yaml"), "backbone.name: strategy 'proof' writes classifiers from class names", "fork"),
+    ("text OOD scores without text", lambda ws: ["check", ws.config("probes: [{name: ood, head: text}]\n")],
+     lambda ws: ws.case, "probes.0.head: 'text' scores with a text tower", "fork"),
+    ("a misspelt zero-shot class set", lambda ws: ["check", ws.config("strategy: {name: zeroshot, classes: sen}\n"),
+                                                   "--no-data"],
+     lambda ws: ws.case, "strategy.classes: expected", "fast"),
+    ("a zero-temperature CLIP distillation", lambda ws: ["check", ws.config(
+        "strategy: {name: clip_replay, temperature: 0}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.temperature: must be > 0", "fast"),
+    ("a negative CLIP distillation weight", lambda ws: ["check", ws.config(
+        "strategy: {name: clip_replay, distill_weight: -1}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.distill_weight: must be >= 0", "fast"),
+    ("no PROOF context prompts", lambda ws: ["check", ws.config("strategy: {name: proof, prompt_length: 0}\n"),
+                                             "--no-data"],
+     lambda ws: ws.case, "strategy.prompt_length: must be >= 1", "fast"),
+    ("PROOF dropout 1", lambda ws: ["check", ws.config("strategy: {name: proof, dropout: 1.0}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.dropout: must be < 1", "fast"),
+    ("a misspelt PROOF fusion", lambda ws: ["check", ws.config("strategy: {name: proof, fusion: batches}\n"),
+                                            "--no-data"],
+     lambda ws: ws.case, "strategy.fusion: expected", "fast"),
+    ("a missing class-names file", lambda ws: ["check", ws.config(
+        f"dataset: {{name: imagefolder, root: {write_image_folder(ws.root / 'imgs', classes=('a', 'b'), per_class=1)}, "
+        f"class_names: {ws.root / 'names.txt'}}}\n")],
+     lambda ws: ws.case, "dataset.class_names: ", "fork"),
+    ("a class-names file that skips a folder", lambda ws: ["check", ws.config(
+        f"dataset: {{name: imagefolder, root: {write_image_folder(ws.root / 'imgs', classes=('a', 'b'), per_class=1)}, "
+        f"class_names: {_write(ws, 'names.txt', 'a apple')}}}\n")],
+     lambda ws: ws.case, "dataset.class_names: ", "fork"),
 ]
 
 

@@ -23,7 +23,8 @@ NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incrementa
                   "incremental.probes.attacks", "incremental.probes.offline", "incremental.data.device",
                   "incremental.data.options", "incremental.models.options", "incremental.probes.options",
                   "incremental.strategies.options", "incremental.models.prompts",
-                  "incremental.strategies.pretrained", "incremental.models.peft", "incremental.data.jpeg"}
+                  "incremental.strategies.pretrained", "incremental.models.peft", "incremental.data.jpeg",
+                  "incremental.models.proof"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 
@@ -78,9 +79,10 @@ def test_listing_and_validating_import_neither_torch_nor_avalanche():
 def test_builtin_names():
     load_builtins()
     assert {"digits", "synthetic", "cifar100", "imagefolder"} <= set(REGISTRIES["datasets"].names())
-    assert {"vit", "timm_vit", "vit_dlcl", "swin", "s3_tiny", "s3_small", "s3_base", "resnet18", "resnet32"} == \
+    assert {"vit", "timm_vit", "vit_dlcl", "swin", "s3_tiny", "s3_small", "s3_base", "resnet18", "resnet32", "clip"} == \
         set(REGISTRIES["backbones"].names())
-    assert {"finetune", "replay", "vitil", "icarl", "lwf", "ewc", "bic", "der", "gdumb"} <= \
+    assert {"finetune", "replay", "vitil", "icarl", "lwf", "ewc", "bic", "der", "gdumb", "zeroshot", "continual_clip",
+            "clip_replay", "proof"} <= \
         set(REGISTRIES["strategies"].names())
     assert {"corruptions", "masking", "fourier", "adversarial", "dct_spectrum", "ood"} == \
         set(REGISTRIES["probes"].names())

@@ -38,6 +38,10 @@ class MemoryConfig:
                               f"protocol.memory.bytes", key="codec")
 
 
+# open_clip's named prompt-template sets, usable as entries of protocol.templates
+TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet")
+
+
 @dataclass
 class ProtocolConfig:
     """How the dataset's classes are split into experiences.
@@ -57,10 +61,24 @@ class ProtocolConfig:
     class_order: Union[str, list[int]] = opt("random", ge=0, le=MAX_COUNT)
     order_seed: int | None = opt(None, ge=0, le=SEED_MAX)
     memory: MemoryConfig = opt(factory=MemoryConfig)
+    # What a text encoder reads for each class (backbone: clip): "{}" is the class name (its
+    # underscores read as spaces). Several templates are an ensemble (CLIP's prompt ensembling:
+    # the mean of the normalised embeddings); openai_imagenet (80) and simple_imagenet (7) are
+    # open_clip's sets.
+    templates: list[str] = opt(factory=lambda: ["a photo of a {}."])
 
     def validate(self) -> None:
         if self.increment == []:
             raise ConfigError("must not be empty", key="increment")
+        if not self.templates:
+            raise ConfigError("must list at least one template, e.g. 'a photo of a {}.'", key="templates")
+        for i, template in enumerate(self.templates):
+            if template not in TEMPLATE_SETS and template.count("{}") != 1:
+                from ..errors import did_you_mean
+
+                hint = did_you_mean(template, list(TEMPLATE_SETS)) or f"; or one of {', '.join(TEMPLATE_SETS)}"
+                raise ConfigError(f"{template!r} needs one '{{}}' where the class name goes{hint}",
+                                  key=f"templates.{i}")
 
 
 @dataclass

@@ -67,7 +67,10 @@ class TensorImageDataset(Dataset):
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,) * 3, (0.5,) * 3),
+                  "clip": (CLIP_MEAN, CLIP_STD),
                   "none": ((0.0,) * 3, (1.0,) * 3)}
 
 

@@ -8,6 +8,9 @@ import torch
 from .options import DigitsConfig
 from .base import DatasetSplits, TensorImageDataset, resize_uint8, tensor_transforms
 
+# What a text encoder reads for each class (CLIP's MNIST prompts name the digit the same way).
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
 
 def build_digits(cfg: DigitsConfig) -> DatasetSplits:
     """UCI handwritten digits from scikit-learn: 1797 8x8 images, 10 classes."""
@@ -26,7 +29,7 @@ def build_digits(cfg: DigitsConfig) -> DatasetSplits:
     return DatasetSplits(
         train=TensorImageDataset(images[train_idx], targets[train_idx].tolist()),
         test=TensorImageDataset(images[test_idx], targets[test_idx].tolist()),
-        class_names=[str(i) for i in range(10)],
+        class_names=list(DIGIT_NAMES),
         channels=1,
         image_size=cfg.image_size,
         train_transform=train_tf,

@@ -66,6 +66,46 @@ def read_class_list(path: Path) -> list[str]:
     return names
 
 
+def read_class_names(path: Path, folders: list[str]) -> list[str]:
+    """The name of each class folder from a ``class_names`` file (see ImageFolderConfig); every
+    folder must be named."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; expected lines 'FOLDER name' or a JSON object", key="class_names")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise DataError(f"cannot read {path}: {reason}", key="class_names") from None
+    mapping: dict[str, str] = {}
+    if text.lstrip().startswith("{"):
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}", key="class_names") from None
+        for key, value in loaded.items():
+            if isinstance(value, str):
+                mapping[key] = value
+            elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+                mapping[value[0]] = value[1]  # ImageNet's imagenet_class_index.json: {"0": [wnid, name]}
+            else:
+                raise DataError(f"{path}: the entry {key!r} is neither a name nor [folder, name]", key="class_names")
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split(None, 1)
+            if len(parts) < 2:
+                raise DataError(f"{path}:{number}: expected 'FOLDER name', got {line!r}", key="class_names")
+            mapping[parts[0]] = parts[1].split(",")[0].strip()
+    missing = [f for f in folders if not mapping.get(f, "").strip()]
+    if missing:
+        raise DataError(f"{path} names no class for {len(missing)} folder(s): {missing[:5]}", key="class_names")
+    return [mapping[f].strip() for f in folders]
+
+
 def _scan(split_dir: Path, classes: list[str], layout: str) -> list[tuple[str, int]]:
     samples = []
     for label, name in enumerate(classes):
@@ -103,7 +143,7 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
     return DatasetSplits(
         train=ImageFileDataset(_scan(train_dir, classes, layout)),
         test=ImageFileDataset(_scan(val_dir, classes, layout)),
-        class_names=classes,
+        class_names=read_class_names(Path(cfg.class_names).expanduser(), classes) if cfg.class_names else classes,
         channels=3,
         image_size=size,
         train_transform=T.Compose(train_steps + [T.ToTensor(), normalize]),

@@ -16,8 +16,9 @@ from ..registry import DATASETS
 # What the pixels are normalised with. A pre-trained model wants its own: dataset (the
 # dataset's statistics; ImageNet's for image folders), imagenet (timm's IMAGENET_DEFAULT),
 # inception (0.5 / 0.5: timm's augreg and in21k ViTs), none (pixels in [0, 1]: what PILOT
-# feeds its pre-trained ViTs, a ToTensor without Normalize).
-Normalization = Literal["dataset", "imagenet", "inception", "none"]
+# feeds its pre-trained ViTs, a ToTensor without Normalize), clip (OpenAI CLIP's, which open_clip's
+# ViT-B-16 and most of its weights were trained with).
+Normalization = Literal["dataset", "imagenet", "inception", "clip", "none"]
 
 
 @dataclass
@@ -55,6 +56,11 @@ class ImageFolderConfig:
     # A text file with one class folder name per line (e.g. the 100 wnids of ImageNet-100);
     # its order is the class-id order. Without it, every class folder is used, sorted.
     class_list: str | None = None
+    # A file naming the class folders for a text encoder (CLIP's class-name heads): lines
+    # "n01440764 tench, Tinca tinca" (ImageNet's LOC_synset_mapping.txt: the first name is used),
+    # or a JSON object {"n01440764": "tench"} or ImageNet's {"0": ["n01440764", "tench"]}. Without
+    # it the folder names are the class names.
+    class_names: str | None = None
     image_size: int = opt(224, ge=8, le=MAX_SIZE)
     eval_resize_ratio: float = opt(0.875, gt=0, le=1)  # resize to size/ratio, then center crop
     augment: bool = True  # RandomResizedCrop and flip

@@ -147,6 +147,10 @@ def load_trained_state(model: IncrementalNet, state: dict[str, torch.Tensor], nu
     model.output_adapter = None
     if tensors:
         build = OUTPUT_ADAPTERS.get(frozenset(tensors))
+        if build is None and "batch_fusion" in tensors:  # PROOF's, whose tensors grow per experience
+            from .proof import ProofOutput
+
+            build = ProofOutput.from_state
         if build is None:
             raise RuntimeError(f"Unexpected output adapter tensors:\n{sorted(tensors)}")
         model.output_adapter = build(tensors).to(next(model.parameters()).device)

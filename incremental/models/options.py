@@ -198,6 +198,21 @@ class ResNet18Config:
     drop_rate: float = opt(0.0, ge=0, lt=1)
 
 
+@dataclass
+class CLIPConfig:
+    """An open_clip image-text dual encoder (incremental.models.clip). ``model`` is any open_clip
+    architecture (``ViT-B-16``, ``ViT-L-14``, ``RN50``, ...) or the toolkit's small ``clip-tiny``;
+    ``config_file`` instead reads an open_clip model config (JSON: embed_dim, vision_cfg,
+    text_cfg). Weights come from ``pretrained`` (an open_clip checkpoint file)."""
+
+    model: str = "ViT-B-16"
+    config_file: str | None = None
+    img_size: int | None = opt(None, ge=8, le=MAX_SIZE)  # None: the dataset's image size
+    # text: new classifier rows start as scale * (normalised text embedding of the class name);
+    # random: Avalanche's initialisation, as for every other backbone
+    head_init: Literal["text", "random"] = "text"
+
+
 BACKBONES.declare("vit", "incremental.models.vit:build_vit", config=ViTConfig,
                   summary="timm VisionTransformer, patchify or conv stem, any size (default: DyTox's CIFAR ViT).")
 BACKBONES.declare("timm_vit", "incremental.models.vit:build_timm_vit", config=TimmViTConfig,
@@ -211,6 +226,8 @@ BACKBONES.declare("vit_dlcl", "incremental.models.dlcl:build_vit_dlcl", config=V
                   summary="Deep pre-norm ViT with dynamic linear combination of layers (Wang et al. 2019).")
 BACKBONES.declare("resnet32", "incremental.models.resnet:build_resnet32", config=ResNet32Config,
                   summary="CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline.")
+BACKBONES.declare("clip", "incremental.models.clip:build_clip", config=CLIPConfig,
+                  summary="open_clip image-text dual encoder (any architecture, local weights); a class-name text head.")
 BACKBONES.declare("resnet18", "incremental.models.resnet:build_resnet18", config=ResNet18Config,
                   summary="timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images.")
 

@@ -70,7 +70,11 @@ def check_pretrained_files(spec: Any, key: str = "backbone") -> None:
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's checkpoint filter for the backbone's family (resizing embeddings and tables)."""
+    """timm's checkpoint filter for the backbone's family (resizing embeddings and tables), or the
+    backbone's own ``checkpoint_filter_fn`` (the CLIP wrapper's, which uses open_clip's)."""
+    own_filter = getattr(backbone, "checkpoint_filter_fn", None)
+    if callable(own_filter):
+        return own_filter(state)
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -106,6 +110,9 @@ def adapt_input_channels(state: dict[str, torch.Tensor], own: dict[str, torch.Te
 def load_pretrained(backbone: nn.Module, path: str | Path, key: str = KEY) -> dict[str, Any]:
     """Load ``path`` into ``backbone`` in place; returns a summary for the run's records."""
     state = read_checkpoint(path, key)
+    prefix = getattr(backbone, "checkpoint_prefix", "")
+    if prefix:  # a wrapper of another library's model (CLIP's ``model.``): its checkpoints lack the prefix
+        state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
     own = backbone.state_dict()
     dropped = sorted(k for k in state if k.startswith(DROPPED_PREFIXES) and k not in own)
     state = {k: v for k, v in state.items() if k not in dropped}

@@ -175,10 +175,14 @@ class ProbeData:
     step takes the first ``num_samples`` images of seen (or unseen) classes, so steps
     share images and runs with the same seed probe the same images."""
 
-    def __init__(self, splits: Any, class_order: Sequence[int], classes_per_experience: Sequence[int], seed: int):
+    def __init__(self, splits: Any, class_order: Sequence[int], classes_per_experience: Sequence[int], seed: int,
+                 templates: Sequence[str] = ("a photo of a {}.",)):
         from ..protocol import OrderedClassSubset
 
         self.splits = splits
+        # what a text tower reads for each class (label order), for probes that score with text
+        self.class_texts = [splits.class_names[c].replace("_", " ") for c in class_order]
+        self.templates = list(templates)
         self.test = OrderedClassSubset(splits.test, list(class_order))
         self.bounds = np.cumsum(list(classes_per_experience)).tolist()
         self.targets = np.asarray(self.test.targets)

@@ -44,6 +44,33 @@ def to_run_format(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
     return images.clamp(0, 1)
 
 
+class TextScoredModel(torch.nn.Module):
+    """Pixels in [0, 1] to CLIP's zero-shot logits over the seen classes: the logit scale times
+    the cosine similarity of the image embedding to each class's text embedding."""
+
+    def __init__(self, pixel_model: torch.nn.Module, text: torch.Tensor, scale: float):
+        super().__init__()
+        self.pixel_model = pixel_model
+        self.register_buffer("text", text, persistent=False)
+        self.scale = scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.pixel_model.model
+        x = (images - self.pixel_model.mean) / self.pixel_model.std
+        pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+        return self.scale * F.normalize(pooled.float(), dim=-1) @ self.text.T
+
+
+def check_text_heads(specs: Any, model: torch.nn.Module) -> None:
+    """An error before any work when an OOD probe scores with text and the model has none."""
+    from ..models.clip import has_text_tower
+
+    for i, spec in enumerate(specs):
+        if spec.name == "ood" and getattr(spec.config, "head", "logits") == "text" and not has_text_tower(model):
+            raise ConfigError("'text' scores with a text tower (backbone.name: clip); this backbone has none",
+                              key=f"probes.{i}.head")
+
+
 class OodProbe(Probe):
     """OOD detection: AUROC and FPR at 95% TPR of MSP, max-logit and energy scores.
 
@@ -63,6 +90,9 @@ class OodProbe(Probe):
             if importlib.util.find_spec("torchattacks") is None:  # said before the first step, not after it
                 raise ConfigError("attack apgd_ce uses torchattacks' APGD, which is not installed: pip install "
                                   "--no-deps torchattacks (its requirements pin an old requests)", key="attack")
+        from ..models.clip import prompt_templates
+
+        self.texts, self.templates = context.class_texts, prompt_templates(context.templates)
         if self.config.source != "dataset":
             return
         from ..data import build_dataset
@@ -77,9 +107,15 @@ class OodProbe(Probe):
         outside = self.outside.to(batch.device) if self.outside is not None else batch.future_images
         if outside is None:
             return ProbeResult(scalars={}, details={"skipped": "no unseen classes left to serve as OOD data"})
+        if self.config.head == "text":
+            import dataclasses
+
+            backbone = batch.model.model.backbone
+            text = backbone.text_embeddings(self.texts[:batch.num_seen_classes], self.templates).to(batch.device)
+            batch = dataclasses.replace(batch, model=TextScoredModel(batch.model, text, float(backbone.logit_scale())))
         inside_logits, outside_logits = batch.logits(batch.images), batch.logits(outside)
         scalars: dict[str, float] = {}
-        details: dict[str, Any] = {"num_ood": len(outside), "source": self.config.source}
+        details: dict[str, Any] = {"num_ood": len(outside), "source": self.config.source, "head": self.config.head}
         for name in self.config.scores:
             score = SCORES[name]
             inside = score(inside_logits).cpu().numpy()

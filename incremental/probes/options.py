@@ -111,6 +111,10 @@ class OodConfig:
     # are resized and converted to the run's size and channels
     dataset: Component | None = field(default=None, metadata={"registry": "datasets", "default_name": None})
     scores: list[Score] = field(default_factory=lambda: ["msp", "max_logit", "energy"])
+    # logits: the run's classifier; text (backbone: clip): CLIP's logit scale times the cosine
+    # similarity to the seen classes' text embeddings (the protocol's templates), as MCM (Ming et
+    # al. 2022) scores OOD with a vision-language model; msp on these is MCM's score
+    head: Literal["logits", "text"] = "logits"
     worst_case: bool = False
     # pgd: the toolkit's (Madry et al.); apgd_ce: torchattacks' APGD (Croce and Hein 2020) on the
     # cross-entropy of [0, score], which rises with the score: `pip install --no-deps torchattacks`

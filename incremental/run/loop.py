@@ -76,10 +76,21 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
         from ..probes.base import ProbeData
         from ..probes.suite import ProbeSuite
 
-        probe_data = ProbeData(splits, class_split.class_order, class_split.classes_per_experience, cfg.seed)
+        probe_data = ProbeData(splits, class_split.class_order, class_split.classes_per_experience, cfg.seed,
+                               cfg.protocol.templates)
         probe_suite = ProbeSuite(cfg.probes, probe_data, class_split.num_experiences,
                                  echo=None if quiet else echo)
     strategy_plugins = build_strategy(context, model)
+    from ..probes.ood import check_text_heads
+
+    check_text_heads(cfg.probes, model)
+    from ..models.clip import has_text_tower
+
+    if has_text_tower(model) and getattr(cfg.backbone.config, "head_init", None) == "text":
+        from ..plugins import TextHeadInit
+
+        # first: the strategy's own before_training_exp sees the rows set
+        strategy_plugins = [TextHeadInit(context), *strategy_plugins]
     optimization = OptimizationPlugin(cfg.training, context.param_group_hooks)
     recorder = EvaluationRecorder(class_split.label_experience())
     if cfg.training.channels_last:

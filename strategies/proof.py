@@ -1,0 +1,91 @@
+"""PROOF (Zhou et al., "Learning without Forgetting for Vision-Language Models", TPAMI 2025;
+the authors' code at github.com/zhoudw-zdw/PROOF, ``models/proof.py`` and ``utils/inc_net.py``).
+
+CLIP stays frozen (its logit scale trains, as in the repository). Before each experience the
+classifier (:class:`incremental.models.proof.ProofOutput`) gets a new image and text projection
+and new context prompts, and the new classes get their visual prototypes (the mean CLIP image
+embedding of their training images, eval transforms) and their text embeddings (each template).
+Training, on the new data plus herding exemplars, minimises the repository's three terms:
+
+    CE(z^ T^, y) + CE(z^ P^, y) + CLIP's contrastive loss between z' and T'_y
+
+with the text of the first template (open_clip's ``ClipLoss``, whose batch positives are the
+pairs of an image and its own label's text). Evaluation adds the projected zero-shot term z' T'
+over the ensemble of templates.
+
+Deviations from the repository, each a choice the paper leaves open: the projections take the
+L2-normalised CLIP embeddings (the repository feeds them unnormalised image and text embeddings
+but normalised prototypes), and the fused text and prototype tokens belong to each image
+(``fusion: instance``, as the paper writes it) rather than being averaged over the batch
+(``fusion: batch`` is the repository's form).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from incremental.models.peft import freeze
+from incremental.models.proof import ProofOutput
+from incremental.strategy import StrategyContext
+
+from .clip import HeadInputs
+from .options import PROOFConfig
+from .pretrained import class_means, experience_features
+from .replay import ExemplarReplay
+
+
+class PROOF(ExemplarReplay):
+    """PROOF: frozen CLIP, per-experience projections and cross-modal fusion with replay."""
+
+    def __init__(self, config: PROOFConfig, context: StrategyContext):
+        super().__init__(config, context)
+        from open_clip.loss import ClipLoss
+
+        self.clip_loss = ClipLoss()
+        self.head_inputs = HeadInputs()
+        self.extra_loss: torch.Tensor | None = None
+
+    def prepare_model(self, model: Any) -> None:
+        backbone = self.context.require_text_tower(model, "proof")
+        freeze(model)  # CLIP and the unused linear head
+        backbone.model.logit_scale.requires_grad_(True)
+        model.output_adapter = ProofOutput(model.num_features, prompt_length=self.config.prompt_length,
+                                           dropout=self.config.dropout, fusion=self.config.fusion)
+        self.head_inputs.attach(model)
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model, experience = strategy.model, strategy.experience.current_experience
+        classifier: ProofOutput = model.output_adapter
+        labels = self.context.class_split.label_ranges()[experience]
+        features, targets = experience_features(strategy, experience, self.context)
+        means = class_means(features, targets)
+        new_prototypes = torch.stack([means[label] for label in labels]).to(classifier.prototypes)
+        names = self.context.class_texts()[labels.start:labels.stop]
+        new_text = torch.stack([model.backbone.text_embeddings(names, [template])
+                                for template in self.context.prompt_templates()]).to(classifier.text_features)
+        classifier.prototypes = torch.cat([classifier.prototypes, new_prototypes])
+        old_text = classifier.text_features if labels.start else new_text[:, :0]  # (templates, 0, d) at first
+        classifier.text_features = torch.cat([old_text, new_text], dim=1)
+        classifier.add_experience()
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        classifier: ProofOutput = strategy.model.output_adapter
+        text_logits, prototype_logits, _, image, text = classifier.logits_parts(self.head_inputs.pooled, template=0)
+        strategy.mb_output = text_logits.float()
+        scale = strategy.model.backbone.model.logit_scale.exp()
+        self.extra_loss = F.cross_entropy(prototype_logits.float(), strategy.mb_y) + \
+            self.clip_loss(image.float(), text[strategy.mb_y].float(), scale)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.extra_loss is not None:
+            strategy.loss = strategy.loss + self.extra_loss
+            self.extra_loss = None
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        super().load_state_dict(state, model)
+        # the checkpoint rebuilt the classifier from its tensors; dropout is an option, not a tensor
+        attention = model.output_adapter.attention
+        attention.dropout.p = attention.attention_dropout.p = self.config.dropout
