@@ -176,6 +176,24 @@ def test_an_architecture_from_an_open_clip_config_file(tmp_path):
     assert backbone.text_embeddings(["one"], [TEMPLATE]).shape == (1, 16)
 
 
+def test_a_resnet_clip_is_built_from_its_open_clip_config(tmp_path):
+    """open_clip's ModifiedResNet image tower (CLIP's RN50 family), shrunk: the wrapper does not
+    care which tower open_clip builds."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    from incremental.models.clip import build_clip
+    from incremental.models.options import CLIPConfig
+
+    (tmp_path / "rn.json").write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}))
+    backbone = build_clip(CLIPConfig(config_file=str(tmp_path / "rn.json")), in_chans=1, img_size=32).eval()
+    assert isinstance(backbone.model.visual, ModifiedResNet)
+    images = torch.rand(3, 1, 32, 32)
+    assert torch.equal(backbone.forward_features(images), backbone.model.encode_image(images.expand(-1, 3, -1, -1)))
+    assert backbone.num_features == 32
+
+
 def test_named_template_sets_are_open_clips():
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
@@ -432,13 +450,24 @@ def test_every_clip_strategy_runs_the_digits_protocol_from_the_command_line(weig
         assert metrics(tmp_path / strategy)["strategy"] == strategy
 
 
+SYNTHETIC_OOD = "{name: synthetic, num_classes: 4, test_per_class: 10, image_size: 16, channels: 1}"
+
+
 def test_the_ood_probe_scores_with_text_prototypes(weights, tmp_path):
-    """For continual_clip the run's logits are the text head's, so both scorings agree exactly."""
+    """For continual_clip the run's logits are the text head's, so both scorings agree exactly;
+    `incremental probe` on the saved model agrees with the run's last step."""
     run = run_clip(tmp_path, weights, "ood", "probes=[{name: ood, head: text, num_samples: 60}, "
-                                             "{name: ood, label: ood_logits, num_samples: 60}]")
+                                             "{name: ood, label: ood_logits, num_samples: 60}, "
+                                             f"{{name: ood, label: ood_synthetic, head: text, num_samples: 40, "
+                                             f"source: dataset, dataset: {SYNTHETIC_OOD}}}]")
     probes = metrics(run)["probes"]
     text, logits = probes["ood"][0], probes["ood_logits"][0]
     assert text["head"] == "text" and logits["head"] == "logits"
     for key, value in text["summary"].items():
         assert logits["summary"][key] == pytest.approx(value, abs=1e-9)
     assert text["summary"]["auroc/msp"] > 60  # the trained clip-tiny tells seen digits from unseen ones
+    assert main(["probe", str(run), "--quiet", "--set", f"probes=[{{name: ood, label: ood_synthetic, head: text, "
+                 f"num_samples: 40, source: dataset, dataset: {SYNTHETIC_OOD}}}]",
+                 "--out", str(tmp_path / "offline.json")]) == 0
+    offline = json.loads((tmp_path / "offline.json").read_text())["probes"]["ood_synthetic"]
+    assert offline["summary"] == probes["ood_synthetic"][-1]["summary"]
