@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
 from incremental.compare import format_mean_std as mean_std
 from incremental.run.directory import is_complete
 
-__all__ = ["experiment_args", "is_complete", "kept_reading", "mean_std", "run_incremental", "write_results"]
+__all__ = ["complete_runs", "experiment_args", "is_complete", "kept_reading", "mean_std", "run_incremental",
+           "headline", "run_all", "run_seeds_then_report", "write_results"]
 
 
 def run_incremental(command: str, config: Path, path: Path, *overrides: str, marker: str = "metrics.json") -> str:
@@ -65,3 +67,44 @@ def write_results(folder: Path, script: str, title: str, body: str) -> str:
     text = "\n".join([f"# {title}", "", "Produced by", "", f"    {command.strip()}", "", body]) + kept_reading(results)
     results.write_text(text + "\n")
     return text
+
+
+def complete_runs(out: Path, stem: str, seeds: list[int]) -> list[dict]:
+    """The metrics.json of each complete run ``OUT/STEM-seedSEED``, in seed order."""
+    import json
+
+    return [json.loads((out / f"{stem}-seed{s}" / "metrics.json").read_text())
+            for s in seeds if is_complete(out / f"{stem}-seed{s}")]
+
+
+def run_seeds_then_report(doc: str, default_out: str, folder: Path, script: str, title: str,
+                          run_seed: Callable[[int, Path, int], None], report: Callable[[Path, list[int]], str]) -> int:
+    """A seeded experiment's main: parse the common options, run every seed (unless
+    --report-only), then write and print results.md."""
+    args = experiment_args(doc.splitlines()[0], default_out)
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(seed, args.out, args.jobs)
+    print(write_results(folder, script, title, report(args.out, args.seeds)))
+    return 0
+
+
+def run_all(runs: Iterable[tuple], jobs: int) -> None:
+    """``incremental run`` for each ``(config, path, *overrides)``, ``jobs`` at a time (one thread
+    each), printing the line each returns as it finishes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for message in pool.map(lambda job: run_incremental("run", *job), runs):
+            print(message, flush=True)
+
+
+def headline(runs: list[dict]) -> dict[str, str]:
+    """The figures every results table shows for a set of seeds' runs: average incremental
+    accuracy, last accuracy and forgetting (mean ± std), mean wall time, and the run count."""
+    import statistics
+
+    return {"avg": mean_std([m["average_incremental_accuracy"] for m in runs]),
+            "last": mean_std([m["last_accuracy"] for m in runs]),
+            "forgetting": mean_std([m["forgetting"]["mean"] for m in runs]),
+            "wall": f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f}", "runs": str(len(runs))}

@@ -207,6 +207,20 @@ def comparable(run_dir: Path) -> dict:
     return without_wall_clock(json.loads((run_dir / "metrics.json").read_text()))
 
 
+def resume_from_first_checkpoint(full: Path, stopped: Path) -> None:
+    """Stop ``full`` after experience 0 in effect: its config and archived first checkpoint copied
+    into ``stopped``, then ``incremental run --resume`` there."""
+    import shutil
+
+    from incremental.cli import main
+    from incremental.run.directory import CHECKPOINT_FILE
+
+    stopped.mkdir()
+    shutil.copy(full / "config.yaml", stopped / "config.yaml")
+    shutil.copy(full / "checkpoints" / "experience_000.pt", stopped / CHECKPOINT_FILE)
+    assert main(["run", "--resume", str(stopped), "--quiet"]) == 0
+
+
 def same_weights(a: Path, b: Path) -> bool:
     """Whether two runs saved bit-identical models."""
     import torch

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from conftest import comparable, load_run_model, same_weights, write_cifar100, write_image_folder
-from incremental.run.directory import CHECKPOINT_FILE
+from conftest import (comparable, load_run_model, resume_from_first_checkpoint, same_weights, write_cifar100,
+                      write_image_folder)
 from incremental.cli import main
 
 SIZE = 16
@@ -424,10 +423,7 @@ def test_proof_keeps_clip_and_old_image_projections_frozen(weights, tmp_path):
 def test_a_stopped_and_resumed_clip_run_is_identical(weights, tmp_path, strategy):
     full = run_clip(tmp_path, weights, "full", f"strategy={strategy}", "output.checkpoint=all")
     stopped = tmp_path / "stopped"
-    stopped.mkdir()
-    shutil.copy(full / "config.yaml", stopped / "config.yaml")
-    shutil.copy(full / "checkpoints" / "experience_000.pt", stopped / CHECKPOINT_FILE)
-    assert main(["run", "--resume", str(stopped), "--quiet"]) == 0
+    resume_from_first_checkpoint(full, stopped)
     assert comparable(stopped) == comparable(full)
     assert same_weights(stopped, full)
 

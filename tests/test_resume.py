@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, comparable, incremental_process, rewind_checkpoint, same_weights
+from conftest import (TINY_RUN, comparable, incremental_process, resume_from_first_checkpoint, rewind_checkpoint,
+                      same_weights)
 
 from incremental.checkpoint import load_checkpoint
 from incremental.run.directory import CHECKPOINT_FILE
@@ -178,10 +179,7 @@ def test_every_strategy_resumes_to_the_same_result(write_yaml, tmp_path, strateg
     sets = ["--set", "training.epochs=1", "--set", "output.checkpoint=all", "--set", "output.tensorboard=false"]
     assert main(["run", str(config), "--out", str(full), "--quiet", *sets]) == 0
     stopped = tmp_path / "stopped"
-    stopped.mkdir()
-    shutil.copy(full / "config.yaml", stopped / "config.yaml")
-    shutil.copy(full / "checkpoints" / "experience_000.pt", stopped / CHECKPOINT_FILE)
-    assert main(["run", "--resume", str(stopped), "--quiet"]) == 0
+    resume_from_first_checkpoint(full, stopped)
     assert comparable(stopped) == comparable(full)
     assert same_weights(stopped, full)
 

@@ -16,12 +16,11 @@ import argparse
 import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import is_complete, mean_std, run_incremental  # noqa: E402
+from run_common import complete_runs, is_complete, mean_std, run_all, run_incremental  # noqa: E402
 
 CONFIGS = {  # file stem -> what it is
     "vit": "ViT (default protocol: patch 4, 128 wide, 4 blocks)",
@@ -46,9 +45,7 @@ def run_seed(seed: int, out: Path, jobs: int) -> None:
     for stem in CONFIGS:
         extra = [f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"] if stem == "vit_mae" else []
         runs.append((HERE / "digits" / f"{stem}.yaml", out / f"{stem}-seed{seed}", *overrides, *extra))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message in pool.map(lambda job: run_incremental("run", *job), runs):
-            print(message, flush=True)
+    run_all(runs, jobs)
 
 
 def report(out: Path, seeds: list[int], command: str) -> str:
@@ -59,8 +56,7 @@ def report(out: Path, seeds: list[int], command: str) -> str:
              "", "| backbone | entry | params (M) | avg inc acc | last acc | forgetting | wall s | runs |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for stem, label in CONFIGS.items():
-        runs = [json.loads((out / f"{stem}-seed{s}" / "metrics.json").read_text())
-                for s in seeds if is_complete(out / f"{stem}-seed{s}")]
+        runs = complete_runs(out, stem, seeds)
         if not runs:
             lines.append(f"| {label} | - | - | - | - | - | - | 0 |")
             continue

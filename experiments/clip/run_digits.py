@@ -18,15 +18,13 @@ Writes results.md next to itself (keeping its "## Reading" section) and prints i
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import experiment_args, is_complete, mean_std, run_incremental, write_results  # noqa: E402
+from run_common import complete_runs, headline, mean_std, run_all, run_seeds_then_report  # noqa: E402
 
 PRETRAIN_STEPS = 400
 KNOWN_EXPERIENCES = 3  # experiences whose class names the pretraining captions use
@@ -88,9 +86,7 @@ def run_seed(seed: int, out: Path, jobs: int) -> None:
                  f"backbone={{name: clip, model: clip-tiny, pretrained: {weights}}}"]
     jobs_list = [("digits_b0_5steps", out / f"{name}-seed{seed}", *overrides, *sets)
                  for name, (_, sets) in METHODS.items()]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message in pool.map(lambda job: run_incremental("run", *job), jobs_list):
-            print(message, flush=True)
+    run_all(jobs_list, jobs)
 
 
 TITLE = "Vision-language methods on digits, from a CLIP the toolkit pretrained itself"
@@ -108,8 +104,7 @@ def report(out: Path, seeds: list[int]) -> str:
              "| wall s | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (label, sets) in METHODS.items():
-        runs = [json.loads((out / f"{name}-seed{s}" / "metrics.json").read_text())
-                for s in seeds if is_complete(out / f"{name}-seed{s}")]
+        runs = complete_runs(out, name, seeds)
         if len(runs) < 3:  # no figure from fewer than 3 seeds
             lines.append(f"| {label} | - | - | - | - | - | - | - | {len(runs)} |")
             continue
@@ -121,21 +116,15 @@ def report(out: Path, seeds: list[int]) -> str:
 
         known = range(KNOWN_EXPERIENCES)
         new = range(KNOWN_EXPERIENCES, len(runs[0]["accuracy_matrix"]))
-        lines.append(f"| {label} | {memory} | {mean_std([m['average_incremental_accuracy'] for m in runs])} | "
-                     f"{mean_std([m['last_accuracy'] for m in runs])} | "
-                     f"{mean_std([part(m, known) for m in runs])} | {mean_std([part(m, new) for m in runs])} | "
-                     f"{mean_std([m['forgetting']['mean'] for m in runs])} | "
-                     f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
+        h = headline(runs)
+        lines.append(f"| {label} | {memory} | {h['avg']} | {h['last']} | {mean_std([part(m, known) for m in runs])} | "
+                     f"{mean_std([part(m, new) for m in runs])} | {h['forgetting']} | {h['wall']} | {h['runs']} |")
     return "\n".join(lines)
 
 
 def main() -> int:
-    args = experiment_args(__doc__.splitlines()[0], "runs/clip_digits")
-    if not args.report_only:
-        for seed in args.seeds:
-            run_seed(seed, args.out, args.jobs)
-    print(write_results(HERE, "experiments/clip/run_digits.py", TITLE, report(args.out, args.seeds)))
-    return 0
+    return run_seeds_then_report(__doc__, "runs/clip_digits", HERE, "experiments/clip/run_digits.py", TITLE,
+                                 run_seed, report)
 
 
 if __name__ == "__main__":

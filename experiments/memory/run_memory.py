@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import experiment_args, is_complete, mean_std, run_incremental, write_results  # noqa: E402
+from run_common import experiment_args, is_complete, mean_std, run_all, write_results  # noqa: E402
 
 PROTOCOL = HERE.parents[1] / "protocols" / "digits_b0_5steps.yaml"
 RAW_BYTES = 1024  # one 32 px grey exemplar as uint8
@@ -143,9 +142,7 @@ def plot(out: Path, seeds: list[int], path: Path) -> None:
 def main() -> int:
     args = experiment_args(__doc__.splitlines()[0], "runs/memory")
     if not args.report_only:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for message in pool.map(lambda job: run_incremental("run", *job), jobs_for(args.seeds, args.out)):
-                print(message, flush=True)
+        run_all(jobs_for(args.seeds, args.out), args.jobs)
     text = write_results(HERE, "experiments/memory/run_memory.py", TITLE, report(args.out, args.seeds))
     plot(args.out, args.seeds, HERE / "accuracy_vs_bytes.png")
     print(text)

@@ -14,15 +14,12 @@ runs are kept, so the script can be stopped and started again. Writes results.md
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import experiment_args, is_complete, mean_std, run_incremental, write_results  # noqa: E402
+from run_common import complete_runs, headline, run_all, run_incremental, run_seeds_then_report  # noqa: E402
 
 MAE_CONFIG = HERE.parent / "backbones" / "digits" / "vit_mae_pretrain.yaml"  # 200 epochs, mask ratio 0.75
 NO_MEMORY = "protocol.memory={}"
@@ -58,9 +55,7 @@ def run_seed(seed: int, out: Path, jobs: int) -> None:
     encoder = f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"
     jobs_list = [("digits_b0_5steps", out / f"{name}-seed{seed}", *overrides, EPOCHS, encoder, *sets)
                  for name, (_, sets) in METHODS.items()]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message in pool.map(lambda job: run_incremental("run", *job), jobs_list):
-            print(message, flush=True)
+    run_all(jobs_list, jobs)
 
 
 TITLE = "Pre-trained-model methods on digits, from the toolkit's own MAE encoder"
@@ -75,28 +70,20 @@ def report(out: Path, seeds: list[int]) -> str:
              "| method | memory | avg inc acc | last acc | forgetting | trained params (most in a step) | wall s | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (label, sets) in METHODS.items():
-        runs = [json.loads((out / f"{name}-seed{s}" / "metrics.json").read_text())
-                for s in seeds if is_complete(out / f"{name}-seed{s}")]
+        runs = complete_runs(out, name, seeds)
         if not runs:
             lines.append(f"| {label} | - | - | - | - | - | - | 0 |")
             continue
         memory = 0 if NO_MEMORY in sets else 200
         trained = max(runs[0].get("trained_params") or [0])  # the most any step trained
-        lines.append(f"| {label} | {memory} | {mean_std([m['average_incremental_accuracy'] for m in runs])} | "
-                     f"{mean_std([m['last_accuracy'] for m in runs])} | "
-                     f"{mean_std([m['forgetting']['mean'] for m in runs])} | "
-                     f"{trained:,} | "
-                     f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
+        h = headline(runs)
+        lines.append(f"| {label} | {memory} | {h['avg']} | {h['last']} | {h['forgetting']} | {trained:,} | "
+                     f"{h['wall']} | {h['runs']} |")
     return "\n".join(lines)
 
 
 def main() -> int:
-    args = experiment_args(__doc__.splitlines()[0], "runs/pretrained_digits")
-    if not args.report_only:
-        for seed in args.seeds:
-            run_seed(seed, args.out, args.jobs)
-    print(write_results(HERE, "experiments/pretrained/run_digits.py", TITLE, report(args.out, args.seeds)))
-    return 0
+    return run_seeds_then_report(__doc__, "runs/pretrained_digits", HERE, "experiments/pretrained/run_digits.py", TITLE, run_seed, report)
 
 
 if __name__ == "__main__":

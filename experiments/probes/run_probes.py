@@ -13,15 +13,13 @@ next to this file, and prints the tables.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import is_complete, kept_reading, mean_std, run_incremental  # noqa: E402
+from run_common import complete_runs, kept_reading, mean_std, run_all  # noqa: E402
 
 CONFIGS = {"vit": "ViT", "vit_conv_stem": "ViT, conv stem", "resnet32": "ResNet-32"}
 DEFAULT_SUITE = "digits_b0_5steps_probes"  # the shipped protocol: default protocol + default probe suite
@@ -42,8 +40,7 @@ COLUMNS = [
 
 
 def load(out: Path, stem: str, seeds: list[int]) -> list[dict]:
-    return [json.loads((out / f"{stem}-seed{s}" / "metrics.json").read_text())
-            for s in seeds if is_complete(out / f"{stem}-seed{s}")]
+    return complete_runs(out, stem, seeds)
 
 
 def value(metrics: dict, label: str, key: str, step: int) -> float | None:
@@ -151,9 +148,7 @@ def main() -> None:
                  f"protocol.order_seed={seed}") for seed in args.seeds for stem in CONFIGS]
         jobs += [(Path(DEFAULT_SUITE), args.out / f"default_suite-seed{seed}", f"seed={seed}",
                   f"protocol.order_seed={seed}") for seed in args.seeds]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for message in pool.map(lambda job: run_incremental("run", *job), jobs):
-                print(message, flush=True)
+        run_all(jobs, args.jobs)
     command = "python experiments/probes/run_probes.py --seeds " + " ".join(map(str, args.seeds))
     text = report(args.out, args.seeds, command)
     (HERE / "results.md").write_text(text + "\n" + kept_reading(HERE / "results.md"))
