@@ -31,6 +31,7 @@ SMALL = {
     "s3_base": {},
     "resnet18": {},
     "resnet32": {"width": 8},
+    "clip": {"model": "clip-tiny"},
 }
 
 
@@ -193,6 +194,7 @@ RUN_OPTIONS = {
     "s3_base": "{name: s3_base, img_size: 16, drop_path_rate: 0.0}",
     "resnet18": "{name: resnet18, stem: imagenet}",
     "resnet32": "{name: resnet32, width: 8}",
+    "clip": "{name: clip, model: clip-tiny}",
 }
 
 
