@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.epilog = "A --set with comma-separated values (--set strategy=replay,finetune) is a grid axis."
 
     cmp_ = sub.add_parser("compare", help="table of runs (mean ± std over seeds), report.md and plots")
-    cmp_.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="directories written by `incremental run`")
+    cmp_.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
+                      help="directories written by `incremental run`, or a folder of them (a sweep's --out); "
+                      "folders without a run inside are skipped with a note")
     cmp_.add_argument("--group-by", action="append", default=[], metavar="KEY.PATH",
                       help="group runs by this config key (repeatable); default: runs that differ only in "
                       "their seed form one group")
@@ -337,8 +339,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             from .config import protocol_descriptions
             from .class_orders import NAMED_ORDER_NAMES
 
-            for name, description in protocol_descriptions().items():
-                out.append(f"  {name:<28} {description}")
+            descriptions = protocol_descriptions()
+            width = max([28, *map(len, descriptions)])
+            for name, description in descriptions.items():
+                out.append(f"  {name:<{width}}  {description}")
             out.append(f"  (named class orders: {', '.join(NAMED_ORDER_NAMES)})")
         else:
             from .registry import REGISTRIES, load_builtins
@@ -347,11 +351,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
             registry = REGISTRIES[kind]
             if not len(registry):
                 out.append("  (none yet)")
+            width = max([14, *(len(entry.name) for entry in registry)])  # a long name keeps its gap
             for entry in registry:
-                out.append(f"  {entry.name:<14} {entry.summary}")
+                out.append(f"  {entry.name:<{width}}  {entry.summary}")
                 options = _format_options(entry.config_cls)
                 if options:
-                    out.append(f"  {'':<14}   options: {options}")
+                    out.append(f"  {'':<{width}}    options: {options}")
             if registry.common_options is not None:
                 out.append(f"  (every entry also takes: {_format_options(registry.common_options)})")
         out.append("")

@@ -90,6 +90,35 @@ def load_run(path: Path) -> Run:
     return Run(path, metrics, config)
 
 
+def expand_run_paths(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Run directories from what the user named: a run directory as it is, a folder of runs
+    (``incremental sweep``'s) as its run directories; folders that hold no run (a sweep's
+    ``comparison/``) are skipped with a note, or refused when nothing else was named."""
+    from .run.directory import CONFIG_FILE
+
+    runs: list[Path] = []
+    skipped: list[Path] = []
+    for path in paths:
+        if not path.is_dir() or (path / CONFIG_FILE).is_file():
+            runs.append(path)  # load_run reports what is wrong with a path that is not a folder
+            continue
+        inside = sorted(child for child in path.iterdir() if child.is_dir())
+        found = [child for child in inside if (child / CONFIG_FILE).is_file()]
+        runs += found
+        skipped += [child for child in inside if child not in found] if found else [path]
+    if not runs:
+        named = skipped[0] if len(skipped) == 1 else f"{len(skipped)} folders"
+        raise UserError(f"{named} holds no run directory (no {CONFIG_FILE}); name runs or a sweep's folder",
+                        key="RUN_DIR")
+    notes = [f"skipped {path}: not a run directory (no {CONFIG_FILE})" for path in skipped]
+    return runs, notes
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _numbers(value: Any, *, allow_none: bool = True) -> bool:
     return isinstance(value, list) and all((v is None and allow_none) or
                                            (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
@@ -237,10 +266,13 @@ def per_step(groups: Sequence[Group], read: Any) -> list[tuple[str, list[float],
     return series
 
 
-def plot_curves(groups: Sequence[Group], read: Any, title: str, path: Path) -> int:
-    """Overlaid per-step curves (mean with a ± std band); returns the number of series drawn."""
+def curves_figure(groups: Sequence[Group], read: Any, title: str) -> tuple[Any, int]:
+    """Overlaid per-step curves (mean with a ± std band), and the number of series drawn.
+    Every plotted metric is a percentage, so the band is clipped to [0, 100] (a forgetting of
+    2 ± 3 is drawn from 0 to 5), and the experience axis has integer ticks only."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5.5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -251,13 +283,21 @@ def plot_curves(groups: Sequence[Group], read: Any, title: str, path: Path) -> i
             continue
         steps = list(range(len(means)))
         ax.plot(steps, means, marker="o", label=label)
-        ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        ax.fill_between(steps, [max(0.0, m - s) for m, s in zip(means, stds)],
+                        [min(100.0, m + s) for m, s in zip(means, stds)], alpha=0.2)
         drawn += 1
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("after experience")
     ax.set_title(title, fontsize=10)
     if drawn:
         ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig, drawn
+
+
+def plot_curves(groups: Sequence[Group], read: Any, title: str, path: Path) -> int:
+    """:func:`curves_figure` saved as ``path``; returns the number of series drawn."""
+    fig, drawn = curves_figure(groups, read, title)
     fig.savefig(path)
     return drawn
 
@@ -283,6 +323,7 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
         raise UserError("name at least one run directory", key="RUN_DIR")
     from .run.directory import read_state
 
+    paths, notes = expand_run_paths(paths)
     loaded = [load_run(p) for p in paths]
     # Unfinished runs would mix last-step numbers of different steps into one mean; a killed
     # run's metrics.json still says running, so its state comes from the run directory.
@@ -290,7 +331,7 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
     runs = [r for r in loaded if states[r.path].status == "complete"]
     skipped = [r for r in loaded if states[r.path].status != "complete"]
     if not runs:
-        raise UserError(f"none of the {len(loaded)} runs is complete "
+        raise UserError(f"none of the {plural(len(loaded), 'run')} is complete "
                         f"({', '.join(sorted({states[r.path].status for r in loaded}))})", key="RUN_DIR")
     groups = group_runs(runs, group_by)
     header, rows = table_rows(groups)
@@ -322,10 +363,14 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
     lines += [f"- {group.label}: " + ", ".join(f"`{r.path}`" for r in group.runs) for group in groups]
     if skipped:
         lines += ["", "Left out (not complete): " + ", ".join(f"`{r.path}` ({states[r.path].label})" for r in skipped)]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     table = format_text_table(header, rows)
     if skipped:
-        table += (f"\n(left out {len(skipped)} runs that are not complete: "
-                  f"{', '.join(f'{r.path} ({states[r.path].label})' for r in skipped)})")
+        table += (f"\n(left out {plural(len(skipped), 'run')} that {'is' if len(skipped) == 1 else 'are'} not "
+                  f"complete: {', '.join(f'{r.path} ({states[r.path].label})' for r in skipped)})")
+    for note in notes:
+        table += f"\n({note})"
     return table

@@ -54,6 +54,9 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, durable: bool = F
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
+        # the mode a plain open() gives (0644 under the usual umask), whatever the writer used:
+        # some libraries create their files 0600
+        os.chmod(tmp, 0o666 & ~current_umask())
         if durable:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -69,6 +72,13 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, durable: bool = F
         raise WriteError(path, exc) from None
     if durable:
         fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:

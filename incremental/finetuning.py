@@ -29,7 +29,8 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
                       params: Literal["head", "all", "frozen_encoder"], optimizer: OptimizerConfig, device: Any,
                       seed: int, num_workers: int = 0, label_smoothing: float = 0.0,
                       group_hooks: Sequence[GroupHook] = (), precision: str = "fp32",
-                      schedule: Literal["cosine", "constant"] = "cosine", batches: Any = None) -> list[float]:
+                      schedule: Literal["cosine", "constant"] = "cosine", batches: Any = None,
+                      desc: str = "balanced finetuning") -> list[float]:
     """Train ``model`` on the Avalanche ``dataset`` (train transforms) for ``epochs`` at ``lr``,
     cosine-decayed or constant (``schedule``). ``params``: ``all``; ``head``, the classifier
     only, with the backbone in eval mode (frozen BN statistics, no drop path); or
@@ -37,9 +38,10 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     frozen, in eval mode. ``precision`` as the run's (autocast, and loss scaling for fp16).
     ``batches``: the epochs' batches from the run's data path (``IncrementalTemplate.batches``,
     the device path when it is on); by default a DataLoader with the train transforms.
-    Returns the mean loss of each epoch."""
+    ``desc`` labels its progress bar. Returns the mean loss of each epoch."""
     from torch.utils.data import DataLoader
 
+    from .progress import bar
     from .template import autocast
 
     if params == "head":
@@ -66,6 +68,7 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     epoch_losses: list[float] = []
+    progress = bar(epochs * len(loader), desc)
     try:
         iteration = 0
         for epoch in range(epochs):
@@ -85,11 +88,14 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
                 total += loss.detach()
                 count += 1
                 iteration += 1
+                progress.update(1)
             mean = float(total) / max(1, count)
             check_finite(mean, "balanced-finetuning loss", f"in epoch {epoch + 1}",
                          key="strategy.balanced_finetuning.lr_scale")
             epoch_losses.append(mean)
+            progress.set_postfix(epoch=epoch + 1, loss=f"{mean:.3f}", refresh=False)
     finally:
+        progress.close()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)

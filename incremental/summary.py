@@ -19,7 +19,8 @@ def format_step(metrics: dict[str, Any], step: int) -> str:
     total = metrics["num_experiences"]
     avg = sum(metrics["accuracy"][: step + 1]) / (step + 1)
     time_s = metrics["wall_time_s"][step]
-    return (f"exp {step + 1}/{total}  acc {_pct(metrics['accuracy'][step])}  avg {avg:.2f}  "
+    # numbered from 0, as in the table, metrics.json and TensorBoard
+    return (f"exp {step} of 0-{total - 1}  acc {_pct(metrics['accuracy'][step])}  avg {avg:.2f}  "
             f"old {_pct(metrics['accuracy_old'][step])}  new {_pct(metrics['accuracy_new'][step])}  "
             f"forgetting {_pct(metrics['forgetting']['per_step'][step])}  "
             f"({time_s['train']:.1f}s train, {time_s['eval']:.1f}s eval"

@@ -102,4 +102,4 @@ class ViTIL(ExemplarReplay):
             params=bft.params, schedule=bft.schedule, optimizer=training.optimizer, device=strategy.device,
             seed=seed, num_workers=resolve_workers(training.num_workers),
             label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks,
-            precision=training.precision)
+            precision=training.precision, desc=f"exp {experience} balanced finetuning")

@@ -13,7 +13,7 @@ import yaml
 from conftest import rewind_checkpoint
 
 from incremental.cli import main
-from incremental.compare import compare, group_runs, load_run, plot_curves
+from incremental.compare import compare, curves_figure, group_runs, load_run, plot_curves
 from incremental.config import dump_yaml, load_config
 from incremental.metrics import summarize
 
@@ -85,14 +85,46 @@ def test_plots_have_one_series_per_group(runs, tmp_path):
                        "probe", tmp_path / "b.png") == 1
 
 
+def test_curves_have_integer_experience_ticks_and_bands_inside_0_100(runs):
+    """A forgetting of 5 ± 5.7 is drawn from 0, not -0.7; an accuracy of 95 ± 7.1 up to 100, not
+    102; the x ticks are 0, 1, 2, never 0.5."""
+    groups = group_runs([load_run(p) for p in runs])
+    series = {0: [0.0, 1.0, 100.0], 1: [0.0, 9.0, 90.0]}  # per seed: a low and a high mean ± std
+    fig, drawn = curves_figure(groups, lambda m: series[m["seed"]], "bounded")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert drawn == 2 and ticks == [0.0, 1.0, 2.0]
+    heights = [y for band in ax.collections for path in band.get_paths() for y in path.vertices[:, 1]]
+    assert min(heights) == 0.0 and max(heights) == 100.0
+    assert statistics.mean([1.0, 9.0]) - statistics.stdev([1.0, 9.0]) < 0  # unclipped, it would dip below 0
+    assert statistics.mean([100.0, 90.0]) + statistics.stdev([100.0, 90.0]) > 100
+
+
+def test_a_sweep_folder_compares_and_its_comparison_folder_is_skipped(runs, tmp_path, capsys):
+    """`sweep` writes OUT/comparison inside its folder; `compare OUT/*` and `compare OUT` skip it."""
+    sweep = runs[0].parent
+    (sweep / "comparison").mkdir()
+    (sweep / "comparison" / "report.md").write_text("# Comparison\n")
+    for args in ([str(p) for p in sorted(sweep.iterdir())], [str(sweep)]):
+        assert main(["compare", *args, "--out", str(tmp_path / "cmp")]) == 0
+        printed = capsys.readouterr().out
+        assert "strategy.name=replay       2" in printed and "strategy.name=finetune     2" in printed
+        assert f"(skipped {sweep / 'comparison'}: not a run directory (no config.yaml))" in printed
+    assert main(["compare", str(sweep / "comparison")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"RUN_DIR: {sweep / 'comparison'} holds no run directory (no config.yaml); name runs or a " \
+                  "sweep's folder"
+
+
 def test_incomplete_runs_are_left_out(runs, tmp_path, capsys):
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     (runs[0] / "metrics.json").write_text(json.dumps({**metrics, "status": "failed"}))
     assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
     printed = capsys.readouterr().out
-    assert "strategy.name=replay       1" in printed and "left out 1 runs" in printed
+    assert "strategy.name=replay       1" in printed and "left out 1 run that is not complete" in printed
     assert main(["compare", str(runs[0])]) == 2
-    assert "none of the 1 runs is complete" in capsys.readouterr().err
+    assert "none of the 1 run is complete" in capsys.readouterr().err
 
 
 def test_compare_errors_are_one_line(runs, tmp_path, capsys):

@@ -429,8 +429,14 @@ def test_probe_command_errors(tmp_path, tiny_config, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", str(tiny_config), "--quiet", "--out", str(run_dir), "--set", "training.epochs=1",
                  "--set", "protocol.increment=6"]) == 0
-    assert main(["probe", str(run_dir)]) == 2
-    assert "probes: the run lists no probes" in capsys.readouterr().err
+    capsys.readouterr()
+    # no probes in the run and none named: the default suite, said in one line; the OOD probe
+    # after the last experience has no unseen classes, and its line says so
+    assert main(["probe", str(run_dir), "--out", str(tmp_path / "default.json"), "--set", "training.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "the run lists no probes: the default suite (corruptions, masking, ood)" in out
+    assert "probe ood: skipped: no unseen classes left to serve as OOD data" in out
+    assert set(json.loads((tmp_path / "default.json").read_text())["probes"]) == {"corruptions", "masking", "ood"}
     assert main(["probe", str(run_dir), "--set", "probes=[masking]", "--out", str(tmp_path / "no" / "p.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("--out: cannot write") and "is not a folder" in err and len(err.splitlines()) == 1

@@ -102,7 +102,7 @@ def test_finetune_on_resnet32_prints_the_table(tiny_config, tmp_path, capsys):
                  "--set", "training.scheduler.milestones=[1]"])
     assert code == 0
     stdout = capsys.readouterr().out
-    assert "exp 2/2" in stdout and "average incremental accuracy" in stdout and "forget" in stdout
+    assert "exp 1 of 0-1" in stdout and "average incremental accuracy" in stdout and "forget" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backbone"] == "resnet32" and metrics["strategy"] == "finetune"
     digits = build_dataset("digits", load_config(str(out / "config.yaml"))[0].dataset.config)

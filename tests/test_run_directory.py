@@ -187,7 +187,7 @@ def test_a_sweep_resumes_a_stopped_run_of_its_config_and_refuses_other_folders(r
     assert reuse_decision(out / "seed3", _cfg(config, "seed=3", "training.epochs=1"))[0] == "resume"
     capfd.readouterr()
     assert main_in_fork(*args, quiet=False) == 0
-    assert f"resume {out / 'seed3'} (stopped after 1/3 experiences)" in capfd.readouterr().out
+    assert f"resume {out / 'seed3'} (stopped after exp 0 of 0-2)" in capfd.readouterr().out
     assert comparable(out / "seed3") == comparable(whole)  # seed 3 is tiny.yaml's own
     # a folder that is not a run is never used, and never deleted
     (out / "seed4").mkdir()
@@ -349,9 +349,9 @@ def test_a_stopped_run_reads_as_stopped_everywhere(reference, tmp_path, capsys):
     rewind_checkpoint(run_dir, 0)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "running", "completed_experiences": 1}))
-    assert read_state(run_dir).label == "stopped after 1/3 experiences"
+    assert read_state(run_dir).label == "stopped after exp 0 of 0-2"
     assert main(["compare", str(run_dir), str(whole), "--out", str(tmp_path / "cmp")]) == 0
-    assert f"{run_dir} (stopped after 1/3 experiences)" in capsys.readouterr().out
+    assert f"{run_dir} (stopped after exp 0 of 0-2)" in capsys.readouterr().out
 
 
 def test_run_directory_refuses_a_folder_in_use_in_process(tmp_path):

@@ -168,7 +168,11 @@ def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real
             x, y = torch.cat([x, sample(previous, y_old)]), torch.cat([y, y_old])
         return x * 2 - 1, y
 
+    from ..progress import bar
+
+    progress = bar(steps, "GAN training", unit="step")
     for _ in range(steps):
+        progress.update(1)
         for _ in range(d_steps):
             x, y = real_batch()
             y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,))]
@@ -187,6 +191,7 @@ def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
+    progress.close()
     return [float(d_loss.detach()), float(g_loss.detach())]
 
 

@@ -12,6 +12,7 @@ Huffman coding of the quantized weights.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -73,7 +74,8 @@ def widest_fitting(budget: int, *, image_size: int, channels: int, levels: int, 
     return best
 
 
-def _fit(net: NeRV, targets: torch.Tensor, steps: int, lr: float, masks: dict[str, torch.Tensor] | None) -> None:
+def _fit(net: NeRV, targets: torch.Tensor, steps: int, lr: float, masks: dict[str, torch.Tensor] | None,
+         tick: Callable[[int], Any] = lambda n: None) -> None:
     """Adam with a cosine LR on the MSE over every frame (one batch: a class's exemplars)."""
     if steps <= 0:
         return
@@ -88,20 +90,23 @@ def _fit(net: NeRV, targets: torch.Tensor, steps: int, lr: float, masks: dict[st
         schedule.step()
         if masks is not None:
             apply_masks(net, masks)
+        tick(1)
 
 
 def encode_frames(images: torch.Tensor, *, width: int, levels: int, steps: int, lr: float, prune: float,
                   finetune_steps: int, seed: int) -> dict[str, torch.Tensor]:
     """Fit a NeRV on uint8 frames (n, C, H, W), prune, fine-tune, quantize: the stored tensors
     (the 8-bit weights, their scales and masks, and the frame count and width as int32)."""
+    from ..progress import bar
+
     n, channels, size = len(images), images.shape[1], images.shape[-1]
     targets = images.float() / 255.0
-    with torch.random.fork_rng(devices=[]):  # the run's random stream stays as it was
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), bar(steps + finetune_steps, f"NeRV fit ({n} frames)", "step") as progress:
+        torch.manual_seed(seed)  # the run's random stream stays as it was (fork_rng)
         net = NeRV(width=width, image_size=size, channels=channels, levels=levels)
-        _fit(net, targets, steps, lr, None)
+        _fit(net, targets, steps, lr, None, progress.update)
         masks = magnitude_prune(net, prune)
-        _fit(net, targets, finetune_steps, lr * 0.1, masks)
+        _fit(net, targets, finetune_steps, lr * 0.1, masks, progress.update)
     return {**pack_int8(net, masks), "frames": torch.tensor([n], dtype=torch.int32),
             "shape": torch.tensor([width, channels, size, levels], dtype=torch.int32)}
 

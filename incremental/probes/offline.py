@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 
 
 def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> tuple[Any, int]:
@@ -60,11 +60,16 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
                         key="RUN_DIR")
     check_recorded_plugins(run_dir, list(plugins), trust_plugins)
     cfg, source = load_config(str(config_path), overrides, plugins=plugins)
+    if not cfg.probes:  # neither the run nor --set names any: the default suite
+        from .options import DEFAULT_SUITE
+
+        cfg, source = load_config(str(config_path), [*overrides, f"probes=[{', '.join(DEFAULT_SUITE)}]"],
+                                  plugins=plugins)
+        if not quiet:
+            echo(f"the run lists no probes: the default suite ({', '.join(DEFAULT_SUITE)}); --set 'probes=[...]' "
+                 f"chooses others")
     target = out or run_dir / "probes.json"
     try:
-        if not cfg.probes:
-            raise ConfigError("the run lists no probes; add some, e.g. --set 'probes=[corruptions, masking]'",
-                              key="probes")
         if target.exists() and out is None:
             raise UserError(f"{target} exists; pass --out FILE to write elsewhere", key="--out")
         if not target.parent.is_dir():  # checked before probing, so no probe work is lost
@@ -85,7 +90,10 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     model.to(device)
     if not quiet:
         echo(f"probing {run_dir} after experience {step} ({class_split.classes_per_experience[: step + 1]} classes)")
-    results = suite.run(model, step, device)
+    from ..progress import shown
+
+    with shown(not quiet):
+        results = suite.run(model, step, device)
     write_json_atomic(target, {"run": str(run_dir), "experience": step, "probes": results})
     try:
         write_images(suite.last_images, target.with_suffix(""))

@@ -133,6 +133,10 @@ class OodConfig:
             raise ConfigError("list at least one score", key="scores")
 
 
+# What `incremental probe` runs when neither the run nor --set names probes, and what
+# protocols/digits_b0_5steps_probes.yaml lists.
+DEFAULT_SUITE = ("corruptions", "masking", "ood")
+
 PROBES.declare("corruptions", "incremental.probes.corruptions:CorruptionsProbe", config=CorruptionsConfig,
                summary="Accuracy under the 15 ImageNet-C corruptions at 5 severities; mCE against a reference run.")
 PROBES.declare("masking", "incremental.probes.masking:MaskingProbe", config=MaskingConfig,

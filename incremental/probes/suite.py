@@ -11,6 +11,7 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from ..config import Component, probe_labels
+from ..progress import bar
 from .base import PixelModel, Probe, ProbeBatch, ProbeData, build_probes, patch_grid, untouched
 
 
@@ -65,15 +66,28 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                                    batch_size=probe.options.batch_size, step=step,
                                    num_seen_classes=self.data.seen_classes(step), patch_grid=patch_grid(model),
                                    future_images=future_images if len(future_images) else None)
-                result = probe.run(batch)
+                with bar(None, f"exp {step} probe {label}", unit="batch") as progress:
+                    pixel_model.progress = lambda: progress.update(1)
+                    try:
+                        result = probe.run(batch)
+                    finally:
+                        pixel_model.progress = None
                 seconds = time.perf_counter() - start
                 self.last_results[label] = {**result.to_json(), "parameters": probe.parameters(batch),
                                             "num_samples": len(images), "time_s": seconds}
                 self.last_images[label] = result.images
                 self.last_seconds[label] = seconds
                 if self.echo is not None:
-                    summary = ", ".join(f"{k} {v:.2f}" for k, v in list(result.scalars.items())[:4] if v is not None)
-                    self.echo(f"  probe {label}: {summary} ({seconds:.1f}s)")
+                    self.echo(f"  probe {label}: {probe_line(result)} ({seconds:.1f}s)")
         return self.last_results
 
 
+
+
+def probe_line(result: Any) -> str:
+    """What a probe's progress line says: its first summary numbers, or why it measured nothing."""
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in list(result.scalars.items())[:4] if v is not None)
+    if summary:
+        return summary
+    reason = result.details.get("skipped")
+    return f"skipped: {reason}" if reason else "no numbers"

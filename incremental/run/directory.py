@@ -167,12 +167,22 @@ class RunState:
 
     @property
     def label(self) -> str:
-        """``complete``, ``running (process 12)``, ``stopped after 2/5 experiences``, ..."""
+        """``complete``, ``running (process 12, exp 1 of 0-4 done)``, ``stopped after exp 1 of 0-4``, ...
+        Experiences are numbered from 0, as in metrics.json, the table and TensorBoard."""
         if self.status == "running" and self.holder is not None:
-            return f"running ({_describe_holder(self.holder)}, {self.completed}/{self.num_experiences or '?'} done)"
+            done = f"exp {self.last_complete} done" if self.completed else "no experience done yet"
+            return f"running ({_describe_holder(self.holder)}, {done})"
         if self.status in ("stopped", "failed"):
-            return f"{self.status} after {self.completed}/{self.num_experiences or '?'} experiences"
+            if not self.completed:
+                return f"{self.status} before exp 0 was complete"
+            return f"{self.status} after exp {self.last_complete}"
         return self.status.replace("_", " ")
+
+    @property
+    def last_complete(self) -> str:
+        """``1 of 0-4``: the last complete experience, and the range of them."""
+        last = f"of 0-{self.num_experiences - 1}" if self.num_experiences else "of ?"
+        return f"{self.completed - 1} {last}"
 
 
 def read_metrics(folder: Path) -> dict[str, Any] | None:

@@ -284,8 +284,10 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     directory, plan = _open_directory(cfg, run_dir, resume, dist, out_key)
     built: BuiltRun | None = None
     started = False  # once the resume has been restored, a failure leaves a resumable run
+    from ..progress import shown
+
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), shown(not quiet):
             built = build(cfg, dist, quiet=quiet, echo=echo)
             first = 0
             if plan is not None and plan.checkpoint is not None:
@@ -376,13 +378,13 @@ def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int
         # A resumed run drops what the stopped one logged for the experiences it redoes.
         writer = TensorBoardWriter(directory.path, run_hparams(cfg), purge_step=first if resume else None)
     if not quiet:
-        echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences "
+        echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences (exp 0-{total - 1}) "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
              f"backbone {cfg.backbone.name} ({describe(built.model)}), device {built.device}")
         for line in describe_build(built.model.build_report):
             echo(line)
         where = directory.path if directory is not None else ""
-        echo(f"resuming {where} at experience {first}" if resume else f"writing to {where}")
+        echo(f"resuming {where} at exp {first}" if resume else f"writing to {where}")
         if cfg.output.checkpoint != "off" and directory is not None and directory.unresumable:
             echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
                  f"({', '.join(directory.unresumable)}); this run cannot be resumed")
