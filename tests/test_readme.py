@@ -1,0 +1,58 @@
+"""The README's "A short tour" and "Comparing runs" commands, run as written through the CLI's
+entry point (in a fresh folder, globs expanded as bash would, one epoch, two experiences and
+16-px digits appended to every run), so the README cannot drift from the code: a command the
+README shows must work, and compare must read what sweep wrote."""
+
+from __future__ import annotations
+
+import shlex
+import glob
+from pathlib import Path
+
+from incremental.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TINY = "--set training.epochs=1 --set protocol.increment=5 --set dataset.image_size=16 --set output.tensorboard=false"
+
+
+def section_commands(title: str) -> list[str]:
+    """The `incremental` commands of the bash blocks under the README heading ``title`` (up to
+    the next heading of any level), without their comments."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(title) + 1
+    commands, in_block, fence = [], False, ""
+    for line in lines[start:]:
+        if line.startswith("```"):
+            in_block, fence = not in_block, line
+            continue
+        if not in_block and line.startswith("#"):
+            break  # the next heading
+        command = line.split(" #", 1)[0].strip()
+        if in_block and fence == "```bash" and command.startswith("incremental "):
+            commands.append(command)
+    return commands
+
+
+def as_written(command: str, cwd: Path) -> list[str]:
+    """The command's arguments as bash would pass them (globs expanded in ``cwd``), with one
+    epoch and two experiences appended to `run` and `sweep`."""
+    words = []
+    for word in shlex.split(command)[1:]:
+        matches = sorted(glob.glob(word, root_dir=cwd)) if any(c in word for c in "*?[") else []
+        words += matches or [word]
+    return words + (shlex.split(TINY) if words[0] in ("run", "sweep") else [])
+
+
+def test_the_readme_tour_and_comparison_run_as_written(tmp_path, monkeypatch, capsys):
+    tour = section_commands("## A short tour")
+    comparing = section_commands("### Comparing runs")
+    assert any(c.startswith("incremental run ") for c in tour), tour
+    assert [c.split()[1] for c in comparing] == ["sweep", "compare"], comparing
+    monkeypatch.chdir(tmp_path)
+    for command in tour + comparing:
+        assert main(as_written(command, tmp_path)) == 0, command
+    out = capsys.readouterr().out
+    # the comparison read every run of the sweep (and skipped its own comparison folder)
+    assert "strategy.name=replay" in out and "strategy.name=finetune" in out
+    assert "(skipped runs/sweep/comparison: not a run directory" in out
+    assert (tmp_path / "runs" / "comparison" / "report.md").is_file()
