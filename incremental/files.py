@@ -10,6 +10,7 @@ naming the file, so the CLI reports it with exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from pathlib import Path
@@ -74,8 +75,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, durable: bool = F
         fsync_dir(path.parent)
 
 
+@functools.cache
 def current_umask() -> int:
-    """The process's umask (read by setting it, then restoring it)."""
+    """The process's umask, read once: reading it means setting it, which is process-wide, so
+    it is not done on every write while other threads may be creating files."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

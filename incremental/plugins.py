@@ -356,8 +356,7 @@ class TextHeadInit(SupervisedPlugin, supports_distributed=True):
         from .models.clip import set_text_rows
 
         labels = self.context.class_split.label_ranges()[strategy.experience.current_experience]
-        names = self.context.class_texts()[labels.start:labels.stop]
-        set_text_rows(strategy.model, labels, names, self.context.prompt_templates())
+        set_text_rows(strategy.model, labels, self.context.text_embeddings(strategy.model.backbone, labels))
 
     def state_dict(self) -> dict[str, Any]:  # stateless: the rows come from the checkpointed model
         return {}

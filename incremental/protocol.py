@@ -47,6 +47,12 @@ class ClassSplit:
         return [exp for exp, count in enumerate(self.classes_per_experience) for _ in range(count)]
 
 
+def label_texts(class_names: Sequence[str], class_order: Sequence[int]) -> list[str]:
+    """The class names in label order (position in the class order), as a text encoder reads
+    them: underscores as spaces (CIFAR's ``aquarium_fish``)."""
+    return [class_names[c].replace("_", " ") for c in class_order]
+
+
 def resolve_class_order(cfg: ProtocolConfig, num_classes: int, seed: int) -> list[int]:
     order = cfg.class_order
     if isinstance(order, list):

@@ -51,10 +51,16 @@ class StrategyContext:
         return None if value is None else int(value)
 
     def class_texts(self) -> list[str]:
-        """The class names in label order (position in the class order), as a text encoder reads
-        them: underscores as spaces (CIFAR's ``aquarium_fish``)."""
-        names = self.splits.class_names
-        return [names[c].replace("_", " ") for c in self.class_split.class_order]
+        """The class names in label order, as a text encoder reads them (protocol.label_texts)."""
+        from .protocol import label_texts
+
+        return label_texts(self.splits.class_names, self.class_split.class_order)
+
+    def text_embeddings(self, backbone: Any, labels: range, templates: list[str] | None = None) -> Any:
+        """(len(labels), dim): the normalised text embeddings of these labels' class names, over
+        ``templates`` (default: the protocol's, ensembled)."""
+        names = self.class_texts()[labels.start:labels.stop]
+        return backbone.text_embeddings(names, self.prompt_templates() if templates is None else templates)
 
     def prompt_templates(self) -> list[str]:
         """``protocol.templates``, open_clip's named sets expanded."""

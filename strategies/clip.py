@@ -27,10 +27,8 @@ from .replay import ExemplarReplay
 def text_classifier(model: Any, context: StrategyContext, labels: range) -> PrototypeOutput:
     """CLIP's zero-shot classifier for ``labels`` (positions in the class order): cosine similarity
     to their text embeddings (the protocol's templates, ensembled) times the logit scale."""
-    backbone = model.backbone
-    names = context.class_texts()[labels.start:labels.stop]
-    embeddings = backbone.text_embeddings(names, context.prompt_templates())
-    return PrototypeOutput(embeddings, "cosine", scale=float(backbone.logit_scale()))
+    embeddings = context.text_embeddings(model.backbone, labels)
+    return PrototypeOutput(embeddings, "cosine", scale=float(model.backbone.logit_scale()))
 
 
 class ZeroShot(StrategyPlugin):
@@ -124,9 +122,8 @@ class CLIPReplay(ExemplarReplay):
         self.teacher = frozen(copy.deepcopy(model))
         self.teacher.output_adapter = None
         seen = self.context.class_split.label_ranges()[experience].stop
-        backbone = model.backbone
-        self.old_text = backbone.text_embeddings(self.context.class_texts()[:seen], self.context.prompt_templates())
-        self.scale = float(backbone.logit_scale())
+        self.old_text = self.context.text_embeddings(model.backbone, range(seen))
+        self.scale = float(model.backbone.logit_scale())
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "teacher_after": self.teacher_after}

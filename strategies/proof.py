@@ -63,8 +63,7 @@ class PROOF(ExemplarReplay):
         features, targets = experience_features(strategy, experience, self.context)
         means = class_means(features, targets)
         new_prototypes = torch.stack([means[label] for label in labels]).to(classifier.prototypes)
-        names = self.context.class_texts()[labels.start:labels.stop]
-        new_text = torch.stack([model.backbone.text_embeddings(names, [template])
+        new_text = torch.stack([self.context.text_embeddings(model.backbone, labels, [template])
                                 for template in self.context.prompt_templates()]).to(classifier.text_features)
         classifier.prototypes = torch.cat([classifier.prototypes, new_prototypes])
         old_text = classifier.text_features if labels.start else new_text[:, :0]  # (templates, 0, d) at first

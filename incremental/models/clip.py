@@ -205,12 +205,11 @@ def has_text_tower(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def set_text_rows(model: nn.Module, labels: range, names: Sequence[str], templates: Sequence[str]) -> None:
+def set_text_rows(model: nn.Module, labels: range, text: torch.Tensor) -> None:
     """Rows ``labels`` of the linear head set to ``scale * t_c`` with a zero bias: CLIP's zero-shot
-    classifier for those classes (``names`` are the names of those labels, in order)."""
-    backbone = model.backbone
+    classifier for those classes (``text``: their normalised text embeddings, in order)."""
     classifier = model.head.classifier
-    rows = backbone.text_embeddings(names, templates) * backbone.logit_scale()
+    rows = text * model.backbone.logit_scale()
     classifier.weight[labels.start:labels.stop] = rows.to(classifier.weight)
     if classifier.bias is not None:
         classifier.bias[labels.start:labels.stop] = 0.0

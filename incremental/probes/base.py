@@ -36,12 +36,16 @@ class PixelModel(nn.Module):
     # called once per forward pass: the probe suite's progress bar counts the batches
     progress: Callable[[], None] | None = None
 
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in [0, 1] normalised as the model expects (one forward pass counted)."""
+        if self.progress is not None:
+            self.progress()
+        return (images - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from ..models.net import classify
 
-        if self.progress is not None:
-            self.progress()
-        return classify(self.model, (images - self.mean) / self.std)  # the run's classifier
+        return classify(self.model, self.inputs(images))  # the run's classifier
 
 
 @dataclass
@@ -182,11 +186,11 @@ class ProbeData:
 
     def __init__(self, splits: Any, class_order: Sequence[int], classes_per_experience: Sequence[int], seed: int,
                  templates: Sequence[str] = ("a photo of a {}.",)):
-        from ..protocol import OrderedClassSubset
+        from ..protocol import OrderedClassSubset, label_texts
 
         self.splits = splits
         # what a text tower reads for each class (label order), for probes that score with text
-        self.class_texts = [splits.class_names[c].replace("_", " ") for c in class_order]
+        self.class_texts = label_texts(splits.class_names, class_order)
         self.templates = list(templates)
         self.test = OrderedClassSubset(splits.test, list(class_order))
         self.bounds = np.cumsum(list(classes_per_experience)).tolist()

@@ -55,11 +55,8 @@ class TextScoredModel(torch.nn.Module):
         self.scale = scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.pixel_model.progress is not None:
-            self.pixel_model.progress()
         net = self.pixel_model.model
-        x = (images - self.pixel_model.mean) / self.pixel_model.std
-        pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+        pooled = net.forward_head(net.forward_features(self.pixel_model.inputs(images)), pre_logits=True)
         return self.scale * F.normalize(pooled.float(), dim=-1) @ self.text.T
 
 

@@ -82,8 +82,6 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
         return self.last_results
 
 
-
-
 def probe_line(result: Any) -> str:
     """What a probe's progress line says: its first summary numbers, or why it measured nothing."""
     summary = ", ".join(f"{k} {v:.2f}" for k, v in list(result.scalars.items())[:4] if v is not None)
