@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from incremental.errors import ConfigError
-from incremental.finetuning import balanced_finetune
+from incremental.training.finetune import balanced_finetune
 from incremental.run.environment import resolve_workers
 from incremental.timing import phase
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
 from incremental.plugins import head_param_groups
-from incremental.template import strategy_autocast
+from incremental.training.template import strategy_autocast
 from incremental.strategy import StrategyContext
 
 from .options import ViTILConfig

@@ -14,7 +14,7 @@ from conftest import TINY_RUN, incremental_process
 
 from incremental.data.device import DeviceBatchLoader, DeviceImages, resolve
 from incremental.distributed import DistInfo
-from incremental.template import ShardedBatchSampler
+from incremental.training.template import ShardedBatchSampler
 
 SETS = ["--set", "training.epochs=3", "--set", "strategy=vitil", "--set", "strategy.balanced_finetuning.epochs=1"]
 

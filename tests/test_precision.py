@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import run_tiny
 
-from incremental.template import IncrementalTemplate
+from incremental.training.template import IncrementalTemplate
 
 
 def run_small(tmp_path, name, *sets: str) -> dict:

@@ -37,7 +37,7 @@ def test_dytox_finetuning_freezes_the_encoder_in_eval_mode_and_keeps_the_lr():
     from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
 
     from incremental.config import Component, OptimizerConfig, SchedulerConfig
-    from incremental.finetuning import balanced_finetune
+    from incremental.training.finetune import balanced_finetune
     from incremental.models.net import build_model
     from incremental.models.options import ViTConfig
     from incremental.plugins import lr_factor

@@ -12,7 +12,7 @@ from avalanche.core import SupervisedPlugin
 from incremental.config import Component, load_config
 from incremental.data import build_dataset
 from incremental.errors import ConfigError
-from incremental.finetuning import balanced_finetune
+from incremental.training.finetune import balanced_finetune
 from incremental.losses import logit_distillation
 from incremental.models.net import build_model
 from incremental.models.vit import ViTConfig, build_vit, stem_channels, stem_strides

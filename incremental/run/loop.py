@@ -57,7 +57,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     from ..plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
     from ..strategy import StrategyContext, build_strategy
-    from ..template import IncrementalTemplate
+    from ..training.template import IncrementalTemplate
 
     RNGManager.set_random_seeds(cfg.seed)
     use_deterministic_algorithms(cfg.training.deterministic)
@@ -128,7 +128,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
 def train_experience(built: BuiltRun, i: int) -> float:
     """Train experience ``i`` (the strategy's own after-training work included); seconds taken,
     torch.compile's time excluded (it goes to the template's phase times as ``compile``)."""
-    from ..template import compile_seconds
+    from ..training.template import compile_seconds
 
     cfg = built.cfg
     compiled_before = compile_seconds()

@@ -16,8 +16,8 @@ from typing import Any, ContextManager
 import torch
 from avalanche.training.templates import SupervisedTemplate
 
-from .distributed import SINGLE, GlobalBatches
-from .timing import PhaseTimes
+from ..distributed import SINGLE, GlobalBatches
+from ..timing import PhaseTimes
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,7 +138,7 @@ class IncrementalTemplate(SupervisedTemplate):
         self.scaler.scale(loss).backward(retain_graph=self.retain_graph)
 
     def optimizer_step(self) -> None:
-        from .distributed import broadcast_buffers
+        from ..distributed import broadcast_buffers
 
         self.scaler.step(self.optimizer)  # under torchrun the gradients were reduced by DDP in backward  # skipped when fp16 gradients overflowed
         self.scaler.update()
@@ -235,8 +235,8 @@ class IncrementalTemplate(SupervisedTemplate):
         samples from elsewhere."""
         if self.batch_augmentation is None:
             return None
-        from .data.device import DeviceBatchLoader, DeviceImages, resolve
-        from .data.jpeg import FileBatchAugmentation, FileBatchLoader
+        from ..data.device import DeviceBatchLoader, DeviceImages, resolve
+        from ..data.jpeg import FileBatchAugmentation, FileBatchLoader
 
         resolved = resolve(dataset)
         if resolved is None:

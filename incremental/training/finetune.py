@@ -8,9 +8,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from .config import OptimizerConfig, SchedulerConfig
-from .errors import ConfigError
-from .plugins import GroupHook, build_optimizer, check_finite, lr_factor, scale_lrs
+from ..config import OptimizerConfig, SchedulerConfig
+from ..errors import ConfigError
+from ..plugins import GroupHook, build_optimizer, check_finite, lr_factor, scale_lrs
 
 
 def frozen_encoder_modules(model: nn.Module) -> list[nn.Module]:
@@ -41,7 +41,7 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     ``desc`` labels its progress bar. Returns the mean loss of each epoch."""
     from torch.utils.data import DataLoader
 
-    from .progress import bar
+    from ..progress import bar
     from .template import autocast
 
     if params == "head":
