@@ -13,13 +13,14 @@ erratum: N ranks, N times the memory). Here:
   the training forward runs through torch's DistributedDataParallel, whose bucketed
   all-reduce overlaps backward, with each rank's loss weighted by its share of the batch (the
   same update as one process on the whole batch, up to float summation order); then buffers
-  (BatchNorm statistics) are broadcast from rank 0 (see IncrementalTemplate.data_parallel);
+  (BatchNorm statistics) are broadcast from rank 0 (see :mod:`incremental.training.engine`);
 - evaluation shards the test data and sums the per-experience counts, so the accuracy matrix
   is the single-process one exactly;
 - feature passes outside the training loop (herding, iCaRL's class means, the prototypes of the
   pre-trained methods: :func:`incremental.memory.extract_features`) and EWC's Fisher are split
-  across ranks and gathered; ViTIL's balanced finetuning still runs on every rank on the full
-  balanced set, and probes on rank 0 only, keeping ranks equal.
+  across ranks and gathered; ViTIL's balanced finetuning and MAE pretraining train on the same
+  engine, so each rank takes its shard of every global batch there too; probes run on rank 0
+  only, keeping ranks equal.
 """
 
 from __future__ import annotations
@@ -60,9 +61,13 @@ class GlobalBatches:
     Iterating yields each global batch (sample positions) and the positions within it that
     are this rank's contiguous shard (all of them in a single process)."""
 
-    def __init__(self, n: int, batch_size: int, dist: DistInfo, *, train: bool, shuffle: bool, drop_last: bool):
+    def __init__(self, n: int, batch_size: int, dist: DistInfo, *, train: bool, shuffle: bool, drop_last: bool,
+                 generator: torch.Generator | None = None):
+        """``generator``: the shuffles' own stream (the same seed on every rank), instead of
+        torch's global generator."""
         self.n, self.batch_size, self.dist = n, batch_size, dist
         self.train, self.shuffle, self.drop_last = train, shuffle, drop_last
+        self.generator = generator
 
     def __len__(self) -> int:
         """A last, partial batch is kept unless ``drop_last``, and in training only if every
@@ -72,7 +77,7 @@ class GlobalBatches:
         return full + (1 if keep_rest else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         for b in range(len(self)):
             batch = order[b * self.batch_size: (b + 1) * self.batch_size]
             yield batch, self.dist.shard(torch.arange(len(batch)))
@@ -97,6 +102,11 @@ def init_from_environment(requested_device: str) -> DistInfo:
         return SINGLE
     if dist.is_initialized():
         return current()
+    import importlib
+
+    # Avalanche's training package builds default loggers at import time, and refuses to once a
+    # process group exists on a rank other than 0 (its datasets import it too): imported first.
+    importlib.import_module("avalanche.training")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = requested_device != "cpu" and torch.cuda.is_available()
     if use_cuda:

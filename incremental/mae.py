@@ -82,13 +82,15 @@ class MaskedAutoencoder(nn.Module):
         x = images.reshape(n, c, h, p, w, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * w, p * p * c)
 
-    def random_masking(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def random_masking(self, x: torch.Tensor, noise: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random (1 - mask_ratio) of the tokens of each image (MAE's argsort of noise).
-        Returns the kept tokens, the binary mask (1 = removed) and the restoring permutation."""
+        """Keep a random (1 - mask_ratio) of the tokens of each image (MAE's argsort of
+        ``noise``, uniform (N, L), drawn here when not given). Returns the kept tokens, the
+        binary mask (1 = removed) and the restoring permutation."""
         n, length, dim = x.shape
         keep = int(length * (1 - self.mask_ratio))
-        noise = torch.rand(n, length, device=x.device, generator=generator)
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
         shuffle = torch.argsort(noise, dim=1)
         restore = torch.argsort(shuffle, dim=1)
         kept = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, dim))
@@ -96,12 +98,12 @@ class MaskedAutoencoder(nn.Module):
         mask[:, :keep] = 0
         return kept, torch.gather(mask, 1, restore), restore
 
-    def forward_encoder(self, images: torch.Tensor, generator: torch.Generator | None = None
+    def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         enc = self.encoder
         x = enc.patch_embed(images)
         x = x + enc.pos_embed[:, -x.shape[1]:]
-        x, mask, restore = self.random_masking(x, generator)
+        x, mask, restore = self.random_masking(x, noise)
         prefix = [t for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None]
         if prefix:
             tokens = torch.cat(prefix, dim=1).expand(x.shape[0], -1, -1)
@@ -132,42 +134,40 @@ class MaskedAutoencoder(nn.Module):
         per_patch = ((prediction - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        latent, mask, restore = self.forward_encoder(images, generator)
+        """The loss, the predicted patches and the mask. The masking ``noise`` is an argument,
+        not drawn inside, so a compiled forward has no random state in its graph and the
+        ranks of a sharded run can each take their rows of one global draw."""
+        latent, mask, restore = self.forward_encoder(images, noise)
         prediction = self.forward_decoder(latent, restore)
         return self.loss(images, prediction, mask), prediction, mask
 
 
-class _Images(torch.utils.data.Dataset):
-    """The transformed images of a labelled dataset (MAE needs no labels)."""
-
-    def __init__(self, dataset: Any, transform: Callable[[Any], torch.Tensor]):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image, _ = self.dataset[i]
-        return self.transform(image)
-
-
 def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
              echo: Callable[[str], None] = print, out_key: str = "--out") -> dict[str, Any]:
-    """Pretrain the configured backbone by MAE; writes encoder.safetensors and mae_log.json."""
+    """Pretrain the configured backbone by MAE; writes encoder.safetensors and mae_log.json.
+    Under torchrun every rank trains on its shard of each global batch and rank 0 writes."""
     from timm.models.vision_transformer import VisionTransformer
 
     from .config import dump_yaml
     from .data import build_dataset
+    from .distributed import broadcast_object, device_for, init_from_environment, on_rank_zero
     from .models.net import build_backbone
-    from .protocol import OrderedClassSubset, make_class_split
+    from .protocol import OrderedClassSubset, classification_dataset, make_class_split
     from .run.directory import RunDirectory
     from .run.environment import resolve_device
 
     opts = cfg.mae
+    dist = init_from_environment(cfg.training.device)
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
+    quiet = quiet or not dist.is_main
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.training.device)
+    device = device_for(dist, resolve_device(cfg.training.device))
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     encoder = build_backbone(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size)
     if not isinstance(encoder, VisionTransformer):
@@ -178,76 +178,101 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
                           key="backbone.compress")
     split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     classes = set(split.experiences[0]) if opts.classes == "base" else set(split.class_order)
-    images = OrderedClassSubset(splits.train, sorted(classes))
+    images = classification_dataset(OrderedClassSubset(splits.train, sorted(classes)), splits)
     if len(images) < opts.batch_size:
         raise ConfigError(f"{len(images)} training images in the chosen classes, fewer than one batch",
                           key="mae.batch_size")
+    if opts.batch_size < dist.world_size:
+        raise ConfigError(f"a batch of {opts.batch_size} cannot be split across {dist.world_size} processes",
+                          key="mae.batch_size")
 
-    directory = RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json", key=out_key)
+    holder: list[RunDirectory] = []
+    on_rank_zero(lambda: holder.append(RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json",
+                                                           key=out_key)), dist)
+    directory = holder[0] if holder else None
+    from .progress import shown
+
     try:
-        directory.begin()
-        return _train(cfg, encoder, splits, images, classes, run_dir, device=device, quiet=quiet, echo=echo)
+        if directory is not None:
+            directory.begin()
+        with shown(not quiet):
+            return _train(cfg, encoder, splits, images, classes, run_dir, device=device, dist=dist, quiet=quiet,
+                          echo=echo)
     except BaseException:
-        if not (run_dir / "mae_log.json").exists():
+        if directory is not None and not (run_dir / "mae_log.json").exists():
             directory.discard()  # nothing trained yet: the same command works again
         raise
     finally:
-        directory.close()
+        if directory is not None:
+            directory.close()
 
 
 def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, classes: set[int], run_dir: Path, *,
-           device: Any, quiet: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    """MAE's training loop; writes mae_log.json after every epoch and the encoder at the end."""
+           device: Any, dist: Any, quiet: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    """MAE's training loop on the training engine (the run's precision, compile, data path and
+    sharding); rank 0 writes mae_log.json after every epoch and the encoder at the end."""
     from safetensors.torch import save
 
     from .files import write_atomic, write_json_atomic
     from .plugins import check_finite, lr_factor, param_groups
+    from .run.environment import device_data_path, resolve_workers
+    from .training.engine import TrainingEngine, compile_seconds
 
-    opts = cfg.mae
+    opts, training = cfg.mae, cfg.training
     model = MaskedAutoencoder(encoder, splits.channels, opts).to(device)
+    engine = TrainingEngine(device, precision=training.precision, compile=training.compile, dist=dist,
+                            batch_augmentation=splits.batch_augmentation
+                            if device_data_path(training.data_path, device) else None)
     lr = opts.base_lr * opts.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, betas=(0.9, 0.95))
-    from .run.environment import resolve_workers
-
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        _Images(images, splits.train_transform), batch_size=opts.batch_size,
-        shuffle=True, drop_last=True, generator=data_gen, num_workers=resolve_workers(cfg.training.num_workers))
+    groups = param_groups(model, opts.weight_decay)
+    for group in groups:
+        group["base_lr"] = lr
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fused)
+    # drop_last: every global batch is full, so each rank's masking rows are known (below)
+    batches = engine.batches(images, batch_size=opts.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                             num_workers=resolve_workers(training.num_workers))
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     schedule = SchedulerConfig(name="cosine", warmup_epochs=opts.warmup_epochs)
+
+    def loss(forward: Callable[..., Any], batch: list[torch.Tensor]) -> torch.Tensor:
+        # One draw for the global batch, every rank taking its shard's rows: the masks of one process.
+        noise = torch.rand(opts.batch_size, model.num_patches, device=device, generator=mask_gen)
+        return forward(batch[0], dist.shard(noise))[0]
 
     if not quiet:
         echo(f"MAE pretraining of {cfg.backbone.name} on {len(images)} images of {len(classes)} classes "
              f"({opts.classes}), {opts.epochs} epochs, mask ratio {opts.mask_ratio}, lr {lr:.2e}, device {device}")
     log: dict[str, Any] = {"images": len(images), "classes": sorted(classes), "epoch_loss": [], "status": "running"}
-    start, iteration = time.perf_counter(), 0
-    model.train()
-    for epoch in range(opts.epochs):
-        total, batches = 0.0, 0
-        for images in loader:
-            factor = lr_factor(schedule, iteration=iteration, iters_per_epoch=len(loader), epochs=opts.epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * factor
-            loss, _, _ = model(images.to(device), generator=mask_gen)
-            value = loss.item()
-            check_finite(value, "MAE loss", f"in epoch {epoch}", key="mae.base_lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, batches, iteration = total + value, batches + 1, iteration + 1
-        log["epoch_loss"].append(total / batches)
-        if not quiet and (epoch % max(1, opts.epochs // 10) == 0 or epoch == opts.epochs - 1):
-            echo(f"epoch {epoch:>4}  loss {total / batches:.4f}")
-        write_json_atomic(run_dir / "mae_log.json", log)
-    encoder.pos_embed.requires_grad_(True)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    path = run_dir / "encoder.safetensors"
-    data = save(state)
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
-    log.update(status="complete", encoder=str(path), wall_time_s=time.perf_counter() - start)
-    write_json_atomic(run_dir / "mae_log.json", log)
-    if not quiet:
-        echo(f"encoder saved to {path}; load it with backbone: {{name: {cfg.backbone.name}, "
-             f"pretrained: {path}}} and the same backbone options")
-    return log
 
+    def record(epoch: int, mean: float) -> None:
+        log["epoch_loss"].append(mean)
+        if not quiet and (epoch % max(1, opts.epochs // 10) == 0 or epoch == opts.epochs - 1):
+            from tqdm import tqdm
+
+            with tqdm.external_write_mode():  # the line above the progress bar, not through it
+                echo(f"epoch {epoch:>4}  loss {mean:.4f}")
+        if dist.is_main:
+            write_json_atomic(run_dir / "mae_log.json", log)
+
+    start, compiling = time.perf_counter(), compile_seconds()
+    model.train()
+    engine.fit(model, batches, optimizer, epochs=opts.epochs, loss=loss, on_epoch=record, desc="MAE pretraining",
+               check=lambda value, when: check_finite(value, "MAE loss", when, key="mae.base_lr"),
+               lr_factor=lambda iteration, steps: lr_factor(schedule, iteration=iteration, iters_per_epoch=steps,
+                                                            epochs=opts.epochs))
+    encoder.pos_embed.requires_grad_(True)
+    compile_s = compile_seconds() - compiling
+    log.update(status="complete", wall_time_s=time.perf_counter() - start,
+               **({"compile_s": compile_s} if engine.compile_mode else {}))
+    if dist.is_main:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        path = run_dir / "encoder.safetensors"
+        data = save(state)
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        log["encoder"] = str(path)
+        write_json_atomic(run_dir / "mae_log.json", log)
+        if not quiet:
+            echo(f"encoder saved to {path}; load it with backbone: {{name: {cfg.backbone.name}, "
+                 f"pretrained: {path}}} and the same backbone options")
+    return log

@@ -126,12 +126,21 @@ class OrderedClassSubset(Dataset):
         return x, self.targets[index]
 
 
-def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
-    """An Avalanche CLScenario with ``train_stream`` and ``test_stream``."""
-    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+def classification_dataset(data: Dataset, splits: DatasetSplits) -> Any:
+    """``data`` (samples ``(image, label)``) as an Avalanche dataset with the dataset's train and
+    eval transform groups, like the experiences' own. Task label 0 on every sample, as
+    nc_benchmark gives: batches are (x, y, t), which Avalanche's plugins (LwF, EWC, BiC, DER's
+    logits) expect even without tasks."""
     from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
 
     groups = {"train": splits.train_transform, "eval": splits.eval_transform}
+    return _make_taskaware_classification_dataset(data, transform_groups=groups, task_labels=0)
+
+
+def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
+    """An Avalanche CLScenario with ``train_stream`` and ``test_stream``."""
+    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+
     streams = {}
     for stream, data, group in (("train", splits.train, "train"), ("test", splits.test, "eval")):
         subset = OrderedClassSubset(data, class_split.class_order)
@@ -139,10 +148,7 @@ def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
         if missing:
             names = [class_split.class_order[i] for i in missing[:5]]
             raise ConfigError(f"the {stream} split has no samples of classes {names}", key="protocol.class_order")
-        # Task label 0 on every sample, as nc_benchmark gives: batches are (x, y, t), which
-        # Avalanche's plugins (LwF, EWC, BiC, DER's logits) expect even without tasks.
-        dataset = _make_taskaware_classification_dataset(subset, transform_groups=groups,
-                                                         task_labels=0)
+        dataset = classification_dataset(subset, splits)
         streams[stream] = dataset.train() if group == "train" else dataset.eval()
     return class_incremental_benchmark(
         streams,

@@ -107,13 +107,11 @@ class StrategyContext:
     def images_dataset(self, images: Any, labels: Any) -> Any:
         """uint8 images (decoded exemplars) as an Avalanche dataset with the run's train/eval
         transforms, like the experiences' own (task label 0)."""
-        from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
-
         from .data.base import TensorImageDataset
+        from .protocol import classification_dataset
 
-        groups = {"train": self.splits.train_transform, "eval": self.splits.eval_transform}
         base = TensorImageDataset(images, [int(y) for y in labels])
-        return _make_taskaware_classification_dataset(base, transform_groups=groups, task_labels=0).train()
+        return classification_dataset(base, self.splits).train()
 
     def require_memory(self, strategy: str) -> int:
         """The total exemplar budget, or an error naming the missing protocol key."""

@@ -72,7 +72,8 @@ class ICaRL(ExemplarReplay):
     def class_means(self, strategy: Any) -> dict[int, torch.Tensor]:
         data = self.memory.dataset(self.context.train_dataset)
         feats = F.normalize(extract_features(strategy.model, data, batch_size=strategy.eval_mb_size,
-                                             device=strategy.device), dim=1)
+                                             device=strategy.device, engine=getattr(strategy, "engine", None)),
+                            dim=1)
         if self.config.flip_means:
             flipped = FlippedDataset(data)
             feats = feats + F.normalize(extract_features(strategy.model, flipped, batch_size=strategy.eval_mb_size,

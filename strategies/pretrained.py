@@ -17,7 +17,8 @@ def experience_features(strategy: Any, experience: int, context: Any) -> tuple[t
     """Pooled features (eval transforms, eval mode, fp32) and labels of experience ``experience``'s
     training images."""
     data = context.train_dataset(experience)
-    features = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size, device=strategy.device)
+    features = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size, device=strategy.device,
+                                engine=getattr(strategy, "engine", None))
     return features, torch.as_tensor(list(data.targets))
 
 

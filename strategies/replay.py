@@ -55,7 +55,8 @@ class ExemplarReplay(StrategyPlugin):
         with phase(strategy, "exemplar_selection"):
             if self.config.selection == "herding":
                 feats = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size,
-                                         device=strategy.device)
+                                         device=strategy.device,
+                                         engine=getattr(strategy, "engine", None))
                 ranked = {label: [idx[k] for k in herding_order(feats[idx])] for label, idx in groups.items()}
             else:
                 ranked = {label: [idx[k] for k in torch.randperm(len(idx)).tolist()] for label, idx in groups.items()}

@@ -89,17 +89,15 @@ class ViTIL(ExemplarReplay):
         return self.memory.dataset(self.context.train_dataset)
 
     def finetune(self, strategy: Any, experience: int) -> list[float]:
+        """Balanced finetuning on the run's training engine (its precision, compile, data path
+        and torchrun sharding); a plain Avalanche template gets a single-process engine."""
         bft = self.config.balanced_finetuning
         training = self.context.config.training
-        data, batch_size = self.balanced_set(), bft.batch_size or training.batch_size
-        seed = self.context.config.seed * 1000 + experience
-        make = getattr(strategy, "batches", None)  # the run's data path (the device one when on)
-        batches = make(data, batch_size=batch_size, shuffle=True, drop_last=len(data) > batch_size, seed=seed,
-                       num_workers=resolve_workers(training.num_workers)) if callable(make) else None
+        data = self.balanced_set()
         return balanced_finetune(
-            strategy.model, data, epochs=bft.epochs, batches=batches,
-            lr=training.optimizer.lr * bft.lr_scale, batch_size=batch_size,
+            strategy.model, data, epochs=bft.epochs, engine=getattr(strategy, "engine", None),
+            lr=training.optimizer.lr * bft.lr_scale, batch_size=bft.batch_size or training.batch_size,
             params=bft.params, schedule=bft.schedule, optimizer=training.optimizer, device=strategy.device,
-            seed=seed, num_workers=resolve_workers(training.num_workers),
+            seed=self.context.config.seed * 1000 + experience, num_workers=resolve_workers(training.num_workers),
             label_smoothing=training.label_smoothing, group_hooks=self.context.param_group_hooks,
             precision=training.precision, desc=f"exp {experience} balanced finetuning")

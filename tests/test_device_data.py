@@ -130,7 +130,8 @@ def test_a_run_on_the_device_path_trains_like_the_loader(tmp_path, strategy):
 def test_a_plugins_own_loop_gets_seeded_device_batches_without_touching_the_training_stream():
     """IncrementalTemplate.batches (ViTIL's balanced finetuning): on the device path, epochs of
     augmented batches from their own seeded stream; the global generator is left as it was."""
-    from incremental.training.template import IncrementalTemplate, SeededEpochs
+    from incremental.training.engine import SeededEpochs
+    from incremental.training.template import IncrementalTemplate
 
     splits, benchmark = digits()
     data = benchmark.train_stream[0].dataset.subset(range(40))

@@ -14,7 +14,7 @@ from conftest import TINY_RUN, incremental_process
 
 from incremental.data.device import DeviceBatchLoader, DeviceImages, resolve
 from incremental.distributed import DistInfo
-from incremental.training.template import ShardedBatchSampler
+from incremental.training.engine import ShardedBatchSampler
 
 SETS = ["--set", "training.epochs=3", "--set", "strategy=vitil", "--set", "strategy.balanced_finetuning.epochs=1"]
 
@@ -118,6 +118,7 @@ def _split_work_rank(rank: int, port: int, results) -> None:
     from incremental.memory import extract_features
     from incremental.models.net import build_model
     from incremental.strategies.ewc import checkpointed_ewc_plugin
+    from incremental.strategies.icarl import FlippedDataset
 
     torch.set_num_threads(1)
     _, benchmark = digits()
@@ -128,6 +129,7 @@ def _split_work_rank(rank: int, port: int, results) -> None:
     model = build_model(cfg.backbone, in_chans=1, img_size=16, initial_classes=10)
     model.head.active_units.fill_(1)  # every class seen: no masked logits, so every gradient flows
     single = extract_features(model, data, batch_size=64, device="cpu")
+    flipped_single = extract_features(model, FlippedDataset(data), batch_size=64, device="cpu")
     criterion, optimizer = torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1)
     fixed = data.eval()  # no random crops: the two Fisher passes see the same images
     fisher_single = EWCPlugin(1.0).compute_importances(model, criterion, optimizer, fixed, "cpu", 50)
@@ -138,10 +140,12 @@ def _split_work_rank(rank: int, port: int, results) -> None:
         part = rows[torch.arange(7).tensor_split(2)[rank]]
         gathered = gather_shards(part, 7, info)
         sharded = extract_features(model, data, batch_size=64, device="cpu")
+        flipped = extract_features(model, FlippedDataset(data), batch_size=64, device="cpu")  # not an Avalanche dataset
         fisher = checkpointed_ewc_plugin()(1.0).compute_importances(model, criterion, optimizer, fixed, "cpu", 50)
         results[rank] = {
             "gathered": torch.equal(gathered, rows),
             "features": torch.allclose(sharded, single, atol=1e-5) and sharded.shape == single.shape,
+            "flipped": torch.allclose(flipped, flipped_single, atol=1e-5) and flipped.shape == single.shape,
             "fisher": all(torch.allclose(fisher[k].data, fisher_single[k].data, rtol=1e-4, atol=1e-9)
                           for k in fisher_single),
             "fisher_nonzero": sum(float(v.data.sum()) for v in fisher.values()) > 0,
@@ -163,7 +167,8 @@ def test_feature_passes_and_ewc_fisher_are_split_across_ranks_and_equal_one_proc
     results = mp.Manager().dict()
     mp.spawn(_split_work_rank, args=(port, results), nprocs=2, join=True)
     for rank in (0, 1):
-        assert results[rank] == {"gathered": True, "features": True, "fisher": True, "fisher_nonzero": True}
+        assert results[rank] == {"gathered": True, "features": True, "flipped": True, "fisher": True,
+                                 "fisher_nonzero": True}
 
 
 def test_a_prompt_pool_trains_under_ddp_as_in_one_process(config, tmp_path):
@@ -196,3 +201,90 @@ def test_a_prompt_pool_trains_under_ddp_as_in_one_process(config, tmp_path):
     for row_one, row_two in zip(runs[1]["accuracy_matrix"], runs[2]["accuracy_matrix"]):
         assert row_two == pytest.approx(row_one, abs=1.0)
     assert runs[2]["train_loss"] == pytest.approx(runs[1]["train_loss"], rel=1e-4)
+
+
+def _finetune_rank(rank: int, port: int, results) -> None:
+    """One gloo rank: ViTIL's balanced finetuning on the engine, next to the single-process one."""
+    import torch.distributed as dist
+
+    from test_device_data import digits
+
+    from incremental.config import OptimizerConfig, RunConfig, parse_dataclass
+    from incremental.distributed import current
+    from incremental.models.net import build_model
+    from incremental.training.engine import TrainingEngine
+    from incremental.training.finetune import balanced_finetune
+
+    torch.set_num_threads(1)
+    splits, benchmark = digits()
+    cfg = parse_dataclass(RunConfig, {"backbone": {"name": "vit", "patch_size": 4, "embed_dim": 16, "depth": 1,
+                                                   "num_heads": 2, "drop_path_rate": 0.0}})
+
+    def finetune(size, info):
+        torch.manual_seed(0)
+        model = build_model(cfg.backbone, in_chans=1, img_size=16, initial_classes=4)
+        model.head.active_units.fill_(1)  # the 4 classes seen: no masked logits, so gradients flow
+        before = model.head.classifier.weight.detach().clone()
+        seen = []
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+        engine = TrainingEngine("cpu", dist=info, batch_augmentation=splits.batch_augmentation)
+        losses = balanced_finetune(model, benchmark.train_stream[0].dataset.subset(range(size)), epochs=2, lr=0.5,
+                                   batch_size=16, params="all", optimizer=OptimizerConfig(name="sgd"), device="cpu", seed=11,
+                                   engine=engine)
+        assert not torch.equal(before, model.head.classifier.weight) and losses[1] < losses[0] - 0.01
+        return model.state_dict(), losses, sum(seen)
+
+    # SGD: the weights follow the gradient's scale (Adam's first steps would hide it).
+    # 70 images: 4 full batches of 16 an epoch (the last 6 dropped); 9: one batch, shards of 5 and 4
+    singles = {size: finetune(size, DistInfo()) for size in (70, 9)}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for size, (single_state, single_losses, single_seen) in singles.items():
+            state, losses, seen = finetune(size, current())
+            results[(rank, size)] = {
+                "weights": all(torch.allclose(state[k], single_state[k], atol=1e-5) for k in single_state),
+                "losses": losses == pytest.approx(single_losses, rel=1e-5),
+                "seen": (single_seen, seen),
+            }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_balanced_finetuning_is_sharded_across_ranks_and_equals_one_process():
+    """Each rank finetunes on its part of every balanced batch (DDP, each rank's loss weighted
+    by its share, so unequal shards of 5 and 4 images count as one batch of 9); the weights and
+    the epoch losses are one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_finetune_rank, args=(port, results), nprocs=2, join=True)
+    assert results[(0, 70)]["seen"] == results[(1, 70)]["seen"] == (2 * 64, 64)  # half of each batch
+    assert results[(0, 9)]["seen"] == (18, 10) and results[(1, 9)]["seen"] == (18, 8)
+    checks = {key: {k: v for k, v in value.items() if k != "seen"} for key, value in results.items()}
+    assert checks == {(rank, size): {"weights": True, "losses": True} for rank in (0, 1) for size in (70, 9)}
+
+
+def test_mae_pretraining_on_two_processes_gives_the_encoder_of_one(tmp_path):
+    """pretrain-mae under torchrun: each rank takes its shard of every batch and the rows of the
+    one global masking draw (device data path: the same crops), so the encoder and the losses
+    are one process's; rank 0 alone writes."""
+    from safetensors.torch import load_file
+
+    config = tmp_path / "mae.yaml"
+    config.write_text(TINY_RUN.replace("depth: 1", "depth: 2") + "mae: {epochs: 2, batch_size: 32, base_lr: 4.0e-3, "
+                      "warmup_epochs: 1, decoder_embed_dim: 32, decoder_num_heads: 2}\n")
+    for processes in (1, 2):
+        done = incremental("pretrain-mae", str(config), "--out", str(tmp_path / f"p{processes}"), "--quiet",
+                           "--set", "training.data_path=device", processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads((tmp_path / f"p{n}" / "mae_log.json").read_text()) for n in (1, 2)]
+    assert logs[1]["status"] == "complete" and logs[1]["epoch_loss"] == pytest.approx(logs[0]["epoch_loss"], rel=1e-5)
+    one, two = (load_file(str(tmp_path / f"p{n}" / "encoder.safetensors")) for n in (1, 2))
+    assert one.keys() == two.keys()
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == sorted(p.name for p in (tmp_path / "p1").iterdir())

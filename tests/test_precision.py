@@ -33,14 +33,17 @@ def test_bf16_and_fp16_autocast_train_close_to_fp32(tmp_path):
 
 def test_compile_builds_one_graph_for_the_whole_run(tmp_path):
     """The backbone is compiled once: the head growing over 3 experiences (4, 7, 10 classes),
-    the replayed memory changing the data size, the last partial batch (dropped) and the
-    evaluation batches (eager) recompile nothing. Compile time is reported apart, and the saved
-    parameter names are the model's own."""
+    the replayed memory changing the data size, the last partial batch (dropped), the
+    evaluation batches (eager) and ViTIL's balanced finetuning of every parameter (the same
+    compiled forward, on the engine) recompile nothing. Compile time is reported apart, and
+    the saved parameter names are the model's own."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    metrics = run_small(tmp_path, "compiled", "training.compile=true", "training.epochs=1")
+    metrics = run_small(tmp_path, "compiled", "training.compile=true", "training.epochs=1", "strategy=vitil",
+                        "strategy.balanced_finetuning.epochs=1", "strategy.balanced_finetuning.params=all")
+    assert all(metrics["wall_time_s"][i]["balanced_finetuning"] > 0 for i in (1, 2))
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] == 1, dict(stats)
     assert not torch._dynamo.utils.counters["recompiles"]

@@ -77,7 +77,7 @@ def build(args: argparse.Namespace, batch: int, mode: str) -> tuple[Any, Any, An
 
 def hand_written_loop(args: argparse.Namespace, batch: int, mode: str) -> tuple[float, float]:
     """(images/s, compile seconds) of the plain GPU-resident loop."""
-    from incremental.training.template import compile_seconds
+    from incremental.training.engine import compile_seconds
 
     precision, compile_ = MODES[mode]
     cfg, splits, model = build(args, batch, mode)

@@ -79,7 +79,7 @@ def setup(model_name: str, args: argparse.Namespace) -> tuple[Any, Any, Any, tor
 def plain_loop(model_name: str, args: argparse.Namespace) -> float:
     from torch.utils.data import DataLoader
 
-    from incremental.training.template import autocast
+    from incremental.training.engine import autocast
 
     cfg, splits, benchmark, model = setup(model_name, args)
     device = torch.device(args.device)

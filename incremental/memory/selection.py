@@ -91,25 +91,40 @@ class ExemplarMemory:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, device: Any) -> torch.Tensor:
+def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, device: Any,
+                     engine: Any = None) -> torch.Tensor:
     """Pooled (pre-logit) features of a dataset, in eval mode and with eval transforms (on the
     CPU, in the dataset's order). Under torchrun each rank extracts its contiguous part and the
-    parts are gathered, so every rank gets the same features for a world-size-th of the work."""
-    from torch.utils.data import DataLoader
+    parts are gathered, so every rank gets the same features for a world-size-th of the work.
+
+    ``engine``: the run's training engine; its device data path (images kept on the device,
+    eval-transformed there in batches) is used when the dataset's images are stored ones. The
+    features stay fp32 whatever the run's precision: herding, class means, prototypes and
+    RanPAC's Gram matrix are statistics over them, and low-precision features would bias them."""
+    from torch.utils.data import DataLoader, Subset
 
     from ..distributed import current, gather_shards, shard_range
 
     was_training = model.training
     model.eval()
-    data = dataset.eval()
     dist = current()
-    sharded = dist.enabled and len(data) >= dist.world_size  # else every rank has a part to gather
+    sharded = dist.enabled and len(dataset) >= dist.world_size  # else every rank has a part to gather
+    data = dataset
     if sharded:
-        data = data.subset(shard_range(len(data), dist).tolist())
+        rows = shard_range(len(dataset), dist).tolist()
+        data = dataset.subset(rows) if hasattr(dataset, "subset") else Subset(dataset.eval(), rows)
+    loader = None
+    if engine is not None and hasattr(data, "remove_current_transform_group"):  # an Avalanche dataset
+        # the dataset as given: the device loader applies the eval transform itself (and reading
+        # the stored images of a dataset switched to another transform group fails in Avalanche)
+        loader = engine.device_batches(data, batch_size=batch_size, train=False, shuffle=False, drop_last=False,
+                                       sharded=False)
+    if loader is None:
+        # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and this
+        # evaluation-side pass would change the training's random stream.
+        loader = DataLoader(data.eval() if hasattr(data, "eval") else data, batch_size=batch_size, shuffle=False,
+                            generator=torch.Generator())
     feats = []
-    # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and this
-    # evaluation-side pass would change the training's random stream.
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in loader:
         x = batch[0].to(device)
         feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())

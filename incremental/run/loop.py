@@ -128,7 +128,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
 def train_experience(built: BuiltRun, i: int) -> float:
     """Train experience ``i`` (the strategy's own after-training work included); seconds taken,
     torch.compile's time excluded (it goes to the template's phase times as ``compile``)."""
-    from ..training.template import compile_seconds
+    from ..training.engine import compile_seconds
 
     cfg = built.cfg
     compiled_before = compile_seconds()
@@ -271,13 +271,8 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     uninterrupted run's except for the wall-clock times. A failure ends in a UserError whose
     message says what was kept and how to continue, when a resume would work.
     """
-    import importlib
-
     from ..distributed import broadcast_object, init_from_environment
 
-    # Avalanche's training package builds default loggers at import time, and refuses to once a
-    # process group exists on a rank other than 0: it is imported before joining one.
-    importlib.import_module("avalanche.training")
     dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
     run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
     quiet = quiet or not dist.is_main  # only rank 0 prints and writes

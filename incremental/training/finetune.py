@@ -10,7 +10,8 @@ from torch import nn
 
 from ..config import OptimizerConfig, SchedulerConfig
 from ..errors import ConfigError
-from ..plugins import GroupHook, build_optimizer, check_finite, lr_factor, scale_lrs
+from ..plugins import GroupHook, build_optimizer, check_finite, lr_factor
+from .engine import TrainingEngine
 
 
 def frozen_encoder_modules(model: nn.Module) -> list[nn.Module]:
@@ -29,21 +30,21 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
                       params: Literal["head", "all", "frozen_encoder"], optimizer: OptimizerConfig, device: Any,
                       seed: int, num_workers: int = 0, label_smoothing: float = 0.0,
                       group_hooks: Sequence[GroupHook] = (), precision: str = "fp32",
-                      schedule: Literal["cosine", "constant"] = "cosine", batches: Any = None,
+                      schedule: Literal["cosine", "constant"] = "cosine", engine: TrainingEngine | None = None,
                       desc: str = "balanced finetuning") -> list[float]:
     """Train ``model`` on the Avalanche ``dataset`` (train transforms) for ``epochs`` at ``lr``,
     cosine-decayed or constant (``schedule``). ``params``: ``all``; ``head``, the classifier
     only, with the backbone in eval mode (frozen BN statistics, no drop path); or
     ``frozen_encoder``, DyTox's: the patch and position embeddings and all blocks but the last
-    frozen, in eval mode. ``precision`` as the run's (autocast, and loss scaling for fp16).
-    ``batches``: the epochs' batches from the run's data path (``IncrementalTemplate.batches``,
-    the device path when it is on); by default a DataLoader with the train transforms.
-    ``desc`` labels its progress bar. Returns the mean loss of each epoch."""
-    from torch.utils.data import DataLoader
+    frozen, in eval mode.
 
-    from ..progress import bar
-    from .template import autocast
-
+    ``engine``: the run's training engine (the template's), whose precision, compile, data path
+    and sharding this loop takes: under torchrun each rank trains on its shard of every
+    balanced batch, and the result is one process's. Without one, a single-process engine on
+    ``device`` at ``precision`` with DataLoader batches. Shuffles (and device-path draws) come
+    from ``seed``'s own stream. ``desc`` labels its progress bar. Returns the mean loss of each
+    epoch."""
+    engine = engine or TrainingEngine(device, precision=precision)
     if params == "head":
         eval_modules = [m for name, m in model.named_children() if name != "head"]
     elif params == "frozen_encoder":
@@ -60,43 +61,23 @@ def balanced_finetune(model: nn.Module, dataset: Any, *, epochs: int, lr: float,
     model.train(True)
     for module in eval_modules:
         module.eval()
-    loader = batches if batches is not None else DataLoader(
-        dataset.train(), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers, drop_last=len(dataset) > batch_size)
+    batches = engine.batches(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                             seed=seed, num_workers=num_workers)
     opt = build_optimizer(model, optimizer, lr, group_hooks)
     schedule_cfg = SchedulerConfig(name=schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
-    epoch_losses: list[float] = []
-    progress = bar(epochs * len(loader), desc)
+
+    def loss(forward: Any, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        return criterion(forward(batch[0]).float(), batch[1])
+
+    def check(value: float, when: str) -> None:
+        check_finite(value, "balanced-finetuning loss", when, key="strategy.balanced_finetuning.lr_scale")
+
     try:
-        iteration = 0
-        for epoch in range(epochs):
-            # Summed on the device and read once per epoch: a read per step would make the CPU
-            # wait for the GPU's queue every step. A NaN is reported at the end of its epoch.
-            total, count = torch.zeros((), device=device), 0
-            for x, y, *_ in loader:
-                scale_lrs(opt, lr_factor(schedule_cfg, iteration=iteration, iters_per_epoch=len(loader),
-                                         epochs=epochs))
-                with autocast(device, precision):
-                    logits = model(x.to(device, non_blocking=True))
-                loss = criterion(logits.float(), y.to(device, non_blocking=True))
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                total += loss.detach()
-                count += 1
-                iteration += 1
-                progress.update(1)
-            mean = float(total) / max(1, count)
-            check_finite(mean, "balanced-finetuning loss", f"in epoch {epoch + 1}",
-                         key="strategy.balanced_finetuning.lr_scale")
-            epoch_losses.append(mean)
-            progress.set_postfix(epoch=epoch + 1, loss=f"{mean:.3f}", refresh=False)
+        return engine.fit(model, batches, opt, epochs=epochs, loss=loss, check=check, desc=desc,
+                          lr_factor=lambda iteration, steps: lr_factor(schedule_cfg, iteration=iteration,
+                                                                       iters_per_epoch=steps, epochs=epochs))
     finally:
-        progress.close()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    return epoch_losses
