@@ -214,7 +214,7 @@ def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, cl
     from safetensors.torch import save
 
     from .files import write_atomic, write_json_atomic
-    from .plugins import check_finite, lr_factor, param_groups
+    from .training.optim import check_finite, lr_factor, param_groups
     from .run.environment import device_data_path, resolve_workers
     from .training.engine import TrainingEngine, compile_seconds
 

@@ -15,7 +15,7 @@ from typing import Any
 from avalanche.core import SupervisedPlugin
 
 from .config import RunConfig
-from .plugins import GroupHook
+from .training.optim import GroupHook
 from .protocol import ClassSplit
 
 

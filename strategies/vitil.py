@@ -27,7 +27,7 @@ from incremental.run.environment import resolve_workers
 from incremental.timing import phase
 from incremental.losses import logit_distillation
 from incremental.models.net import frozen
-from incremental.plugins import head_param_groups
+from incremental.training.optim import head_param_groups
 from incremental.training.template import strategy_autocast
 from incremental.strategy import StrategyContext
 

@@ -111,7 +111,7 @@ def _import_what_a_run_imports() -> None:
     from incremental.registry import load_builtins
 
     load_builtins()
-    for module in ("incremental.run.loop", "incremental.training.template", "incremental.plugins", "incremental.protocol",
+    for module in ("incremental.run.loop", "incremental.training.template", "incremental.training.plugins", "incremental.protocol",
                    "incremental.tensorboard", "torch.utils.tensorboard", "sklearn.datasets",
                    "sklearn.model_selection", "avalanche.training.templates", "avalanche.benchmarks.scenarios",
                    "safetensors.torch", "matplotlib.figure", "matplotlib.backends.backend_agg"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from incremental.errors import UserError
-from incremental.plugins import LOSS_CHECK_EVERY, check_finite
+from incremental.training.optim import LOSS_CHECK_EVERY, check_finite
 from incremental.training.engine import TrainingEngine
 
 

@@ -54,7 +54,7 @@ def test_compile_builds_one_graph_for_the_whole_run(tmp_path):
 
 
 def _template(**kwargs) -> IncrementalTemplate:
-    from incremental.plugins import silent_evaluator
+    from incremental.training.plugins import silent_evaluator
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     return IncrementalTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

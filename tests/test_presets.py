@@ -40,7 +40,7 @@ def test_dytox_finetuning_freezes_the_encoder_in_eval_mode_and_keeps_the_lr():
     from incremental.training.finetune import balanced_finetune
     from incremental.models.net import build_model
     from incremental.models.options import ViTConfig
-    from incremental.plugins import lr_factor
+    from incremental.training.optim import lr_factor
 
     torch.manual_seed(0)
     spec = Component("vit", ViTConfig(patch_size=4, embed_dim=32, depth=3, num_heads=2, stem="conv",

@@ -15,7 +15,8 @@ from incremental.data.synthetic import SyntheticConfig
 from incremental.models.net import build_model
 from incremental.config import Component
 from incremental.models.vit import ViTConfig
-from incremental.plugins import OptimizationPlugin, lr_factor, param_groups, silent_evaluator
+from incremental.training.optim import lr_factor, param_groups
+from incremental.training.plugins import OptimizationPlugin, silent_evaluator
 from incremental.protocol import build_benchmark, make_class_split
 from incremental.config import ProtocolConfig
 

@@ -116,7 +116,7 @@ def plain_loop(model_name: str, args: argparse.Namespace) -> float:
 def avalanche_naive(model_name: str, args: argparse.Namespace) -> float:
     from avalanche.training import Naive
 
-    from incremental.plugins import silent_evaluator
+    from incremental.training.plugins import silent_evaluator
 
     cfg, splits, benchmark, model = setup(model_name, args)
     device = torch.device(args.device)

@@ -56,7 +56,7 @@ def avalanche_strategy(name: str, built: Any, cfg: Any) -> Any:
     from avalanche.training.plugins import ReplayPlugin
     from avalanche.training.storage_policy import ClassBalancedBuffer
 
-    from incremental.plugins import silent_evaluator
+    from incremental.training.plugins import silent_evaluator
 
     common = dict(train_mb_size=cfg.training.batch_size, train_epochs=cfg.training.epochs,
                   eval_mb_size=cfg.training.eval_batch_size, device="cpu", evaluator=silent_evaluator(),

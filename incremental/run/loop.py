@@ -54,7 +54,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     from ..distributed import device_for
     from ..models.net import build_model
     from ..models.compress import compression_plugins
-    from ..plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
+    from ..training.plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
     from ..strategy import StrategyContext, build_strategy
     from ..training.template import IncrementalTemplate
@@ -87,7 +87,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     from ..models.clip import has_text_tower
 
     if has_text_tower(model) and getattr(cfg.backbone.config, "head_init", None) == "text":
-        from ..plugins import TextHeadInit
+        from ..training.plugins import TextHeadInit
 
         # first: the strategy's own before_training_exp sees the rows set
         strategy_plugins = [TextHeadInit(context), *strategy_plugins]

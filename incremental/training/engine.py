@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..distributed import SINGLE, DistInfo, GlobalBatches
+from .optim import LOSS_CHECK_EVERY, scale_lrs
 
 @functools.cache
 def _no_forward_buffer_sync() -> dict[str, bool]:
@@ -226,7 +227,6 @@ class TrainingEngine:
         template's message), every ``LOSS_CHECK_EVERY`` steps and at each epoch's end. Returns each epoch's mean loss over the global batches (the same in
         every rank); ``on_epoch(epoch, mean)`` is called after each, and a progress bar
         labelled ``desc`` counts the steps."""
-        from ..plugins import LOSS_CHECK_EVERY, scale_lrs
         from ..progress import bar
 
         forward = lambda *inputs: self.forward(model, *inputs)  # noqa: E731

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import OptimizerConfig, SchedulerConfig
 from ..errors import ConfigError
-from ..plugins import GroupHook, build_optimizer, check_finite, lr_factor
+from .optim import GroupHook, build_optimizer, check_finite, lr_factor
 from .engine import TrainingEngine
 
 
