@@ -52,3 +52,20 @@ def test_gpu_jpeg_decoding_matches_the_cpu_decoder(tmp_path):
         resolve(data), torch.device(device), splits.batch_augmentation, batch_size=4, train=False, shuffle=False)])
         for device in ("cpu", "cuda")}
     assert (batches["cuda"] - batches["cpu"]).abs().max() <= 2 * 2 / 255  # 2 grey levels, in units of std 0.5
+
+
+def test_balanced_finetuning_and_mae_train_on_the_gpu_engine_in_bf16_compiled(tmp_path):
+    """The engine's loops outside the template on CUDA: ViTIL's balanced finetuning and MAE
+    pretraining with bf16 autocast and torch.compile, close to the eager fp32 runs."""
+    from test_engine import _pretrain
+
+    plain = run_on_gpu(tmp_path, "vitil", "strategy=vitil", "strategy.balanced_finetuning.epochs=1")
+    fast = run_on_gpu(tmp_path, "vitil_fast", "strategy=vitil", "strategy.balanced_finetuning.epochs=1",
+                      "training.precision=bf16", "training.compile=true")
+    assert fast["status"] == "complete" and all(fast["wall_time_s"][i]["balanced_finetuning"] > 0 for i in (1, 2))
+    assert fast["train_loss"][0] == pytest.approx(plain["train_loss"][0], abs=0.15)
+    eager = _pretrain(tmp_path, "mae", "training.device=cuda")
+    compiled = _pretrain(tmp_path, "mae_fast", "training.device=cuda", "training.precision=bf16",
+                         "training.compile=true")
+    assert compiled["compile_s"] > 0
+    assert compiled["epoch_loss"] == pytest.approx(eager["epoch_loss"], rel=0.05)
