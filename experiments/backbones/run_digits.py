@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from run_common import complete_runs, is_complete, mean_std, run_all, run_incremental  # noqa: E402
+from run_common import complete_runs, headline, is_complete, mean_std, run_all, run_incremental  # noqa: E402
 
 CONFIGS = {  # file stem -> what it is
     "vit": "ViT (default protocol: patch 4, 128 wide, 4 blocks)",
@@ -61,11 +61,9 @@ def report(out: Path, seeds: list[int], command: str) -> str:
             lines.append(f"| {label} | - | - | - | - | - | - | 0 |")
             continue
         params = runs[0].get("backbone_report", {}).get("params") or float("nan")
-        lines.append(f"| {label} | `{runs[0]['backbone']}` | {params / 1e6:.2f} | "
-                     f"{mean_std([m['average_incremental_accuracy'] for m in runs])} | "
-                     f"{mean_std([m['last_accuracy'] for m in runs])} | "
-                     f"{mean_std([m['forgetting']['mean'] for m in runs])} | "
-                     f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
+        row = headline(runs)
+        lines.append(f"| {label} | `{runs[0]['backbone']}` | {params / 1e6:.2f} | {row['avg']} | {row['last']} | "
+                     f"{row['forgetting']} | {row['wall']} | {row['runs']} |")
     logs = [json.loads((out / f"vit_mae_pretrain-seed{s}" / "mae_log.json").read_text()) for s in seeds
             if is_complete(out / f"vit_mae_pretrain-seed{s}", "mae_log.json")]
     if logs:
