@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import SchedulerConfig
+from .config import OptimizerConfig, SchedulerConfig
 from .config.schema import MAEOptions, PretrainConfig
 from .errors import ConfigError
 
@@ -158,6 +158,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     from .data import build_dataset
     from .distributed import broadcast_object, device_for, init_from_environment, on_rank_zero
     from .models.net import build_backbone
+    from .progress import shown
     from .protocol import OrderedClassSubset, classification_dataset, make_class_split
     from .run.directory import RunDirectory
     from .run.environment import resolve_device
@@ -190,8 +191,6 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False,
     on_rank_zero(lambda: holder.append(RunDirectory.create(run_dir, dump_yaml(cfg), marker="mae_log.json",
                                                            key=out_key)), dist)
     directory = holder[0] if holder else None
-    from .progress import shown
-
     try:
         if directory is not None:
             directory.begin()
@@ -214,7 +213,7 @@ def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, cl
     from safetensors.torch import save
 
     from .files import write_atomic, write_json_atomic
-    from .training.optim import check_finite, lr_factor, param_groups
+    from .training.optim import check_finite, lr_factor, make_optimizer, param_groups
     from .run.environment import device_data_path, resolve_workers
     from .training.engine import TrainingEngine, compile_seconds
 
@@ -224,11 +223,8 @@ def _train(cfg: PretrainConfig, encoder: nn.Module, splits: Any, images: Any, cl
                             batch_augmentation=splits.batch_augmentation
                             if device_data_path(training.data_path, device) else None)
     lr = opts.base_lr * opts.batch_size / 256
-    groups = param_groups(model, opts.weight_decay)
-    for group in groups:
-        group["base_lr"] = lr
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fused)
+    optimizer = make_optimizer(param_groups(model, opts.weight_decay), OptimizerConfig(name="adamw"), lr,
+                               betas=(0.9, 0.95))
     # drop_last: every global batch is full, so each rank's masking rows are known (below)
     batches = engine.batches(images, batch_size=opts.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
                              num_workers=resolve_workers(training.num_workers))

@@ -128,7 +128,7 @@ def test_a_run_on_the_device_path_trains_like_the_loader(tmp_path, strategy):
 
 
 def test_a_plugins_own_loop_gets_seeded_device_batches_without_touching_the_training_stream():
-    """IncrementalTemplate.batches (ViTIL's balanced finetuning): on the device path, epochs of
+    """TrainingEngine.batches (ViTIL's balanced finetuning, MAE): on the device path, epochs of
     augmented batches from their own seeded stream; the global generator is left as it was."""
     from incremental.training.engine import SeededEpochs
     from incremental.training.template import IncrementalTemplate
@@ -140,7 +140,7 @@ def test_a_plugins_own_loop_gets_seeded_device_batches_without_touching_the_trai
                                    batch_augmentation=splits.batch_augmentation, device="cpu")
 
     def two_epochs(seed):
-        batches = template.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=seed)
+        batches = template.engine.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=seed)
         assert isinstance(batches, SeededEpochs) and len(batches) == 2
         return [torch.cat([x.flatten() for x, _, _ in batches]) for _ in range(2)]
 
@@ -151,5 +151,5 @@ def test_a_plugins_own_loop_gets_seeded_device_batches_without_touching_the_trai
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # seeded
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], other[0])  # a new draw per epoch
     plain = IncrementalTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device="cpu")
-    assert isinstance(plain.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=7),
+    assert isinstance(plain.engine.batches(data, batch_size=16, shuffle=True, drop_last=True, seed=7),
                       torch.utils.data.DataLoader)  # the loader path keeps the DataLoader

@@ -204,12 +204,24 @@ class TrainingEngine:
             return SeededEpochs(loader, seed)
         generator = torch.Generator().manual_seed(seed)
         if self.dist.enabled:
-            sampler = ShardedBatchSampler(len(dataset), batch_size, self.dist, train=True, shuffle=shuffle,
-                                          drop_last=drop_last, generator=generator)
-            return DataLoader(dataset.train(), batch_sampler=sampler, num_workers=num_workers,
-                              collate_fn=getattr(dataset, "collate_fn", None))
+            return self.sharded_loader(dataset.train(), batch_size, train=True, shuffle=shuffle, drop_last=drop_last,
+                                       num_workers=num_workers, generator=generator)
         return DataLoader(dataset.train(), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           generator=generator, num_workers=num_workers)
+
+    def sharded_loader(self, data: Any, batch_size: int, *, train: bool, shuffle: bool, drop_last: bool,
+                       num_workers: int = 0, generator: torch.Generator | None = None,
+                       persistent_workers: bool = False) -> Any:
+        """A DataLoader of this rank's shard of each global batch of ``data`` under torchrun
+        (Avalanche's own distributed evaluation loader pads shards with repeated samples, which
+        would count them twice); shuffles from ``generator``, else torch's global one."""
+        from torch.utils.data import DataLoader
+
+        sampler = ShardedBatchSampler(len(data), batch_size, self.dist, train=train, shuffle=shuffle,
+                                      drop_last=drop_last, generator=generator)
+        return DataLoader(data, batch_sampler=sampler, num_workers=num_workers,
+                          collate_fn=getattr(data, "collate_fn", None), pin_memory=self.device.type == "cuda",
+                          persistent_workers=persistent_workers)
 
     # ---------------------------------------------------------------- a plain loop
     def fit(self, model: nn.Module, batches: Iterable[Sequence[Any]], optimizer: torch.optim.Optimizer, *,
@@ -224,9 +236,10 @@ class TrainingEngine:
         engine's training forward of ``model`` (DDP, compiled, under autocast) and the batch's
         tensors on the device. The loss stays on the device and is read, and passed to
         ``check(value, when)`` (which raises on a NaN; ``when`` names the epoch from 1, like the
-        template's message), every ``LOSS_CHECK_EVERY`` steps and at each epoch's end. Returns each epoch's mean loss over the global batches (the same in
-        every rank); ``on_epoch(epoch, mean)`` is called after each, and a progress bar
-        labelled ``desc`` counts the steps."""
+        template's message), every ``LOSS_CHECK_EVERY`` steps and at each epoch's end. Returns
+        each epoch's mean loss over the global batches (the same in every rank);
+        ``on_epoch(epoch, mean)`` is called after each, and a progress bar labelled ``desc``
+        counts the steps."""
         from ..progress import bar
 
         forward = lambda *inputs: self.forward(model, *inputs)  # noqa: E731

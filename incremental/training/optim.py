@@ -80,7 +80,10 @@ def head_param_groups(lr_scale: float, weight_decay: float | None = None) -> Gro
     return hook
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``groups``, each group's ``base_lr`` set (for
+    :func:`scale_lrs`); ``betas`` for Adam/AdamW (torch's default; MAE's recipe uses 0.95)."""
     if not groups:  # nothing trains (SimpleCIL, or after a first-session adaptation): an idle optimizer
         groups = [{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": 0.0, "name": "idle"}]
     for group in groups:
@@ -91,8 +94,8 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=lr, **fused)
-    return torch.optim.AdamW(groups, lr=lr, **fused)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, **fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,

@@ -19,7 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from ..distributed import SINGLE
 from ..timing import PhaseTimes
-from .engine import ShardedBatchSampler, TrainingEngine, autocast
+from .engine import TrainingEngine, autocast
 
 __all__ = ["IncrementalTemplate", "autocast", "strategy_autocast"]
 
@@ -127,35 +127,15 @@ class IncrementalTemplate(SupervisedTemplate):
             self.dataloader = loader
             return
         if self.dist.enabled:
-            self._sharded_loader(batch_size, kwargs, train=train, shuffle=shuffle, drop_last=drop_last)
-            return
-        avalanche(**self._loader_args(kwargs))
+            workers = kwargs.get("num_workers", 0)
+            self.dataloader = self.engine.sharded_loader(self.adapted_dataset, batch_size, train=train,
+                                                         shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+                                                         persistent_workers=workers > 0 and self.persistent_workers)
+        else:
+            avalanche(**self._loader_args(kwargs))
         self._set_prefetch()
 
     def _set_prefetch(self) -> None:
         # Avalanche does not pass prefetch_factor on; the DataLoader reads it per iterator.
         if self.prefetch_factor is not None and getattr(self.dataloader, "num_workers", 0) > 0:
             self.dataloader.prefetch_factor = self.prefetch_factor
-
-    def _sharded_loader(self, batch_size: int, kwargs: dict[str, Any], *, train: bool, shuffle: bool,
-                        drop_last: bool) -> None:
-        """Under torchrun: each global batch split across ranks. (Avalanche's own distributed
-        evaluation loader pads shards with repeated samples, which would count them twice.)"""
-        from torch.utils.data import DataLoader
-
-        data = self.adapted_dataset
-        workers = kwargs.get("num_workers", 0)
-        sampler = ShardedBatchSampler(len(data), batch_size, self.dist, train=train, shuffle=shuffle,
-                                      drop_last=drop_last)
-        self.dataloader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
-                                     collate_fn=getattr(data, "collate_fn", None),
-                                     pin_memory=torch.device(self.device).type == "cuda",
-                                     persistent_workers=workers > 0 and self.persistent_workers)
-        self._set_prefetch()
-
-    def batches(self, dataset: Any, *, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
-                num_workers: int = 0) -> Any:
-        """Training batches of ``dataset`` for a plugin's own loop on the engine (ViTIL's
-        balanced finetuning): :meth:`TrainingEngine.batches`, sharded under torchrun."""
-        return self.engine.batches(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
-                                   num_workers=num_workers)
