@@ -15,6 +15,7 @@ tokenizer (``hf_model_name``, ``hf_tokenizer_name``) are refused, since those ar
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config.schema import TEMPLATE_SETS
 from ..errors import ConfigError
 from .options import CLIPConfig
 
@@ -157,8 +159,6 @@ class CLIPBackbone(nn.Module):
 
 def require_open_clip() -> None:
     """An error naming the missing library rather than an ImportError traceback."""
-    import importlib.util
-
     if importlib.util.find_spec("open_clip") is None:
         raise ConfigError("backbone 'clip' is built with open_clip, which is not installed: "
                           "pip install \"incremental-vit[clip]\" (or open_clip_torch)", key="name")
@@ -185,10 +185,17 @@ def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int) -> nn.Module:
 
 
 def prompt_templates(templates: Sequence[str]) -> list[str]:
-    """``protocol.templates`` with open_clip's named sets expanded into their format strings."""
+    """``protocol.templates`` with open_clip's named sets expanded into their format strings.
+    open_clip is imported only when a named set is used: plain format strings need no extra."""
+    if not any(t in TEMPLATE_SETS for t in templates):
+        return list(templates)
+    if importlib.util.find_spec("open_clip") is None:
+        raise ConfigError("the named template sets ship with open_clip, which is not installed: "
+                          "pip install \"incremental-vit[clip]\" (or write the templates out)",
+                          key="protocol.templates")
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    sets = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}
+    sets = dict(zip(TEMPLATE_SETS, (OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES)))
     expanded: list[str] = []
     for template in templates:
         if template in sets:

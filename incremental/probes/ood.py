@@ -89,9 +89,11 @@ class OodProbe(Probe):
             if importlib.util.find_spec("torchattacks") is None:  # said before the first step, not after it
                 raise ConfigError("attack apgd_ce uses torchattacks' APGD, which is not installed: pip install "
                                   "--no-deps torchattacks (its requirements pin an old requests)", key="attack")
-        from ..models.clip import prompt_templates
+        self.texts, self.templates = context.class_texts, []
+        if self.config.head == "text":  # only a text head reads templates (and may need open_clip for them)
+            from ..models.clip import prompt_templates
 
-        self.texts, self.templates = context.class_texts, prompt_templates(context.templates)
+            self.templates = prompt_templates(context.templates)
         if self.config.source != "dataset":
             return
         from ..data import build_dataset
