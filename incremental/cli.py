@@ -282,13 +282,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg, source = load_config(args.config, args.overrides, plugins=_import_cli_plugins(args))
     summary = ""
-    if cfg.training.device == "cuda":  # what a run would refuse; torch is imported only here
-        from .run.environment import resolve_device
+    from .run.environment import check_run_memory, resolve_device
 
-        try:
-            resolve_device(cfg.training.device)
-        except UserError as exc:
-            raise source.attribute(exc)
+    try:  # what a run would refuse; torch is imported only for CUDA
+        check_run_memory(cfg, resolve_device("cuda") if cfg.training.device == "cuda" else "cpu")
+    except UserError as exc:
+        raise source.attribute(exc)
     if not args.no_data:
         from .data import build_dataset
         from .protocol import make_class_split

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from incremental.config.fields import MAX_BATCH, MAX_EPOCHS, MAX_WEIGHT, Component, component, opt
+from incremental.config.memory import FLOAT64, TRAINED_PARAMETER_BYTES, MemoryNeed, backbone_width
 from incremental.errors import ConfigError
 from incremental.registry import STRATEGIES
 
@@ -146,6 +147,12 @@ class RanPACConfig:
     projection_dim: int = opt(10_000, ge=1, le=100_000)  # M (RanPAC: 10,000)
     validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
 
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        # the M x M Gram matrix kept in fp64, its regularised copy and the solver's factors, in host RAM
+        m = self.projection_dim
+        return [MemoryNeed("projection_dim", 3 * m * m * FLOAT64, f"RanPAC's {m} x {m} fp64 ridge system",
+                           on_device=False)]
+
 
 @dataclass
 class SLCAConfig:
@@ -168,6 +175,12 @@ class L2PConfig:
         if self.top_k > self.pool_size:
             raise ConfigError(f"top_k {self.top_k} exceeds pool_size {self.pool_size}", key="top_k")
 
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        width = backbone_width(run)
+        values = self.pool_size * (self.length + 1) * width  # prompts and their keys
+        return [MemoryNeed("pool_size", values * TRAINED_PARAMETER_BYTES,
+                           f"a pool of {self.pool_size} prompts of length {self.length} at width {width}")]
+
 
 @dataclass
 class DualPromptConfig:
@@ -178,6 +191,15 @@ class DualPromptConfig:
     pool_size: int | None = opt(None, ge=1, le=10_000)  # None: one E-prompt per experience
     pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
 
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        if self.pool_size is None:
+            return []
+        width = backbone_width(run)
+        values = self.pool_size * (2 * self.e_length * len(self.e_layers) + 1) * width  # prefix keys and values
+        return [MemoryNeed("pool_size", values * TRAINED_PARAMETER_BYTES,
+                           f"a pool of {self.pool_size} E-prompts of length {self.e_length} on "
+                           f"{len(self.e_layers)} layers at width {width}")]
+
 
 @dataclass
 class CodaPromptConfig:
@@ -185,6 +207,13 @@ class CodaPromptConfig:
     length: int = opt(8, ge=2, le=1024)
     layers: list[int] = opt(factory=lambda: [0, 1, 2, 3, 4], ge=0, le=1023)
     ortho_weight: float = opt(0.0, ge=0, le=MAX_WEIGHT)  # PILOT's prompt_param[2]
+
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        width = backbone_width(run)
+        values = self.pool_size * (self.length + 2) * width * len(self.layers)  # components, keys, attention
+        return [MemoryNeed("pool_size", values * TRAINED_PARAMETER_BYTES,
+                           f"a pool of {self.pool_size} prompt components of length {self.length} on "
+                           f"{len(self.layers)} layers at width {width}")]
 
 
 @dataclass

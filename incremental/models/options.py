@@ -8,9 +8,10 @@ torch or timm: the registry imports a builder only when a backbone is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..config.fields import MAX_DEPTH, MAX_SIZE, MAX_WEIGHT, MAX_WIDTH, Component, component, opt
+from ..config.memory import TRAINED_PARAMETER_BYTES, MemoryNeed, transformer_needs
 from ..errors import ConfigError
 from ..registry import BACKBONES, TUNING
 
@@ -104,6 +105,10 @@ class ViTConfig:
         if self.stem_channels and self.stem != "conv":
             raise ConfigError("stem_channels is only used with stem: conv", key="stem_channels")
 
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        return transformer_needs(run, width=self.embed_dim, depth=self.depth, mlp_ratio=self.mlp_ratio,
+                                 patch_size=self.patch_size)
+
 
 @dataclass
 class TimmViTConfig:
@@ -183,10 +188,19 @@ class ViTDLCLConfig:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
                               key="num_heads")
 
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        return transformer_needs(run, width=self.embed_dim, depth=self.depth, mlp_ratio=self.mlp_ratio,
+                                 patch_size=self.patch_size)
+
 
 @dataclass
 class ResNet32Config:
     width: int = opt(16, ge=1, le=MAX_WIDTH)  # channels of the first stage (64 pooled features at 16)
+
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        # 3 stages of 5 basic blocks (two 3x3 convs each) at w, 2w and 4w channels: 9 * 210 w^2 weights
+        return [MemoryNeed("width", 9 * 210 * self.width ** 2 * TRAINED_PARAMETER_BYTES,
+                           f"a ResNet-32 of width {self.width} trained with AdamW")]
 
 
 @dataclass

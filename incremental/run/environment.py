@@ -66,3 +66,17 @@ def resolve_device(requested: str) -> Any:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def check_run_memory(cfg: Any, device: Any) -> None:
+    """The config's sizes against this machine's memory (incremental.config.memory): host RAM,
+    and on CUDA the GPU's free memory for what trains there. torch is imported only for CUDA."""
+    from ..config.memory import check_memory
+
+    if getattr(device, "type", str(device)) != "cuda":
+        check_memory(cfg)
+        return
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    check_memory(cfg, device_bytes=int(free), device_name=torch.cuda.get_device_name(device))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 from ..config import RunConfig, dump_yaml
 from ..errors import Interrupted, Terminated, UserError
 from .directory import ResumePlan, RunDirectory, plan_resume
-from .environment import (device_data_path, hide_avalanche_deprecations, resolve_device, resolve_workers,
+from .environment import (check_run_memory, device_data_path, hide_avalanche_deprecations, resolve_device, resolve_workers,
                           use_deterministic_algorithms)
 from .resume import checkpoint_state, restore_checkpoint
 from .results import RunResults
@@ -62,6 +62,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     RNGManager.set_random_seeds(cfg.seed)
     use_deterministic_algorithms(cfg.training.deterministic)
     device = device_for(dist, resolve_device(cfg.training.device))
+    check_run_memory(cfg, device)  # before any data is loaded
     splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
     class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     benchmark = build_benchmark(splits, class_split)
