@@ -28,8 +28,12 @@ class ExemplarReplay(StrategyPlugin):
             from incremental.memory.codecs import build_codec
 
             context.require_stored_images("a memory in bytes (protocol.memory.bytes)")
-            self.memory = ByteBudgetMemory(context.memory_bytes, build_codec(context.config.protocol.memory.codec),
-                                           seed=context.config.seed)
+            codec = context.config.protocol.memory.codec
+            self.memory = ByteBudgetMemory(context.memory_bytes, build_codec(codec), seed=context.config.seed)
+            first = context.train_dataset(0)
+            sample = context.train_images(0, list(range(min(64, len(first)))))
+            self.memory.check_holds_one_exemplar(sample, context.class_split.classes_per_experience[0],
+                                                 "raw" if codec is None else codec.name)
         else:
             self.memory = ExemplarMemory(total=context.memory_total, per_class=context.memory_per_class)
 

@@ -183,6 +183,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "backbone.embed_dim: 12 blocks of width 16384 trained with AdamW needs at least"),
     ("a training batch beyond the memory", lambda ws: ["run", ws.config("dataset: {name: digits, image_size: 256}\ntraining: {batch_size: 1048576}\n")],
      lambda ws: str(ws.root / "case.yaml"), "training.batch_size: the activations of a training batch of 1048576"),
+    ("a byte budget that holds no exemplar", lambda ws: ["run", ws.config("protocol: {memory: {bytes: 1, codec: jpeg}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "protocol.memory.bytes: 1 bytes hold no exemplar: one jpeg exemplar of "
+                                            "this dataset takes at least "),
     ("truncated checkpoint", _truncated_checkpoint,
      lambda ws: "--resume", "is not a readable checkpoint"),
     ("checkpoint of another program", _foreign_checkpoint,

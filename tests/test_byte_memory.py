@@ -194,3 +194,23 @@ def test_a_count_memory_reports_raw_bytes(write_yaml, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [m["exemplars"] for m in metrics["memory"]] == [20, 20, 20]
     assert [m["bytes"] for m in metrics["memory"]] == [20 * 256] * 3
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), JPEGCodec(JPEGCodecConfig()), NeRVCodec(FAST_NERV)],
+                         ids=["raw", "jpeg", "nerv"])
+def test_a_budget_below_one_exemplar_per_class_is_refused_and_the_bound_is_tight(digits, codec):
+    """The smallest budget accepted stores one exemplar of the smallest image; one byte less is refused."""
+    sample = digits[0][:64]
+    one = LABEL_BYTES + codec.smallest_exemplar(sample)
+    smallest = int(np.argmin([codec.smallest_exemplar(sample[i:i + 1]) for i in range(len(sample))]))
+    memory = ByteBudgetMemory(2 * one, codec, seed=0)
+    memory.check_holds_one_exemplar(sample, 2, "x")
+    memory.add_classes(0, {0: [smallest], 1: [smallest]}, lambda indices: sample[indices])
+    assert len(memory) == 2 and memory.bytes_used() <= 2 * one
+    from incremental.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        ByteBudgetMemory(2 * one - 1, codec, seed=0).check_holds_one_exemplar(sample, 2, "x")
+    assert refused.value.key == "protocol.memory.bytes"
+    assert f"one x exemplar of this dataset takes at least {one} bytes" in str(refused.value)
+    assert f"the 2 classes of experience 0 need at least {2 * one} bytes" in str(refused.value)

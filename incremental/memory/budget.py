@@ -69,6 +69,17 @@ class ByteBudgetMemory:
         self._decoded = None
         assert self.bytes_used() <= self.budget, "a codec exceeded its share"
 
+    def check_holds_one_exemplar(self, images: torch.Tensor, num_classes: int, codec_name: str) -> None:
+        """Refuse a budget whose share for ``num_classes`` (the first experience's) holds no exemplar
+        of ``images`` (a sample of the dataset's): the run would be plain finetuning."""
+        from ..errors import ConfigError
+
+        one = LABEL_BYTES + self.codec.smallest_exemplar(images)
+        if self.share(num_classes) + LABEL_BYTES < one:
+            raise ConfigError(f"{self.budget} bytes hold no exemplar: one {codec_name} exemplar of this dataset takes "
+                              f"at least {one} bytes with its label, so the {num_classes} classes of experience 0 "
+                              f"need at least {one * num_classes} bytes", key="protocol.memory.bytes")
+
     def bytes_used(self) -> int:
         return sum(LABEL_BYTES + payload_bytes(c.payload) for c in self.classes.values())
 

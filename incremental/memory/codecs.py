@@ -43,6 +43,9 @@ class ExemplarCodec(Protocol):
     def count(self, payload: Payload) -> int:
         """How many exemplars the payload holds."""
 
+    def smallest_exemplar(self, images: torch.Tensor) -> int:
+        """The bytes of the smallest payload that holds one of ``images`` (a sample of the dataset)."""
+
 
 class RawCodec:
     """uint8 pixels, as the dataset stores them: n * C * H * W bytes."""
@@ -63,6 +66,9 @@ class RawCodec:
 
     def count(self, payload: Payload) -> int:
         return len(payload["pixels"])
+
+    def smallest_exemplar(self, images: torch.Tensor) -> int:
+        return images[0].numel()
 
 
 class JPEGCodec:
@@ -124,6 +130,9 @@ class JPEGCodec:
     def count(self, payload: Payload) -> int:
         return len(payload["lengths"])
 
+    def smallest_exemplar(self, images: torch.Tensor) -> int:
+        return min(len(self._jpeg(image)) for image in images) + 4  # a file and its int32 length
+
 
 NERV_HEADER = 4 + 16  # the payload's frame count and shape (int32)
 
@@ -175,6 +184,13 @@ class NeRVCodec:
 
     def count(self, payload: Payload) -> int:
         return int(payload["frames"][0])
+
+    def smallest_exemplar(self, images: torch.Tensor) -> int:
+        from .nerv import smallest_network_bytes
+
+        c = self.config
+        return NERV_HEADER + smallest_network_bytes(image_size=images.shape[-1], channels=images.shape[1],
+                                                    levels=c.levels, prune=c.prune)
 
 
 def build_codec(spec: Any) -> ExemplarCodec:

@@ -74,6 +74,13 @@ def widest_fitting(budget: int, *, image_size: int, channels: int, levels: int, 
     return best
 
 
+def smallest_network_bytes(*, image_size: int, channels: int, levels: int, prune: float) -> int:
+    """The stored bytes of the narrowest network on the ladder: no smaller budget holds a frame."""
+    with torch.random.fork_rng(devices=[]):
+        net = NeRV(width=WIDTH_LADDER[0], image_size=image_size, channels=channels, levels=levels)
+        return packed_bytes(net, prune)
+
+
 def _fit(net: NeRV, targets: torch.Tensor, steps: int, lr: float, masks: dict[str, torch.Tensor] | None,
          tick: Callable[[int], Any] = lambda n: None) -> None:
     """Adam with a cosine LR on the MSE over every frame (one batch: a class's exemplars)."""
