@@ -23,7 +23,6 @@ Contents (``FORMAT`` 1):
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -83,19 +82,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: Path, *, key: str = "--resume") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; any problem is a one-line UserError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist", key=key) from None
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses anything but tensors and plain containers; its message is long
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} holds objects a checkpoint may not hold, refused by torch.load(weights_only=True) "
-                        f"({first[:160]})", key=key) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'truncated'})",
-                        key=key) from None
+    from .files import load_weights_only
+
+    state = load_weights_only(path, key=key)
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise UserError(f"{path} is not a checkpoint written by `incremental run`", key=key)
     if state.get("format") != FORMAT:

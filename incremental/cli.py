@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="incremental",
         description="Class-incremental learning with Vision Transformers (Avalanche + timm).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # every command takes --verbose, after its name as users write it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="after an error's one line, the underlying library's own message (torch's, say)")
 
     def add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
         p.add_argument("config", metavar="CONFIG", nargs="?" if optional else None,
@@ -46,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a .py file or module that registers your own strategies, backbones, probes or "
                        "datasets (imported first); repeatable")
 
-    run = sub.add_parser("run", help="run a class-incremental protocol")
+    run = sub.add_parser("run", parents=[common], help="run a class-incremental protocol")
     add_config_args(run, optional=True)
     run.add_argument("--out", metavar="DIR", help="run directory (default: OUTPUT_ROOT/NAME-TIMESTAMP)")
     run.add_argument("--resume", metavar="DIR", help="continue a stopped run after its last complete experience "
@@ -54,13 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no per-step lines, no table")
     add_trust_arg(run)
 
-    mae = sub.add_parser("pretrain-mae", help="pretrain a ViT encoder by masked autoencoding; "
+    mae = sub.add_parser("pretrain-mae", parents=[common], help="pretrain a ViT encoder by masked autoencoding; "
                          "saves encoder.safetensors for `pretrained:`")
     add_config_args(mae)
     mae.add_argument("--out", metavar="DIR", help="output directory (default: OUTPUT_ROOT/NAME-mae-TIMESTAMP)")
     mae.add_argument("--quiet", "-q", action="store_true", help="print nothing")
 
-    probe = sub.add_parser("probe", help="run probes on a finished run's saved model "
+    probe = sub.add_parser("probe", parents=[common], help="run probes on a finished run's saved model "
                            "(writes RUN_DIR/probes.json and heat maps)")
     probe.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `incremental run`")
     probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     add_plugin_arg(probe)
     add_trust_arg(probe)
 
-    sweep = sub.add_parser("sweep", help="run a config over seeds and value grids (complete runs are kept), "
+    sweep = sub.add_parser("sweep", parents=[common], help="run a config over seeds and value grids (complete runs are kept), "
                            "then compare them")
     add_config_args(sweep)
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="run seeds (default: 0)")
@@ -84,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                        "default: every process sees the GPUs this one does")
     sweep.epilog = "A --set with comma-separated values (--set strategy=replay,finetune) is a grid axis."
 
-    cmp_ = sub.add_parser("compare", help="table of runs (mean ± std over seeds), report.md and plots")
+    cmp_ = sub.add_parser("compare", parents=[common], help="table of runs (mean ± std over seeds), report.md and plots")
     cmp_.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
                       help="directories written by `incremental run`, or a folder of them (a sweep's --out); "
                       "folders without a run inside are skipped with a note")
@@ -93,13 +97,13 @@ def _parser() -> argparse.ArgumentParser:
                       "their seed form one group")
     cmp_.add_argument("--out", metavar="DIR", default="comparison", help="where report.md and the plots go")
 
-    check = sub.add_parser("check", help="validate a config and print it resolved; it also loads the data and "
+    check = sub.add_parser("check", parents=[common], help="validate a config and print it resolved; it also loads the data and "
                            "builds the model and strategy as a run would (~10 s, mostly Avalanche's import)")
     add_config_args(check)
     check.add_argument("--no-data", action="store_true",
                        help="check the file alone, in under a second: no data, model or strategy")
 
-    lst = sub.add_parser("list", help="list protocols and registered components")
+    lst = sub.add_parser("list", parents=[common], help="list protocols and registered components")
     lst.add_argument("kind", nargs="?", choices=LIST_KINDS, help="what to list (default: everything)")
     add_plugin_arg(lst)
     return parser
@@ -375,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(str(exc), file=sys.stderr)
+        if args.verbose and exc.detail:
+            print(exc.detail.strip(), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # outside a run (a run says what it kept itself)
         print("interrupted", file=sys.stderr)

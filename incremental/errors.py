@@ -16,7 +16,8 @@ class UserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None,
+                 detail: str | None = None):
         if "Original Traceback" in message:
             # Re-raised by torch from a DataLoader worker as ``type(msg)`` with the worker's
             # traceback in msg; its last line holds the original "key: problem".
@@ -26,6 +27,7 @@ class UserError(Exception):
         self.message = message
         self.key = key
         self.source = source
+        self.detail = detail  # the library's own text, printed under --verbose only
 
     def with_context(self, *, key: str | None = None, source: str | None = None) -> "UserError":
         if self.key is None and key is not None:

@@ -112,3 +112,31 @@ def remove_temporary_files(folder: Path) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+def load_weights_only(path: Path, *, key: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, as one line: a file that holds pickled
+    objects (which could run code) is refused naming the first global it would import, a corrupt
+    one says what broke; torch's own text and warnings go to ``--verbose`` (the error's detail)."""
+    import pickle
+    import re
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # e.g. "Detected pickle protocol 4": kept for --verbose
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist", key=key) from None
+        except pickle.UnpicklingError as exc:
+            detail = "\n".join([*(str(w.message) for w in caught), str(exc)])
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"it would import {found.group(1)}" if found else "its pickle has instructions torch refuses"
+            raise UserError(f"{path} holds objects, not just tensors, and was refused unread ({what}; "
+                            f"torch.load(weights_only=True))", key=key, detail=detail) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "truncated"
+            raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {first})", key=key,
+                            detail=str(exc)) from None

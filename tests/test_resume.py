@@ -5,6 +5,7 @@ weights_only and a NaN loss keeps the last good one."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import signal
 import subprocess
@@ -266,11 +267,29 @@ def test_a_checkpoint_holding_code_is_refused_unrun(uninterrupted, tmp_path, cap
     marker = tmp_path / "code-ran"
     state["plugins"] = [_Payload(marker)]
     torch.save(state, run_dir / CHECKPOINT_FILE)
-    with pytest.raises(UserError, match=r"refused by torch.load\(weights_only=True\)"):
+    with pytest.raises(UserError, match=r"refused unread \(it would import getattr; torch"):
         load_checkpoint(run_dir / CHECKPOINT_FILE)
     assert main(["run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE)]) == 2
-    assert "refused by torch.load(weights_only=True)" in capsys.readouterr().err
+    assert "holds objects, not just tensors, and was refused unread" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_refusing_a_pickle_is_one_line_and_torch_speaks_only_under_verbose(uninterrupted, tmp_path):
+    """A plain pickle (protocol 4) makes torch warn in several lines before refusing; the console
+    shows the toolkit's one line, and torch's warning and message only with --verbose."""
+    _, reference = uninterrupted
+    run_dir = shutil.copytree(reference, tmp_path / "tampered")
+    rewind_checkpoint(run_dir, 0)
+    marker = tmp_path / "code-ran"
+    with (run_dir / CHECKPOINT_FILE).open("wb") as file:
+        pickle.dump({"kind": "incremental-checkpoint", "plugins": [_Payload(marker)]}, file, protocol=4)
+    done = incremental_process("run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE))
+    assert done.returncode == 2 and not marker.exists()
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"--resume: {run_dir / CHECKPOINT_FILE} holds objects, not just tensors")
+    verbose = incremental_process("run", "--resume", str(run_dir), "--quiet", "--verbose", "--plugin", str(KILLABLE))
+    assert verbose.returncode == 2 and verbose.stderr.splitlines()[0] == done.stderr.strip()
+    assert "Detected pickle protocol 4" in verbose.stderr and "Weights only load failed" in verbose.stderr
 
 
 def test_yaml_tags_that_build_objects_are_refused(write_yaml, tmp_path, capsys):

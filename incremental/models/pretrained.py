@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 KEY = "backbone.pretrained"
 # Weights a headless backbone never has: classifiers, and MAE's decoder.
@@ -32,18 +32,21 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
     if not file.is_file():
         what = "is a folder" if file.is_dir() else "do not exist"
         raise ConfigError(f"pretrained weights {path} {what}", key=key)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about legacy formats; the error line says it all
-            if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-                state: Any = load_file(str(file), device="cpu")
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or a pickle that needs arbitrary code
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot read {path} as weights: {reason[:200]}", key=key) from None
+        try:
+            state: Any = load_file(str(file), device="cpu")
+        except Exception as exc:  # corrupt or truncated (safetensors raises its own error types)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot read {path} as weights: {reason[:200]}", key=key, detail=str(exc)) from None
+    else:
+        from ..files import load_weights_only
+
+        try:
+            state = load_weights_only(file, key=key)
+        except UserError as exc:
+            raise ConfigError(exc.message, key=key, detail=exc.detail) from None
     for container in CONTAINER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
