@@ -187,3 +187,50 @@ def test_compress_typos_and_bad_values_name_the_key(tiny_config, capsys):
     assert "backbone.compress.quantize: expected one of 'none', 'int8_dynamic'" in capsys.readouterr().err
     assert main(["check", str(tiny_config), "--no-data", "--set", "backbone.compress.distill.teacher.name=vitt"]) == 2
     assert "did you mean 'vit'" in capsys.readouterr().err
+
+
+def test_an_int8_run_saves_probes_and_reports_the_network_it_evaluated(tiny_config, tmp_path):
+    """The accuracy an int8 run reports is that of the int8 copy made from model.safetensors (so the
+    file plus its ``evaluated_as`` describe the evaluated network), the non-gradient probes see that
+    copy in the run and in `incremental probe`, and the attack says it saw the fp32 network."""
+    from safetensors import safe_open
+    from torch.utils.data import DataLoader
+
+    from conftest import load_run_model
+    from incremental.models.compress import int8_copy
+    from incremental.protocol import build_benchmark
+
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_config), "--out", str(out), "--quiet", "--set", "training.epochs=2",
+                 "--set", "training.device=cpu", "--set", "protocol.increment=6",
+                 "--set", "backbone.compress={quantize: int8_dynamic}",
+                 "--set", "probes=[{name: masking, num_samples: 60}, "
+                          "{name: adversarial, num_samples: 8, linf_eps: [0.01], l2_eps: [], steps: 2}]"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["evaluated_as"] == "int8_dynamic"
+    cfg, splits, split, model, step = load_run_model(out)
+    benchmark = build_benchmark(splits, split)
+
+    def accuracies(network: torch.nn.Module) -> list[float]:
+        row = []
+        for experience in benchmark.test_stream:
+            data = experience.dataset.eval()
+            correct = total = 0
+            with torch.no_grad():
+                for x, y, *_ in DataLoader(data, batch_size=256):
+                    correct += int((network(x).argmax(1) == y).sum())
+                    total += len(y)
+            row.append(100.0 * correct / total)
+        return row
+
+    reported = metrics["accuracy_matrix"][-1]
+    assert accuracies(int8_copy(model).eval()) == pytest.approx(reported, abs=1e-9)
+    probes = metrics["probes"]
+    assert probes["masking"][-1]["network"] == "int8_dynamic"
+    assert probes["adversarial"][-1]["network"].startswith("fp32 (int8 dynamic quantization has no backward")
+    # `incremental probe` rebuilds the same int8 network from the saved weights: the same numbers
+    assert main(["probe", str(out), "--quiet", "--out", str(tmp_path / "p.json"),
+                 "--set", "probes=[{name: masking, num_samples: 60}]"]) == 0
+    offline = json.loads((tmp_path / "p.json").read_text())["probes"]["masking"]
+    assert offline["network"] == "int8_dynamic" and offline["summary"] == probes["masking"][-1]["summary"]

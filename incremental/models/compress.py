@@ -249,6 +249,22 @@ def compress_backbone(backbone: nn.Module, cfg: CompressConfig, example: torch.T
 from avalanche.core import SupervisedPlugin  # noqa: E402  (after the pure-torch helpers)
 
 
+def evaluates_int8(spec: Any) -> bool:
+    """Whether backbone ``spec`` is evaluated as an int8 copy (``compress.quantize: int8_dynamic``)."""
+    compress = spec.common.compress if spec.common is not None else None
+    return compress is not None and compress.quantize == "int8_dynamic"
+
+
+def int8_copy(model: nn.Module) -> nn.Module:
+    """The network an int8 run evaluates and probes: a CPU copy of ``model`` whose backbone is
+    int8 dynamic-quantized. Deterministic in the fp32 weights, so model.safetensors (which holds
+    them) gives back exactly this network. The head stays fp32: Avalanche adapts it at every
+    evaluation, and it is tiny."""
+    evaluated = copy.deepcopy(model).cpu()
+    evaluated.backbone = quantize_int8(evaluated.backbone)
+    return evaluated
+
+
 class QuantizedEvaluationPlugin(SupervisedPlugin, supports_distributed=True):
     """Evaluate a copy whose backbone is int8 dynamic-quantized; training stays in fp32.
 
@@ -262,10 +278,7 @@ class QuantizedEvaluationPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
         self._fp32 = strategy.model
-        evaluated = copy.deepcopy(strategy.model).cpu()
-        # The head stays fp32: Avalanche adapts it at every evaluation, and it is tiny.
-        evaluated.backbone = quantize_int8(evaluated.backbone)
-        strategy.model = evaluated
+        strategy.model = int8_copy(strategy.model)
 
     def after_eval(self, strategy: Any, **kwargs: Any) -> None:
         if self._fp32 is not None:
@@ -354,7 +367,7 @@ def compression_plugins(spec: Any, model: nn.Module, *, in_chans: int, img_size:
     hooks: list[Any] = []
     if compress is None:
         return plugins, hooks
-    if compress.quantize == "int8_dynamic":
+    if evaluates_int8(spec):
         if getattr(device, "type", str(device)) != "cpu":
             raise ConfigError("int8 dynamic quantization evaluates on the CPU; set training.device: cpu",
                               key=f"{key}.compress.quantize")

@@ -25,6 +25,7 @@ class AdversarialProbe(Probe):
     """Accuracy under PGD attacks (L-inf and L2) at each budget."""
 
     default_samples = 100
+    needs_input_gradients = True  # type: ignore[assignment]
 
     def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
         cfg = self.config
@@ -74,6 +75,7 @@ class DctSpectrumProbe(Probe):
     """DCT energy of PGD and DeepFool perturbations: heat maps and the share per frequency band."""
 
     default_samples = 50
+    needs_input_gradients = True  # type: ignore[assignment]
 
     def run(self, batch: ProbeBatch) -> ProbeResult:
         scalars: dict[str, float] = {}

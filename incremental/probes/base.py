@@ -99,6 +99,11 @@ class Probe:
     default_samples = 500  # test images per step when ``num_samples`` is not set
     uses_future_images = False  # whether ``run`` reads ``batch.future_images`` (unseen classes)
 
+    @property
+    def needs_input_gradients(self) -> bool:
+        """Whether the probe differentiates the network (attacks): an int8 copy has no backward."""
+        return False
+
     def __init__(self, config: Any, options: ProbeOptions):
         self.config = config
         self.options = options

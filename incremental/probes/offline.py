@@ -78,13 +78,14 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
         splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
         class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
         model, step = load_saved_model(run_dir, cfg, splits, class_split)
+        from ..models.compress import evaluates_int8
         from .ood import check_text_heads
 
         check_text_heads(cfg.probes, model)
         suite = ProbeSuite(cfg.probes, ProbeData(splits, class_split.class_order,
                                                  class_split.classes_per_experience, cfg.seed,
                                                  cfg.protocol.templates),
-                           num_experiences=step + 1, echo=None if quiet else echo)
+                           num_experiences=step + 1, echo=None if quiet else echo, int8=evaluates_int8(cfg.backbone))
     except UserError as exc:
         raise source.attribute(exc)
     model.to(device)

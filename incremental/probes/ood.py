@@ -81,6 +81,10 @@ class OodProbe(Probe):
     def uses_future_images(self) -> bool:  # type: ignore[override]
         return self.config.source == "future"
 
+    @property
+    def needs_input_gradients(self) -> bool:  # type: ignore[override]
+        return bool(self.config.worst_case)
+
     def prepare(self, context: Any) -> None:
         self.outside: torch.Tensor | None = None
         if self.config.worst_case and self.config.attack == "apgd_ce":

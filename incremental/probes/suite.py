@@ -18,14 +18,19 @@ from .base import PixelModel, Probe, ProbeBatch, ProbeData, build_probes, patch_
 class ProbeSuite(SupervisedPlugin, supports_distributed=True):
     """Runs the configured probes after the evaluation of every experience.
 
-    Attached after the compression plugins, so it probes the fp32 model even when the
-    evaluation used an int8 copy. Results of the last step: :attr:`last_results`,
+    ``int8``: the run evaluates an int8 copy (``compress.quantize: int8_dynamic``), so the probes
+    see that copy too, made from the model the same way; probes that differentiate the network
+    (attacks) cannot, having no int8 backward, and see the fp32 model. Each result then says which
+    network it describes (``network``). Results of the last step: :attr:`last_results`,
     :attr:`last_images`, :attr:`last_seconds`.
     """
 
+    FP32_FOR_GRADIENTS = "fp32 (int8 dynamic quantization has no backward; the int8 copy is made from this network)"
+
     def __init__(self, specs: Sequence[Component], data: ProbeData, num_experiences: int,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, *, int8: bool = False):
         super().__init__()
+        self.int8 = int8
         self.labels = probe_labels(specs)
         self.probes: list[Probe] = build_probes(specs, data)
         self.data = data
@@ -47,6 +52,11 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
         """Probe ``model`` after experience ``step``; returns {label: result JSON or None}."""
         self.last_results, self.last_images, self.last_seconds = {}, {}, {}
         pixel_model = PixelModel(model, self.data.mean, self.data.std).to(device)
+        int8_model = None
+        if self.int8:
+            from ..models.compress import int8_copy
+
+            int8_model = PixelModel(int8_copy(model), self.data.mean, self.data.std)
         loaded: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         with untouched(model):
             for position, (label, probe) in enumerate(zip(self.labels, self.probes)):
@@ -62,23 +72,29 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                 images, labels = loaded[(limit, False)]
                 future_images = loaded[(limit, True)][0] if probe.uses_future_images else torch.empty(0)
                 generator = torch.Generator().manual_seed(self.data.seed * 1_000_003 + step * 1009 + position)
-                batch = ProbeBatch(images=images, labels=labels, model=pixel_model, generator=generator,
+                network, probed = None, pixel_model
+                if int8_model is not None:
+                    network = self.FP32_FOR_GRADIENTS if probe.needs_input_gradients else "int8_dynamic"
+                    probed = pixel_model if probe.needs_input_gradients else int8_model
+                batch = ProbeBatch(images=images, labels=labels, model=probed, generator=generator,
                                    batch_size=probe.options.batch_size, step=step,
                                    num_seen_classes=self.data.seen_classes(step), patch_grid=patch_grid(model),
                                    future_images=future_images if len(future_images) else None)
                 with bar(None, f"exp {step} probe {label}", unit="batch") as progress:
-                    pixel_model.progress = lambda: progress.update(1)
+                    probed.progress = lambda: progress.update(1)
                     try:
                         result = probe.run(batch)
                     finally:
-                        pixel_model.progress = None
+                        probed.progress = None
                 seconds = time.perf_counter() - start
                 self.last_results[label] = {**result.to_json(), "parameters": probe.parameters(batch),
-                                            "num_samples": len(images), "time_s": seconds}
+                                            "num_samples": len(images), "time_s": seconds,
+                                            **({"network": network} if network else {})}
                 self.last_images[label] = result.images
                 self.last_seconds[label] = seconds
                 if self.echo is not None:
-                    self.echo(f"  probe {label}: {probe_line(result)} ({seconds:.1f}s)")
+                    on = "" if network is None else f" [{network.split(' (')[0]}]"
+                    self.echo(f"  probe {label}{on}: {probe_line(result)} ({seconds:.1f}s)")
         return self.last_results
 
 

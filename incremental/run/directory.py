@@ -341,14 +341,15 @@ def check_recorded_plugins(folder: Path, named: list[str], trusted: bool) -> lis
 # --------------------------------------------------------------------------- the model file
 
 
-def write_model(model: Any, path: Path, *, experience: int) -> None:
+def write_model(model: Any, path: Path, *, experience: int, metadata: dict[str, str] | None = None) -> None:
     """The model's state dict as safetensors (no pickle), replaced atomically, with the
-    experience it was trained up to and its class count in the metadata."""
+    experience it was trained up to, its class count and ``metadata`` (``evaluated_as``) in the
+    metadata."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = save(state, metadata={"experience": str(experience), "num_classes": str(model.num_classes),
-                                 "format": MODEL_FORMAT})
+                                 "format": MODEL_FORMAT, **(metadata or {})})
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
@@ -385,6 +386,9 @@ class RunDirectory:
         self.completed = 0  # experiences that are durable: checkpointed (or in metrics.json, without checkpoints)
         self.num_experiences: int | None = None
         self.checkpointing = True
+        # written into model.safetensors: "evaluated_as: int8_dynamic" when the run evaluates the
+        # int8 copy made from these fp32 weights (models.compress.int8_copy)
+        self.model_metadata: dict[str, str] = {}
         self.unresumable: list[str] = []  # plugins whose state a checkpoint cannot hold
         self.config_written = False
         self.fresh = False  # a new run (not a resume): its files go if it ends with nothing complete
@@ -501,7 +505,7 @@ class RunDirectory:
             self.completed = experience + 1  # durable: a resume continues after it
             self.reached("checkpoint", experience)
         if model is not None:
-            write_model(model, self.path / MODEL_FILE, experience=experience)
+            write_model(model, self.path / MODEL_FILE, experience=experience, metadata=self.model_metadata)
             self.reached("model", experience)
         write_json_atomic(self.path / METRICS_FILE, metrics)
         self.completed = experience + 1

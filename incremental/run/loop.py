@@ -53,7 +53,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     from ..data import build_dataset
     from ..distributed import device_for
     from ..models.net import build_model
-    from ..models.compress import compression_plugins
+    from ..models.compress import compression_plugins, evaluates_int8
     from ..training.plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
     from ..strategy import StrategyContext, build_strategy
@@ -80,7 +80,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
         probe_data = ProbeData(splits, class_split.class_order, class_split.classes_per_experience, cfg.seed,
                                cfg.protocol.templates)
         probe_suite = ProbeSuite(cfg.probes, probe_data, class_split.num_experiences,
-                                 echo=None if quiet else echo)
+                                 echo=None if quiet else echo, int8=evaluates_int8(cfg.backbone))
     strategy_plugins = build_strategy(context, model)
     from ..probes.ood import check_text_heads
 
@@ -295,6 +295,10 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
                 directory.num_experiences = built.class_split.num_experiences
                 directory.checkpointing = cfg.output.checkpoint != "off"
                 directory.unresumable = unresumable(built.stateful)
+                from ..models.compress import evaluates_int8
+
+                if evaluates_int8(cfg.backbone):  # model.safetensors says which network the run evaluated
+                    directory.model_metadata["evaluated_as"] = "int8_dynamic"
                 if plan is not None:
                     directory.log_resume(plan)
             started = True
