@@ -92,6 +92,26 @@ def current() -> DistInfo:
     return SINGLE
 
 
+def gather_rows_with_grad(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` concatenated in rank order, differentiable (torch.distributed.nn's
+    all_gather: each rank's gradient flows back to the rank that owns the rows, summed over
+    ranks); shards of different lengths (a last, partial global batch) are padded for the
+    collective and cut back. A single process gets ``rows`` back. For losses over the whole global
+    batch (CLIP's contrastive loss), so that a run under torchrun equals one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = torch.tensor([len(rows)], device=rows.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    lengths = [int(s) for s in all_sizes]
+    padded = torch.cat([rows, rows.new_zeros((max(lengths) - len(rows), *rows.shape[1:]))])
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), lengths)])
+
+
 def init_from_environment(requested_device: str) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL for CUDA, gloo on the
     CPU. A single process returns SINGLE and initialises nothing."""

@@ -22,19 +22,40 @@ but normalised prototypes), and the fused text and prototype tokens belong to ea
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from incremental.distributed import gather_rows_with_grad
 from incremental.models.peft import freeze
 from incremental.models.proof import ProofOutput
 from incremental.strategy import StrategyContext
 
-from .clip import HeadInputs
 from .options import PROOFConfig
 from .pretrained import class_means, experience_features
 from .replay import ExemplarReplay
+
+
+class ProofTrainingHead:
+    """A forward hook on the linear head: in training, the head's output becomes PROOF's
+    ``z^ T^`` (:meth:`ProofOutput.training_logits`); evaluation classifies through the adapter
+    (``IncrementalNet.classify``). It holds the model weakly, and a copied model's hook points at
+    the copy."""
+
+    def __init__(self, model: Any):
+        self.model = weakref.ref(model)
+
+    def __call__(self, head: Any, inputs: tuple[torch.Tensor, ...], logits: torch.Tensor) -> Any:
+        model = self.model()
+        if model is None or not head.training or not isinstance(model.output_adapter, ProofOutput):
+            return None
+        return model.output_adapter.training_logits(inputs[0], model.backbone.model.logit_scale)
+
+    def __deepcopy__(self, memo: dict) -> "ProofTrainingHead":
+        original = self.model()
+        return ProofTrainingHead(memo.get(id(original), original))
 
 
 class PROOF(ExemplarReplay):
@@ -45,7 +66,6 @@ class PROOF(ExemplarReplay):
         from open_clip.loss import ClipLoss
 
         self.clip_loss = ClipLoss()
-        self.head_inputs = HeadInputs()
         self.extra_loss: torch.Tensor | None = None
 
     def prepare_model(self, model: Any) -> None:
@@ -54,7 +74,9 @@ class PROOF(ExemplarReplay):
         backbone.model.logit_scale.requires_grad_(True)
         model.output_adapter = ProofOutput(model.num_features, prompt_length=self.config.prompt_length,
                                            dropout=self.config.dropout, fusion=self.config.fusion)
-        self.head_inputs.attach(model)
+        # In training the head's output is PROOF's: computed inside the model's forward, so the
+        # classifier's and the logit scale's gradients are averaged over ranks under DDP.
+        model.head.register_forward_hook(ProofTrainingHead(model))
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model, experience = strategy.model, strategy.experience.current_experience
@@ -71,12 +93,13 @@ class PROOF(ExemplarReplay):
         classifier.add_experience()
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        classifier: ProofOutput = strategy.model.output_adapter
-        text_logits, prototype_logits, _, image, text = classifier.logits_parts(self.head_inputs.pooled, template=0)
-        strategy.mb_output = text_logits.float()
-        scale = strategy.model.backbone.model.logit_scale.exp()
+        prototype_logits, image, text, scale = strategy.model.output_adapter.aux_outputs
+        # the contrastive loss over the global batch, as in one process (each rank's shard alone
+        # would have fewer negatives: log 2 lower at 2 ranks); the engine's shard weights sum to
+        # the world size, so the gradients come out as one process's
+        images, texts = gather_rows_with_grad(image.float()), gather_rows_with_grad(text[strategy.mb_y].float())
         self.extra_loss = F.cross_entropy(prototype_logits.float(), strategy.mb_y) + \
-            self.clip_loss(image.float(), text[strategy.mb_y].float(), scale)
+            self.clip_loss(images, texts, scale)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.extra_loss is not None:

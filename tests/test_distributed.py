@@ -288,3 +288,27 @@ def test_mae_pretraining_on_two_processes_gives_the_encoder_of_one(tmp_path):
     assert one.keys() == two.keys()
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == sorted(p.name for p in (tmp_path / "p1").iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["{name: proof, dropout: 0.0}", "clip_replay"])
+def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path, strategy):
+    """PROOF's classifier and clip_replay's distillation take their losses outside the model's
+    forward; every trained tensor must still get the gradient averaged over the ranks, so rank 0
+    saves the weights of one process. (Dropout off: each rank draws its own masks.)"""
+    from safetensors.torch import load_file
+
+    sets = ["dataset.image_size=32", "backbone={name: clip, model: clip-tiny}", f"strategy={strategy}",
+            "training.epochs=2", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
+            "training.optimizer={name: sgd, lr: 0.05}", "protocol.increment=6"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        done = incremental("run", str(config), "--out", str(out), "--quiet",
+                           *[a for s in sets for a in ("--set", s)], processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = (json.loads((out / "metrics.json").read_text()), load_file(str(out / "model.safetensors")))
+    (one, one_weights), (two, two_weights) = runs[1], runs[2]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert one_weights.keys() == two_weights.keys()
+    for key in one_weights:  # the trained classifier, projections, prompts, logit scale, visual tower
+        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -60,6 +60,7 @@ class ProofOutput(nn.Module):
         self.register_buffer("prototypes", torch.zeros(0, dim))
         self.register_buffer("text_features", torch.zeros(1, 0, dim))
         self.register_buffer("batch_fusion", torch.tensor(fusion == "batch"))
+        self.aux_outputs: tuple[torch.Tensor, ...] | None = None  # the last training forward's, for the loss
 
     @property
     def fusion(self) -> str:
@@ -122,6 +123,14 @@ class ProofOutput(nn.Module):
     def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         text_logits, prototype_logits, zero_shot, _, _ = self.logits_parts(pooled)
         return text_logits + prototype_logits + zero_shot
+
+    def training_logits(self, pooled: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """Training's ``z^ T^`` over the first template; the other terms of PROOF's loss (``z^ P^``,
+        ``z'``, ``T'`` and CLIP's ``exp(logit_scale)``) are kept in :attr:`aux_outputs`. Called from
+        the model's forward (the head's), so under DDP they belong to the wrapper's outputs."""
+        text_logits, prototype_logits, _, image, text = self.logits_parts(pooled, template=0)
+        self.aux_outputs = (prototype_logits, image, text, logit_scale.exp())
+        return text_logits
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> "ProofOutput":

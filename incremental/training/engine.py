@@ -329,14 +329,16 @@ class TrainingForward(nn.Module):
         self.model = model
         self.__dict__["compiled"] = compiled  # a callable over the model's own modules, not a submodule
 
-    def forward(self, *inputs: Any) -> tuple[Any, torch.Tensor | None]:
-        """The model's output, and a backbone's auxiliary loss when it left one (L2P's pull
-        constraint; else None): DDP looks for unused parameters from the outputs, so a loss over
-        parameters outside the output's graph (the prompt keys) must be among them, or its
-        gradient would be reduced twice."""
+    def forward(self, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """The model's output, and the auxiliary tensors this forward left for a loss: a backbone's
+        ``aux_loss`` (L2P's pull constraint) and an output adapter's ``aux_outputs`` (PROOF's
+        prototype logits, projections and logit scale). DDP looks for unused parameters from the
+        outputs, so a loss over parameters outside the output's graph (the prompt keys, the logit
+        scale) must be among them, or their gradients would be marked ready twice."""
         output = self.model(*inputs) if self.compiled is None else self.compiled(*inputs)
-        aux = getattr(getattr(self.model, "backbone", None), "aux_loss", None)
-        return output, (aux if torch.is_tensor(aux) and aux.requires_grad else None)
+        aux = [getattr(getattr(self.model, "backbone", None), "aux_loss", None),
+               *(getattr(getattr(self.model, "output_adapter", None), "aux_outputs", None) or ())]
+        return output, tuple(t for t in aux if torch.is_tensor(t) and t.requires_grad)
 
 
 class PooledFeatures(nn.Module):
