@@ -231,3 +231,32 @@ def test_contract_copy_keeps_a_pruned_or_grown_model_usable():
         clone = copy.deepcopy(backbone).eval()
         x = torch.randn(1, 3, 32, 32)
         torch.testing.assert_close(clone.forward_features(x), backbone.eval().forward_features(x))
+
+
+def test_the_dlcl_cost_that_list_states_is_measured_and_the_digits_examples_fit_a_cpu(capsys):
+    """`incremental list backbones` warns of vit_dlcl's default cost in figures this test recomputes,
+    and every shipped digits config that uses it sets at most 8 blocks."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from incremental.config import load_config
+    from incremental.models.compress import count_macs
+
+    macs = {}
+    for name, sets in (("vit", []), ("dlcl", ["backbone={name: vit_dlcl}"]),
+                       ("dlcl8", ["backbone={name: vit_dlcl, embed_dim: 128, depth: 8, num_heads: 4}"])):
+        cfg = load_config("digits_b0_5steps", sets)[0]
+        macs[name] = count_macs(build_backbone(cfg.backbone, in_chans=1, img_size=32), torch.zeros(1, 1, 32, 32))
+    assert main(["list", "backbones"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("vit_dlcl "))
+    stated = re.search(r"is (\d+) MMACs per 32-px image, (\d+)x the digits protocol's ViT.*is (\d+)x", line)
+    assert stated, line
+    assert int(stated[1]) == round(macs["dlcl"] / 1e6) and int(stated[2]) == round(macs["dlcl"] / macs["vit"])
+    assert int(stated[3]) == round(macs["dlcl8"] / macs["vit"])
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("experiments/**/*.yaml"), *root.glob("protocols/*.yaml")]:
+        backbone = (yaml.safe_load(path.read_text()) or {}).get("backbone")
+        if isinstance(backbone, dict) and backbone.get("name") == "vit_dlcl":
+            assert backbone.get("depth", 24) <= 8, path
