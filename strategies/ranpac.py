@@ -18,12 +18,13 @@ M^2 x 8 bytes for G: 800 MB at M = 10,000).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from incremental.models.net import RandomProjectionOutput
 from incremental.models.peft import apply_tuning, vision_transformer
+from incremental.progress import bar
 from incremental.strategy import StrategyContext
 
 from .options import RanPACConfig
@@ -39,13 +40,17 @@ def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torc
     return torch.linalg.solve(gram.double() + ridge * eye, targets.double()).T.float()
 
 
-def choose_ridge(hidden: torch.Tensor, onehot: torch.Tensor, validation_fraction: float) -> float:
-    """RanPAC's lambda: the one whose solve on the first part predicts the held-out rest best."""
+def choose_ridge(hidden: torch.Tensor, onehot: torch.Tensor, validation_fraction: float,
+                 tick: Callable[[int], Any] = lambda n: None) -> float:
+    """RanPAC's lambda: the one whose solve on the first part predicts the held-out rest best
+    (``tick(1)`` after each candidate's solve)."""
     split = int(len(hidden) * (1 - validation_fraction))
     fit, held = hidden[:split], hidden[split:]
     gram, targets = fit.T @ fit, fit.T @ onehot[:split]
-    losses = [torch.mean((held @ ridge_solve(gram, targets, ridge).T.to(held) - onehot[split:]) ** 2).item()
-              for ridge in RIDGES]
+    losses = []
+    for ridge in RIDGES:
+        losses.append(torch.mean((held @ ridge_solve(gram, targets, ridge).T.to(held) - onehot[split:]) ** 2).item())
+        tick(1)
     return RIDGES[int(torch.tensor(losses).argmin())]
 
 
@@ -81,10 +86,13 @@ class RanPAC(FirstSessionTraining):
         onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).double()
         self.gram += hidden.T @ hidden
         self.targets += hidden.T @ onehot
-        ridge = choose_ridge(hidden, onehot, self.config.validation_fraction)
-        self.ridges.append(ridge)
-        seen = int(labels.max()) + 1
-        weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
+        m = self.config.projection_dim
+        with bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp64)", unit="solve") as progress:
+            ridge = choose_ridge(hidden, onehot, self.config.validation_fraction, progress.update)
+            self.ridges.append(ridge)
+            seen = int(labels.max()) + 1
+            weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
+            progress.update(1)
         device = next(strategy.model.parameters()).device
         strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device))
 

@@ -90,3 +90,26 @@ def test_every_file_a_run_writes_has_the_same_mode(tmp_path):
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(expected)}, modes
     assert json.loads((run_dir / "probes.json").read_text())["experience"] == 1
+
+
+def test_the_closed_form_feature_and_memory_phases_and_the_probes_show_bars_with_totals(tmp_path, capfd):
+    """RanPAC's ridge solves (17 candidate lambdas and the final solve), the feature pass, a byte
+    memory's encoding (old and new classes) and each probe open a bar that knows its total (a
+    fast phase's bar is cleared before tqdm redraws it, so the opening line is what is checked)."""
+    import re
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    capfd.readouterr()
+    assert main(["run", str(config), "--out", str(tmp_path / "ranpac"), *FAST, "--set", "protocol.increment=6",
+                 "--set", "strategy={name: ranpac, tuning: frozen, projection_dim: 200}",
+                 "--set", "probes=[{name: masking, num_samples: 20, batch_size: 8}]"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(r"RanPAC ridge \(200 x 200, fp64\):\s+0%\|[^|]*\| 0/18 ", err), err[-2000:]
+    assert re.search(r"feature pass:\s+0%\|[^|]*\| 0/\d+ ", err)
+    # masking: the clean pass and 4 fractions, with and without patch drop: 9 passes of 3 batches
+    assert re.search(r"exp 0 probe masking:\s+0%\|[^|]*\| 0/27 ", err), err[-2000:]
+    assert main(["run", str(config), "--out", str(tmp_path / "jpeg"), *FAST, "--set", "protocol.increment=6",
+                 "--set", "protocol.memory={bytes: 20000, codec: jpeg}"]) == 0
+    err = capfd.readouterr().err
+    assert re.search(r"memory encoding:\s+0%\|[^|]*\| 0/4 ", err) and re.search(r"memory encoding:\s+0%\|[^|]*\| 0/10 ", err)

@@ -504,3 +504,22 @@ def test_every_probe_records_the_parameters_it_ran_with(digits_setup):
     assert results["adversarial"]["parameters"]["step_size"]["linf/0.03"] == pytest.approx(2.5 * 0.03 / 3)
     assert results["ood"]["parameters"]["steps"] == 3 and results["ood"]["parameters"]["attack"] == "pgd"
     assert results["masking"]["parameters"]["fractions"] == [0.1, 0.5]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_PROBES))
+def test_each_probe_bar_has_the_total_it_runs(name, digits_setup):
+    """A probe's bar counts the batches it runs through the network against the total it declares
+    beforehand: equal, except DeepFool, which stops early once every image is misclassified."""
+    splits, split, model = digits_setup
+    specs = [_spec(name, num_samples=21, batch_size=8)]  # 3 batches, the last of 5
+    if name == "masking":
+        specs.append(_spec("masking", patch_drop=False, label="no_drop", num_samples=21, batch_size=8))
+    suite = ProbeSuite(specs, ProbeData(splits, split.class_order, split.classes_per_experience, seed=5),
+                       num_experiences=split.num_experiences)
+    suite.run(model, step=1, device=torch.device("cpu"))
+    for label, (done, planned) in suite.last_passes.items():
+        assert planned > 0
+        if name == "dct_spectrum":
+            assert 0 < done <= planned
+        else:
+            assert done == planned, (label, done, planned)

@@ -52,20 +52,27 @@ class ByteBudgetMemory:
         """Store the new classes (label -> indices into this experience's train set, best
         first; ``images(indices)`` gives their uint8 pixels) and shrink the old ones to the new
         share. Classes whose codec fits nothing keep no exemplars."""
+        from ..progress import bar
+
         share = self.share(len(self.classes) + len(ranked))
-        for label in sorted(self.classes):
-            stored = self.classes[label]
-            shrunk = self.codec.shrink(stored.payload, share, seed=self._seed(label, experience)) if share > 0 else None
-            if shrunk is None:
-                del self.classes[label]
-            else:
-                stored.payload = shrunk
-                stored.indices = stored.indices[:self.codec.count(shrunk)]
-        for label in sorted(ranked):
-            order = ranked[label]
-            payload = self.codec.encode(images(order), share, seed=self._seed(label, experience)) if share > 0 else None
-            if payload is not None:
-                self.classes[label] = StoredClass(experience, list(order[:self.codec.count(payload)]), payload)
+        with bar(len(self.classes) + len(ranked), "memory encoding", unit="class") as progress:
+            for label in sorted(self.classes):
+                stored = self.classes[label]
+                shrunk = self.codec.shrink(stored.payload, share, seed=self._seed(label, experience)) if share > 0 \
+                    else None
+                if shrunk is None:
+                    del self.classes[label]
+                else:
+                    stored.payload = shrunk
+                    stored.indices = stored.indices[:self.codec.count(shrunk)]
+                progress.update(1)
+            for label in sorted(ranked):
+                order = ranked[label]
+                payload = self.codec.encode(images(order), share, seed=self._seed(label, experience)) if share > 0 \
+                    else None
+                if payload is not None:
+                    self.classes[label] = StoredClass(experience, list(order[:self.codec.count(payload)]), payload)
+                progress.update(1)
         self._decoded = None
         assert self.bytes_used() <= self.budget, "a codec exceeded its share"
 

@@ -124,10 +124,14 @@ def extract_features(model: torch.nn.Module, dataset: Any, *, batch_size: int, d
         # evaluation-side pass would change the training's random stream.
         loader = DataLoader(data.eval() if hasattr(data, "eval") else data, batch_size=batch_size, shuffle=False,
                             generator=torch.Generator())
+    from ..progress import bar
+
     feats = []
-    for batch in loader:
-        x = batch[0].to(device)
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+    with bar(len(loader), "feature pass", unit="batch") as progress:
+        for batch in loader:
+            x = batch[0].to(device)
+            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+            progress.update(1)
     model.train(was_training)
     if not feats:
         return torch.empty(0)

@@ -32,6 +32,10 @@ class AdversarialProbe(Probe):
         return {"attack": "pgd", "step_size": {f"{norm}/{eps}": cfg.step_size or 2.5 * eps / cfg.steps
                                                for norm in ("linf", "l2") for eps in getattr(cfg, f"{norm}_eps")}}
 
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        budgets = len(self.config.linf_eps) + len(self.config.l2_eps)
+        return (1 + budgets * (self.config.steps + 1)) * batch.chunks()  # PGD's steps, then the accuracy
+
     def run(self, batch: ProbeBatch) -> ProbeResult:
         scalars = {"clean_accuracy": batch.accuracy(batch.images)}
         details: dict[str, dict[str, float]] = {"linf": {}, "l2": {}}
@@ -76,6 +80,11 @@ class DctSpectrumProbe(Probe):
 
     default_samples = 50
     needs_input_gradients = True  # type: ignore[assignment]
+
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        # PGD's steps, or DeepFool's first pass and at most its iterations; then the accuracy
+        per_attack = {"pgd": self.config.steps, "deepfool": 1 + self.config.deepfool_iterations}
+        return sum(per_attack[attack] + 1 for attack in self.config.attacks) * batch.chunks()
 
     def run(self, batch: ProbeBatch) -> ProbeResult:
         scalars: dict[str, float] = {}

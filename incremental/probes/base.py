@@ -76,6 +76,10 @@ class ProbeBatch:
         labels = self.labels if labels is None else labels
         return 100.0 * float((self.logits(images).argmax(1) == labels).float().mean())
 
+    def chunks(self, count: int | None = None) -> int:
+        """Batches in one pass over ``count`` images (default: the probe's images)."""
+        return -(-(len(self.images) if count is None else count) // self.batch_size)
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
 
@@ -103,6 +107,12 @@ class Probe:
     def needs_input_gradients(self) -> bool:
         """Whether the probe differentiates the network (attacks): an int8 copy has no backward."""
         return False
+
+    def forward_passes(self, batch: "ProbeBatch") -> int:
+        """How many batches the probe will run through the network (its progress bar's total):
+        exact for the built-in probes, an upper bound where an attack may stop early. The default,
+        one pass over the images, is for users' probes that do not say."""
+        return batch.chunks()
 
     def __init__(self, config: Any, options: ProbeOptions):
         self.config = config

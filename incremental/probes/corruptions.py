@@ -522,6 +522,9 @@ class CorruptionsProbe(Probe):
     def resolved(self, batch: ProbeBatch) -> dict[str, Any]:
         return {"parameters": table_name(batch.images.shape[-1], self.config.parameters)}
 
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        return (1 + len(self.config.corruptions) * len(self.config.severities)) * batch.chunks()
+
     def run(self, batch: ProbeBatch) -> ProbeResult:
         clean = batch.accuracy(batch.images)
         accuracy: dict[str, list[float]] = {}

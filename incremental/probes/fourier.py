@@ -31,6 +31,11 @@ def frequency_radius(h: int, w: int) -> np.ndarray:
     return np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / math.sqrt(2)
 
 
+def mirror_of(row: int, col: int, h: int, w: int) -> tuple[int, int]:
+    """The frequency whose Fourier basis image is this one's up to sign."""
+    return ((h - row) % h if h % 2 == 0 else h - 1 - row, (w - col) % w if w % 2 == 0 else w - 1 - col)
+
+
 class FourierProbe(Probe):
     """Error rate under Fourier-basis noise at each frequency (a heat map), and per band.
 
@@ -42,20 +47,33 @@ class FourierProbe(Probe):
         h, w = batch.images.shape[-2:]
         return {"eps": self.config.eps or (4.0 if max(h, w) <= 64 else 15.7)}
 
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        h, w = batch.images.shape[-2:]
+        return (1 + len(self.probed_frequencies(h, w))) * batch.chunks()
+
+    def probed_frequencies(self, h: int, w: int) -> list[tuple[int, int]]:
+        """The frequencies run through the network: each basis image once (its mirror, the same
+        image up to sign, reuses the result)."""
+        done: set[tuple[int, int]] = set()
+        for row in range(0, h, self.config.stride):
+            for col in range(0, w, self.config.stride):
+                if mirror_of(row, col, h, w) not in done:
+                    done.add((row, col))
+        return sorted(done)
+
     def run(self, batch: ProbeBatch) -> ProbeResult:
         n, c, h, w = batch.images.shape
         eps = self.config.eps or (4.0 if max(h, w) <= 64 else 15.7)
         error = np.full((h, w), np.nan)
+        for row, col in self.probed_frequencies(h, w):  # row-major, as the random signs are drawn
+            basis = fourier_basis(h, w, row, col).to(batch.device)
+            signs = torch.randint(0, 2, (n, c, 1, 1), generator=batch.generator).to(batch.device) * 2 - 1
+            perturbed = (batch.images + eps * signs * basis).clamp(0, 1)
+            error[row, col] = 100 - batch.accuracy(perturbed)
         for row in range(0, h, self.config.stride):
             for col in range(0, w, self.config.stride):
-                mirror = ((h - row) % h if h % 2 == 0 else h - 1 - row, (w - col) % w if w % 2 == 0 else w - 1 - col)
-                if not np.isnan(error[mirror]):
-                    error[row, col] = error[mirror]  # the same basis image up to sign
-                    continue
-                basis = fourier_basis(h, w, row, col).to(batch.device)
-                signs = torch.randint(0, 2, (n, c, 1, 1), generator=batch.generator).to(batch.device) * 2 - 1
-                perturbed = (batch.images + eps * signs * basis).clamp(0, 1)
-                error[row, col] = 100 - batch.accuracy(perturbed)
+                if np.isnan(error[row, col]):
+                    error[row, col] = error[mirror_of(row, col, h, w)]  # the same basis image up to sign
         radius = frequency_radius(h, w)
         bands = {"low": radius < 1 / 3, "mid": (radius >= 1 / 3) & (radius < 2 / 3), "high": radius >= 2 / 3}
         scalars = {"clean_error": 100 - batch.accuracy(batch.images), "mean_error": float(np.nanmean(error))}

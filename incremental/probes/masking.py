@@ -47,6 +47,10 @@ class MaskingProbe(Probe):
 
     default_samples = 100
 
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        per_fraction = 2 if self.config.patch_drop and batch.patch_grid is not None else 1
+        return (1 + len(self.config.fractions) * per_fraction) * batch.chunks()
+
     def run(self, batch: ProbeBatch) -> ProbeResult:
         scalars = {"clean_accuracy": batch.accuracy(batch.images)}
         cut, drop = {}, {}

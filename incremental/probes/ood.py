@@ -108,6 +108,17 @@ class OodProbe(Probe):
         images = torch.stack([splits.eval_transform(splits.test[int(i)][0]) for i in order])
         self.outside = to_run_format(unnormalise(images, splits.mean, splits.std), context.image_size, context.channels)
 
+    def forward_passes(self, batch: ProbeBatch) -> int:
+        outside = self.outside if self.outside is not None else batch.future_images
+        if outside is None:
+            return 0
+        passes = batch.chunks() + batch.chunks(len(outside))
+        if self.config.worst_case:
+            # per score: each restart's steps and its score (APGD's own loop: about the same), then the scores
+            per_chunk = self.config.restarts * (self.config.steps + 1)
+            passes += len(self.config.scores) * (per_chunk + 1) * batch.chunks(len(outside))
+        return passes
+
     def run(self, batch: ProbeBatch) -> ProbeResult:
         outside = self.outside.to(batch.device) if self.outside is not None else batch.future_images
         if outside is None:

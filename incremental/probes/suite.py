@@ -22,7 +22,7 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
     see that copy too, made from the model the same way; probes that differentiate the network
     (attacks) cannot, having no int8 backward, and see the fp32 model. Each result then says which
     network it describes (``network``). Results of the last step: :attr:`last_results`,
-    :attr:`last_images`, :attr:`last_seconds`.
+    :attr:`last_images`, :attr:`last_seconds`, :attr:`last_passes`.
     """
 
     FP32_FOR_GRADIENTS = "fp32 (int8 dynamic quantization has no backward; the int8 copy is made from this network)"
@@ -39,6 +39,7 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
         self.last_results: dict[str, Any] = {}
         self.last_images: dict[str, dict[str, np.ndarray]] = {}
         self.last_seconds: dict[str, float] = {}
+        self.last_passes: dict[str, tuple[int, int]] = {}  # batches run and the bar's total
 
     def after_eval(self, strategy: Any, **kwargs: Any) -> None:
         step = strategy.clock.train_exp_counter - 1
@@ -50,7 +51,7 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
 
     def run(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
         """Probe ``model`` after experience ``step``; returns {label: result JSON or None}."""
-        self.last_results, self.last_images, self.last_seconds = {}, {}, {}
+        self.last_results, self.last_images, self.last_seconds, self.last_passes = {}, {}, {}, {}
         pixel_model = PixelModel(model, self.data.mean, self.data.std).to(device)
         int8_model = None
         if self.int8:
@@ -80,8 +81,14 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                                    batch_size=probe.options.batch_size, step=step,
                                    num_seen_classes=self.data.seen_classes(step), patch_grid=patch_grid(model),
                                    future_images=future_images if len(future_images) else None)
-                with bar(None, f"exp {step} probe {label}", unit="batch") as progress:
-                    probed.progress = lambda: progress.update(1)
+                planned, done = probe.forward_passes(batch), [0]
+
+                def advance(progress: Any = None) -> None:
+                    done[0] += 1
+                    progress.update(1)
+
+                with bar(planned, f"exp {step} probe {label}", unit="batch") as progress:
+                    probed.progress = lambda: advance(progress)
                     try:
                         result = probe.run(batch)
                     finally:
@@ -92,6 +99,7 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                                             **({"network": network} if network else {})}
                 self.last_images[label] = result.images
                 self.last_seconds[label] = seconds
+                self.last_passes[label] = (done[0], planned)
                 if self.echo is not None:
                     on = "" if network is None else f" [{network.split(' (')[0]}]"
                     self.echo(f"  probe {label}{on}: {probe_line(result)} ({seconds:.1f}s)")
