@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", parents=[common], help="run a config over seeds and value grids (complete runs are kept), "
                            "then compare them")
     add_config_args(sweep)
-    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="run seeds (default: 0)")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                       help="run seeds (default: the config's own seed)")
     sweep.add_argument("--out", metavar="DIR", help="sweep directory (default: OUTPUT_ROOT/NAME-sweep)")
     sweep.add_argument("--quiet", "-q", action="store_true", help="only the final table")
     sweep.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
@@ -229,7 +230,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     MAX_JOBS = 256
 
     out = Path(args.out).expanduser() if args.out else None
-    for seed in args.seeds:
+    for seed in args.seeds or ():
         if not 0 <= seed <= SEED_MAX:
             raise UserError(f"seeds are 0 to {SEED_MAX}, got {seed}", key="--seeds")
     if not 1 <= args.jobs <= MAX_JOBS:

@@ -71,13 +71,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")[:40] or "x"
 
 
-def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path | None,
+def plan(config: str, seeds: Sequence[int] | None, overrides: Sequence[str], out: Path | None,
          plugins: Sequence[str] = ()) -> tuple[Path, list[tuple[Path, Any, Any, list[str]]]]:
     """The sweep root and (run directory, config, source, its --set overrides) of every run,
-    all validated."""
+    all validated. ``seeds`` None: the config's own seed (with the fixed --set values applied)."""
     from .config import load_config
 
     fixed, axes = grid(overrides)
+    if seeds is None:
+        seeds = [load_config(config, fixed, plugins=plugins)[0].seed]
     runs = []
     root = out
     for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
@@ -93,7 +95,7 @@ def plan(config: str, seeds: Sequence[int], overrides: Sequence[str], out: Path 
     return root, runs
 
 
-def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out: Path | None = None, *,
+def sweep(config: str, seeds: Sequence[int] | None, overrides: Sequence[str] = (), out: Path | None = None, *,
           quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = (),
           jobs: int = 1, gpus: Sequence[str] = ()) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order.
@@ -130,8 +132,8 @@ def sweep(config: str, seeds: Sequence[int], overrides: Sequence[str] = (), out:
     for index, run_dir, sets, resume in todo:
         _, cfg, source, _ = runs[index - 1]
         echo(f"[{index}/{len(runs)}] {'resuming' if resume else 'running'} {run_dir}")
-        try:
-            metrics = run(cfg, run_dir, quiet=True, resume=resume)
+        try:  # in this process: the run's bars and per-experience lines show its progress
+            metrics = run(cfg, run_dir, quiet=quiet, resume=resume, echo=lambda line: echo(f"    {line}"))
         except Interrupted as exc:
             raise Interrupted(f"{exc.message.split(';')[0]}; complete runs are kept, and the stopped one resumes "
                               f"when the sweep is started again", exit_code=exc.exit_code) from None

@@ -234,3 +234,19 @@ def test_sweep_jobs_runs_processes_side_by_side_and_keeps_a_failure_in_its_run(t
     assert parallel["accuracy_matrix"] == single["accuracy_matrix"]
     assert parallel["prediction_matrix"] == single["prediction_matrix"]
     assert parallel["train_loss"] == pytest.approx(single["train_loss"], rel=1e-6)
+
+
+def test_a_sweep_defaults_to_the_configs_seed_and_shows_each_runs_progress(tiny_config, tmp_path, capfd):
+    """No --seeds: the config's own seed (TINY_RUN's 3, or a --set one), not 0; at --jobs 1 the
+    run's per-experience lines and bars show while it runs."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(tiny_config), "--set", "training.epochs=1", "--set", "output.tensorboard=false",
+                 "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert sorted(p.name for p in out.iterdir() if p.name != "comparison") == ["seed3"]
+    assert "    exp 0 of 0-2" in printed.out and "    exp 2 of 0-2" in printed.out
+    assert "exp 0 train" in printed.err  # the training bar
+    assert main(["sweep", str(tiny_config), "--set", "training.epochs=1", "--set", "seed=11", "--quiet",
+                 "--set", "output.tensorboard=false", "--out", str(tmp_path / "other")]) == 0
+    assert [p.name for p in (tmp_path / "other").iterdir() if p.name != "comparison"] == ["seed11"]
+    assert capfd.readouterr().err == ""
