@@ -156,6 +156,26 @@ def _method_key(run: Run) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in items.items()))
 
 
+# keys that name, file or probe a run without changing what it computes (probes restore every RNG)
+NOT_THE_EXPERIMENT = ("name", "description", "probes", "output.")
+
+
+def without_repeats(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """The runs with each experiment once (the same resolved config and seed, whatever the run's
+    name or output settings: the same numbers), and a note naming each repeat left out. Without
+    this, one run under two names (a sweep's directory and a copy) counts twice in a mean ± std."""
+    kept: dict[str, Run] = {}
+    notes = []
+    for run in runs:
+        experiment = json.dumps({k: v for k, v in run.flat_config.items() if not k.startswith(NOT_THE_EXPERIMENT)},
+                                sort_keys=True, default=str)
+        if experiment in kept:
+            notes.append(f"counted once: {run.path} repeats {kept[experiment].path} (the same config and seed)")
+        else:
+            kept[experiment] = run
+    return list(kept.values()), notes
+
+
 def group_runs(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list[Group]:
     """Groups in first-seen order, labelled by the keys whose values differ between groups."""
     if group_by:
@@ -328,7 +348,8 @@ def _compare(paths: Sequence[Path], out: Path, group_by: Sequence[str]) -> str:
     # Unfinished runs would mix last-step numbers of different steps into one mean; a killed
     # run's metrics.json still says running, so its state comes from the run directory.
     states = {r.path: read_state(r.path) for r in loaded}
-    runs = [r for r in loaded if states[r.path].status == "complete"]
+    runs, repeats = without_repeats([r for r in loaded if states[r.path].status == "complete"])
+    notes += repeats
     skipped = [r for r in loaded if states[r.path].status != "complete"]
     if not runs:
         raise UserError(f"none of the {plural(len(loaded), 'run')} is complete "

@@ -250,3 +250,18 @@ def test_a_sweep_defaults_to_the_configs_seed_and_shows_each_runs_progress(tiny_
                  "--set", "output.tensorboard=false", "--out", str(tmp_path / "other")]) == 0
     assert [p.name for p in (tmp_path / "other").iterdir() if p.name != "comparison"] == ["seed11"]
     assert capfd.readouterr().err == ""
+
+
+def test_the_same_experiment_under_two_names_counts_once_and_is_named(runs, tmp_path, capsys):
+    """The README's case: a sweep's strategy=replay-seed0 and a copy of it run on its own (another
+    name, output folder and probe list) are one experiment: the group has its 2 seeds, not 3."""
+    copy = write_run(tmp_path, "vit-replay", 0, "replay", MATRICES[("replay", 0)])
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config.update(name="vit-replay", probes=[{"name": "masking"}], output={**config["output"], "root": "elsewhere"})
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    other_seed = write_run(tmp_path, "replay-seed7", 7, "replay", MATRICES[("replay", 1)])
+    assert main(["compare", *map(str, runs), str(copy), str(other_seed), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "strategy.name=replay       3" in printed  # seeds 0, 1 and 7; the copy of seed 0 once
+    assert f"(counted once: {copy} repeats {runs[0]} (the same config and seed))" in printed
+    assert f"counted once: {copy} repeats" in (tmp_path / "cmp" / "report.md").read_text()
