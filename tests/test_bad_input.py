@@ -186,6 +186,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("a byte budget that holds no exemplar", lambda ws: ["run", ws.config("protocol: {memory: {bytes: 1, codec: jpeg}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "protocol.memory.bytes: 1 bytes hold no exemplar: one jpeg exemplar of "
                                             "this dataset takes at least "),
+    ("zero torch threads", lambda ws: ["run", ws.config("training: {threads: 0}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.threads: must be >= 1, got 0"),
     ("truncated checkpoint", _truncated_checkpoint,
      lambda ws: "--resume", "is not a readable checkpoint"),
     ("checkpoint of another program", _foreign_checkpoint,

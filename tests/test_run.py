@@ -174,3 +174,20 @@ def test_unreadable_image_in_a_worker_is_one_line(write_yaml, tmp_path, capsys):
     assert err.startswith(f"{config}: dataset.root: cannot read image ") and "broken.png" in err
     assert "\n" not in err and "Traceback" not in err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["completed_experiences"] == 1
+
+
+def test_training_threads_sets_torchs_threads_for_the_run_and_restores_them(tmp_path):
+    """training.threads: the run's intra-op threads (recorded per experience next to the wall
+    times), and the caller's count again afterwards; unset, torch's default is left alone."""
+    import torch
+
+    from conftest import run_tiny
+
+    before = torch.get_num_threads()
+    metrics = run_tiny(tmp_path, "one", "training.epochs=1", "training.threads=1", "protocol.increment=6")
+    assert metrics["torch_threads"] == [1, 1] and torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        assert run_tiny(tmp_path, "default", "training.epochs=1", "protocol.increment=6")["torch_threads"] == [2, 2]
+    finally:
+        torch.set_num_threads(before)

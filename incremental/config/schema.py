@@ -117,6 +117,9 @@ class TrainingConfig:
     # training process
     num_workers: Union[int, Literal["auto"]] = opt(0, ge=0, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's intra-op CPU threads for the run (None: torch's default, one per core). On a machine
+    # shared with other jobs, fewer threads than cores avoids threads spinning against each other
+    threads: int | None = opt(None, ge=1, le=1024)
     # fp32, or autocast to bf16 / fp16 (fp16 adds loss scaling); the forward pass only
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # NHWC model and inputs: faster convolutions on GPUs (conv models)

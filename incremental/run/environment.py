@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from ..errors import ConfigError
 
@@ -80,3 +81,20 @@ def check_run_memory(cfg: Any, device: Any) -> None:
 
     free, _ = torch.cuda.mem_get_info(device)
     check_memory(cfg, device_bytes=int(free), device_name=torch.cuda.get_device_name(device))
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` (training.threads) for the block, then restored;
+    None leaves torch's default."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

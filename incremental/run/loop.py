@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 from ..config import RunConfig, dump_yaml
 from ..errors import Interrupted, Terminated, UserError
 from .directory import ResumePlan, RunDirectory, plan_resume
-from .environment import (check_run_memory, device_data_path, hide_avalanche_deprecations, resolve_device, resolve_workers,
-                          use_deterministic_algorithms)
+from .environment import (check_run_memory, device_data_path, hide_avalanche_deprecations, resolve_device,
+                          resolve_workers, torch_threads, use_deterministic_algorithms)
 from .resume import checkpoint_state, restore_checkpoint
 from .results import RunResults
 
@@ -171,7 +171,10 @@ def step_record(built: BuiltRun, i: int, *, train_s: float, eval_s: float, probe
 
     recorder = built.recorder
     predictions = recorder.prediction_matrix(i + 1)
+    import torch
+
     return {"train_s": train_s, "eval_s": eval_s, "phase_s": built.template.phase_times.collect(),
+            "torch_threads": torch.get_num_threads(),
             "train_loss": recorder.train_loss,
             "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
             "trained_params": recorder.trained_params,
@@ -283,7 +286,7 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     from ..progress import shown
 
     try:
-        with sigterm_as_interrupt(), shown(not quiet):
+        with sigterm_as_interrupt(), shown(not quiet), torch_threads(cfg.training.threads):
             built = build(cfg, dist, quiet=quiet, echo=echo)
             first = 0
             if plan is not None and plan.checkpoint is not None:

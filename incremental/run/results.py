@@ -11,10 +11,10 @@ METRICS_FORMAT = 1
 
 
 def without_wall_clock(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json minus its wall-clock times (``wall_time_s``, ``total_wall_time_s`` and each
-    probe result's ``time_s``): what two runs of one config and seed, or a resumed run and an
-    uninterrupted one, have in common to the bit on the CPU."""
-    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "total_wall_time_s")}
+    """metrics.json minus its wall-clock times (``wall_time_s``, ``total_wall_time_s``, the
+    ``torch_threads`` they ran on and each probe result's ``time_s``): what two runs of one config
+    and seed, or a resumed run and an uninterrupted one, have in common to the bit on the CPU."""
+    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "total_wall_time_s", "torch_threads")}
     kept["probes"] = {label: [None if r is None else {k: v for k, v in r.items() if k != "time_s"} for r in results]
                       for label, results in metrics.get("probes", {}).items()}
     return kept
@@ -71,6 +71,7 @@ class RunResults:
             "trained_params": [s.get("trained_params") for s in self.steps],
             "wall_time_s": [{"train": s["train_s"], "eval": s["eval_s"], "probes": s.get("probe_s", 0.0),
                              **(s.get("phase_s") or {})} for s in self.steps],
+            "torch_threads": [s.get("torch_threads") for s in self.steps],  # what the wall times ran on
             "total_wall_time_s": sum(s["train_s"] + s["eval_s"] + s.get("probe_s", 0.0)
                                      + (s.get("phase_s") or {}).get("compile", 0.0) for s in self.steps),
             # {label: [result after experience i, or None where the probe did not run]}
