@@ -56,3 +56,45 @@ def test_the_readme_tour_and_comparison_run_as_written(tmp_path, monkeypatch, ca
     assert "strategy.name=replay" in out and "strategy.name=finetune" in out
     assert "(skipped runs/sweep/comparison: not a run directory" in out
     assert (tmp_path / "runs" / "comparison" / "report.md").is_file()
+
+
+def example_table(text: str) -> list[str]:
+    """The rows and the summary line of the first table block after "row per experience:", each
+    without its wall-clock time."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "row per experience:" in line)
+    block = lines[start:]
+    opening = next(i for i, line in enumerate(block) if line.startswith("```"))
+    closing = next(i for i, line in enumerate(block[opening + 1:], opening + 1) if line.startswith("```"))
+    return [timeless(line) for line in block[opening + 1:closing] if line.strip()]
+
+
+def timeless(line: str) -> str:
+    import re
+
+    if line.startswith("average incremental accuracy"):
+        return re.sub(r", \d+s\)$", ")", line.strip())
+    if line[:3].strip().isdigit():
+        return line.rsplit(None, 1)[0]  # the last column is the time
+    return line.rstrip()
+
+
+def test_the_readme_example_table_is_what_this_version_prints():
+    """`incremental run digits_b0_5steps` as shipped, in a fresh process with the 2 CPU threads of
+    the machine the README names: its table equals the README's, row for row, but for the times
+    (about 5 minutes on that machine; the README's example cannot drift from the code)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-m", "incremental", "run", "digits_b0_5steps", "--out",
+                               str(Path(folder) / "run"), "--set", "training.threads=2",
+                               "--set", "output.tensorboard=false"],
+                              capture_output=True, text=True, env=env, timeout=3000)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout[done.stdout.index("exp  classes"):]
+    expected = example_table(README.read_text(encoding="utf-8"))
+    assert [timeless(line) for line in printed.splitlines() if line.strip()][:len(expected)] == expected
