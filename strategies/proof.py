@@ -93,7 +93,9 @@ class PROOF(ExemplarReplay):
         classifier.add_experience()
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        prototype_logits, image, text, scale = strategy.model.output_adapter.aux_outputs
+        classifier: ProofOutput = strategy.model.output_adapter
+        prototype_logits, image, text, scale = classifier.aux_outputs
+        classifier.aux_outputs = None  # the graph goes with the loss (and a copied model holds none)
         # the contrastive loss over the global batch, as in one process (each rank's shard alone
         # would have fewer negatives: log 2 lower at 2 ranks); the engine's shard weights sum to
         # the world size, so the gradients come out as one process's
