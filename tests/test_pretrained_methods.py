@@ -311,3 +311,44 @@ def test_ease_trains_each_experience_its_own_adapter_set_only(pretrained, tmp_pa
             assert all(torch.equal(v, states[earlier][k]) for k, v in adapter_set(state, earlier).items())
         if t:
             assert any(not torch.equal(v, states[t - 1][k]) for k, v in adapter_set(state, t).items())
+
+
+@pytest.mark.parametrize("n, m", [(270, 600), (400, 64)], ids=["dual (n < M)", "primal (n >= M)"])
+def test_ranpacs_ridge_choice_equals_one_primal_solve_per_lambda(n, m):
+    """The lambdas are scored from one eigendecomposition (of F F^T when n < M, else of F^T F);
+    numpy's primal solve (F^T F + lambda I)^-1 F^T Y per lambda, the previous implementation, gives
+    the same validation errors (to 1e-6, for lambda >= 1e-3: below that numpy's solve of a
+    rank-deficient system is rounding noise) and the same choice."""
+    from incremental.strategies.ranpac import RIDGES, choose_ridge, spectral_fit
+
+    gen = torch.Generator().manual_seed(n)
+    hidden = torch.relu(torch.randn(n, 32, generator=gen, dtype=torch.float64)
+                        @ torch.randn(32, m, generator=gen, dtype=torch.float64))
+    onehot = torch.eye(4, dtype=torch.float64)[torch.randint(0, 4, (n,), generator=gen)]
+    split = int(n * 0.8)
+    fit, held, y = hidden[:split].numpy(), hidden[split:].numpy(), onehot.numpy()
+    errors = [np.mean((held @ np.linalg.solve(fit.T @ fit + r * np.eye(m), fit.T @ y[:split]) - y[split:]) ** 2)
+              for r in RIDGES]
+    s, left, right = spectral_fit(hidden[:split], hidden[split:], onehot[:split])
+    ours = [float(torch.mean((left @ (right / (s + r).unsqueeze(1)) - onehot[split:]) ** 2)) for r in RIDGES]
+    usable = [i for i, r in enumerate(RIDGES) if r >= 1e-3]
+    assert np.allclose(np.array(ours)[usable], np.array(errors)[usable], rtol=1e-6, atol=0)
+    assert choose_ridge(hidden, onehot, 0.2) == RIDGES[int(np.argmin(errors))]
+
+
+def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
+    """Cholesky on a copy (G + lambda I is positive definite): numpy's solve to 1e-6; a Gram matrix
+    that rounding left indefinite falls back to LU and still solves; G itself is left as it was."""
+    from incremental.strategies.ranpac import ridge_solve
+
+    gen = torch.Generator().manual_seed(1)
+    h = torch.rand(50, 30, generator=gen, dtype=torch.float64)
+    q = torch.rand(30, 5, generator=gen, dtype=torch.float64)
+    gram = h.T @ h
+    before = gram.clone()
+    expected = np.linalg.solve(gram.numpy() + 0.1 * np.eye(30), q.numpy()).T
+    assert np.allclose(ridge_solve(gram, q, 0.1).double().numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(gram, before)
+    indefinite = gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max()
+    expected = np.linalg.solve(indefinite.numpy() + 1e-8 * np.eye(30), q.numpy()).T
+    assert np.allclose(ridge_solve(indefinite, q, 1e-8).double().numpy(), expected, rtol=1e-4)
