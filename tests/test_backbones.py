@@ -251,7 +251,7 @@ def test_the_dlcl_cost_that_list_states_is_measured_and_the_digits_examples_fit_
         macs[name] = count_macs(build_backbone(cfg.backbone, in_chans=1, img_size=32), torch.zeros(1, 1, 32, 32))
     assert main(["list", "backbones"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("vit_dlcl "))
-    stated = re.search(r"is (\d+) MMACs per 32-px image, (\d+)x the digits protocol's ViT.*is (\d+)x", line)
+    stated = re.search(r"is (\d+) MMACs per 32-px image, (\d+)x the digits ViT \(depth 8, width 128: (\d+)x\)", line)
     assert stated, line
     assert int(stated[1]) == round(macs["dlcl"] / 1e6) and int(stated[2]) == round(macs["dlcl"] / macs["vit"])
     assert int(stated[3]) == round(macs["dlcl8"] / macs["vit"])

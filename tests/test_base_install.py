@@ -35,7 +35,7 @@ def test_the_probes_protocol_and_the_default_probe_suite_run_without_open_clip(b
     assert checked.returncode == 0, checked.stderr[-2000:]
     # two experiences, so that the OOD probe after the first has future classes to score
     done = incremental_base(base_python, "run", "digits_b0_5steps_probes", "--quiet", "--out", str(run_dir),
-                            "--set", "training.epochs=1", "--set", "protocol.increment=5",
+                            "--set", "training.epochs=1", "--set", "protocol.increment=5", "--set", "dataset.image_size=16",
                             "--set", "probes=[corruptions, masking, {name: ood, num_samples: 100}]")
     assert done.returncode == 0, done.stderr[-2000:]
     probes = json.loads((run_dir / "metrics.json").read_text())["probes"]

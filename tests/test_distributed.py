@@ -298,7 +298,7 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     from safetensors.torch import load_file
 
     sets = ["dataset.image_size=32", "backbone={name: clip, model: clip-tiny}", f"strategy={strategy}",
-            "training.epochs=2", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
+            "training.epochs=1", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
             "training.optimizer={name: sgd, lr: 0.05}", "protocol.increment=6"]
     runs = {}
     for processes in (1, 2):

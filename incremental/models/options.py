@@ -237,9 +237,8 @@ for _size in ("tiny", "small", "base"):
     BACKBONES.declare(f"s3_{_size}", f"incremental.models.swin:build_s3_{_size}", config=S3Config,
                       summary=f"S3-{_size[0].upper()} (searched Swin, Chen et al. 2021; timm's swin_s3_{_size}_224).")
 BACKBONES.declare("vit_dlcl", "incremental.models.dlcl:build_vit_dlcl", config=ViTDLCLConfig,
-                  summary="Deep pre-norm ViT with dynamic linear combination of layers (Wang et al. 2019). Slow on a "
-                          "CPU: its default (24 blocks of 192) is 729 MMACs per 32-px image, 13x the digits "
-                          "protocol's ViT (a training step 14x as long); depth: 8, embed_dim: 128 is 2x.")
+                  summary="Deep pre-norm ViT with dynamic linear combination of layers (Wang et al. 2019); slow on "
+                          "CPUs: its default is 729 MMACs per 32-px image, 13x the digits ViT (depth 8, width 128: 2x).")
 BACKBONES.declare("resnet32", "incremental.models.resnet:build_resnet32", config=ResNet32Config,
                   summary="CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline.")
 BACKBONES.declare("clip", "incremental.models.clip:build_clip", config=CLIPConfig,
