@@ -53,11 +53,7 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
         """Probe ``model`` after experience ``step``; returns {label: result JSON or None}."""
         self.last_results, self.last_images, self.last_seconds, self.last_passes = {}, {}, {}, {}
         pixel_model = PixelModel(model, self.data.mean, self.data.std).to(device)
-        int8_model = None
-        if self.int8:
-            from ..models.compress import int8_copy
-
-            int8_model = PixelModel(int8_copy(model), self.data.mean, self.data.std)
+        int8_model: PixelModel | None = None  # made on the first probe due that uses it, once per step
         loaded: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         with untouched(model):
             for position, (label, probe) in enumerate(zip(self.labels, self.probes)):
@@ -74,21 +70,25 @@ class ProbeSuite(SupervisedPlugin, supports_distributed=True):
                 future_images = loaded[(limit, True)][0] if probe.uses_future_images else torch.empty(0)
                 generator = torch.Generator().manual_seed(self.data.seed * 1_000_003 + step * 1009 + position)
                 network, probed = None, pixel_model
-                if int8_model is not None:
-                    network = self.FP32_FOR_GRADIENTS if probe.needs_input_gradients else "int8_dynamic"
-                    probed = pixel_model if probe.needs_input_gradients else int8_model
+                if self.int8 and probe.needs_input_gradients:
+                    network = self.FP32_FOR_GRADIENTS
+                elif self.int8:
+                    if int8_model is None:
+                        from ..models.compress import int8_copy
+
+                        int8_model = PixelModel(int8_copy(model), self.data.mean, self.data.std)
+                    network, probed = "int8_dynamic", int8_model
                 batch = ProbeBatch(images=images, labels=labels, model=probed, generator=generator,
                                    batch_size=probe.options.batch_size, step=step,
                                    num_seen_classes=self.data.seen_classes(step), patch_grid=patch_grid(model),
                                    future_images=future_images if len(future_images) else None)
                 planned, done = probe.forward_passes(batch), [0]
-
-                def advance(progress: Any = None) -> None:
-                    done[0] += 1
-                    progress.update(1)
-
                 with bar(planned, f"exp {step} probe {label}", unit="batch") as progress:
-                    probed.progress = lambda: advance(progress)
+                    def advance() -> None:
+                        done[0] += 1
+                        progress.update(1)
+
+                    probed.progress = advance
                     try:
                         result = probe.run(batch)
                     finally:
