@@ -24,8 +24,8 @@ TRAINED_PARAMETER_BYTES = 4 * FLOAT32
 @dataclass(frozen=True)
 class MemoryNeed:
     """A lower bound of what an option allocates. ``key`` is relative to the section that declares
-    it (the checker prefixes ``strategy.`` and so on) unless ``from_root``; ``on_device``: where the model trains (the
-    GPU on CUDA runs), else host RAM."""
+    it (the checker prefixes ``strategy.`` and so on) unless ``from_root``; ``on_device``: where
+    the model trains (the GPU on CUDA runs), else host RAM."""
 
     key: str
     bytes: int
