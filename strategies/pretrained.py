@@ -17,8 +17,14 @@ def experience_features(strategy: Any, experience: int, context: Any) -> tuple[t
     """Pooled features (eval transforms, eval mode, fp32) and labels of experience ``experience``'s
     training images."""
     data = context.train_dataset(experience)
-    features = extract_features(strategy.model, data, batch_size=strategy.eval_mb_size, device=strategy.device,
+
+    def compute() -> torch.Tensor:
+        return extract_features(strategy.model, data, batch_size=strategy.eval_mb_size, device=strategy.device,
                                 engine=getattr(strategy, "engine", None))
+
+    cache = getattr(strategy, "feature_cache", None)  # the run's FeatureCache (not on a plain template)
+    key = ("train", experience, len(data))
+    features = compute() if cache is None else cache.features(key, strategy.model, compute)
     return features, torch.as_tensor(list(data.targets))
 
 

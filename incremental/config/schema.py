@@ -137,6 +137,10 @@ class TrainingConfig:
     # torch.use_deterministic_algorithms: bit-identical GPU runs at some speed cost (CPU runs
     # are bit-identical without it); an op with no deterministic kernel then raises an error.
     deterministic: bool = False
+    # Pooled features of fixed image sets (each experience's test data, a strategy's feature
+    # pass) reused while the network under the head is unchanged: a frozen backbone encodes each
+    # image once per run. At most this many MB are held (least recently used dropped); 0: off.
+    feature_cache_mb: int = opt(1024, ge=0, le=1 << 20)
 
     def validate(self) -> None:
         shortest = min(self.epochs, self.initial_epochs or self.epochs)

@@ -48,7 +48,14 @@ class IncrementalNet(nn.Module):
         when it has one (iCaRL's nearest class means, BiC's bias correction). Evaluation, the
         probes and `incremental probe` all classify with this, and the adapter's tensors are
         part of the state dict, so the saved model is the one behind the accuracy matrix."""
-        pooled = self.forward_head(self.forward_features(x), pre_logits=True)
+        return self.classify_pooled(self.pooled(x))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head and the output adapter act on."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+    def classify_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """:meth:`classify` from pooled features (cached ones, when the network is unchanged)."""
         logits = self.head(pooled)
         return logits if self.output_adapter is None else self.output_adapter(pooled, logits)
 

@@ -118,6 +118,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
         prefetch_factor=cfg.training.prefetch_factor,
         batch_augmentation=splits.batch_augmentation if device_data_path(cfg.training.data_path, device) else None,
         dist=dist,
+        feature_cache_bytes=cfg.training.feature_cache_mb << 20,
     )
     test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
     results = RunResults(cfg, list(class_split.class_order), class_split.experiences, splits.class_names, test_sizes)

@@ -20,6 +20,7 @@ from avalanche.training.templates import SupervisedTemplate
 from ..distributed import SINGLE
 from ..timing import PhaseTimes
 from .engine import TrainingEngine, autocast
+from .features import EvalFeatures, FeatureCache
 
 __all__ = ["IncrementalTemplate", "autocast", "strategy_autocast"]
 
@@ -38,9 +39,11 @@ class IncrementalTemplate(SupervisedTemplate):
 
     def __init__(self, *, precision: str = "fp32", channels_last: bool = False, compile: bool | str = False,
                  persistent_workers: bool = True, prefetch_factor: int | None = None,
-                 batch_augmentation: Any = None, dist: Any = None, **kwargs: Any):
+                 batch_augmentation: Any = None, dist: Any = None, feature_cache_bytes: int = 0, **kwargs: Any):
         """``batch_augmentation``: a :class:`~incremental.data.device.BatchAugmentation` turns on
-        the device data path (uint8 images on the device, augmented there in batches)."""
+        the device data path (uint8 images on the device, augmented there in batches).
+        ``feature_cache_bytes``: what the :class:`~.features.FeatureCache` of pooled features may
+        hold (0: none), reused by evaluation and the strategies' feature passes."""
         super().__init__(**kwargs)
         self.engine = TrainingEngine(self.device, precision=precision, compile=compile, dist=dist or SINGLE,
                                      batch_augmentation=batch_augmentation)
@@ -48,6 +51,8 @@ class IncrementalTemplate(SupervisedTemplate):
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.phase_times = PhaseTimes(self.device)  # plugins time their phases into it (incremental.timing)
+        self.feature_cache = FeatureCache(feature_cache_bytes)
+        self._eval_features: EvalFeatures | None = None
 
     # the engine's settings, read by plugins and the run
     @property
@@ -76,7 +81,11 @@ class IncrementalTemplate(SupervisedTemplate):
         return self.engine.autocast()
 
     def forward(self) -> torch.Tensor:
-        if not self.is_training and getattr(self.model, "output_adapter", None) is not None:
+        if self._eval_features is not None:
+            with self.autocast():
+                pooled = self._eval_features.pooled(len(self.mb_x), lambda: self.model.pooled(self.mb_x))
+                output = self.model.classify_pooled(pooled)
+        elif not self.is_training and getattr(self.model, "output_adapter", None) is not None:
             with self.autocast():
                 output = self.model.classify(self.mb_x)  # the strategy's classifier (NCM, BiC)
         elif self.is_training and (self.dist.enabled or self.compile_mode):
@@ -85,6 +94,21 @@ class IncrementalTemplate(SupervisedTemplate):
             with self.autocast():
                 output = super().forward()
         return output.float()  # losses and metrics in fp32
+
+    def eval_epoch(self, **kwargs: Any) -> None:
+        """Avalanche's evaluation loop, with the pooled features of this experience's images
+        taken from the feature cache while the network under the head is unchanged."""
+        model = self.model
+        if not (self.feature_cache.enabled and callable(getattr(model, "classify_pooled", None))):
+            return super().eval_epoch(**kwargs)
+        key = ("eval", self.experience.origin_stream.name, self.experience.current_experience,
+               len(self.adapted_dataset))
+        self._eval_features = EvalFeatures(self.feature_cache, key, model)
+        try:
+            super().eval_epoch(**kwargs)
+            self._eval_features.finish(model)
+        finally:
+            self._eval_features = None
 
     def backward(self) -> None:
         self.engine.backward(self.loss, self.engine.shard_weight(len(self.mb_y)), retain_graph=self.retain_graph)
