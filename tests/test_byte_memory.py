@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -95,6 +96,80 @@ def test_nerv_holds_more_exemplars_than_raw_pixels_in_the_same_bytes(digits):
     payload = nerv.encode(images, budget, seed=0)
     assert nerv.count(payload) == 4 * RawCodec().count(RawCodec().encode(images, budget, seed=0))  # expansion 4
     assert payload_bytes(payload) <= budget
+
+
+def _fit_alone(images: torch.Tensor, *, width: int, steps: int, finetune_steps: int, lr: float, prune: float,
+               seed: int) -> torch.nn.Module:
+    """One NeRV fitted by itself with a plain nn.Module loop: its own Adam, cosine LR and MSE,
+    masked after each fine-tuning step (what the codec did before it batched its fits)."""
+    from incremental.memory.nerv import NeRV, frame_positions
+    from incremental.models.compress import apply_masks
+
+    targets = images.float() / 255
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = NeRV(width=width, image_size=images.shape[-1], channels=images.shape[1], levels=40)
+    t = frame_positions(len(images))
+
+    def fit(count: int, rate: float, masks) -> None:
+        optimizer = torch.optim.Adam(net.parameters(), lr=rate)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=count)
+        for _ in range(count):
+            loss = torch.nn.functional.mse_loss(net(t), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if masks is not None:
+                apply_masks(net, masks)
+
+    fit(steps, lr, None)
+    masks = magnitude_prune(net, prune)
+    fit(finetune_steps, lr * 0.1, masks)
+    return net
+
+
+def test_batched_nerv_fits_equal_each_network_fitted_alone(digits):
+    """Three classes of different sizes (padded in the batch) fitted together give the weights
+    each gets alone, to float rounding; and so the same stored bytes but for rare rounding."""
+    from incremental.memory.nerv import NeRV, encode_many
+
+    classes = [class_images(digits, label, n) for label, n in ((0, 12), (1, 7), (2, 10))]
+    seeds = [11, 12, 13]
+    fitted = encode_many(classes, seeds, width=8, levels=40, steps=25, lr=5e-3, prune=0.4, finetune_steps=5)
+    for images, seed, (payload, report) in zip(classes, seeds, fitted):
+        alone = _fit_alone(images, width=8, steps=25, finetune_steps=5, lr=5e-3, prune=0.4, seed=seed)
+        rebuilt = NeRV(width=8, image_size=32, channels=1, levels=40)
+        unpack_int8(rebuilt, payload)
+        rebuilt_params = dict(rebuilt.named_parameters())
+        for name, p in alone.named_parameters():  # by name: pruning moves a weight to the list's end
+            q = rebuilt_params[name]
+            scale = float(payload[f"{name}.scale"])
+            assert (p - q).abs().max() <= scale / 2 + 1e-4, name  # equal up to the 8-bit rounding
+        assert report.steps == 30 and int(payload["frames"][0]) == len(images)
+
+
+def test_a_target_psnr_stops_each_fit_when_reached_and_reports_it(digits):
+    from incremental.memory.nerv import encode_many
+
+    classes = [class_images(digits, label, 8) for label in (3, 4)]
+    plain = encode_many(classes, [1, 2], width=8, levels=40, steps=120, lr=5e-3, prune=0.4, finetune_steps=0)
+    stopped = encode_many(classes, [1, 2], width=8, levels=40, steps=120, lr=5e-3, prune=0.4, finetune_steps=0,
+                          target_psnr=14.0)
+    for (_, full), (_, early) in zip(plain, stopped):
+        assert full.steps == 120 and full.psnr_db > 14.0
+        assert 0 < early.steps < 120 and early.psnr_db >= 14.0
+
+
+def test_the_memory_reports_each_nerv_fit(digits):
+    config = dataclasses.replace(FAST_NERV, target_psnr=12.0)
+    memory = ByteBudgetMemory(8 * 1024, NeRVCodec(config), seed=0)
+    images, targets = digits
+    ranked = {label: [i for i, t in enumerate(targets) if t == label][:10] for label in (0, 1)}
+    memory.add_classes(0, ranked, lambda order: images[order])
+    report = memory.report(lambda experience, indices: images[indices])
+    assert set(report["fits"]) == {"0", "1"}
+    assert all(fit["steps"] <= config.steps + config.finetune_steps for fit in report["fits"].values())
 
 
 def test_int8_packing_stores_exactly_the_predicted_bytes_and_round_trips():

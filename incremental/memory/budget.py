@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .codecs import ExemplarCodec, Payload, payload_bytes, psnr_db
+from .codecs import ExemplarCodec, Payload, payload_bytes, psnr_db, store_classes
 
 LABEL_BYTES = 2  # each class record's label, as int16
 
@@ -39,6 +39,7 @@ class ByteBudgetMemory:
         self.seed = seed
         self.classes: dict[int, StoredClass] = {}
         self._decoded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_fits: dict[int, dict[str, Any]] = {}  # the latest experience's fits, by label (NeRV)
 
     def share(self, num_classes: int) -> int:
         """Each class's bytes for its payload (its label's bytes taken off)."""
@@ -55,24 +56,27 @@ class ByteBudgetMemory:
         from ..progress import bar
 
         share = self.share(len(self.classes) + len(ranked))
-        with bar(len(self.classes) + len(ranked), "memory encoding", unit="class") as progress:
-            for label in sorted(self.classes):
-                stored = self.classes[label]
-                shrunk = self.codec.shrink(stored.payload, share, seed=self._seed(label, experience)) if share > 0 \
-                    else None
-                if shrunk is None:
-                    del self.classes[label]
-                else:
-                    stored.payload = shrunk
-                    stored.indices = stored.indices[:self.codec.count(shrunk)]
-                progress.update(1)
-            for label in sorted(ranked):
+        old, new = sorted(self.classes), sorted(ranked)
+        with bar(len(old) + len(new), "memory encoding", unit="class") as progress:
+            shrunk, stored = ([None] * len(old), [None] * len(new)) if share <= 0 else store_classes(
+                self.codec, share, [(self.classes[label].payload, self._seed(label, experience)) for label in old],
+                [(images(ranked[label]), self._seed(label, experience)) for label in new])
+            progress.update(len(old) + len(new))
+        self.last_fits = {}
+        reports = getattr(self.codec, "last_fits", None) or []
+        for label, report in zip(old + new, reports):
+            if report is not None:
+                self.last_fits[label] = {"steps": report.steps, "fit_psnr_db": report.psnr_db}
+        for label, payload in zip(old, shrunk):
+            if payload is None:
+                del self.classes[label]
+            else:
+                self.classes[label].payload = payload
+                self.classes[label].indices = self.classes[label].indices[:self.codec.count(payload)]
+        for label, payload in zip(new, stored):
+            if payload is not None:
                 order = ranked[label]
-                payload = self.codec.encode(images(order), share, seed=self._seed(label, experience)) if share > 0 \
-                    else None
-                if payload is not None:
-                    self.classes[label] = StoredClass(experience, list(order[:self.codec.count(payload)]), payload)
-                progress.update(1)
+                self.classes[label] = StoredClass(experience, list(order[:self.codec.count(payload)]), payload)
         self._decoded = None
         assert self.bytes_used() <= self.budget, "a codec exceeded its share"
 
@@ -115,8 +119,11 @@ class ByteBudgetMemory:
             truth = torch.cat([originals(self.classes[label].experience, self.classes[label].indices)
                                for label in sorted(self.classes)])
             psnr = psnr_db(decoded[0], truth)
-        return {"bytes": self.bytes_used(), "budget_bytes": self.budget, "exemplars": len(self),
-                "classes": len(self.classes), "psnr_db": psnr}
+        report = {"bytes": self.bytes_used(), "budget_bytes": self.budget, "exemplars": len(self),
+                  "classes": len(self.classes), "psnr_db": psnr}
+        if self.last_fits:
+            report["fits"] = {str(label): fit for label, fit in sorted(self.last_fits.items())}
+        return report
 
     def state_dict(self) -> dict[str, Any]:
         return {"classes": {str(label): {"experience": c.experience, "indices": list(c.indices),

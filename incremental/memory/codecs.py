@@ -47,6 +47,18 @@ class ExemplarCodec(Protocol):
         """The bytes of the smallest payload that holds one of ``images`` (a sample of the dataset)."""
 
 
+def store_classes(codec: ExemplarCodec, budget: int, shrink: list[tuple[Payload, int]],
+                  encode: list[tuple[torch.Tensor, int]]) -> tuple[list[Payload | None], list[Payload | None]]:
+    """Shrink the stored classes ``(payload, seed)`` and encode the new ones ``(images, seed)``,
+    all to ``budget`` bytes each: in one batch where the codec has ``store_many`` (NeRV fits all
+    its networks together), else one class at a time."""
+    many = getattr(codec, "store_many", None)
+    if callable(many):
+        return many(budget, shrink, encode)
+    return ([codec.shrink(payload, budget, seed=seed) for payload, seed in shrink],
+            [codec.encode(images, budget, seed=seed) for images, seed in encode])
+
+
 class RawCodec:
     """uint8 pixels, as the dataset stores them: n * C * H * W bytes."""
 
@@ -138,10 +150,13 @@ NERV_HEADER = 4 + 16  # the payload's frame count and shape (int32)
 
 
 class NeRVCodec:
-    """One NeRV network per class (incremental.memory.nerv), stored as 8-bit pruned weights."""
+    """One NeRV network per class (incremental.memory.nerv), stored as 8-bit pruned weights.
+    The networks an experience fits (its new classes, and the old ones refitted to a smaller
+    share) are fitted together as one batch. ``last_fits``: each fit's steps and PSNR."""
 
     def __init__(self, config: Any):
         self.config = config
+        self.last_fits: list[Any] = []
 
     def _width(self, budget: int, images: torch.Tensor) -> int | None:
         from .nerv import widest_fitting
@@ -150,32 +165,48 @@ class NeRVCodec:
         return widest_fitting(budget - NERV_HEADER, image_size=images.shape[-1], channels=images.shape[1],
                               levels=c.levels, prune=c.prune, max_width=c.max_width)
 
-    def _encode(self, images: torch.Tensor, width: int, seed: int) -> Payload:
-        from .nerv import encode_frames
-
-        c = self.config
-        return encode_frames(images, width=width, levels=c.levels, steps=c.steps, lr=c.lr, prune=c.prune,
-                             finetune_steps=c.finetune_steps, seed=seed)
-
-    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
-        width = self._width(budget, images) if len(images) else None
-        if width is None:
-            return None
-        return self._encode(images[:self._frames(budget, images)], width, seed)
-
     def _frames(self, budget: int, images: torch.Tensor) -> int:
         """``expansion`` times what raw pixels would fit, at least one, at most all."""
         raw_fit = budget // images[0].numel()
         return min(len(images), max(1, int(self.config.expansion * raw_fit)))
 
+    def store_many(self, budget: int, shrink: list[tuple[Payload, int]], encode: list[tuple[torch.Tensor, int]]
+                   ) -> tuple[list[Payload | None], list[Payload | None]]:
+        """A payload over ``budget`` is refitted, narrower, to its own decoded frames (as many
+        as a new class of this share gets, so the classes stay balanced); new classes are
+        fitted to their first frames. All fits of one width run as one batch."""
+        from .nerv import encode_many
+
+        jobs: list[tuple[int, torch.Tensor, int]] = []  # (position in the output, frames, seed)
+        results: list[Payload | None] = []
+        for payload, seed in shrink:
+            results.append(payload if payload_bytes(payload) <= budget else None)
+            if results[-1] is None:
+                jobs.append((len(results) - 1, self.decode(payload), seed))
+        for images, seed in encode:
+            results.append(None)
+            if len(images):
+                jobs.append((len(results) - 1, images, seed))
+        by_width: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+        for position, frames, seed in jobs:
+            width = self._width(budget, frames)
+            if width is not None:
+                by_width.setdefault(width, []).append((position, frames[:self._frames(budget, frames)], seed))
+        c = self.config
+        self.last_fits = [None] * len(results)
+        for width, group in sorted(by_width.items()):
+            fitted = encode_many([frames for _, frames, _ in group], [seed for _, _, seed in group], width=width,
+                                 levels=c.levels, steps=c.steps, lr=c.lr, prune=c.prune,
+                                 finetune_steps=c.finetune_steps, target_psnr=c.target_psnr)
+            for (position, _, _), (payload, report) in zip(group, fitted):
+                results[position], self.last_fits[position] = payload, report
+        return results[:len(shrink)], results[len(shrink):]
+
+    def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
+        return self.store_many(budget, [], [(images, seed)])[1][0]
+
     def shrink(self, payload: Payload, budget: int, *, seed: int) -> Payload | None:
-        if payload_bytes(payload) <= budget:
-            return payload
-        # a smaller network fitted to what the memory holds, with as many frames as a new class
-        # of this share gets (the classes stay balanced)
-        frames = self.decode(payload)
-        width = self._width(budget, frames)
-        return None if width is None else self._encode(frames[:self._frames(budget, frames)], width, seed)
+        return self.store_many(budget, [(payload, seed)], [])[0][0]
 
     def decode(self, payload: Payload) -> torch.Tensor:
         from .nerv import decode_frames

@@ -11,13 +11,15 @@ Huffman coding of the quantized weights.
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..models.compress import apply_masks, magnitude_prune, pack_int8, packed_bytes, unpack_int8
+from ..models.compress import magnitude_prune, pack_int8, packed_bytes, unpack_int8
 
 LOWER_WIDTH = 4  # the reference's --lower-width: block widths never halve below it
 WIDTH_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -81,41 +83,137 @@ def smallest_network_bytes(*, image_size: int, channels: int, levels: int, prune
         return packed_bytes(net, prune)
 
 
-def _fit(net: NeRV, targets: torch.Tensor, steps: int, lr: float, masks: dict[str, torch.Tensor] | None,
-         tick: Callable[[int], Any] = lambda n: None) -> None:
-    """Adam with a cosine LR on the MSE over every frame (one batch: a class's exemplars)."""
-    if steps <= 0:
-        return
-    t = frame_positions(len(targets))
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(net(t), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if masks is not None:
-            apply_masks(net, masks)
-        tick(1)
+@dataclass
+class FitReport:
+    """How one class's fit ended: the steps taken (fit and fine-tune) and the PSNR (dB) of the
+    float network's frames at the last step, before 8-bit quantisation."""
+
+    steps: int
+    psnr_db: float
+
+
+class NetworkBatch:
+    """K networks of one architecture trained as one: their parameters stacked along a first
+    dimension and the forward pass vectorised over it (``torch.func.vmap``), so a step costs one
+    pass of batched convolutions instead of K small ones. The loss is the sum of each network's
+    own mean squared error over its own frames, so each gets exactly its own gradient, and Adam
+    (elementwise) updates each as it would alone; classes with fewer frames are padded with
+    frames of weight 0."""
+
+    def __init__(self, nets: list[NeRV], targets: list[torch.Tensor]):
+        from torch.func import functional_call, stack_module_state, vmap
+
+        self.template = copy.deepcopy(nets[0]).to("meta")
+        params, self.buffers = stack_module_state(nets)
+        self.params = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
+        longest = max(len(t) for t in targets)
+        shape = targets[0].shape[1:]
+        self.positions = torch.zeros(len(nets), longest)
+        self.targets = torch.zeros(len(nets), longest, *shape)
+        self.weights = torch.zeros(len(nets), longest, 1, 1, 1)
+        for k, frames in enumerate(targets):
+            n = len(frames)
+            self.positions[k, :n] = frame_positions(n)
+            self.targets[k, :n] = frames
+            self.weights[k, :n] = 1.0 / (n * frames[0].numel())
+
+        def squared_error(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], t: torch.Tensor,
+                          target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return ((functional_call(self.template, (params, buffers), (t,)) - target) ** 2 * weight).sum()
+
+        self.mse = vmap(squared_error)
+
+    def fit(self, steps: int, lr: float, masks: dict[str, torch.Tensor] | None, target_psnr: float | None,
+            tick: Callable[[int], Any]) -> list[tuple[int, float]]:
+        """Adam with a cosine LR for ``steps`` steps (the pruned weights held at zero after each),
+        each network stopping once its MSE reaches ``target_psnr`` dB (kept at that step's
+        weights); per network, the steps it took and its last PSNR."""
+        optimizer = torch.optim.Adam(self.params.values(), lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        count = len(self.positions)
+        taken, psnr = [steps] * count, [float("nan")] * count
+        kept: dict[int, dict[str, torch.Tensor]] = {}
+        for step in range(steps):
+            errors = self.mse(self.params, self.buffers, self.positions, self.targets, self.weights)
+            if target_psnr is not None:
+                for k, error in enumerate(errors.detach().tolist()):
+                    psnr[k] = 10 * math.log10(1 / max(error, 1e-12))
+                    if k not in kept and psnr[k] >= target_psnr:
+                        kept[k] = {name: p[k].detach().clone() for name, p in self.params.items()}
+                        taken[k] = step
+                if len(kept) == count:
+                    break
+            optimizer.zero_grad(set_to_none=True)
+            errors.sum().backward()
+            optimizer.step()
+            schedule.step()
+            if masks is not None:
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        self.params[name].mul_(mask)
+            tick(1)
+        with torch.no_grad():
+            for k, params in kept.items():
+                for name, value in params.items():
+                    self.params[name][k] = value
+            if target_psnr is None or len(kept) < count:
+                errors = self.mse(self.params, self.buffers, self.positions, self.targets, self.weights)
+                psnr = [10 * math.log10(1 / max(e, 1e-12)) if k not in kept else psnr[k]
+                        for k, e in enumerate(errors.tolist())]
+        return list(zip(taken, psnr))
+
+    def unstack(self, nets: list[NeRV]) -> None:
+        """Copy network k's parameters back into ``nets[k]``."""
+        with torch.no_grad():
+            for k, net in enumerate(nets):
+                for name, p in net.named_parameters():
+                    p.copy_(self.params[name][k])
+
+
+def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, levels: int, steps: int, lr: float,
+                prune: float, finetune_steps: int, target_psnr: float | None = None
+                ) -> list[tuple[dict[str, torch.Tensor], FitReport]]:
+    """Fit one NeRV per class of uint8 frames (n_k, C, H, W), all of width ``width``, as one
+    batch; prune each, fine-tune them (again as a batch) with the masks fixed, quantize: each
+    class's stored tensors (the 8-bit weights, their scales and masks, and the frame count and
+    width as int32) and its :class:`FitReport`. Network k starts from ``seeds[k]``'s weights,
+    so it is the network :func:`encode_frames` fits alone."""
+    from ..progress import bar
+
+    channels, size = classes[0].shape[1], classes[0].shape[-1]
+    targets = [images.float() / 255.0 for images in classes]
+    with torch.random.fork_rng(devices=[]):  # the run's random stream stays as it was
+        nets = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            nets.append(NeRV(width=width, image_size=size, channels=channels, levels=levels))
+    label = f"NeRV fit ({len(classes)} classes, {sum(len(c) for c in classes)} frames)"
+    with bar(steps + finetune_steps, label, "step") as progress:
+        batch = NetworkBatch(nets, targets)
+        fitted = batch.fit(steps, lr, None, target_psnr, progress.update) if steps > 0 else []
+        batch.unstack(nets)
+        masks = [magnitude_prune(net, prune) for net in nets]
+        tuned = []
+        if finetune_steps > 0:
+            batch = NetworkBatch(nets, targets)
+            stacked = {name: torch.stack([m[name] for m in masks]) for name in masks[0]} if masks[0] else None
+            tuned = batch.fit(finetune_steps, lr * 0.1, stacked, None, progress.update)
+            batch.unstack(nets)
+    results = []
+    for k, net in enumerate(nets):
+        payload = {**pack_int8(net, masks[k]), "frames": torch.tensor([len(classes[k])], dtype=torch.int32),
+                   "shape": torch.tensor([width, channels, size, levels], dtype=torch.int32)}
+        steps_taken = (fitted[k][0] if fitted else 0) + (tuned[k][0] if tuned else 0)
+        last = tuned[k][1] if tuned else (fitted[k][1] if fitted else float("nan"))
+        results.append((payload, FitReport(steps_taken, round(last, 3))))
+    return results
 
 
 def encode_frames(images: torch.Tensor, *, width: int, levels: int, steps: int, lr: float, prune: float,
-                  finetune_steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """Fit a NeRV on uint8 frames (n, C, H, W), prune, fine-tune, quantize: the stored tensors
-    (the 8-bit weights, their scales and masks, and the frame count and width as int32)."""
-    from ..progress import bar
-
-    n, channels, size = len(images), images.shape[1], images.shape[-1]
-    targets = images.float() / 255.0
-    with torch.random.fork_rng(devices=[]), bar(steps + finetune_steps, f"NeRV fit ({n} frames)", "step") as progress:
-        torch.manual_seed(seed)  # the run's random stream stays as it was (fork_rng)
-        net = NeRV(width=width, image_size=size, channels=channels, levels=levels)
-        _fit(net, targets, steps, lr, None, progress.update)
-        masks = magnitude_prune(net, prune)
-        _fit(net, targets, finetune_steps, lr * 0.1, masks, progress.update)
-    return {**pack_int8(net, masks), "frames": torch.tensor([n], dtype=torch.int32),
-            "shape": torch.tensor([width, channels, size, levels], dtype=torch.int32)}
+                  finetune_steps: int, seed: int, target_psnr: float | None = None) -> dict[str, torch.Tensor]:
+    """One class's NeRV (:func:`encode_many` of one class)."""
+    return encode_many([images], [seed], width=width, levels=levels, steps=steps, lr=lr, prune=prune,
+                       finetune_steps=finetune_steps, target_psnr=target_psnr)[0][0]
 
 
 @torch.no_grad()

@@ -41,6 +41,9 @@ class NeRVCodecConfig:
     finetune_steps: int = opt(100, ge=0, le=1_000_000)  # after pruning, mask fixed
     levels: int = opt(40, ge=1, le=128)  # NeRV's embedding 1.25_40 for short videos
     max_width: int = opt(64, ge=2, le=MAX_WIDTH)
+    # Stop a class's fit once its frames reach this PSNR (dB, float network before 8-bit
+    # quantisation); the steps taken and the PSNR are reported per class. None: all ``steps``.
+    target_psnr: float | None = opt(None, gt=0, le=100)
 
 
 CODECS.declare("raw", "incremental.memory.codecs:RawCodec", summary="uint8 pixels, as stored by the dataset")
