@@ -113,15 +113,17 @@ class GANReplay(StrategyPlugin):
         labels = torch.tensor([int(t) for t in data.targets], dtype=torch.long)
         real = self.context.train_images(experience, list(range(len(labels))))
         cfg, splits = self.config, self.context.splits
-        with phase(strategy, "generator_training"), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed(experience, 1))
+        device = torch.device(strategy.device)
+        gpus = [device.index or 0] if device.type == "cuda" else []
+        with phase(strategy, "generator_training"), torch.random.fork_rng(devices=gpus):
+            torch.manual_seed(self._seed(experience, 1))  # seeds the GPU's stream too
             previous = copy.deepcopy(self.generator).eval() if self.old else None
             discriminator = ProjectionDiscriminator(num_classes=self.context.total_classes, channels=splits.channels,
                                                     image_size=splits.image_size, width=cfg.discriminator_width)
             self.generator.train()
             train_gan(self.generator, discriminator, real, labels, previous=previous, old_labels=self.old,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, loss=cfg.loss, d_steps=cfg.d_steps,
-                      diffaugment=cfg.diffaugment, gp_weight=cfg.gp_weight)
+                      diffaugment=cfg.diffaugment, gp_weight=cfg.gp_weight, device=device)
             round_to_storage(self.generator, cfg.storage)
             self.generator.eval()
         self.seen = sorted(set(self.seen) | set(labels.tolist()))

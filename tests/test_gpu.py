@@ -69,3 +69,28 @@ def test_balanced_finetuning_and_mae_train_on_the_gpu_engine_in_bf16_compiled(tm
                          "training.compile=true")
     assert compiled["compile_s"] > 0
     assert compiled["epoch_loss"] == pytest.approx(eager["epoch_loss"], rel=0.05)
+
+
+def test_gan_fitting_on_the_gpu_in_bf16_channels_last():
+    """The GAN trains on the GPU (bf16 forward passes, channels-last) and comes back to the CPU;
+    its samples are images of the right classes' shape, and its losses are finite."""
+    from incremental.memory.gan import Generator, ProjectionDiscriminator, sample, train_gan
+
+    torch.manual_seed(0)
+    generator = Generator(num_classes=4, channels=1, image_size=16, width=8, z_dim=16)
+    discriminator = ProjectionDiscriminator(num_classes=4, channels=1, image_size=16, width=8)
+    previous = Generator(num_classes=4, channels=1, image_size=16, width=8, z_dim=16).eval()
+    real = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8)
+    losses = train_gan(generator, discriminator, real, torch.randint(2, 4, (64,)), previous=previous,
+                       old_labels=[0, 1], steps=20, batch_size=16, lr=2e-4, loss="hinge", d_steps=1,
+                       diffaugment=True, gp_weight=10.0, device="cuda")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert next(generator.parameters()).device.type == "cpu"
+    images = sample(generator, torch.tensor([0, 3]))
+    assert images.shape == (2, 1, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+def test_the_feature_cache_on_the_gpu_gives_the_uncached_matrix(tmp_path):
+    cached = run_on_gpu(tmp_path, "cached", "strategy=simplecil")
+    plain = run_on_gpu(tmp_path, "plain", "strategy=simplecil", "training.feature_cache_mb=0")
+    assert cached["accuracy_matrix"] == plain["accuracy_matrix"]

@@ -79,27 +79,27 @@ class ProjectionDiscriminator(nn.Module):
 
 def diff_augment(x: torch.Tensor) -> torch.Tensor:
     """DiffAugment's color, translation (1/8) and cutout (1/2) policy, differentiable in x."""
-    n = len(x)
-    x = x + (torch.rand(n, 1, 1, 1) - 0.5)  # brightness
+    n, on = len(x), {"device": x.device}  # every draw on x's device: no host round trip
+    x = x + (torch.rand(n, 1, 1, 1, **on) - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1) * 2) + mean  # saturation (identity on grey images)
+    x = (x - mean) * (torch.rand(n, 1, 1, 1, **on) * 2) + mean  # saturation (identity on grey images)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1) + 0.5) + mean  # contrast
+    x = (x - mean) * (torch.rand(n, 1, 1, 1, **on) + 0.5) + mean  # contrast
     h, w = x.shape[-2:]
     sh, sw = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
-    dy = torch.randint(-sh, sh + 1, (n, 1, 1))
-    dx = torch.randint(-sw, sw + 1, (n, 1, 1))
-    rows = (torch.arange(h)[None, :, None] + dy + 1).clamp(0, h + 1)
-    cols = (torch.arange(w)[None, None, :] + dx + 1).clamp(0, w + 1)
+    dy = torch.randint(-sh, sh + 1, (n, 1, 1), **on)
+    dx = torch.randint(-sw, sw + 1, (n, 1, 1), **on)
+    rows = (torch.arange(h, **on)[None, :, None] + dy + 1).clamp(0, h + 1)
+    cols = (torch.arange(w, **on)[None, None, :] + dx + 1).clamp(0, w + 1)
     padded = F.pad(x, (1, 1, 1, 1))  # translation fills with zeros, as the reference
-    x = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    x = padded[torch.arange(n, **on)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
-    oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1))
-    ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1))
-    ys = (torch.arange(ch)[None, :, None] + oy - ch // 2).clamp(0, h - 1)
-    xs = (torch.arange(cw)[None, None, :] + ox - cw // 2).clamp(0, w - 1)
-    mask = torch.ones(n, h, w)
-    mask[torch.arange(n)[:, None, None], ys, xs] = 0
+    oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), **on)
+    ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), **on)
+    ys = (torch.arange(ch, **on)[None, :, None] + oy - ch // 2).clamp(0, h - 1)
+    xs = (torch.arange(cw, **on)[None, None, :] + ox - cw // 2).clamp(0, w - 1)
+    mask = torch.ones(n, h, w, **on)
+    mask[torch.arange(n, **on)[:, None, None], ys, xs] = 0
     return x * mask[:, None]
 
 
@@ -136,7 +136,7 @@ def sample(generator: Generator, labels: torch.Tensor, rng: torch.Generator | No
     """Generated images in [0, 1] for these labels (the generator in eval mode)."""
     was_training = generator.training
     generator.eval()
-    z = torch.randn(len(labels), generator.z_dim, generator=rng)
+    z = torch.randn(len(labels), generator.z_dim, generator=rng, device=labels.device)
     images = (generator(z, labels) + 1) * 0.5
     generator.train(was_training)
     return images
@@ -144,28 +144,43 @@ def sample(generator: Generator, labels: torch.Tensor, rng: torch.Generator | No
 
 def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real: torch.Tensor,
               real_labels: torch.Tensor, *, previous: Generator | None, old_labels: list[int], steps: int,
-              batch_size: int, lr: float, loss: str, d_steps: int, diffaugment: bool, gp_weight: float) -> list[float]:
+              batch_size: int, lr: float, loss: str, d_steps: int, diffaugment: bool, gp_weight: float,
+              device: torch.device | str = "cpu") -> list[float]:
     """Train on ``real`` (uint8, this experience's images) plus, as deep generative replay does
     (Shin et al. 2017), samples of the old classes from ``previous``, in each batch in
     proportion to the old classes' share of the classes seen. Returns the losses (D, G) of
-    the last step. Draws from torch's global generator: the caller seeds and forks it."""
+    the last step. Draws from torch's global generator of ``device``: the caller seeds and forks it.
+
+    On a GPU the networks and data move there, channels-last, with the forward passes in bf16
+    (losses in fp32); everything a step needs is drawn on the device, and the losses are read
+    once at the end, so no step waits for the host. On the CPU it runs fp32, as before."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    layout = torch.channels_last if gpu else torch.contiguous_format
+    nets = [net for net in (generator, discriminator, previous) if net is not None]
+    for net in nets:
+        net.to(device=device, memory_format=layout)
+    on = {"device": device}
     seen = sorted(set(real_labels.tolist()) | set(old_labels))
     old_share = len(old_labels) / len(seen) if previous is not None and old_labels else 0.0
     n_old = int(round(batch_size * old_share))
-    old = torch.tensor(old_labels, dtype=torch.long)
-    seen_t = torch.tensor(seen, dtype=torch.long)
+    old = torch.tensor(old_labels, dtype=torch.long, **on)
+    seen_t = torch.tensor(seen, dtype=torch.long, **on)
     aug = diff_augment if diffaugment else (lambda x: x)
     g_opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.0, 0.9))
     d_opt = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.0, 0.9))
-    real01 = real.float() / 255.0
-    d_loss = g_loss = torch.zeros(())
+    real01 = (real.to(device).float() / 255.0).contiguous(memory_format=layout)
+    real_labels = real_labels.to(device)
+    d_loss = g_loss = torch.zeros((), **on)
+    low_precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
 
     def real_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        pick = torch.randint(0, len(real01), (batch_size - n_old,))
+        pick = torch.randint(0, len(real01), (batch_size - n_old,), **on)
         x, y = real01[pick], real_labels[pick]
         if n_old:
-            y_old = old[torch.randint(0, len(old), (n_old,))]
-            x, y = torch.cat([x, sample(previous, y_old)]), torch.cat([y, y_old])
+            y_old = old[torch.randint(0, len(old), (n_old,), **on)]
+            with low_precision:
+                x, y = torch.cat([x, sample(previous, y_old).float()]), torch.cat([y, y_old])
         return x * 2 - 1, y
 
     from ..progress import bar
@@ -175,23 +190,28 @@ def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real
         progress.update(1)
         for _ in range(d_steps):
             x, y = real_batch()
-            y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,))]
-            with torch.no_grad():
-                fake = generator(torch.randn(batch_size, generator.z_dim), y_fake)
-            d_real, d_fake = discriminator(aug(x), y), discriminator(aug(fake), y_fake)
+            y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,), **on)]
+            with torch.no_grad(), low_precision:
+                fake = generator(torch.randn(batch_size, generator.z_dim, **on), y_fake)
+            with low_precision:
+                d_real, d_fake = discriminator(aug(x), y).float(), discriminator(aug(fake.float()), y_fake).float()
             if loss == "hinge":
                 d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
             else:
-                d_loss = d_fake.mean() - d_real.mean() + gp_weight * _gradient_penalty(discriminator, x, fake, y)
+                d_loss = d_fake.mean() - d_real.mean() + gp_weight * _gradient_penalty(discriminator, x, fake.float(), y)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
-        y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,))]
-        g_loss = -discriminator(aug(generator(torch.randn(batch_size, generator.z_dim), y_fake)), y_fake).mean()
+        y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,), **on)]
+        with low_precision:
+            generated = generator(torch.randn(batch_size, generator.z_dim, **on), y_fake)
+            g_loss = -discriminator(aug(generated.float()), y_fake).float().mean()
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
     progress.close()
+    for net in nets:
+        net.to(device="cpu", memory_format=torch.contiguous_format)
     return [float(d_loss.detach()), float(g_loss.detach())]
 
 
@@ -199,7 +219,7 @@ def _gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.
                       labels: torch.Tensor) -> torch.Tensor:
     """WGAN-GP's (||grad D(x_hat)|| - 1)^2 on random interpolates of real and fake images (the
     real image's label conditions both; Gulrajani et al. 2017 for a conditional critic)."""
-    alpha = torch.rand(len(real), 1, 1, 1)
+    alpha = torch.rand(len(real), 1, 1, 1, device=real.device)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(mixed, labels).sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
