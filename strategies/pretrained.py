@@ -11,6 +11,7 @@ from torch import nn
 from incremental.memory import extract_features
 from incremental.models.net import PrototypeOutput
 from incremental.strategy import StrategyPlugin
+from incremental.timing import phase
 
 
 def experience_features(strategy: Any, experience: int, context: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +25,8 @@ def experience_features(strategy: Any, experience: int, context: Any) -> tuple[t
 
     cache = getattr(strategy, "feature_cache", None)  # the run's FeatureCache (not on a plain template)
     key = ("train", experience, len(data))
-    features = compute() if cache is None else cache.features(key, strategy.model, compute)
+    with phase(strategy, "feature_pass"):
+        features = compute() if cache is None else cache.features(key, strategy.model, compute)
     return features, torch.as_tensor(list(data.targets))
 
 

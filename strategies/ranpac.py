@@ -26,6 +26,7 @@ from incremental.models.net import RandomProjectionOutput
 from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.progress import bar
 from incremental.strategy import StrategyContext
+from incremental.timing import phase
 
 from .options import RanPACConfig
 from .pretrained import FirstSessionTraining, experience_features
@@ -108,10 +109,11 @@ class RanPAC(FirstSessionTraining):
         order = torch.randperm(len(features))  # a random held-out part (RanPAC's loader shuffles)
         hidden = torch.relu(features[order].double() @ self.projection.double())
         onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).double()
-        self.gram += hidden.T @ hidden
-        self.targets += hidden.T @ onehot
         m = self.config.projection_dim
-        with bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp64)", unit="solve") as progress:
+        with phase(strategy, "closed_form"), \
+                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp64)", unit="solve") as progress:
+            self.gram += hidden.T @ hidden
+            self.targets += hidden.T @ onehot
             ridge = choose_ridge(hidden, onehot, self.config.validation_fraction, progress.update)
             self.ridges.append(ridge)
             seen = int(labels.max()) + 1

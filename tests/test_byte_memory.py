@@ -112,7 +112,7 @@ def _fit_alone(images: torch.Tensor, *, width: int, steps: int, finetune_steps: 
     t = frame_positions(len(images))
 
     def fit(count: int, rate: float, masks) -> None:
-        optimizer = torch.optim.Adam(net.parameters(), lr=rate)
+        optimizer = torch.optim.Adam(net.parameters(), lr=rate, betas=(0.5, 0.999))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=count)
         for _ in range(count):
             loss = torch.nn.functional.mse_loss(net(t), targets)

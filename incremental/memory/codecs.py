@@ -196,7 +196,7 @@ class NeRVCodec:
         self.last_fits = [None] * len(results)
         for width, group in sorted(by_width.items()):
             fitted = encode_many([frames for _, frames, _ in group], [seed for _, _, seed in group], width=width,
-                                 levels=c.levels, steps=c.steps, lr=c.lr, prune=c.prune,
+                                 levels=c.levels, steps=c.steps, lr=c.lr, beta1=c.beta1, prune=c.prune,
                                  finetune_steps=c.finetune_steps, target_psnr=c.target_psnr)
             for (position, _, _), (payload, report) in zip(group, fitted):
                 results[position], self.last_fits[position] = payload, report

@@ -123,12 +123,12 @@ class NetworkBatch:
 
         self.mse = vmap(squared_error)
 
-    def fit(self, steps: int, lr: float, masks: dict[str, torch.Tensor] | None, target_psnr: float | None,
-            tick: Callable[[int], Any]) -> list[tuple[int, float]]:
+    def fit(self, steps: int, lr: float, beta1: float, masks: dict[str, torch.Tensor] | None,
+            target_psnr: float | None, tick: Callable[[int], Any]) -> list[tuple[int, float]]:
         """Adam with a cosine LR for ``steps`` steps (the pruned weights held at zero after each),
         each network stopping once its MSE reaches ``target_psnr`` dB (kept at that step's
         weights); per network, the steps it took and its last PSNR."""
-        optimizer = torch.optim.Adam(self.params.values(), lr=lr)
+        optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=(beta1, 0.999))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         count = len(self.positions)
         taken, psnr = [steps] * count, [float("nan")] * count
@@ -171,13 +171,13 @@ class NetworkBatch:
 
 
 def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, levels: int, steps: int, lr: float,
-                prune: float, finetune_steps: int, target_psnr: float | None = None
+                prune: float, finetune_steps: int, beta1: float = 0.5, target_psnr: float | None = None
                 ) -> list[tuple[dict[str, torch.Tensor], FitReport]]:
     """Fit one NeRV per class of uint8 frames (n_k, C, H, W), all of width ``width``, as one
     batch; prune each, fine-tune them (again as a batch) with the masks fixed, quantize: each
     class's stored tensors (the 8-bit weights, their scales and masks, and the frame count and
     width as int32) and its :class:`FitReport`. Network k starts from ``seeds[k]``'s weights,
-    so it is the network :func:`encode_frames` fits alone."""
+    so it is the network that class would get fitted alone."""
     from ..progress import bar
 
     channels, size = classes[0].shape[1], classes[0].shape[-1]
@@ -190,14 +190,14 @@ def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, le
     label = f"NeRV fit ({len(classes)} classes, {sum(len(c) for c in classes)} frames)"
     with bar(steps + finetune_steps, label, "step") as progress:
         batch = NetworkBatch(nets, targets)
-        fitted = batch.fit(steps, lr, None, target_psnr, progress.update) if steps > 0 else []
+        fitted = batch.fit(steps, lr, beta1, None, target_psnr, progress.update) if steps > 0 else []
         batch.unstack(nets)
         masks = [magnitude_prune(net, prune) for net in nets]
         tuned = []
         if finetune_steps > 0:
             batch = NetworkBatch(nets, targets)
             stacked = {name: torch.stack([m[name] for m in masks]) for name in masks[0]} if masks[0] else None
-            tuned = batch.fit(finetune_steps, lr * 0.1, stacked, None, progress.update)
+            tuned = batch.fit(finetune_steps, lr * 0.1, beta1, stacked, None, progress.update)
             batch.unstack(nets)
     results = []
     for k, net in enumerate(nets):
@@ -207,13 +207,6 @@ def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, le
         last = tuned[k][1] if tuned else (fitted[k][1] if fitted else float("nan"))
         results.append((payload, FitReport(steps_taken, round(last, 3))))
     return results
-
-
-def encode_frames(images: torch.Tensor, *, width: int, levels: int, steps: int, lr: float, prune: float,
-                  finetune_steps: int, seed: int, target_psnr: float | None = None) -> dict[str, torch.Tensor]:
-    """One class's NeRV (:func:`encode_many` of one class)."""
-    return encode_many([images], [seed], width=width, levels=levels, steps=steps, lr=lr, prune=prune,
-                       finetune_steps=finetune_steps, target_psnr=target_psnr)[0][0]
 
 
 @torch.no_grad()
