@@ -148,9 +148,9 @@ class RanPACConfig:
     validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
 
     def memory_needs(self, run: Any) -> list[MemoryNeed]:
-        # the M x M Gram matrix kept in fp64 and the copy its solve factorises in place, in host RAM
+        # the M x M Gram matrix kept in fp64 in host RAM (its solve factorises it in place)
         m = self.projection_dim
-        return [MemoryNeed("projection_dim", 2 * m * m * FLOAT64, f"RanPAC's {m} x {m} fp64 ridge system",
+        return [MemoryNeed("projection_dim", m * m * FLOAT64, f"RanPAC's {m} x {m} fp64 ridge system",
                            on_device=False)]
 
 

@@ -13,7 +13,8 @@ chosen from 10^-8 .. 10^8 by the mean squared error on ``validation_fraction`` o
 experience's images, held out of a solve on the rest (RanPAC's ``optimise_ridge_parameter``).
 The statistics are summed and the ridge solved in fp64, whatever ``training.precision`` is
 (the reference keeps and solves them in fp32, which small ridges make unstable; the price is
-M^2 x 8 bytes for G: 800 MB at M = 10,000).
+M^2 x 8 bytes for G: 800 MB at M = 10,000). G is updated and factorised in place, so that is the
+solve's peak too (plus the n x n kernel of the lambda search and the projected features).
 """
 
 from __future__ import annotations
@@ -36,15 +37,36 @@ RIDGES = [10.0 ** k for k in range(-8, 9)]
 
 def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
     """``(G + ridge I)^-1 Q``, transposed: (classes, M), solved in fp64 and returned in fp32 (an
-    fp32 solve, the reference's, lost half the accuracy on digits at lambda 0.01). One copy of G
-    is factorised in place by Cholesky (G + ridge I is positive definite), so the solve needs G's
-    memory once more; where rounding left it indefinite (a tiny ridge), an LU solve of the copy."""
-    system = gram.to(torch.float64, copy=True)
-    system.diagonal().add_(ridge)
-    info = torch.empty((), dtype=torch.int32, device=system.device)
-    factor, _ = torch.linalg.cholesky_ex(system, out=(system, info))
-    if int(info) == 0:
-        return torch.cholesky_solve(targets.double(), factor).T.float()
+    fp32 solve, the reference's, lost half the accuracy on digits at lambda 0.01).
+
+    G + ridge I is positive definite, so one Cholesky factorisation solves it. It is done inside
+    G's own memory (LAPACK's ``potrf`` on one triangle): the factor takes G's upper triangle and
+    diagonal while the strict lower triangle keeps G, from which G is restored afterwards. So the
+    solve needs no second M x M matrix (800 MB at M = 10,000), and G is defined by its lower
+    triangle (RanPAC's is symmetric). Where rounding left G + ridge I indefinite (a tiny ridge),
+    an LU solve of a copy."""
+    from scipy.linalg import lapack
+
+    if gram.device.type != "cpu" or gram.dtype != torch.float64 or not gram.is_contiguous():
+        return _lu_solve(gram, targets, ridge)
+    matrix = gram.numpy()
+    diagonal = matrix.diagonal().copy()
+    matrix.ravel()[:: len(matrix) + 1] += ridge
+    # matrix.T is matrix's memory in Fortran order: its lower triangle is matrix's upper one
+    factor, info = lapack.dpotrf(matrix.T, lower=1, clean=0, overwrite_a=1)
+    try:
+        if info == 0:
+            solution, info = lapack.dpotrs(factor, targets.double().numpy(), lower=1)
+    finally:
+        for row in range(len(matrix) - 1):  # the upper triangle back from the lower, row by row
+            matrix[row, row + 1:] = matrix[row + 1:, row]
+        matrix.ravel()[:: len(matrix) + 1] = diagonal
+    if info != 0:
+        return _lu_solve(gram, targets, ridge)
+    return torch.from_numpy(solution).T.float()
+
+
+def _lu_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
     system = gram.to(torch.float64, copy=True)
     system.diagonal().add_(ridge)
     return torch.linalg.solve(system, targets.double()).T.float()
@@ -112,8 +134,8 @@ class RanPAC(FirstSessionTraining):
         m = self.config.projection_dim
         with phase(strategy, "closed_form"), \
                 bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp64)", unit="solve") as progress:
-            self.gram += hidden.T @ hidden
-            self.targets += hidden.T @ onehot
+            self.gram.addmm_(hidden.T, hidden)  # in place: no M x M temporary
+            self.targets.addmm_(hidden.T, onehot)
             ridge = choose_ridge(hidden, onehot, self.config.validation_fraction, progress.update)
             self.ridges.append(ridge)
             seen = int(labels.max()) + 1

@@ -178,7 +178,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "stopped" / "config.yaml"), "training.epochs: is 2 but checkpoint.pt was written with 1"),
     ("RanPAC's M beyond the memory", lambda ws: ["run", ws.config("strategy: {name: ranpac, projection_dim: 100000}\n")],
      lambda ws: str(ws.root / "case.yaml"),
-     "strategy.projection_dim: RanPAC's 100000 x 100000 fp64 ridge system needs at least 160.0 GB; "),
+     "strategy.projection_dim: RanPAC's 100000 x 100000 fp64 ridge system needs at least 80.0 GB; "),
     ("a ViT wider than the memory", lambda ws: ["run", ws.config("backbone: {embed_dim: 16384, num_heads: 16, depth: 12}\n")],
      lambda ws: str(ws.root / "case.yaml"), "backbone.embed_dim: 12 blocks of width 16384 trained with AdamW needs at least"),
     ("a training batch beyond the memory", lambda ws: ["run", ws.config("dataset: {name: digits, image_size: 256}\ntraining: {batch_size: 1048576}\n")],

@@ -22,14 +22,14 @@ def need(cfg, key: str) -> int:
     return sum(n.bytes for n in run_memory_needs(cfg) if n.key == key)
 
 
-def test_ranpac_needs_two_fp64_m_by_m_matrices_in_host_ram():
-    cfg = config("strategy={name: ranpac, projection_dim: 2000}")
-    assert need(cfg, "strategy.projection_dim") == 2 * 8 * 2000 ** 2
-    check_memory(cfg, host_bytes=10 ** 9)  # 64 MB of ridge system and a small ViT fit in 1 GB
+def test_ranpac_needs_one_fp64_m_by_m_matrix_in_host_ram():
+    cfg = config("strategy={name: ranpac, projection_dim: 3000}")
+    assert need(cfg, "strategy.projection_dim") == 8 * 3000 ** 2
+    check_memory(cfg, host_bytes=10 ** 9)  # 72 MB of ridge system and a small ViT fit in 1 GB
     with pytest.raises(ConfigError) as refused:
-        check_memory(cfg, host_bytes=50 * 10 ** 6)
+        check_memory(cfg, host_bytes=60 * 10 ** 6)
     assert refused.value.key == "strategy.projection_dim"
-    assert str(refused.value).endswith("needs at least 64.0 MB; 50.0 MB host RAM available")
+    assert str(refused.value).endswith("needs at least 72.0 MB; 60.0 MB host RAM available")
     # on a GPU run the ridge system still lives in host RAM, the model on the GPU
     check_memory(cfg, host_bytes=200 * 10 ** 6, device_bytes=10 ** 9)
     with pytest.raises(ConfigError, match="free on the GPU"):
@@ -78,4 +78,4 @@ def test_the_refusal_comes_before_any_allocation():
     assert done.returncode == 2, done.stderr[-2000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("--set strategy={name: ranpac, projection_dim: 100000}: strategy.projection_dim: ")
-    assert "needs at least 160.0 GB" in line and "host RAM available" in line
+    assert "needs at least 80.0 GB" in line and "host RAM available" in line

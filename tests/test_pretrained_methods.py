@@ -337,14 +337,16 @@ def test_ranpacs_ridge_choice_equals_one_primal_solve_per_lambda(n, m):
 
 
 def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
-    """Cholesky on a copy (G + lambda I is positive definite): numpy's solve to 1e-6; a Gram matrix
-    that rounding left indefinite falls back to LU and still solves; G itself is left as it was."""
+    """Cholesky inside G's memory (G + lambda I is positive definite): numpy's solve to 1e-6; a
+    Gram matrix that rounding left indefinite falls back to LU and still solves; G itself is
+    restored bit for bit (from its lower triangle, so G is made exactly symmetric here)."""
     from incremental.strategies.ranpac import ridge_solve
 
     gen = torch.Generator().manual_seed(1)
     h = torch.rand(50, 30, generator=gen, dtype=torch.float64)
     q = torch.rand(30, 5, generator=gen, dtype=torch.float64)
     gram = h.T @ h
+    gram = (gram + gram.T) / 2
     before = gram.clone()
     expected = np.linalg.solve(gram.numpy() + 0.1 * np.eye(30), q.numpy()).T
     assert np.allclose(ridge_solve(gram, q, 0.1).double().numpy(), expected, rtol=1e-6, atol=1e-6)
@@ -352,3 +354,4 @@ def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
     indefinite = gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max()
     expected = np.linalg.solve(indefinite.numpy() + 1e-8 * np.eye(30), q.numpy()).T
     assert np.allclose(ridge_solve(indefinite, q, 1e-8).double().numpy(), expected, rtol=1e-4)
+    assert torch.equal(indefinite, gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max())

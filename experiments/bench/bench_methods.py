@@ -7,7 +7,7 @@ Each case is one `incremental run digits_b0_5steps` in a subprocess (all of the 
 threads, one run at a time), timed under /usr/bin/time for its peak RSS. From its metrics.json:
 training (without the phases below), the strategies' feature pass, closed-form solve (RanPAC's
 Gram update and ridge), memory encoding (a byte memory's codec, GAN training), evaluation and
-probes, summed over the 5 experiences; and the run's wall time.
+probes, summed over the experiences (5; 10 for the ``_10steps`` cases, one class each); and the run's wall time.
 
 ``--code PATH`` runs the `incremental` installed under PATH (``pip install --no-deps --target
 PATH <checkout>``) instead of this one, to measure an older version side by side: its rows are
@@ -15,7 +15,8 @@ labelled ``--label``. Options an older version lacks (the feature cache) are lef
 
 The same process times two fp64 Cholesky factorisations of a 10,000 x 10,000 matrix (RanPAC's
 M), the yardstick of RanPAC's target, and records the GPU when the runs used one. ``--report``
-writes methods.md beside this file from every row collected under ``--out``.
+writes methods.md beside this file from every row collected under ``--out`` (its hand-written
+"## Reading" section kept).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ FROZEN_RANPAC = "strategy={name: ranpac, tuning: frozen}"
 CASES: dict[str, list[str]] = {  # name -> --set values; "+nocache": the same with the cache off
     "simplecil": ["strategy=simplecil"],
     "simplecil+nocache": ["strategy=simplecil", "training.feature_cache_mb=0"],
+    "simplecil_10steps": ["strategy=simplecil", "protocol.increment=1"],
+    "simplecil_10steps+nocache": ["strategy=simplecil", "protocol.increment=1", "training.feature_cache_mb=0"],
     "ranpac_frozen": [FROZEN_RANPAC],
     "ranpac_frozen+nocache": [FROZEN_RANPAC, "training.feature_cache_mb=0"],
     "aper_adapter": ["strategy=aper"],
     "aper_adapter+nocache": ["strategy=aper", "training.feature_cache_mb=0"],
+    "aper_adapter_10steps": ["strategy=aper", "protocol.increment=1"],
+    "aper_adapter_10steps+nocache": ["strategy=aper", "protocol.increment=1", "training.feature_cache_mb=0"],
     "replay_raw_400kB": [RAW],
     "replay_nerv_400kB": [NERV],
     "gan_replay": ["strategy=gan_replay"],
@@ -68,17 +73,22 @@ def cholesky_seconds(m: int = 10_000) -> float:
 def run_case(case: str, seed: int, out: Path, code: Path | None) -> dict:
     """One run of ``case`` at ``seed``; its phase seconds, wall and peak RSS (MB)."""
     sets = [s for s in CASES[case] if code is None or "feature_cache" not in s]
+    out = out.resolve()
     run_dir = out / f"{case}_seed{seed}"
     rss_file = out / f"{case}_seed{seed}.rss"
+    out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    args = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "incremental", "run", PROTOCOL,
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] if Path("/usr/bin/time").exists() else []
+    args = [*timer, sys.executable, "-m", "incremental", "run", PROTOCOL,
             "--quiet", "--out", str(run_dir), "--set", f"seed={seed}", "--set", "protocol.order_seed=" + str(seed)]
     for value in sets:
         args += ["--set", value]
     start = time.perf_counter()
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    # run outside any checkout: `python -m` puts the working folder first on sys.path, and a
+    # checkout's incremental/ there would shadow the version under test
+    result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=out)
     wall = time.perf_counter() - start
     if result.returncode:
         raise SystemExit(f"{case} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -93,7 +103,7 @@ def run_case(case: str, seed: int, out: Path, code: Path | None) -> dict:
         row["eval"] += step["eval"]
         row["probes"] += step["probes"]
     row["wall"] = wall
-    row["peak RSS MB"] = int(rss_file.read_text().split()[-1]) / 1024
+    row["peak RSS MB"] = int(rss_file.read_text().split()[-1]) / 1024 if timer else None  # GNU time's %M: KB
     row["last acc"] = metrics["last_accuracy"]
     psnr = (metrics.get("memory") or [None])[-1]
     row["psnr dB"] = psnr.get("psnr_db") if isinstance(psnr, dict) else None
@@ -160,7 +170,14 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables of the rows collected so far")
     args = parser.parse_args()
     if args.report:
-        print(report(args.out))
+        results = HERE / "methods.md"
+        old = results.read_text() if results.is_file() else ""
+        reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+        text = (f"# Strategies by phase on digits_b0_5steps\n\nProduced by `python experiments/bench/bench_methods.py"
+                f" ...` (the commands are in the reading); rows under `{args.out}`. Seconds summed over the run's "
+                f"experiences; mean ± std where a case ran over several seeds.\n\n{report(args.out)}{reading}")
+        results.write_text(text)
+        print(text)
         return
     collect(args)
 

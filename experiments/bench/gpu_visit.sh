@@ -13,6 +13,9 @@ timeout ${PROTOCOL_S:-140} python3 experiments/bench/bench_protocol.py --epochs 
 echo "rc=$?" >> "$out/bench_protocol.log"
 timeout ${JPEG_S:-150} python3 experiments/bench/bench_jpeg.py --images 4000 > "$out/bench_jpeg.log" 2>&1
 echo "rc=$?" >> "$out/bench_jpeg.log"
+timeout ${METHODS_S:-120} python3 experiments/bench/bench_methods.py --cases simplecil simplecil+nocache gan_replay \
+  --seeds 1993 --out "$out/bench_methods" > "$out/bench_methods.log" 2>&1
+echo "rc=$?" >> "$out/bench_methods.log"
 timeout ${TESTS_S:-130} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device_data.py tests/test_jpeg_path.py \
   > "$out/tests.log" 2>&1
 echo "rc=$?" >> "$out/tests.log"
