@@ -30,8 +30,15 @@ AFTER_POOLING = ("head.", "output_adapter.")
 _PATTERN_PERIOD = 1009  # a prime: a weight pattern no layer shape lines up with
 
 
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}  # per device, grown to the largest tensor seen
+
+
 def _position_weights(n: int, device: torch.device) -> torch.Tensor:
-    return (torch.arange(n, device=device, dtype=torch.float64) % _PATTERN_PERIOD) + 1.0
+    weights = _WEIGHTS.get(device)
+    if weights is None or len(weights) < n:
+        weights = (torch.arange(max(n, 1 << 16), device=device, dtype=torch.float64) % _PATTERN_PERIOD) + 1.0
+        _WEIGHTS[device] = weights
+    return weights[:n]
 
 
 def state_fingerprint(model: nn.Module) -> tuple[Any, ...] | None:
@@ -46,12 +53,12 @@ def state_fingerprint(model: nn.Module) -> tuple[Any, ...] | None:
             return None
         flat = value.detach().reshape(-1).to(torch.float64)
         names.append((name, tuple(value.shape), str(value.dtype), str(value.device)))
-        sums.append(torch.stack([flat.sum(), (flat * _position_weights(flat.numel(), flat.device)).sum()])
-                    if flat.numel() else flat.new_zeros(2))
+        sums.append(flat.sum())
+        sums.append(torch.dot(flat, _position_weights(flat.numel(), flat.device)))
     for module in model.modules():  # packed int8 weights live outside the state dict's tensors
         if type(module).__module__.startswith("torch.ao.nn.quantized"):
             return None
-    values = torch.stack([s.cpu() for s in sums]).flatten().tolist() if sums else []
+    values = torch.stack(sums).tolist() if sums else []  # one device-to-host copy
     return tuple(names), tuple(values)
 
 
