@@ -44,32 +44,39 @@ def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torc
     diagonal while the strict lower triangle keeps G, from which G is restored afterwards. So the
     solve needs no second M x M matrix (800 MB at M = 10,000), and G is defined by its lower
     triangle (RanPAC's is symmetric). Where rounding left G + ridge I indefinite (a tiny ridge),
-    an LU solve of a copy."""
+    the same triangle is factorised as L D L^T with pivoting instead (``sytrf``, as stable as an
+    LU solve), also in place."""
     from scipy.linalg import lapack
 
     if gram.device.type != "cpu" or gram.dtype != torch.float64 or not gram.is_contiguous():
-        return _lu_solve(gram, targets, ridge)
-    matrix = gram.numpy()
+        system = gram.to(torch.float64, copy=True)
+        system.diagonal().add_(ridge)
+        return torch.linalg.solve(system, targets.double()).T.float()
+    matrix, rhs = gram.numpy(), targets.double().numpy()
     diagonal = matrix.diagonal().copy()
-    matrix.ravel()[:: len(matrix) + 1] += ridge
-    # matrix.T is matrix's memory in Fortran order: its lower triangle is matrix's upper one
-    factor, info = lapack.dpotrf(matrix.T, lower=1, clean=0, overwrite_a=1)
     try:
+        # matrix.T is matrix's memory in Fortran order: its lower triangle is matrix's upper one
+        _restore_upper(matrix, diagonal + ridge)
+        factor, info = lapack.dpotrf(matrix.T, lower=1, clean=0, overwrite_a=1)
         if info == 0:
-            solution, info = lapack.dpotrs(factor, targets.double().numpy(), lower=1)
+            solution, info = lapack.dpotrs(factor, rhs, lower=1)
+        else:
+            _restore_upper(matrix, diagonal + ridge)
+            factor, pivots, info = lapack.dsytrf(matrix.T, lower=1, lwork=64 * len(matrix), overwrite_a=1)
+            solution, info = lapack.dsytrs(factor, pivots, rhs, lower=1)
     finally:
-        for row in range(len(matrix) - 1):  # the upper triangle back from the lower, row by row
-            matrix[row, row + 1:] = matrix[row + 1:, row]
-        matrix.ravel()[:: len(matrix) + 1] = diagonal
+        _restore_upper(matrix, diagonal)
     if info != 0:
-        return _lu_solve(gram, targets, ridge)
+        raise ArithmeticError(f"RanPAC's ridge system is singular at lambda {ridge} (LAPACK info {info})")
     return torch.from_numpy(solution).T.float()
 
 
-def _lu_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
-    system = gram.to(torch.float64, copy=True)
-    system.diagonal().add_(ridge)
-    return torch.linalg.solve(system, targets.double()).T.float()
+def _restore_upper(matrix: Any, diagonal: Any) -> None:
+    """The upper triangle copied back from the strict lower one, row by row (no M x M index
+    arrays), and the diagonal set."""
+    for row in range(len(matrix) - 1):
+        matrix[row, row + 1:] = matrix[row + 1:, row]
+    matrix.ravel()[:: len(matrix) + 1] = diagonal
 
 
 def spectral_fit(fit: torch.Tensor, held: torch.Tensor, targets: torch.Tensor

@@ -338,8 +338,9 @@ def test_ranpacs_ridge_choice_equals_one_primal_solve_per_lambda(n, m):
 
 def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
     """Cholesky inside G's memory (G + lambda I is positive definite): numpy's solve to 1e-6; a
-    Gram matrix that rounding left indefinite falls back to LU and still solves; G itself is
-    restored bit for bit (from its lower triangle, so G is made exactly symmetric here)."""
+    Gram matrix that rounding left indefinite falls back to a pivoted L D L^T factorisation, also
+    in place, and still solves as numpy's LU does; G itself is restored bit for bit (from its
+    lower triangle, so G is made exactly symmetric here)."""
     from incremental.strategies.ranpac import ridge_solve
 
     gen = torch.Generator().manual_seed(1)
