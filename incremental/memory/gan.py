@@ -193,12 +193,8 @@ def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real
             y_fake = seen_t[torch.randint(0, len(seen_t), (batch_size,), **on)]
             with torch.no_grad(), low_precision:
                 fake = generator(torch.randn(batch_size, generator.z_dim, **on), y_fake)
-            with low_precision:
-                d_real, d_fake = discriminator(aug(x), y).float(), discriminator(aug(fake.float()), y_fake).float()
-            if loss == "hinge":
-                d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-            else:
-                d_loss = d_fake.mean() - d_real.mean() + gp_weight * _gradient_penalty(discriminator, x, fake.float(), y)
+            d_loss = _discriminator_loss(discriminator, aug, (x, y), (fake.float(), y_fake), loss, gp_weight,
+                                         low_precision)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
@@ -213,6 +209,19 @@ def train_gan(generator: Generator, discriminator: ProjectionDiscriminator, real
     for net in nets:
         net.to(device="cpu", memory_format=torch.contiguous_format)
     return [float(d_loss.detach()), float(g_loss.detach())]
+
+
+def _discriminator_loss(discriminator: nn.Module, aug: Any, real: tuple[torch.Tensor, torch.Tensor],
+                        fake: tuple[torch.Tensor, torch.Tensor], loss: str, gp_weight: float,
+                        low_precision: Any) -> torch.Tensor:
+    """D's hinge or WGAN-GP loss on a real and a generated batch (images in [-1, 1], labels),
+    its forward passes under ``low_precision`` and the loss in fp32."""
+    (x, y), (generated, y_fake) = real, fake
+    with low_precision:
+        d_real, d_fake = discriminator(aug(x), y).float(), discriminator(aug(generated), y_fake).float()
+    if loss == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    return d_fake.mean() - d_real.mean() + gp_weight * _gradient_penalty(discriminator, x, generated, y)
 
 
 def _gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
