@@ -63,7 +63,8 @@ class ByteBudgetMemory:
                 [(images(ranked[label]), self._seed(label, experience)) for label in new])
             progress.update(len(old) + len(new))
         self.last_fits = {}
-        reports = getattr(self.codec, "last_fits", None) or []
+        # the codec's reports of the fits just made (none were made when the share is empty)
+        reports = (getattr(self.codec, "last_fits", None) or []) if share > 0 else []
         for label, report in zip(old + new, reports):
             if report is not None:
                 self.last_fits[label] = {"steps": report.steps, "fit_psnr_db": report.psnr_db}
