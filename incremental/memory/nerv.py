@@ -92,6 +92,11 @@ class FitReport:
     psnr_db: float
 
 
+def _psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error over images in [0, 1]."""
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
 class NetworkBatch:
     """K networks of one architecture trained as one: their parameters stacked along a first
     dimension and the forward pass vectorised over it (``torch.func.vmap``), so a step costs one
@@ -137,7 +142,7 @@ class NetworkBatch:
             errors = self.mse(self.params, self.buffers, self.positions, self.targets, self.weights)
             if target_psnr is not None:
                 for k, error in enumerate(errors.detach().tolist()):
-                    psnr[k] = 10 * math.log10(1 / max(error, 1e-12))
+                    psnr[k] = _psnr_of_mse(error)
                     if k not in kept and psnr[k] >= target_psnr:
                         kept[k] = {name: p[k].detach().clone() for name, p in self.params.items()}
                         taken[k] = step
@@ -158,7 +163,7 @@ class NetworkBatch:
                     self.params[name][k] = value
             if target_psnr is None or len(kept) < count:
                 errors = self.mse(self.params, self.buffers, self.positions, self.targets, self.weights)
-                psnr = [10 * math.log10(1 / max(e, 1e-12)) if k not in kept else psnr[k]
+                psnr = [_psnr_of_mse(e) if k not in kept else psnr[k]
                         for k, e in enumerate(errors.tolist())]
         return list(zip(taken, psnr))
 

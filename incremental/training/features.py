@@ -44,6 +44,9 @@ def _position_weights(n: int, device: torch.device) -> torch.Tensor:
 def state_fingerprint(model: nn.Module) -> tuple[Any, ...] | None:
     """What the pooled features of ``model`` depend on, as a hashable value; None when some of
     it is not a plain tensor (quantised modules), so it cannot be fingerprinted."""
+    for module in model.modules():  # packed int8 weights live outside the state dict's tensors
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
+            return None
     names, sums = [], []
     for name, value in model.state_dict(keep_vars=True).items():
         if name.startswith(AFTER_POOLING):
@@ -55,15 +58,13 @@ def state_fingerprint(model: nn.Module) -> tuple[Any, ...] | None:
         names.append((name, tuple(value.shape), str(value.dtype), str(value.device)))
         sums.append(flat.sum())
         sums.append(torch.dot(flat, _position_weights(flat.numel(), flat.device)))
-    for module in model.modules():  # packed int8 weights live outside the state dict's tensors
-        if type(module).__module__.startswith("torch.ao.nn.quantized"):
-            return None
     values = torch.stack(sums).tolist() if sums else []  # one device-to-host copy
     return tuple(names), tuple(values)
 
 
 class FeatureCache:
-    """Features by key (``("test", 3, 360)``: an image set), each valid for one network state.
+    """Features by key (``("eval", "test", 3, 360)``, ``("train", 3, 290)``: an image set), each
+    valid for one network state.
 
     ``max_bytes`` bounds what is held; the least recently used sets are dropped first (0 turns
     the cache off). ``hits`` and ``misses`` count lookups, for the run's phase report."""
