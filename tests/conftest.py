@@ -79,13 +79,15 @@ def rewind_checkpoint(run_dir: Path, experience: int) -> None:
     torch.save(state, path)
 
 
-def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: bool = True) -> int:
+def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: bool = True,
+                 stderr: Path | None = None) -> int:
     """``incremental ARGS`` in a forked copy of this test process: a separate process (it can
     be SIGKILLed, and its locks are its own) without an interpreter's 10 s of imports. Returns
     the exit status as subprocess does (-9 for SIGKILL), or with ``wait=False`` the child's
     PID (see :func:`wait_for_fork`). One thread, in the parent's place too
     when results are compared: OpenMP's thread pool does not survive a fork, and the thread
-    count can change the last bit of a float."""
+    count can change the last bit of a float. ``stderr``: a file that gets the child's
+    standard error (pytest's capture would swallow it)."""
     import torch
 
     _import_what_a_run_imports()  # once here, instead of in every child
@@ -95,14 +97,37 @@ def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: 
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
+            if stderr is not None:
+                os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+                sys.stderr = open(2, "w", closefd=False)
             torch.set_num_threads(1)
             os.environ.update(env or {})
             from incremental.cli import main
 
             code = main([*args, *(["--quiet"] if quiet else [])])
         finally:
+            sys.stderr.flush()
             os._exit(code)
     return wait_for_fork(pid) if wait else pid
+
+
+def ranks_in_fork(*args: str, processes: int = 2, stderr_dir: Path) -> tuple[int, str]:
+    """``incremental ARGS`` on ``processes`` data-parallel ranks, each a forked copy of this
+    process (see :func:`main_in_fork`) given the environment torchrun gives its workers, so
+    the toolkit joins the process group exactly as under torchrun, minus an interpreter's
+    imports per rank. Returns the worst exit status and rank 0's standard error."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = []
+    for rank in range(processes):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+               "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        pids.append(main_in_fork(*args, env=env, wait=False, quiet=False, stderr=stderr_dir / f"rank{rank}.err"))
+    codes = [wait_for_fork(pid) for pid in pids]
+    return max(codes, key=abs), (stderr_dir / "rank0.err").read_text()
 
 
 def _import_what_a_run_imports() -> None:

@@ -1,7 +1,11 @@
-"""Data-parallel runs under torchrun with the gloo backend, 2 processes on the CPU: the same
-metrics as one process (device data path: the same global batches and crops, so the accuracy
-matrix agrees to within one test image per cell and the losses to 1e-4), one global exemplar
-memory of the configured size, and files written by rank 0 only."""
+"""Data-parallel runs with the gloo backend, 2 processes on the CPU: the same metrics as one
+process (device data path: the same global batches and crops, so the accuracy matrix agrees to
+within one test image per cell and the losses to 1e-4), one global exemplar memory of the
+configured size, and files written by rank 0 only.
+
+The first and the error test launch through torchrun itself; the others fork their ranks from
+the test process with torchrun's environment (``ranks_in_fork``), the same code path in the
+toolkit without two fresh interpreters' imports per run."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, incremental_process
+from conftest import TINY_RUN, incremental_process, main_in_fork, ranks_in_fork
 
 from incremental.data.device import DeviceBatchLoader, DeviceImages, resolve
 from incremental.distributed import DistInfo
@@ -22,6 +26,19 @@ SETS = ["--set", "training.epochs=3", "--set", "strategy=vitil", "--set", "strat
 def incremental(*args: str, processes: int = 1):
     # one thread per process in both cases: the same float summation order
     return incremental_process(*args, env={"OMP_NUM_THREADS": "1"}, processes=processes)
+
+
+def forked(tmp_path, *args: str, processes: int = 1) -> None:
+    """``incremental ARGS`` on 1 process or on forked ranks (see the module's note), one thread
+    each as under torchrun here; fails the test with rank 0's standard error."""
+    errors = tmp_path / f"stderr{processes}"
+    errors.mkdir(exist_ok=True)
+    if processes == 1:
+        code = main_in_fork(*args, quiet=False, stderr=errors / "rank0.err")
+        message = (errors / "rank0.err").read_text()
+    else:
+        code, message = ranks_in_fork(*args, processes=processes, stderr_dir=errors)
+    assert code == 0, message[-3000:]
 
 
 def memory_size(run_dir) -> int:
@@ -38,10 +55,10 @@ def config(tmp_path_factory):
 
 def test_two_processes_give_the_metrics_of_one(config, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
-    for run_dir, processes in ((single, 1), (double, 2)):
-        done = incremental("run", str(config), "--out", str(run_dir), "--quiet", "--set", "training.data_path=device",
-                           *SETS, processes=processes)
-        assert done.returncode == 0, done.stderr[-3000:]
+    args = ("run", str(config), "--quiet", "--set", "training.data_path=device", *SETS)
+    forked(tmp_path, *args, "--out", str(single))
+    done = incremental(*args, "--out", str(double), processes=2)  # torchrun itself
+    assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, double))
     assert two["status"] == "complete"
     for row_one, row_two in zip(one["accuracy_matrix"], two["accuracy_matrix"]):
@@ -55,9 +72,8 @@ def test_two_processes_give_the_metrics_of_one(config, tmp_path):
 
 def test_two_processes_on_the_dataloader_path_count_each_test_image_once(config, tmp_path):
     run_dir = tmp_path / "loader"
-    done = incremental("run", str(config), "--out", str(run_dir), "--quiet", "--set", "training.data_path=loader",
-                       "--set", "training.num_workers=1", "--set", "training.epochs=1", processes=2)
-    assert done.returncode == 0, done.stderr[-3000:]
+    forked(tmp_path, "run", str(config), "--out", str(run_dir), "--quiet", "--set", "training.data_path=loader",
+           "--set", "training.num_workers=1", "--set", "training.epochs=1", processes=2)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     sizes = metrics["test_samples_per_experience"]
     for step, predictions in enumerate(metrics["prediction_matrix"]):
@@ -165,7 +181,7 @@ def test_feature_passes_and_ewc_fisher_are_split_across_ranks_and_equal_one_proc
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_split_work_rank, args=(port, results), nprocs=2, join=True)
+    mp.start_processes(_split_work_rank, args=(port, results), nprocs=2, join=True, start_method="fork")  # no fresh imports
     for rank in (0, 1):
         assert results[rank] == {"gathered": True, "features": True, "flipped": True, "fisher": True,
                                  "fisher_nonzero": True}
@@ -194,9 +210,8 @@ def test_a_prompt_pool_trains_under_ddp_as_in_one_process(config, tmp_path):
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        done = incremental("run", str(config), "--out", str(out), "--quiet",
-                           *[a for s in sets for a in ("--set", s)], processes=processes)
-        assert done.returncode == 0, done.stderr[-3000:]
+        forked(tmp_path, "run", str(config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)],
+               processes=processes)
         runs[processes] = json.loads((out / "metrics.json").read_text())
     for row_one, row_two in zip(runs[1]["accuracy_matrix"], runs[2]["accuracy_matrix"]):
         assert row_two == pytest.approx(row_one, abs=1.0)
@@ -262,7 +277,7 @@ def test_balanced_finetuning_is_sharded_across_ranks_and_equals_one_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_finetune_rank, args=(port, results), nprocs=2, join=True)
+    mp.start_processes(_finetune_rank, args=(port, results), nprocs=2, join=True, start_method="fork")  # no fresh imports
     assert results[(0, 70)]["seen"] == results[(1, 70)]["seen"] == (2 * 64, 64)  # half of each batch
     assert results[(0, 9)]["seen"] == (18, 10) and results[(1, 9)]["seen"] == (18, 8)
     checks = {key: {k: v for k, v in value.items() if k != "seen"} for key, value in results.items()}
@@ -279,9 +294,8 @@ def test_mae_pretraining_on_two_processes_gives_the_encoder_of_one(tmp_path):
     config.write_text(TINY_RUN.replace("depth: 1", "depth: 2") + "mae: {epochs: 2, batch_size: 32, base_lr: 4.0e-3, "
                       "warmup_epochs: 1, decoder_embed_dim: 32, decoder_num_heads: 2}\n")
     for processes in (1, 2):
-        done = incremental("pretrain-mae", str(config), "--out", str(tmp_path / f"p{processes}"), "--quiet",
-                           "--set", "training.data_path=device", processes=processes)
-        assert done.returncode == 0, done.stderr[-3000:]
+        forked(tmp_path, "pretrain-mae", str(config), "--out", str(tmp_path / f"p{processes}"), "--quiet",
+               "--set", "training.data_path=device", processes=processes)
     logs = [json.loads((tmp_path / f"p{n}" / "mae_log.json").read_text()) for n in (1, 2)]
     assert logs[1]["status"] == "complete" and logs[1]["epoch_loss"] == pytest.approx(logs[0]["epoch_loss"], rel=1e-5)
     one, two = (load_file(str(tmp_path / f"p{n}" / "encoder.safetensors")) for n in (1, 2))
@@ -303,9 +317,8 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        done = incremental("run", str(config), "--out", str(out), "--quiet",
-                           *[a for s in sets for a in ("--set", s)], processes=processes)
-        assert done.returncode == 0, done.stderr[-3000:]
+        forked(tmp_path, "run", str(config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)],
+               processes=processes)
         runs[processes] = (json.loads((out / "metrics.json").read_text()), load_file(str(out / "model.safetensors")))
     (one, one_weights), (two, two_weights) = runs[1], runs[2]
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
