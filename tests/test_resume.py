@@ -5,19 +5,18 @@ weights_only and a NaN loss keeps the last good one."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (TINY_RUN, comparable, incremental_process, resume_from_first_checkpoint, rewind_checkpoint,
-                      same_weights)
+from conftest import (TINY_RUN, comparable, main_in_fork, resume_from_first_checkpoint, rewind_checkpoint,
+                      same_weights, wait_for_fork)
 
 from incremental.checkpoint import load_checkpoint
 from incremental.run.directory import CHECKPOINT_FILE
@@ -50,21 +49,25 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
     (root / "tiny.yaml").write_text(TINY_RUN)
     config = root / "killable.yaml"
     config.write_text(KILLABLE_RUN)
-    done = incremental_process("run", str(config), "--out", str(root / "uninterrupted"), "--quiet")
-    assert done.returncode == 0, done.stderr
+    errors = root / "stderr"
+    assert main_in_fork("run", str(config), "--out", str(root / "uninterrupted"), stderr=errors) == 0, errors.read_text()
     return config, root / "uninterrupted"
 
 
 def kill_from_outside_after_first_checkpoint(config: Path, run_dir: Path) -> int:
     """SIGKILL sent by another process as soon as experience 0's checkpoint appears, whatever
     the run is doing then (starting experience 1, writing logs)."""
-    process = subprocess.Popen([sys.executable, "-m", "incremental", "run", str(config), "--out", str(run_dir),
-                                "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = main_in_fork("run", str(config), "--out", str(run_dir), wait=False)
     deadline = time.monotonic() + 300
-    while not (run_dir / CHECKPOINT_FILE).exists() and process.poll() is None and time.monotonic() < deadline:
+    while not (run_dir / CHECKPOINT_FILE).exists() and not _ended(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    return process.wait()
+    os.kill(pid, signal.SIGKILL)
+    return wait_for_fork(pid)
+
+
+def _ended(pid: int) -> bool:
+    """Whether the child has exited (not reaped: wait_for_fork still reads its status)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 @pytest.mark.parametrize("kill_at", ["1:train:5", "1:eval:0", "0:train:3", "outside"])
@@ -76,9 +79,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
         experience = load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] + 1
         assert experience < 3, "the run finished before the kill"
     else:
-        killed = incremental_process("run", str(config), "--out", str(run_dir), "--quiet",
-                         env={"INCREMENTAL_TEST_KILL_AT": kill_at})
-        assert killed.returncode == -9, killed.stderr  # died by SIGKILL, no clean-up ran
+        killed = main_in_fork("run", str(config), "--out", str(run_dir), env={"INCREMENTAL_TEST_KILL_AT": kill_at},
+                              stderr=tmp_path / "killed.err")
+        assert killed == -9, (tmp_path / "killed.err").read_text()  # died by SIGKILL, no clean-up ran
         experience = int(kill_at.split(":")[0])
         if experience > 0:
             assert load_checkpoint(run_dir / CHECKPOINT_FILE)["experience"] == experience - 1
@@ -86,8 +89,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
             assert not (run_dir / CHECKPOINT_FILE).exists()
     # a kill during a write leaves a partial temporary file, which is never read
     (run_dir / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"partial")
-    resumed = incremental_process("run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE))
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = main_in_fork("run", "--resume", str(run_dir), "--plugin", str(KILLABLE), stderr=tmp_path / "resumed.err")
+    assert resumed == 0, (tmp_path / "resumed.err").read_text()
     assert comparable(run_dir) == comparable(reference)  # bit-identical floats, through JSON
     assert same_weights(run_dir, reference)
     verb = "resumed at" if experience else "restarted from"  # no checkpoint yet: experience 0 again, in place
@@ -283,13 +286,15 @@ def test_refusing_a_pickle_is_one_line_and_torch_speaks_only_under_verbose(unint
     marker = tmp_path / "code-ran"
     with (run_dir / CHECKPOINT_FILE).open("wb") as file:
         pickle.dump({"kind": "incremental-checkpoint", "plugins": [_Payload(marker)]}, file, protocol=4)
-    done = incremental_process("run", "--resume", str(run_dir), "--quiet", "--plugin", str(KILLABLE))
-    assert done.returncode == 2 and not marker.exists()
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith(f"--resume: {run_dir / CHECKPOINT_FILE} holds objects, not just tensors")
-    verbose = incremental_process("run", "--resume", str(run_dir), "--quiet", "--verbose", "--plugin", str(KILLABLE))
-    assert verbose.returncode == 2 and verbose.stderr.splitlines()[0] == done.stderr.strip()
-    assert "Detected pickle protocol 4" in verbose.stderr and "Weights only load failed" in verbose.stderr
+    quiet, verbose = tmp_path / "quiet.err", tmp_path / "verbose.err"
+    assert main_in_fork("run", "--resume", str(run_dir), "--plugin", str(KILLABLE), stderr=quiet) == 2
+    assert not marker.exists()
+    lines = quiet.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"--resume: {run_dir / CHECKPOINT_FILE} holds objects, not just tensors")
+    assert main_in_fork("run", "--resume", str(run_dir), "--verbose", "--plugin", str(KILLABLE), stderr=verbose) == 2
+    assert verbose.read_text().splitlines()[0] == lines[0]
+    assert "Detected pickle protocol 4" in verbose.read_text() and "Weights only load failed" in verbose.read_text()
 
 
 def test_yaml_tags_that_build_objects_are_refused(write_yaml, tmp_path, capsys):
