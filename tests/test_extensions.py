@@ -67,7 +67,8 @@ def test_a_strategy_file_outside_the_repository_runs_by_name(tmp_path, tiny_conf
 def test_shipped_examples_run_from_outside_the_package(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [sys.executable, "-m", "incremental", "run", "digits_b0_5steps", "--quiet",
-              "--set", "training.epochs=1", "--set", "protocol.increment=5", "--set", "output.tensorboard=false"]
+              "--set", "training.epochs=1", "--set", "protocol.increment=5", "--set", "output.tensorboard=false",
+              "--set", "dataset.image_size=16"]  # the smallest digits: the test is about loading the examples
     for name, overrides in (("weight_aligning", ["--set", "strategy=weight_aligning"]),
                             ("small_cnn", ["--set", "backbone=small_cnn", "--set", "training.optimizer.lr=0.01"])):
         result = subprocess.run([*common, "--plugin", str(EXAMPLES / f"{name}.py"), *overrides, "--out", name],
