@@ -23,7 +23,7 @@ name: gan
 seed: 4
 dataset: {name: digits, image_size: 16}
 protocol: {initial_classes: 4, increment: 3, memory: {bytes: 60000}}
-backbone: {name: resnet32}
+backbone: {name: resnet32, width: 4}  # the smallest: these tests are about the GAN memory
 strategy: {name: gan_replay, steps: 4, batch_size: 8, quality_samples: 4, grid_samples: 2}
 training: {epochs: 1, batch_size: 32}
 output: {tensorboard: false}
