@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -79,15 +80,15 @@ def rewind_checkpoint(run_dir: Path, experience: int) -> None:
     torch.save(state, path)
 
 
-def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: bool = True,
-                 stderr: Path | None = None) -> int:
-    """``incremental ARGS`` in a forked copy of this test process: a separate process (it can
-    be SIGKILLed, and its locks are its own) without an interpreter's 10 s of imports. Returns
+def in_fork(work: Callable[[], int], *, env: dict | None = None, wait: bool = True, stdout: Path | None = None,
+            stderr: Path | None = None, cwd: Path | None = None) -> int:
+    """``work()`` in a forked copy of this test process: a separate process (it can be
+    SIGKILLed, and its locks are its own) without an interpreter's 10 s of imports. Returns
     the exit status as subprocess does (-9 for SIGKILL), or with ``wait=False`` the child's
-    PID (see :func:`wait_for_fork`). One thread, in the parent's place too
-    when results are compared: OpenMP's thread pool does not survive a fork, and the thread
-    count can change the last bit of a float. ``stderr``: a file that gets the child's
-    standard error (pytest's capture would swallow it)."""
+    PID (see :func:`wait_for_fork`). One thread, in the parent's place too when results are
+    compared: OpenMP's thread pool does not survive a fork, and the thread count can change
+    the last bit of a float. ``stdout``/``stderr``: files that get the child's output
+    (pytest's capture would swallow it); ``cwd``: where the child runs."""
     import torch
 
     _import_what_a_run_imports()  # once here, instead of in every child
@@ -97,18 +98,55 @@ def main_in_fork(*args: str, env: dict | None = None, wait: bool = True, quiet: 
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
+            for fd, path in ((1, stdout), (2, stderr)):
+                if path is not None:
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            if stdout is not None:
+                sys.stdout = open(1, "w", closefd=False)
             if stderr is not None:
-                os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
                 sys.stderr = open(2, "w", closefd=False)
+            if cwd is not None:
+                os.chdir(cwd)
             torch.set_num_threads(1)
             os.environ.update(env or {})
-            from incremental.cli import main
+            code = work()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - shown in the child's stderr, the status says it failed
+            import traceback
 
-            code = main([*args, *(["--quiet"] if quiet else [])])
+            traceback.print_exc()
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
     return wait_for_fork(pid) if wait else pid
+
+
+def main_in_fork(*args: str, quiet: bool = True, **fork: Any) -> int:
+    """``incremental ARGS`` in a forked copy of this test process (see :func:`in_fork`, which
+    takes the keyword arguments)."""
+    def work() -> int:
+        from incremental.cli import main
+
+        return main([*args, *(["--quiet"] if quiet else [])])
+
+    return in_fork(work, **fork)
+
+
+def script_in_fork(script: Path, *args: str, **fork: Any) -> int:
+    """``python SCRIPT ARGS`` in a forked copy of this test process (see :func:`in_fork`): the
+    script runs as ``__main__`` with its folder first on ``sys.path``, as the interpreter would
+    run it, without a fresh interpreter's imports."""
+    def work() -> int:
+        import runpy
+
+        sys.argv = [str(script), *args]
+        sys.path.insert(0, str(script.parent))
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+
+    return in_fork(work, **fork)
 
 
 def ranks_in_fork(*args: str, processes: int = 2, stderr_dir: Path) -> tuple[int, str]:

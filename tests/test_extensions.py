@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import main_in_fork
+
 from incremental.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,15 +67,17 @@ def test_a_strategy_file_outside_the_repository_runs_by_name(tmp_path, tiny_conf
 
 
 def test_shipped_examples_run_from_outside_the_package(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = [sys.executable, "-m", "incremental", "run", "digits_b0_5steps", "--quiet",
-              "--set", "training.epochs=1", "--set", "protocol.increment=5", "--set", "output.tensorboard=false",
+    """Each example by its file path, from a folder outside the repository (a forked copy of
+    this process that changes into it: no fresh interpreter's imports)."""
+    common = ["run", "digits_b0_5steps", "--set", "training.epochs=1", "--set", "protocol.increment=5",
+              "--set", "output.tensorboard=false",
               "--set", "dataset.image_size=16"]  # the smallest digits: the test is about loading the examples
     for name, overrides in (("weight_aligning", ["--set", "strategy=weight_aligning"]),
                             ("small_cnn", ["--set", "backbone=small_cnn", "--set", "training.optimizer.lr=0.01"])):
-        result = subprocess.run([*common, "--plugin", str(EXAMPLES / f"{name}.py"), *overrides, "--out", name],
-                                cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
+        errors = tmp_path / f"{name}.err"
+        code = main_in_fork(*common, "--plugin", str(EXAMPLES / f"{name}.py"), *overrides, "--out", name,
+                            cwd=tmp_path, stderr=errors)
+        assert code == 0, errors.read_text()[-2000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["status"] == "complete"
     ratio = json.loads((tmp_path / "weight_aligning" / "metrics.json").read_text())["head_norm_ratio"][1]
