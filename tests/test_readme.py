@@ -1,7 +1,7 @@
 """The README's "A short tour" and "Comparing runs" commands, run as written through the CLI's
-entry point (in a fresh folder, globs expanded as bash would, one epoch, two experiences and
-16-px digits appended to every run), so the README cannot drift from the code: a command the
-README shows must work, and compare must read what sweep wrote."""
+entry point (in a fresh folder, globs expanded as bash would, one epoch, two experiences,
+16-px digits and a one-block ViT appended to every run), so the README cannot drift from the
+code: a command the README shows must work, and compare must read what sweep wrote."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from incremental.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TINY = "--set training.epochs=1 --set protocol.increment=5 --set dataset.image_size=16 --set output.tensorboard=false"
+TINY = ("--set training.epochs=1 --set protocol.increment=5 --set dataset.image_size=16 --set output.tensorboard=false"
+        " --set backbone.depth=1")
 
 
 def section_commands(title: str) -> list[str]:
