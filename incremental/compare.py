@@ -30,6 +30,11 @@ SUMMARY_COLUMNS: list[tuple[str, Any]] = [
     ("forgetting", lambda m: (m.get("forgetting") or {}).get("mean")),
     ("bwt", lambda m: (m.get("bwt") or {}).get("final")),
 ]
+# Shown when a run has them (runs recorded before these existed have not)
+TASK_COLUMNS: list[tuple[str, Any]] = [
+    ("last task-IL acc", lambda m: (m.get("task_il_accuracy") or [None])[-1]),
+    ("last task id", lambda m: (m.get("task_identification") or [None])[-1]),
+]
 # Probe summaries shown when present: (label, summary key, column), at the last probed step.
 PROBE_COLUMNS = [
     ("corruptions", "mean_accuracy", "corrupted acc"),
@@ -245,11 +250,13 @@ def table_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     """The summary table: one row per group, mean ± std over its runs."""
     probe_columns = [c for c in PROBE_COLUMNS
                      if any(last_probe_value(r.metrics, c[0], c[1]) is not None for g in groups for r in g.runs)]
-    header = ["method", "runs", *(c[0] for c in SUMMARY_COLUMNS), *(c[2] for c in probe_columns)]
+    summary_columns = SUMMARY_COLUMNS + [c for c in TASK_COLUMNS
+                                         if any(c[1](r.metrics) is not None for g in groups for r in g.runs)]
+    header = ["method", "runs", *(c[0] for c in summary_columns), *(c[2] for c in probe_columns)]
     rows = []
     for group in groups:
         row = [group.label, str(len(group.runs))]
-        row += [format_mean_std([read(r.metrics) for r in group.runs]) for _, read in SUMMARY_COLUMNS]
+        row += [format_mean_std([read(r.metrics) for r in group.runs]) for _, read in summary_columns]
         row += [format_mean_std([last_probe_value(r.metrics, label, key) for r in group.runs])
                 for label, key, _ in probe_columns]
         rows.append(row)

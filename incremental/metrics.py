@@ -38,6 +38,14 @@ DEFINITIONS = {
     "bwt": "backward transfer (Lopez-Paz 2017): per_step[i] = mean_{j<i} (A[i][j] - A[j][j]); final = per_step[T-1]",
     "avalanche_forgetting": "Avalanche's first-minus-last forgetting: mean_{j<i} (A[j][j] - A[i][j]) = -bwt",
     "prediction_matrix": "per step i, P[j][k]: test images of experience j predicted as a class of experience k",
+    "task_il_accuracy_matrix": "TA[i][j]: accuracy (%) on the test images of experience j after training experience "
+                               "i, j <= i, with the prediction taken as the argmax over experience j's classes only "
+                               "(task-IL: the task is given, as Mammoth reports next to class-IL)",
+    "task_il_accuracy": "per step i: task-IL accuracy (%) on the test samples of all classes seen so far "
+                        "(sample-weighted over TA[i][:i+1])",
+    "task_identification": "per step i: % of the test images of experiences j <= i whose predicted class (the "
+                           "class-IL argmax) is one of their own experience's: sum_j P[j][j] / sum_j,k P[j][k]. "
+                           "A class-IL hit needs both a task-IL hit and a right task, so accuracy <= both",
     "old_predicted_as_new": "per step i (ViTIL's bias diagnostic): % of the test images of experiences j < i "
                             "predicted as a class of experience i",
     "head_norm_ratio": "per step i (ViTIL's bias diagnostic): mean L2 norm of the classifier weight rows of the "
@@ -59,6 +67,23 @@ def old_predicted_as_new(prediction_matrix: Sequence[Sequence[int]]) -> float | 
     old_rows = prediction_matrix[:step]
     total = sum(sum(row) for row in old_rows)
     return 100.0 * sum(row[step] for row in old_rows) / total if total else None
+
+
+def task_identification(prediction_matrix: Sequence[Sequence[int]]) -> float | None:
+    """% of the seen experiences' test images predicted as a class of their own experience."""
+    total = sum(sum(row) for row in prediction_matrix)
+    return 100.0 * sum(row[j] for j, row in enumerate(prediction_matrix)) / total if total else None
+
+
+def task_il_summary(rows: Sequence[Sequence[float] | None], sizes: Sequence[int],
+                    prediction_matrices: Sequence[Sequence[Sequence[int]] | None]) -> dict[str, Any]:
+    """The task-IL accuracy matrix (None rows where a step did not record one), its per-step
+    seen-class accuracy, and the per-step task-identification rate."""
+    return {
+        "task_il_accuracy_matrix": [None if row is None else list(map(float, row)) for row in rows],
+        "task_il_accuracy": [None if row is None else _weighted(row, sizes[: len(row)]) for row in rows],
+        "task_identification": [None if p is None else task_identification(p) for p in prediction_matrices],
+    }
 
 
 def _check(matrix: Matrix, sizes: Sequence[int] | None = None) -> None:

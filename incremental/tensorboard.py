@@ -72,6 +72,9 @@ LAYOUT = {
         "forgetting (max-based)": ["Multiline", [r"^cil/forgetting$"]],
         "backward transfer": ["Multiline", [r"^cil/bwt$"]],
         "old and new classes": ["Multiline", [r"^cil/accuracy_old$", r"^cil/accuracy_new$"]],
+        # forgetting inside each task against confusion between tasks
+        "class-IL, task-IL and task identification": ["Multiline", [r"^cil/accuracy$", r"^cil/task_il_accuracy$",
+                                                                     r"^cil/task_identification$"]],
     },
     "probes": {
         "corrupted accuracy": ["Multiline", [r"^probes/.*/mean_accuracy$"]],
@@ -121,6 +124,8 @@ class TensorBoardWriter:
             "cil/bwt": metrics["bwt"]["per_step"][step],
             "cil/accuracy_old": metrics["accuracy_old"][step],
             "cil/accuracy_new": metrics["accuracy_new"][step],
+            "cil/task_il_accuracy": (metrics.get("task_il_accuracy") or [None] * (step + 1))[step],
+            "cil/task_identification": (metrics.get("task_identification") or [None] * (step + 1))[step],
             "bias/old_predicted_as_new": step_info.get("old_predicted_as_new"),
             "bias/head_norm_ratio": step_info.get("head_norm_ratio"),
             "train/loss": step_info.get("train_loss"),

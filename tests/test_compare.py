@@ -265,3 +265,24 @@ def test_the_same_experiment_under_two_names_counts_once_and_is_named(runs, tmp_
     assert "strategy.name=replay       3" in printed  # seeds 0, 1 and 7; the copy of seed 0 once
     assert f"(counted once: {copy} repeats {runs[0]} (the same config and seed))" in printed
     assert f"counted once: {copy} repeats" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_the_table_shows_task_il_accuracy_and_task_identification(runs, tmp_path, capsys):
+    """Shown when a run has them: a comparison of runs recorded before they existed looks as it did."""
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "old")]) == 0
+    assert "task-IL" not in capsys.readouterr().out
+    paths = []
+    for seed, (task_il, task_id) in enumerate(((92.0, 80.0), (94.0, 84.0))):
+        path = write_run(tmp_path, f"new-replay-{seed}", seed, "replay", MATRICES[("replay", seed)])
+        metrics = json.loads((path / "metrics.json").read_text())
+        metrics.update(task_il_accuracy=[99.0, 95.0, task_il], task_identification=[100.0, 90.0, task_id])
+        (path / "metrics.json").write_text(json.dumps(metrics))
+        paths.append(path)
+    assert main(["compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "last task-IL acc" in printed and "last task id" in printed
+    assert main(["compare", *map(str, paths[:1]), str(write_run(tmp_path, "older", 1, "finetune", MATRICES[("finetune", 1)])),
+                 "--out", str(tmp_path / "cmp2")]) == 0
+    mixed = capsys.readouterr().out.splitlines()
+    assert next(line for line in mixed if "finetune" in line).split()[-2:] == ["-", "-"]  # a run without them
+    assert "93.00 ± 1.41" in printed and "82.00 ± 2.83" in printed  # the last steps' mean ± std over seeds

@@ -63,6 +63,8 @@ def test_two_processes_give_the_metrics_of_one(config, tmp_path):
     assert two["status"] == "complete"
     for row_one, row_two in zip(one["accuracy_matrix"], two["accuracy_matrix"]):
         assert row_two == pytest.approx(row_one, abs=1.0)  # stated tolerance: 1 point (about one test image)
+    for row_one, row_two in zip(one["task_il_accuracy_matrix"], two["task_il_accuracy_matrix"]):
+        assert row_two == pytest.approx(row_one, abs=1.0)  # the task-IL counts are summed over the ranks too
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert two["train_samples"] == one["train_samples"]  # each exemplar once per epoch, not once per rank
     assert memory_size(double) == memory_size(single) == 30  # protocol.memory.total, not 30 per rank

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from incremental.metrics import avalanche_forgetting, bwt, forgetting, seen_accuracy, summarize
+from incremental.metrics import (avalanche_forgetting, bwt, forgetting, seen_accuracy, summarize, task_identification,
+                                 task_il_summary)
 
 # A[i][j]: after experience i, on experience j.
 A = [
@@ -56,3 +57,40 @@ def test_single_experience_has_no_forgetting():
 def test_malformed_matrix_is_rejected():
     with pytest.raises(ValueError, match="row 1"):
         forgetting([[1.0], [1.0]])
+
+
+# P[j][k] after step 2: test images of experience j predicted as a class of experience k
+PREDICTIONS = [
+    [[100]],
+    [[60, 40], [5, 95]],
+    [[50, 20, 30], [10, 80, 10], [20, 20, 160]],
+]
+
+
+def test_task_identification_is_the_diagonal_share_of_the_prediction_matrix():
+    assert task_identification(PREDICTIONS[1]) == pytest.approx(100 * (60 + 95) / 200)
+    assert task_identification(PREDICTIONS[2]) == pytest.approx(100 * (50 + 80 + 160) / 400)
+    assert task_identification([[0]]) is None
+
+
+def test_task_il_accuracy_is_sample_weighted_and_rows_may_be_missing():
+    task_il = [[95.0], [90.0, 99.0], None]  # a step recorded before task-IL existed (a resumed old run)
+    summary = task_il_summary(task_il, SIZES, PREDICTIONS)
+    assert summary["task_il_accuracy"][:2] == pytest.approx([95.0, 94.5]) and summary["task_il_accuracy"][2] is None
+    assert summary["task_il_accuracy_matrix"][2] is None
+    assert summary["task_identification"] == pytest.approx([100.0, 77.5, 72.5])
+
+
+def test_task_il_hits_take_the_argmax_within_the_experience():
+    import torch
+
+    from incremental.training.plugins import task_il_hits
+
+    label_experience = torch.tensor([0, 0, 1, 1, 2])  # classes 0-1: experience 0, 2-3: 1, 4: 2
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0, 9.0],   # class 1 over 0 within exp 0; column 5 is no class
+                           [3.0, 1.0, 5.0, 2.0, 0.0, 0.0],   # class 0 within exp 0
+                           [0.0, 0.0, 1.0, 2.0, 7.0, 0.0]])  # class 3 within exp 1
+    labels = torch.tensor([1, 1, 3])
+    assert int(task_il_hits(logits, labels, label_experience, 0)) == 1  # rows 0 and 1 are experience 0's
+    assert int(task_il_hits(logits[2:], labels[2:], label_experience, 1)) == 1
+    assert int(task_il_hits(logits[:, :3], labels, label_experience, 0)) == 1  # a head narrower than the order

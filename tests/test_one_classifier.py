@@ -30,20 +30,26 @@ STRATEGIES = {
 }
 
 
-def independent_accuracies(run_dir: Path) -> list[float]:
-    """The saved model on each experience's test images, outside the template and plugins."""
+def independent_accuracies(run_dir: Path) -> tuple[list[float], list[float], float]:
+    """The saved model on each experience's test images, outside the template and plugins: the
+    class-IL accuracies, the task-IL ones (the argmax over the experience's own classes) and the
+    task-identification rate (how often the class-IL argmax falls in the right experience)."""
     cfg, splits, split, model, step = load_run_model(run_dir)
     test = OrderedClassSubset(splits.test, split.class_order)
-    accuracies = []
+    accuracies, task_il, right_task, images_seen = [], [], 0, 0
     with torch.no_grad():
         for labels in split.label_ranges()[: step + 1]:
             idx = [i for i, t in enumerate(test.targets) if t in labels]
             images = torch.stack([splits.eval_transform(test[i][0]) for i in idx])
             targets = torch.tensor([test.targets[i] for i in idx])
-            correct = sum(int((classify(model, images[k:k + 512]).argmax(1) == targets[k:k + 512]).sum())
-                          for k in range(0, len(idx), 512))
-            accuracies.append(100.0 * correct / len(idx))
-    return accuracies
+            logits = torch.cat([classify(model, images[k:k + 512]) for k in range(0, len(idx), 512)])
+            predicted = logits.argmax(1)
+            within = logits[:, labels.start:labels.stop].argmax(1) + labels.start
+            accuracies.append(100.0 * int((predicted == targets).sum()) / len(idx))
+            task_il.append(100.0 * int((within == targets).sum()) / len(idx))
+            right_task += int(((predicted >= labels.start) & (predicted < labels.stop)).sum())
+            images_seen += len(idx)
+    return accuracies, task_il, 100.0 * right_task / images_seen
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -55,7 +61,10 @@ def test_the_saved_model_reproduces_the_last_row(strategy, tmp_path):
     assert main(["run", str(config), "--out", str(out), "--quiet", "--set", "training.epochs=2",
                  "--set", "output.tensorboard=false"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert independent_accuracies(out) == metrics["accuracy_matrix"][-1]
+    accuracies, task_il, task_identification = independent_accuracies(out)
+    assert accuracies == metrics["accuracy_matrix"][-1]
+    assert task_il == metrics["task_il_accuracy_matrix"][-1]
+    assert task_identification == pytest.approx(metrics["task_identification"][-1], abs=1e-9)
 
 
 def test_icarl_saves_its_class_means_and_probes_classify_with_them(tmp_path):

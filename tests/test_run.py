@@ -70,7 +70,7 @@ def test_tensorboard_steps_are_experience_indices(tiny_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("cil/accuracy", "cil/average_incremental_accuracy", "cil/accuracy_new",
-                "accuracy_per_experience/exp_00", "train/loss"):
+                "cil/task_il_accuracy", "cil/task_identification", "accuracy_per_experience/exp_00", "train/loss"):
         assert [e.step for e in events.Scalars(tag)] == [0, 1, 2], tag
     for tag in ("cil/forgetting", "cil/bwt", "cil/accuracy_old",  # undefined at step 0
                 "bias/old_predicted_as_new", "bias/head_norm_ratio"):
@@ -79,6 +79,10 @@ def test_tensorboard_steps_are_experience_indices(tiny_run):
     assert {"accuracy_per_experience/exp_01", "accuracy_per_experience/exp_02"} <= scalars
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert [e.value for e in events.Scalars("cil/accuracy")] == pytest.approx(metrics["accuracy"], rel=1e-6)
+    for tag, key in (("cil/task_il_accuracy", "task_il_accuracy"), ("cil/task_identification", "task_identification")):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx(metrics[key], rel=1e-6), tag
+    assert all(a <= min(t, i) + 1e-9 for a, t, i in zip(metrics["accuracy"], metrics["task_il_accuracy"],
+                                                         metrics["task_identification"]))
     assert [e.value for e in events.Scalars("cil/forgetting")] == \
         pytest.approx(metrics["forgetting"]["per_step"][1:], rel=1e-6)
     assert [e.value for e in events.Scalars("bias/head_norm_ratio")] == \

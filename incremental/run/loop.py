@@ -180,6 +180,7 @@ def step_record(built: BuiltRun, i: int, *, train_s: float, eval_s: float, probe
             "train_samples": recorder.train_samples, "train_loss_per_epoch": recorder.epoch_losses,
             "trained_params": recorder.trained_params,
             "prediction_matrix": predictions, "old_predicted_as_new": old_predicted_as_new(predictions),
+            "task_il_accuracies": recorder.task_accuracies(i + 1),
             "head_norm_ratio": head_norm_ratio(built.template.model, built.class_split.label_ranges(), i),
             "probe_s": probe_s,
             "probes": built.probe_suite.last_results if built.probe_suite is not None else {},

@@ -43,10 +43,12 @@ class RunResults:
         del self.matrix[completed:], self.steps[completed:]
 
     def to_json(self) -> dict[str, Any]:
-        from ..metrics import DEFINITIONS, summarize
+        from ..metrics import DEFINITIONS, summarize, task_il_summary
         from ..probes import DEFINITIONS as PROBE_DEFINITIONS
 
         summary = summarize(self.matrix, self.test_sizes)
+        predictions = [s.get("prediction_matrix") for s in self.steps]
+        task_il = task_il_summary([s.get("task_il_accuracies") for s in self.steps], self.test_sizes, predictions)
         return {
             "format": METRICS_FORMAT,
             "name": self.cfg.name,
@@ -62,9 +64,10 @@ class RunResults:
             "experiences": self.experiences,
             "test_samples_per_experience": self.test_sizes,
             **summary,
+            **task_il,
             "train_loss": [s.get("train_loss") for s in self.steps],
             "train_loss_per_epoch": [s.get("train_loss_per_epoch") for s in self.steps],
-            "prediction_matrix": [s.get("prediction_matrix") for s in self.steps],
+            "prediction_matrix": predictions,
             "old_predicted_as_new": [s.get("old_predicted_as_new") for s in self.steps],
             "head_norm_ratio": [s.get("head_norm_ratio") for s in self.steps],
             "train_samples": [s.get("train_samples") for s in self.steps],

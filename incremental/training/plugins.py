@@ -52,6 +52,19 @@ class OptimizationPlugin(SupervisedPlugin, supports_distributed=True):
 # --------------------------------------------------------------------------- records
 
 
+def task_il_hits(logits: torch.Tensor, labels: torch.Tensor, label_experience: torch.Tensor,
+                 experience: int) -> torch.Tensor:
+    """How many of a batch of ``experience``'s test images the argmax over that experience's own
+    classes gets right (task-IL: the task is given). Logits of classes outside the protocol's
+    (a head wider than the class order) never count."""
+    width = logits.shape[1]
+    own = torch.zeros(width, dtype=torch.bool, device=logits.device)
+    known = min(width, len(label_experience))
+    own[:known] = label_experience[:known] == experience
+    within = logits.masked_fill(~own, float("-inf")).argmax(dim=1)
+    return (within == labels).sum()
+
+
 class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
     """Counts correct predictions per evaluated experience, and the training loss.
 
@@ -68,6 +81,9 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
         self.total: dict[int, int] = {}
         self.predicted: dict[int, torch.Tensor] = {}
         self._hits: dict[int, torch.Tensor] = {}  # correct predictions so far, on the device
+        # task-IL: correct when the argmax is taken over the evaluated experience's classes only
+        self.task_correct: dict[int, int] = {}
+        self._task_hits: dict[int, torch.Tensor] = {}
         self.loss_sum = 0.0
         self.loss_count = 0
         self._pending: list[torch.Tensor] = []  # this epoch's unread per-step losses, on the device
@@ -86,6 +102,7 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
 
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
         self.correct, self.total, self.predicted, self._hits = {}, {}, {}, {}
+        self.task_correct, self._task_hits = {}, {}
 
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
         # Counted on the device and read once per experience (after_eval_exp), not per batch.
@@ -99,11 +116,15 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
                 self.label_experience = self.label_experience.to(predictions.device)
             counts = torch.bincount(self.label_experience[predictions], minlength=self.num_experiences)
             self.predicted[exp] = self.predicted[exp] + counts if exp in self.predicted else counts
+            task_hits = task_il_hits(strategy.mb_output, strategy.mb_y, self.label_experience, exp)
+            self._task_hits[exp] = self._task_hits[exp] + task_hits if exp in self._task_hits else task_hits
 
     def after_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
         exp = strategy.experience.current_experience
         if exp in self._hits:
             self.correct[exp] = int(self._hits.pop(exp))
+        if exp in self._task_hits:
+            self.task_correct[exp] = int(self._task_hits.pop(exp))
         if exp in self.predicted:
             self.predicted[exp] = self.predicted[exp].cpu()
 
@@ -125,13 +146,15 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
         n = self.num_experiences or 1 + max(self.total, default=0)
         device = strategy.device
         correct = torch.tensor([self.correct.get(j, 0) for j in range(n)], device=device)
+        task_correct = torch.tensor([self.task_correct.get(j, 0) for j in range(n)], device=device)
         total = torch.tensor([self.total.get(j, 0) for j in range(n)], device=device)
         predicted = torch.stack([torch.as_tensor(self.predicted.get(j, torch.zeros(n, dtype=torch.long)),
                                                  dtype=torch.long).reshape(-1)[:n] for j in range(n)]).to(device)
-        for counts in (correct, total, predicted):
+        for counts in (correct, task_correct, total, predicted):
             sum_tensor(counts, dist)
         seen = [j for j in range(n) if total[j] > 0]
         self.correct = {j: int(correct[j]) for j in seen}
+        self.task_correct = {j: int(task_correct[j]) for j in seen} if len(self.label_experience) else {}
         self.total = {j: int(total[j]) for j in seen}
         self.predicted = {j: predicted[j].cpu() for j in seen} if len(self.label_experience) else {}
 
@@ -171,6 +194,13 @@ class EvaluationRecorder(SupervisedPlugin, supports_distributed=True):
     def accuracies(self, num_experiences: int) -> list[float]:
         """Accuracy (%) on experiences 0..num_experiences-1 from the last evaluation."""
         return [100.0 * self.correct.get(j, 0) / max(1, self.total.get(j, 0)) for j in range(num_experiences)]
+
+    def task_accuracies(self, num_experiences: int) -> list[float] | None:
+        """Task-IL accuracy (%) on experiences 0..num_experiences-1 from the last evaluation: the
+        argmax over each experience's own classes; None without the label-to-experience map."""
+        if not len(self.label_experience):
+            return None
+        return [100.0 * self.task_correct.get(j, 0) / max(1, self.total.get(j, 0)) for j in range(num_experiences)]
 
     def prediction_matrix(self, num_experiences: int) -> list[list[int]]:
         """Row j: how many test images of experience j were predicted in each seen experience."""
