@@ -32,7 +32,7 @@ from incremental.models.peft import add_adapters, adapters_set, freeze, vision_t
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import EASEConfig
-from .pretrained import experience_features, mask_old_classes, replace_head
+from .pretrained import experience_features, loss_on_current_classes, replace_head
 
 
 class SubspaceViT(nn.Module):
@@ -98,7 +98,7 @@ class EASE(StrategyPlugin):
                 p.requires_grad_(index == experience)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        mask_old_classes(strategy, self.context)
+        loss_on_current_classes(strategy, self.context)
 
     @torch.no_grad()
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

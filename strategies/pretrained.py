@@ -49,13 +49,13 @@ def set_prototypes(model: nn.Module, means: dict[int, torch.Tensor], metric: str
     model.output_adapter = PrototypeOutput(prototypes, metric)
 
 
-def mask_old_classes(strategy: Any, context: Any) -> None:
+def loss_on_current_classes(strategy: Any, context: Any) -> None:
     """The training loss sees the current experience's classes only (PILOT's L2P, DualPrompt,
-    CODA-Prompt, SLCA and EASE): older classes' logits are set to -inf (an ``after_forward``)."""
-    known = context.class_split.label_ranges()[strategy.experience.current_experience].start
-    if known:
-        strategy.mb_output = strategy.mb_output.clone()
-        strategy.mb_output[:, :known] = float("-inf")
+    CODA-Prompt, SLCA and EASE; an ``after_forward``): the template's loss takes the logits from
+    the experience's first class on, with the labels shifted to match, as PILOT's SLCA and EASE
+    slice them. For plain cross-entropy that is the loss of L2P's -inf masking of the older
+    logits; with label smoothing it stays finite, where -inf logits make it infinite."""
+    strategy.loss_classes_from = context.class_split.label_ranges()[strategy.experience.current_experience].start
 
 
 def replace_head(model: nn.Module, num_features: int) -> None:

@@ -18,7 +18,7 @@ from incremental.models.prompts import CodaPrompts, DualPrompts, L2PPool, Prompt
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import CodaPromptConfig, DualPromptConfig, L2PConfig
-from .pretrained import mask_old_classes
+from .pretrained import loss_on_current_classes
 
 
 class PromptStrategy(StrategyPlugin):
@@ -45,7 +45,7 @@ class PromptStrategy(StrategyPlugin):
         strategy.model.backbone.prompter.task.fill_(strategy.experience.current_experience)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        mask_old_classes(strategy, self.context)
+        loss_on_current_classes(strategy, self.context)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         loss = strategy.model.backbone.aux_loss

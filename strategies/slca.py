@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import SLCAConfig
-from .pretrained import experience_features, mask_old_classes
+from .pretrained import experience_features, loss_on_current_classes
 
 
 def backbone_lr_hook(scale: float) -> Any:
@@ -74,7 +74,7 @@ class SLCA(StrategyPlugin):
                 p.requires_grad_(False)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-        mask_old_classes(strategy, self.context)
+        loss_on_current_classes(strategy, self.context)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience

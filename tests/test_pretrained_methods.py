@@ -98,6 +98,46 @@ def _saved_features(run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch
     return model, features, torch.tensor(train.targets), split.label_ranges()
 
 
+def test_the_current_class_loss_is_pilots_masked_loss_sliced():
+    """The template's loss for a strategy that trains on the current classes: the logits from
+    the experience's first class on, labels shifted. Without smoothing it is PILOT's L2P loss
+    (older logits at -inf) and its gradient; with smoothing it stays finite, which -inf does not."""
+    from types import SimpleNamespace
+
+    from incremental.training.template import IncrementalTemplate
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, 4, 6, 5, 3, 6])
+    masked = logits.clone()
+    masked[:, :3] = float("-inf")
+    for smoothing in (0.0, 0.1):
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+        state = SimpleNamespace(loss_classes_from=3, is_training=True, mb_output=logits, mb_y=labels,
+                                _criterion=criterion)
+        sliced = IncrementalTemplate.criterion(state)
+        reference = criterion(masked, labels)
+        if smoothing:
+            assert torch.isinf(reference) and torch.isfinite(sliced)
+            continue
+        torch.testing.assert_close(sliced, reference, rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad(sliced, logits)
+        (reference_grad,) = torch.autograd.grad(reference, logits)
+        torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-12)
+        assert not grad[:, :3].any()  # the older classes' logits get no gradient
+
+
+@pytest.mark.parametrize("method", ["l2p", "slca", "ease"])
+def test_the_current_class_methods_train_with_label_smoothing(method, pretrained, tmp_path):
+    """Under -inf masking, label smoothing made the loss infinite from the second experience on,
+    and the run stopped with "lower the learning rate"."""
+    import math
+
+    config, weights = pretrained
+    metrics = run_method(config, weights, tmp_path / method, METHODS[method], "training.label_smoothing=0.1")
+    assert metrics["status"] == "complete" and all(math.isfinite(loss) for loss in metrics["train_loss"])
+
+
 def test_simplecil_prototypes_are_the_class_means_and_the_backbone_is_untouched(pretrained, tmp_path):
     config, weights = pretrained
     run_method(config, weights, tmp_path / "run", "simplecil")

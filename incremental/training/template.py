@@ -54,6 +54,16 @@ class IncrementalTemplate(SupervisedTemplate):
         self.feature_cache = FeatureCache(feature_cache_bytes)
         self._eval_features: EvalFeatures | None = None
 
+    # Set by strategies whose loss sees the current experience's classes only (L2P, SLCA, EASE...):
+    # the first class the training loss takes logits of; 0 is every class.
+    loss_classes_from = 0
+
+    def criterion(self) -> torch.Tensor:
+        first = self.loss_classes_from
+        if first and self.is_training:
+            return self._criterion(self.mb_output[:, first:], self.mb_y - first)
+        return super().criterion()
+
     # the engine's settings, read by plugins and the run
     @property
     def dist(self) -> Any:
