@@ -447,18 +447,26 @@ SYNTHETIC_OOD = "{name: synthetic, num_classes: 4, test_per_class: 10, image_siz
 
 
 def test_the_ood_probe_scores_with_text_prototypes(weights, tmp_path):
-    """For continual_clip the run's logits are the text head's, so both scorings agree exactly;
+    """MCM's score: softmax(cos / T) with T = 1 by default. For continual_clip the run's logits
+    are the logit scale times the same cosines, so the text head at T = 1 / scale agrees with
+    them exactly; at T = 1 the max-logit ranking (and its AUROC) is the same, and MSP's is not.
     `incremental probe` on the saved model agrees with the run's last step."""
+    scale = float(reference_model(weights).logit_scale.exp().clamp(max=100.0))
+    assert scale > 2  # trained away from 1, so T = 1 and T = 1 / scale differ
     run = run_clip(tmp_path, weights, "ood", "probes=[{name: ood, head: text, num_samples: 60}, "
+                                             f"{{name: ood, label: ood_scaled, head: text, num_samples: 60, "
+                                             f"temperature: {1 / scale!r}}}, "
                                              "{name: ood, label: ood_logits, num_samples: 60}, "
                                              f"{{name: ood, label: ood_synthetic, head: text, num_samples: 40, "
                                              f"source: dataset, dataset: {SYNTHETIC_OOD}}}]")
     probes = metrics(run)["probes"]
-    text, logits = probes["ood"][0], probes["ood_logits"][0]
-    assert text["head"] == "text" and logits["head"] == "logits"
-    for key, value in text["summary"].items():
-        assert logits["summary"][key] == pytest.approx(value, abs=1e-9)
-    assert text["summary"]["auroc/msp"] > 60  # the trained clip-tiny tells seen digits from unseen ones
+    mcm, scaled, logits = probes["ood"][0], probes["ood_scaled"][0], probes["ood_logits"][0]
+    assert mcm["head"] == scaled["head"] == "text" and logits["head"] == "logits"
+    for key, value in scaled["summary"].items():
+        assert logits["summary"][key] == pytest.approx(value, abs=1e-6)
+    assert mcm["summary"]["auroc/max_logit"] == pytest.approx(logits["summary"]["auroc/max_logit"], abs=1e-9)
+    assert mcm["summary"]["auroc/msp"] != pytest.approx(logits["summary"]["auroc/msp"], abs=1e-3)
+    assert mcm["summary"]["auroc/msp"] > 60  # the trained clip-tiny tells seen digits from unseen ones
     assert main(["probe", str(run), "--quiet", "--set", f"probes=[{{name: ood, label: ood_synthetic, head: text, "
                  f"num_samples: 40, source: dataset, dataset: {SYNTHETIC_OOD}}}]",
                  "--out", str(tmp_path / "offline.json")]) == 0

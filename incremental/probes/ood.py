@@ -45,19 +45,19 @@ def to_run_format(images: torch.Tensor, size: int, channels: int) -> torch.Tenso
 
 
 class TextScoredModel(torch.nn.Module):
-    """Pixels in [0, 1] to CLIP's zero-shot logits over the seen classes: the logit scale times
-    the cosine similarity of the image embedding to each class's text embedding."""
+    """Pixels in [0, 1] to MCM's logits over the seen classes: the cosine similarity of the
+    image embedding to each class's text embedding, divided by ``temperature``."""
 
-    def __init__(self, pixel_model: torch.nn.Module, text: torch.Tensor, scale: float):
+    def __init__(self, pixel_model: torch.nn.Module, text: torch.Tensor, temperature: float):
         super().__init__()
         self.pixel_model = pixel_model
         self.register_buffer("text", text, persistent=False)
-        self.scale = scale
+        self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         net = self.pixel_model.model
         pooled = net.forward_head(net.forward_features(self.pixel_model.inputs(images)), pre_logits=True)
-        return self.scale * F.normalize(pooled.float(), dim=-1) @ self.text.T
+        return F.normalize(pooled.float(), dim=-1) @ self.text.T / self.temperature
 
 
 def check_text_heads(specs: Any, model: torch.nn.Module) -> None:
@@ -128,7 +128,7 @@ class OodProbe(Probe):
 
             backbone = batch.model.model.backbone
             text = backbone.text_embeddings(self.texts[:batch.num_seen_classes], self.templates).to(batch.device)
-            batch = dataclasses.replace(batch, model=TextScoredModel(batch.model, text, float(backbone.logit_scale())))
+            batch = dataclasses.replace(batch, model=TextScoredModel(batch.model, text, self.config.temperature))
         inside_logits, outside_logits = batch.logits(batch.images), batch.logits(outside)
         scalars: dict[str, float] = {}
         details: dict[str, Any] = {"num_ood": len(outside), "source": self.config.source, "head": self.config.head}

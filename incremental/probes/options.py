@@ -111,10 +111,13 @@ class OodConfig:
     # are resized and converted to the run's size and channels
     dataset: Component | None = field(default=None, metadata={"registry": "datasets", "default_name": None})
     scores: list[Score] = field(default_factory=lambda: ["msp", "max_logit", "energy"])
-    # logits: the run's classifier; text (backbone: clip): CLIP's logit scale times the cosine
-    # similarity to the seen classes' text embeddings (the protocol's templates), as MCM (Ming et
+    # logits: the run's classifier; text (backbone: clip): the cosine similarity to the seen
+    # classes' text embeddings (the protocol's templates) over ``temperature``, as MCM (Ming et
     # al. 2022) scores OOD with a vision-language model; msp on these is MCM's score
     head: Literal["logits", "text"] = "logits"
+    # head: text only. MCM's softmax(cos / T) uses T = 1 (its detection_util); CLIP's own logit
+    # scale (about 100) would be T = 0.01, which makes MSP nearly 1 on everything
+    temperature: float = opt(1.0, gt=0, le=1000)
     worst_case: bool = False
     # pgd: the toolkit's (Madry et al.); apgd_ce: torchattacks' APGD (Croce and Hein 2020) on the
     # cross-entropy of [0, score], which rises with the score: `pip install --no-deps torchattacks`
@@ -131,6 +134,9 @@ class OodConfig:
             raise ConfigError("'dataset' is only read with source: dataset", key="dataset")
         if not self.scores:
             raise ConfigError("list at least one score", key="scores")
+        if self.head != "text" and self.temperature != 1.0:
+            raise ConfigError("the temperature divides the text head's cosine similarities; "
+                              "it needs head: text", key="temperature")
 
 
 # What `incremental probe` runs when neither the run nor --set names probes, and what
