@@ -309,6 +309,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("an OOD temperature on the logits head", lambda ws: ["check", ws.config("probes: [{name: ood, temperature: 0.5}]\n"),
                                                           "--no-data"],
      lambda ws: ws.case, "probes.0.temperature: the temperature divides the text head's cosine similarities", "fast"),
+    ("GELU for weights trained with QuickGELU", lambda ws: ["check", ws.config(
+        "backbone: {name: clip, model: ViT-B-32, pretrained_tag: openai, quick_gelu: false}\nstrategy: zeroshot\n")],
+     lambda ws: ws.case, "backbone.quick_gelu: pretrained_tag 'openai' names weights trained with QuickGELU", "fork"),
+    ("quick_gelu not a boolean", lambda ws: ["check", ws.config("backbone: {name: clip, model: clip-tiny, quick_gelu: maybe}\n"),
+                                             "--no-data"],
+     lambda ws: ws.case, "backbone.quick_gelu: expected", "fast"),
     ("a misspelt zero-shot class set", lambda ws: ["check", ws.config("strategy: {name: zeroshot, classes: sen}\n"),
                                                    "--no-data"],
      lambda ws: ws.case, "strategy.classes: expected", "fast"),

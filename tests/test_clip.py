@@ -28,12 +28,12 @@ SIZE = 16
 TEMPLATE = "a photo of a {}."
 
 
-def open_clip_model(image_size: int = SIZE) -> torch.nn.Module:
+def open_clip_model(image_size: int = SIZE, **options) -> torch.nn.Module:
     from incremental.models.clip import TOOLKIT_ARCHITECTURES
 
     cfg = copy.deepcopy(TOOLKIT_ARCHITECTURES["clip-tiny"])
     cfg["vision_cfg"]["image_size"] = image_size
-    return open_clip.CLIP(**cfg)
+    return open_clip.CLIP(**cfg, **options)
 
 
 def digits(split: str = "train"):
@@ -122,6 +122,58 @@ def test_the_image_tower_is_open_clips_behind_timms_contract(weights):
     pooled = backbone.forward_head(features, pre_logits=True)
     assert backbone.num_features == 64 and pooled.shape == (8, 64)
     assert torch.allclose(pooled.norm(dim=1), torch.ones(8), atol=1e-6)
+
+
+def test_quick_gelu_runs_open_clips_quick_gelu_model(weights):
+    """quick_gelu: true builds open_clip's QuickGELU model: the same weights give its image and
+    text features exactly, and not the GELU model's."""
+    from incremental.models.clip import build_clip
+    from incremental.models.options import CLIPConfig
+    from incremental.models.pretrained import load_pretrained
+
+    backbone = build_clip(CLIPConfig(model="clip-tiny", quick_gelu=True), in_chans=1, img_size=SIZE).eval()
+    load_pretrained(backbone, weights)
+    reference = open_clip_model(quick_gelu=True)
+    reference.load_state_dict(torch.load(weights, weights_only=True))
+    reference.eval()
+    images = digits("test")[0][:8]
+    features = backbone.forward_features(images)
+    assert torch.equal(features, reference.encode_image(images.expand(-1, 3, -1, -1)))
+    assert not torch.allclose(features, reference_model(weights).encode_image(images.expand(-1, 3, -1, -1)))
+    tokens = backbone.tokenize(["a photo of a zero."])
+    assert torch.equal(backbone.encode_text(tokens), reference.encode_text(tokens))
+
+
+@pytest.mark.parametrize("model, tag, expected", [
+    ("ViT-B-32", None, "GELU"),                          # the architecture's own config
+    ("ViT-B-32", "openai", "QuickGELU"),                 # open_clip's pretrained config for the tag
+    ("ViT-B-32", "ViT-B-32.laion400m_e32", "QuickGELU"),
+    ("ViT-B-32", "ViT-B-32.laion2b_s34b_b79k", "GELU"),
+    ("ViT-B-16", "ViT-B-16.laion400m_e32", "GELU"),      # PROOF's weights: GELU, as open_clip says
+    ("ViT-B-32", "my-own-finetune", "GELU"),             # a tag open_clip does not know: the architecture's
+    ("ViT-B-32-quickgelu", None, "QuickGELU"),           # the architecture's config says so
+])
+def test_the_activation_follows_open_clips_config_for_the_tag(model, tag, expected):
+    from incremental.errors import ConfigError
+    from incremental.models.clip import model_config, quick_gelu
+    from incremental.models.options import CLIPConfig
+
+    cfg = CLIPConfig(model=model)
+    assert ("QuickGELU" if quick_gelu(cfg, model_config(cfg), tag) else "GELU") == expected
+    if tag in (None, "my-own-finetune"):
+        return  # nothing to contradict
+    with pytest.raises(ConfigError, match="would run them with the other activation"):
+        quick_gelu(CLIPConfig(model=model, quick_gelu=expected == "GELU"), model_config(cfg), tag)
+
+
+def test_a_built_clip_backbone_has_the_tags_activation():
+    """Through build_backbone, as a run builds it: OpenAI's ViT-B-32 weights get QuickGELU modules."""
+    from incremental.config import load_config
+    from incremental.models.net import build_backbone
+
+    cfg, _ = load_config("digits_b0_5steps", ["backbone={name: clip, model: ViT-B-32, pretrained_tag: openai}"])
+    backbone = build_backbone(cfg.backbone, in_chans=1, img_size=32)
+    assert {type(m).__name__ for m in backbone.modules() if "GELU" in type(m).__name__} == {"QuickGELU"}
 
 
 def test_text_embeddings_are_open_clips_prompt_ensemble(weights):

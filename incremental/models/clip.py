@@ -164,12 +164,40 @@ def require_open_clip() -> None:
                           "pip install \"incremental-vit[clip]\" (or open_clip_torch)", key="name")
 
 
-def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int) -> nn.Module:
-    """open_clip image-text dual encoder (any architecture, local weights); a class-name text head."""
+def trained_quick_gelu(architecture: str, tag: str | None) -> bool | None:
+    """Whether open_clip's pretrained config for ``tag`` ("openai", or "ViT-B-16.openai" naming
+    the architecture too) says QuickGELU; None when the tag is not one of open_clip's."""
+    if not tag:
+        return None
+    import open_clip
+
+    named, _, name = tag.rpartition(".")
+    pretrained = open_clip.get_pretrained_cfg(named or architecture, name)
+    return bool(pretrained.get("quick_gelu", False)) if pretrained else None
+
+
+def quick_gelu(cfg: CLIPConfig, model_cfg: dict[str, Any], tag: str | None) -> bool:
+    """The activation the weights need: ``cfg.quick_gelu`` if set (refused when the tag's
+    weights were trained with the other), else the tag's, else the architecture config's."""
+    trained = trained_quick_gelu(cfg.model, tag)
+    if cfg.quick_gelu is None:
+        return trained if trained is not None else bool(model_cfg.get("quick_gelu", False))
+    if trained is not None and cfg.quick_gelu != trained:
+        activation = "QuickGELU" if trained else "GELU"
+        raise ConfigError(f"pretrained_tag {tag!r} names weights trained with {activation} (open_clip's pretrained "
+                          f"config); quick_gelu: {str(cfg.quick_gelu).lower()} would run them with the other "
+                          f"activation", key="quick_gelu")
+    return cfg.quick_gelu
+
+
+def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int, pretrained_tag: str | None = None) -> nn.Module:
+    """open_clip image-text dual encoder (any architecture, local weights); a class-name text head.
+    ``pretrained_tag`` (backbone.pretrained_tag) decides the activation where open_clip knows it."""
     require_open_clip()
     import open_clip
 
     model_cfg = model_config(cfg)
+    model_cfg["quick_gelu"] = quick_gelu(cfg, model_cfg, pretrained_tag)
     model_cfg["vision_cfg"]["image_size"] = cfg.img_size or img_size
     text_cfg = model_cfg["text_cfg"]
     custom_text = model_cfg.pop("custom_text", False)

@@ -8,6 +8,7 @@ brings new classes; Avalanche's model adaptation grows it before each experience
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -209,8 +210,12 @@ def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = 
     structural compression applied; ``key`` is its place in the config, for errors, and
     ``report`` (if given) receives what loading and compressing did."""
     entry = BACKBONES.get(spec.name)
+    options = spec.common
+    extra = {}
+    if options is not None and "pretrained_tag" in inspect.signature(entry.obj).parameters:
+        extra["pretrained_tag"] = options.pretrained_tag  # a builder that reads the tag (clip: the activation)
     try:
-        backbone = entry.obj(spec.config, in_chans=in_chans, img_size=img_size)
+        backbone = entry.obj(spec.config, in_chans=in_chans, img_size=img_size, **extra)
     except ConfigError as exc:
         if exc.key and not exc.key.startswith(key + "."):
             exc.key = f"{key}.{exc.key}"
@@ -218,7 +223,6 @@ def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = 
     for attr in ("forward_features", "forward_head", "num_features"):
         if not hasattr(backbone, attr):
             raise TypeError(f"backbone {spec.name!r} lacks {attr!r} (timm's contract)")
-    options = spec.common
     if options is None:
         return backbone
     if options.pretrained:

@@ -225,6 +225,11 @@ class CLIPConfig:
     # text: new classifier rows start as scale * (normalised text embedding of the class name);
     # random: Avalanche's initialisation, as for every other backbone
     head_init: Literal["text", "random"] = "text"
+    # The activation: QuickGELU (x * sigmoid(1.702 x)), which OpenAI's CLIP and some LAION weights
+    # were trained with, or GELU. None: as open_clip's pretrained config for backbone.pretrained_tag
+    # ("openai" or "ViT-B-32.laion400m_e32") says, else as the architecture's config (the
+    # "-quickgelu" names set it). A value that contradicts the tag is refused.
+    quick_gelu: bool | None = None
 
 
 BACKBONES.declare("vit", "incremental.models.vit:build_vit", config=ViTConfig,
