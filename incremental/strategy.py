@@ -77,6 +77,12 @@ class StrategyContext:
             raise ConfigError(f"strategy {strategy!r} writes classifiers from class names and needs a backbone "
                               f"with a text tower (backbone.name: clip), not {self.config.backbone.name!r}",
                               key="backbone.name")
+        backbone = self.config.backbone
+        if backbone.common.pretrained is None and not getattr(backbone.config, "random_weights", False):
+            raise ConfigError(f"strategy {strategy!r} classifies by what a pre-trained CLIP knows of the class names, "
+                              f"and no weights are named, so this CLIP is random: name an open_clip checkpoint, "
+                              f"or set backbone.random_weights: true to run a random one on purpose",
+                              key="backbone.pretrained")
         return model.backbone
 
     def train_dataset(self, experience: int) -> Any:

@@ -312,6 +312,13 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("GELU for weights trained with QuickGELU", lambda ws: ["check", ws.config(
         "backbone: {name: clip, model: ViT-B-32, pretrained_tag: openai, quick_gelu: false}\nstrategy: zeroshot\n")],
      lambda ws: ws.case, "backbone.quick_gelu: pretrained_tag 'openai' names weights trained with QuickGELU", "fork"),
+    ("continual_clip on a random CLIP", lambda ws: ["check", ws.config(
+        "backbone: {name: clip, model: clip-tiny}\nstrategy: continual_clip\n")],
+     lambda ws: ws.case, "backbone.pretrained: strategy 'continual_clip' classifies by what a pre-trained CLIP knows",
+     "fork"),
+    ("random_weights not a boolean", lambda ws: ["check", ws.config("backbone: {name: clip, model: clip-tiny, random_weights: 2}\n"),
+                                                 "--no-data"],
+     lambda ws: ws.case, "backbone.random_weights: expected", "fast"),
     ("quick_gelu not a boolean", lambda ws: ["check", ws.config("backbone: {name: clip, model: clip-tiny, quick_gelu: maybe}\n"),
                                              "--no-data"],
      lambda ws: ws.case, "backbone.quick_gelu: expected", "fast"),

@@ -313,7 +313,7 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     saves the weights of one process. (Dropout off: each rank draws its own masks.)"""
     from safetensors.torch import load_file
 
-    sets = ["dataset.image_size=32", "backbone={name: clip, model: clip-tiny}", f"strategy={strategy}",
+    sets = ["dataset.image_size=32", "backbone={name: clip, model: clip-tiny, random_weights: true}", f"strategy={strategy}",
             "training.epochs=1", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
             "training.optimizer={name: sgd, lr: 0.05}", "protocol.increment=6"]
     runs = {}

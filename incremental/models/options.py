@@ -230,6 +230,10 @@ class CLIPConfig:
     # ("openai" or "ViT-B-32.laion400m_e32") says, else as the architecture's config (the
     # "-quickgelu" names set it). A value that contradicts the tag is refused.
     quick_gelu: bool | None = None
+    # The class-name strategies (zeroshot, continual_clip, clip_replay, proof) refuse a CLIP without
+    # backbone.pretrained: its text tower would know nothing of the names. true runs one anyway
+    # (tests, demonstrations of the machinery)
+    random_weights: bool = False
 
 
 BACKBONES.declare("vit", "incremental.models.vit:build_vit", config=ViTConfig,
