@@ -272,10 +272,10 @@ class PROOFConfig(ReplayConfig):
 
     prompt_length: int = opt(3, ge=1, le=1024)  # context prompts added per experience
     dropout: float = opt(0.1, ge=0, lt=1)  # in the fusion attention
-    # instance: each image attends over its own copy of the text, prototype and prompt tokens, as
-    # the paper writes it (logits that do not depend on the batch); batch: the repository's code,
-    # which averages the fused text and prototype tokens over the batch
-    fusion: Literal["instance", "batch"] = "instance"
+    # batch: the repository's code, which averages the fused text and prototype tokens over the
+    # batch (so an image's logits depend on the rest of its batch); instance: each image attends
+    # over its own copy of the text, prototype and prompt tokens, as the paper writes it
+    fusion: Literal["instance", "batch"] = "batch"
 
 
 STRATEGIES.declare("finetune", "incremental.strategies.finetune:Finetune",

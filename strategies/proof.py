@@ -13,11 +13,11 @@ with the text of the first template (open_clip's ``ClipLoss``, whose batch posit
 pairs of an image and its own label's text). Evaluation adds the projected zero-shot term z' T'
 over the ensemble of templates.
 
-Deviations from the repository, each a choice the paper leaves open: the projections take the
-L2-normalised CLIP embeddings (the repository feeds them unnormalised image and text embeddings
-but normalised prototypes), and the fused text and prototype tokens belong to each image
-(``fusion: instance``, as the paper writes it) rather than being averaged over the batch
-(``fusion: batch`` is the repository's form).
+The fusion follows the repository by default (``fusion: batch``: the fused text and prototype
+tokens are averaged over the batch, so an image's logits depend on the rest of its batch);
+``fusion: instance`` gives each image its own tokens, as the paper writes it. One departure
+remains: the projections always take L2-normalised CLIP embeddings, as the repository's training
+does, where its evaluation feeds the image embeddings unnormalised.
 """
 
 from __future__ import annotations

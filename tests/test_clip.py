@@ -253,6 +253,23 @@ def test_named_template_sets_are_open_clips():
     assert len(expanded) == 8 and all(t.count("{}") == 1 for t in expanded)
 
 
+def test_the_shipped_clip_protocols_carry_the_references_settings():
+    """PROOF's protocol: CLIP's 18 CIFAR templates (the first is what PROOF trains with) and the
+    repository's batch fusion, PROOF's default; Continual-CLIP's: its one template, no memory."""
+    from incremental.config import load_config
+    from incremental.models.clip import prompt_templates
+
+    proof, _ = load_config("cifar100_224_b0_10steps_clip", [])
+    templates = prompt_templates(proof.protocol.templates)
+    assert len(templates) == len(set(templates)) == 18 and templates[0] == "a photo of a {}."
+    assert all(t.count("{}") == 1 and t.endswith(" {}.") for t in templates)
+    assert proof.strategy.name == "proof" and proof.strategy.config.fusion == "batch"
+    assert load_config("cifar100_224_b0_10steps_clip", ["strategy=proof"])[0].strategy.config.fusion == "batch"
+    continual, _ = load_config("cifar100_224_b0_10steps_continual_clip", [])
+    assert continual.strategy.name == "continual_clip" and continual.protocol.templates == ["a bad photo of a {}."]
+    assert not continual.protocol.memory.total
+
+
 # ----------------------------------------------------------------------------- class names
 
 

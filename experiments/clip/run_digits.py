@@ -41,7 +41,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     # the protocol's LR (1e-3, for a ViT from scratch) is high for a pre-trained image tower
     "clip_replay_lr1e-4": ("clip_replay, LR 1e-4 (200 exemplars)", ["strategy=clip_replay",
                                                                     "training.optimizer.lr=1.0e-4"]),
-    "proof": ("PROOF (200 exemplars)", ["strategy=proof"]),
+    # measured with the paper's per-image fusion, the default before PROOF's became the repository's
+    "proof": ("PROOF (200 exemplars)", ["strategy={name: proof, fusion: instance}"]),
 }
 
 

@@ -38,8 +38,16 @@ class MemoryConfig:
                               f"protocol.memory.bytes", key="codec")
 
 
-# open_clip's named prompt-template sets, usable as entries of protocol.templates
-TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet")
+# named prompt-template sets, usable as entries of protocol.templates: open_clip's two, and the
+# 18 CIFAR templates of OpenAI's CLIP (its prompt notebook; PROOF's utils/templates.json for
+# cifar224 lists the same 18 in the same order), which open_clip does not ship
+TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet", "openai_cifar")
+OPENAI_CIFAR_TEMPLATES = tuple(f"{prefix} {{}}." for prefix in (
+    "a photo of a", "a blurry photo of a", "a black and white photo of a", "a low contrast photo of a",
+    "a high contrast photo of a", "a bad photo of a", "a good photo of a", "a photo of a small",
+    "a photo of a big", "a photo of the", "a blurry photo of the", "a black and white photo of the",
+    "a low contrast photo of the", "a high contrast photo of the", "a bad photo of the", "a good photo of the",
+    "a photo of the small", "a photo of the big"))
 
 
 @dataclass
@@ -64,7 +72,7 @@ class ProtocolConfig:
     # What a text encoder reads for each class (backbone: clip): "{}" is the class name (its
     # underscores read as spaces). Several templates are an ensemble (CLIP's prompt ensembling:
     # the mean of the normalised embeddings); openai_imagenet (80) and simple_imagenet (7) are
-    # open_clip's sets.
+    # open_clip's sets, openai_cifar (18) CLIP's CIFAR set.
     templates: list[str] = opt(factory=lambda: ["a photo of a {}."])
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config.schema import TEMPLATE_SETS
+from ..config.schema import OPENAI_CIFAR_TEMPLATES, TEMPLATE_SETS
 from ..errors import ConfigError
 from .options import CLIPConfig
 
@@ -215,6 +215,8 @@ def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int, pretrained_tag:
 def prompt_templates(templates: Sequence[str]) -> list[str]:
     """``protocol.templates`` with open_clip's named sets expanded into their format strings.
     open_clip is imported only when a named set is used: plain format strings need no extra."""
+    if "openai_cifar" in templates:  # the toolkit's own set: no open_clip needed
+        templates = [t for name in templates for t in (OPENAI_CIFAR_TEMPLATES if name == "openai_cifar" else [name])]
     if not any(t in TEMPLATE_SETS for t in templates):
         return list(templates)
     if importlib.util.find_spec("open_clip") is None:
@@ -223,7 +225,7 @@ def prompt_templates(templates: Sequence[str]) -> list[str]:
                           key="protocol.templates")
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    sets = dict(zip(TEMPLATE_SETS, (OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES)))
+    sets = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}
     expanded: list[str] = []
     for template in templates:
         if template in sets:
