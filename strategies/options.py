@@ -170,6 +170,9 @@ class L2PConfig:
     pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
     batchwise: bool = True  # training: the batch's most frequent keys (as L2P; under torchrun, each rank's shard's)
     pool: Literal["prompt", "token"] = "prompt"  # L2P's head: the mean of the prompt tokens
+    # trunc_normal: new classes' head rows drawn from N(0, 0.02) truncated at +-2, bias 0 (PILOT's
+    # timm ViT head); linear: nn.Linear's default, uniform +-1/sqrt(d) with a bias (Avalanche's)
+    head_init: Literal["trunc_normal", "linear"] = "trunc_normal"
 
     def validate(self) -> None:
         if self.top_k > self.pool_size:
@@ -190,6 +193,10 @@ class DualPromptConfig:
     e_layers: list[int] = opt(factory=lambda: [2, 3, 4], ge=0, le=1023)
     pool_size: int | None = opt(None, ge=1, le=10_000)  # None: one E-prompt per experience
     pull_coefficient: float = opt(0.1, ge=0, le=MAX_WEIGHT)
+    head_init: Literal["trunc_normal", "linear"] = "trunc_normal"  # as L2P's
+    # previous: E-prompt t starts as a copy of E-prompt t-1 (PILOT's shared_prompt_pool, on in its
+    # dualprompt.json); random: from its own uniform(-1, 1) draw
+    e_prompt_init: Literal["previous", "random"] = "previous"
 
     def memory_needs(self, run: Any) -> list[MemoryNeed]:
         if self.pool_size is None:

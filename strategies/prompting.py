@@ -3,14 +3,18 @@
 The backbone becomes a :class:`incremental.models.prompts.PromptedViT` (the ViT frozen, its
 query pass, the prompter); the prompts, their keys and the linear head train. As in PILOT's
 ``l2p``, ``dualprompt`` and ``coda_prompt``: the cross-entropy covers the current experience's
-classes (older classes' logits are masked), and the prompter's loss is added (L2P and
-DualPrompt: minus ``pull_coefficient`` times the summed query-key similarity; CODA: its
-orthogonality penalty). Each method's equations are in its prompter's docstring.
+classes only, and the prompter's loss is added (L2P and DualPrompt: minus ``pull_coefficient``
+times the summed query-key similarity; CODA: its orthogonality penalty). L2P's and DualPrompt's
+new head rows start as timm's ViT head (``head_init``), and DualPrompt's E-prompt of a task as
+the previous task's (``e_prompt_init``), as PILOT's configs run them. Each method's equations are
+in its prompter's docstring.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from incremental.errors import ConfigError
 from incremental.models.peft import vision_transformer
@@ -43,6 +47,9 @@ class PromptStrategy(StrategyPlugin):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         strategy.model.backbone.prompter.task.fill_(strategy.experience.current_experience)
+        if getattr(self.config, "head_init", "linear") == "trunc_normal":
+            labels = self.context.class_split.label_ranges()[strategy.experience.current_experience]
+            init_head_rows(strategy.model.head.classifier, labels)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         loss_on_current_classes(strategy, self.context)
@@ -74,11 +81,29 @@ class DualPrompt(PromptStrategy):
         super().__init__(config, context)
         self.loss_weight = config.pull_coefficient
 
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_training_exp(strategy, **kwargs)
+        experience = strategy.experience.current_experience
+        prompts = strategy.model.backbone.prompter
+        if self.config.e_prompt_init == "previous" and 0 < experience < prompts.e.shape[2]:
+            with torch.no_grad():  # the previous task's E-prompt, PILOT's shared_prompt_pool
+                prompts.e[:, :, experience] = prompts.e[:, :, experience - 1]
+
     def prompter(self, vit: Any) -> Any:
         c = self.config
         return DualPrompts(vit.embed_dim, heads_of(vit), g_length=c.g_length, g_layers=c.g_layers,
                            e_pool=c.pool_size or self.context.class_split.num_experiences, e_length=c.e_length,
                            e_layers=c.e_layers)
+
+
+@torch.no_grad()
+def init_head_rows(classifier: torch.nn.Linear, labels: range) -> None:
+    """The rows of ``labels`` as timm initialises a ViT's head (PILOT's L2P and DualPrompt build
+    theirs so): weights from N(0, 0.02) truncated at +-2 (absolute, as timm's trunc_normal_), zero
+    bias. The head has grown to these classes already (Avalanche's model adaptation)."""
+    torch.nn.init.trunc_normal_(classifier.weight[labels.start:labels.stop], std=0.02)
+    if classifier.bias is not None:
+        classifier.bias[labels.start:labels.stop] = 0.0
 
 
 class CodaPrompt(PromptStrategy):

@@ -336,6 +336,11 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: ws.case, "strategy.prompt_length: must be >= 1", "fast"),
     ("PROOF dropout 1", lambda ws: ["check", ws.config("strategy: {name: proof, dropout: 1.0}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.dropout: must be < 1", "fast"),
+    ("a misspelt L2P head init", lambda ws: ["check", ws.config("strategy: {name: l2p, head_init: trunc}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.head_init: expected", "fast"),
+    ("a misspelt DualPrompt E-prompt init", lambda ws: ["check", ws.config(
+        "strategy: {name: dualprompt, e_prompt_init: prev}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.e_prompt_init: expected", "fast"),
     ("a misspelt PROOF fusion", lambda ws: ["check", ws.config("strategy: {name: proof, fusion: batches}\n"),
                                             "--no-data"],
      lambda ws: ws.case, "strategy.fusion: expected", "fast"),

@@ -138,6 +138,35 @@ def test_the_current_class_methods_train_with_label_smoothing(method, pretrained
     assert metrics["status"] == "complete" and all(math.isfinite(loss) for loss in metrics["train_loss"])
 
 
+@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
+def test_prompt_heads_start_as_timms_vit_head_and_e_prompts_from_the_previous_task(method, pretrained, tmp_path):
+    """With a learning rate too small to move them, the saved weights are the initial ones: every
+    class's head row from N(0, 0.02) (timm's trunc_normal_ cuts at +-2, so in effect untruncated)
+    with a zero bias, PILOT's timm head, where nn.Linear's default is uniform +-1/sqrt(32) (std
+    0.10) with a bias; and DualPrompt's E-prompt t a copy of E-prompt t-1 (PILOT's
+    shared_prompt_pool). head_init: linear and e_prompt_init: random are the other choices."""
+    config, weights = pretrained
+    metrics = run_method(config, weights, tmp_path / method, METHODS[method], "training.optimizer.lr=1.0e-12")
+    assert metrics["status"] == "complete"
+    state = load_file(str(tmp_path / method / "model.safetensors"))
+    weight, bias = state["head.classifier.weight"], state["head.classifier.bias"]
+    assert weight.shape == (10, 32) and bias.abs().max() < 1e-6
+    assert 0.015 < float(weight.std()) < 0.025 and abs(float(weight.mean())) < 0.005
+    if method == "dualprompt":
+        e = state["backbone.prompter.e"]  # (layers, key/value, pool, length, dim)
+        torch.testing.assert_close(e[:, :, 1], e[:, :, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(e[:, :, 2], e[:, :, 1], rtol=0, atol=1e-6)
+    other = {"l2p": "{name: l2p, pool_size: 6, length: 2, top_k: 2, head_init: linear}",
+             "dualprompt": "{name: dualprompt, g_layers: [0], e_layers: [1, 2], head_init: linear, "
+                           "e_prompt_init: random}"}[method]
+    run_method(config, weights, tmp_path / "other", other, "training.optimizer.lr=1.0e-12")
+    state = load_file(str(tmp_path / "other" / "model.safetensors"))
+    assert float(state["head.classifier.weight"].std()) > 0.07 and state["head.classifier.bias"].abs().max() > 0.01
+    if method == "dualprompt":
+        e = state["backbone.prompter.e"]
+        assert (e[:, :, 1] - e[:, :, 0]).abs().max() > 0.5
+
+
 def test_simplecil_prototypes_are_the_class_means_and_the_backbone_is_untouched(pretrained, tmp_path):
     config, weights = pretrained
     run_method(config, weights, tmp_path / "run", "simplecil")
