@@ -40,10 +40,10 @@ class SubspaceViT(nn.Module):
     concatenation over the sets up to ``current`` (just ``current``'s in training), zeros for
     the others, so its width stays ``sets x dim``."""
 
-    def __init__(self, vit: nn.Module, sets: int, bottleneck: int, scale: float):
+    def __init__(self, vit: nn.Module, sets: int, bottleneck: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.vit = freeze(vit)
-        add_adapters(vit, bottleneck=bottleneck, scale=scale, sets=sets)
+        add_adapters(vit, bottleneck=bottleneck, scale=scale, sets=sets, dropout=dropout)
         self.sets, self.dim = sets, int(vit.num_features)
         self.num_features = sets * self.dim
         self.register_buffer("current", torch.tensor(0))
@@ -86,7 +86,7 @@ class EASE(StrategyPlugin):
     def prepare_model(self, model: Any) -> None:
         vit = vision_transformer(model.backbone, swin=True)
         model.backbone = SubspaceViT(vit, self.context.class_split.num_experiences, self.config.bottleneck,
-                                     self.config.adapter_scale)
+                                     self.config.adapter_scale, self.config.adapter_dropout)
         replace_head(model, model.backbone.num_features)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:

@@ -227,6 +227,7 @@ class CodaPromptConfig:
 class EASEConfig:
     bottleneck: int = opt(64, ge=1, le=16384)  # one adapter set per experience (PILOT's ffn_num)
     adapter_scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)
+    adapter_dropout: float = opt(0.1, ge=0, lt=1)  # on the bottleneck in training (PILOT's vit_ease: 0.1)
 
 
 @dataclass

@@ -336,6 +336,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: ws.case, "strategy.prompt_length: must be >= 1", "fast"),
     ("PROOF dropout 1", lambda ws: ["check", ws.config("strategy: {name: proof, dropout: 1.0}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.dropout: must be < 1", "fast"),
+    ("an adapter dropout of 1", lambda ws: ["check", ws.config(
+        "strategy: {name: aper, tuning: {name: adapter, dropout: 1.0}}\n"), "--no-data"],
+     lambda ws: ws.case, "strategy.tuning.dropout: must be < 1", "fast"),
+    ("a negative EASE adapter dropout", lambda ws: ["check", ws.config("strategy: {name: ease, adapter_dropout: -0.1}\n"),
+                                                    "--no-data"],
+     lambda ws: ws.case, "strategy.adapter_dropout: must be >= 0", "fast"),
     ("a misspelt L2P head init", lambda ws: ["check", ws.config("strategy: {name: l2p, head_init: trunc}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.head_init: expected", "fast"),
     ("a misspelt DualPrompt E-prompt init", lambda ws: ["check", ws.config(

@@ -248,6 +248,34 @@ def test_adapters_and_ssf_start_as_the_identity(kind):
         assert torch.equal(model(x), before)
 
 
+def test_adapters_drop_their_bottleneck_activations_in_training_as_pilots():
+    """PILOT's adapters (vit_adapter, vit_ease) apply dropout 0.1 to the bottleneck's ReLU output:
+    in training about 10% of those activations reach the up projection as zeros and the rest
+    scaled by 1 / 0.9; in evaluation none. The tuning options and EASE build them at 0.1."""
+    from incremental.config import load_config
+    from incremental.models.peft import Adapter
+
+    torch.manual_seed(0)
+    adapter = Adapter(32, 64, scale=0.1, dropout=0.1)
+    torch.nn.init.normal_(adapter.up.weight)
+    seen = []
+    adapter.up.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    x = torch.randn(4000, 32)
+    active = torch.relu(adapter.down(x)).detach()
+    adapter.eval()
+    adapter(x)
+    assert torch.equal(seen[-1], active)
+    adapter.train()
+    adapter(x)
+    dropped = (seen[-1] == 0) & (active > 0)
+    assert abs(float(dropped.sum()) / float((active > 0).sum()) - 0.1) < 0.01
+    kept = seen[-1] != 0
+    torch.testing.assert_close(seen[-1][kept], active[kept] / 0.9)
+    cfg, _ = load_config("digits_b0_5steps", ["strategy={name: aper, tuning: adapter}"])
+    assert cfg.strategy.config.tuning.config.dropout == 0.1
+    assert load_config("digits_b0_5steps", ["strategy=ease"])[0].strategy.config.adapter_dropout == 0.1
+
+
 def test_prefixes_in_a_shifted_swin_window_are_the_explicit_softmax():
     """Each window attends to [its image's prefix; its own tokens]; the relative position
     bias and the shift mask apply to the window's tokens only."""

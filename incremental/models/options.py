@@ -263,6 +263,7 @@ BACKBONES.declare("resnet18", "incremental.models.resnet:build_resnet18", config
 class AdapterConfig:
     bottleneck: int = opt(64, ge=1, le=MAX_WIDTH)  # PILOT's ffn_num
     scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)  # AdaptFormer's s (PILOT: 0.1)
+    dropout: float = opt(0.1, ge=0, lt=1)  # on the bottleneck in training (PILOT's vit_adapter: 0.1)
 
 
 @dataclass

@@ -68,37 +68,39 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class Adapter(nn.Module):
-    """AdaptFormer's bottleneck: ``scale * up(ReLU(down(x)))``; zero at the start."""
+    """AdaptFormer's bottleneck: ``scale * up(dropout(ReLU(down(x))))``; zero at the start."""
 
-    def __init__(self, dim: int, bottleneck: int, scale: float):
+    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.scale = scale
+        self.dropout = dropout
         nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)  # PILOT's "lora" init
         for tensor in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(F.relu(self.down(x))) * self.scale
+        return self.up(F.dropout(F.relu(self.down(x)), self.dropout, self.training)) * self.scale
 
 
 class AdapterBank(nn.Module):
     """Adapter sets (one adapter per block each); ``active`` picks the set in use (None: off)."""
 
-    def __init__(self, widths: list[int], bottleneck: int, scale: float, sets: int):
+    def __init__(self, widths: list[int], bottleneck: int, scale: float, sets: int, dropout: float = 0.0):
         super().__init__()
-        self.sets = nn.ModuleList(nn.ModuleList(Adapter(width, bottleneck, scale) for width in widths)
+        self.sets = nn.ModuleList(nn.ModuleList(Adapter(width, bottleneck, scale, dropout) for width in widths)
                                   for _ in range(sets))
         self.active: int | None = 0
         self._inputs: dict[int, torch.Tensor] = {}
 
 
-def add_adapters(vit: nn.Module, *, bottleneck: int, scale: float, sets: int = 1) -> AdapterBank:
+def add_adapters(vit: nn.Module, *, bottleneck: int, scale: float, sets: int = 1, dropout: float = 0.0) -> AdapterBank:
     """Parallel adapters in every block of ``vit`` (registered as ``vit.adapters``): the block's
-    MLP branch gets ``+ adapter(x)``, ``x`` the block's input to that branch."""
+    MLP branch gets ``+ adapter(x)``, ``x`` the block's input to that branch; ``dropout`` on the
+    bottleneck's activations in training (PILOT's vit_adapter: 0.1)."""
     blocks = transformer_blocks(vit)
-    bank = AdapterBank([block_width(block) for block in blocks], bottleneck, scale, sets)
+    bank = AdapterBank([block_width(block) for block in blocks], bottleneck, scale, sets, dropout)
     vit.adapters = bank
     for index, block in enumerate(blocks):
         def capture(module: nn.Module, args: tuple, index: int = index) -> None:
@@ -313,7 +315,7 @@ def tune_all(vit: nn.Module, config: Any = None) -> None:
 def tune_adapter(vit: nn.Module, config: Any) -> None:
     """AdaptFormer's parallel adapters in every block (zero-initialised); only they train."""
     freeze(vision_transformer(vit, swin=True))
-    add_adapters(vit, bottleneck=config.bottleneck, scale=config.scale)
+    add_adapters(vit, bottleneck=config.bottleneck, scale=config.scale, dropout=config.dropout)
 
 
 def tune_ssf(vit: nn.Module, config: Any = None) -> None:
