@@ -160,6 +160,14 @@ class SLCAConfig:
     ca_epochs: int = opt(3, ge=0, le=MAX_EPOCHS)  # classifier alignment epochs (PILOT: 3)
     ca_samples_per_class: int = opt(256, ge=1, le=100_000)
     ca_logit_norm: float | None = opt(0.1, gt=0, le=100)  # None: plain cross-entropy in alignment
+    # restore: the aligned head classifies until the next experience starts, which begins from the
+    # head as it was before alignment (PILOT's fc.backup() / fc.recall()); keep: alignment's head
+    # carries on into later experiences
+    head_after_alignment: Literal["restore", "keep"] = "restore"
+    # true: the slow learner leaves older classes' head rows as they were (PILOT freezes old heads),
+    # so weight decay and momentum do not move them; false: every row is a parameter of the step
+    freeze_old_heads: bool = True
+    head_init: Literal["trunc_normal", "linear"] = "trunc_normal"  # new rows, as L2P's (PILOT's heads)
 
 
 @dataclass

@@ -58,6 +58,17 @@ def loss_on_current_classes(strategy: Any, context: Any) -> None:
     strategy.loss_classes_from = context.class_split.label_ranges()[strategy.experience.current_experience].start
 
 
+@torch.no_grad()
+def init_head_rows(classifier: torch.nn.Linear, labels: range) -> None:
+    """The rows of ``labels`` as timm initialises a ViT's head (PILOT's L2P, DualPrompt and SLCA
+    heads start so): weights from N(0, 0.02) truncated at +-2 (absolute, as timm's
+    trunc_normal_), zero bias. The head has grown to these classes already (Avalanche's model
+    adaptation)."""
+    torch.nn.init.trunc_normal_(classifier.weight[labels.start:labels.stop], std=0.02)
+    if classifier.bias is not None:
+        classifier.bias[labels.start:labels.stop] = 0.0
+
+
 def replace_head(model: nn.Module, num_features: int) -> None:
     """A fresh growing classifier for a backbone whose feature width the strategy changed."""
     from avalanche.models import IncrementalClassifier

@@ -22,7 +22,7 @@ from incremental.models.prompts import CodaPrompts, DualPrompts, L2PPool, Prompt
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import CodaPromptConfig, DualPromptConfig, L2PConfig
-from .pretrained import loss_on_current_classes
+from .pretrained import init_head_rows, loss_on_current_classes
 
 
 class PromptStrategy(StrategyPlugin):
@@ -94,16 +94,6 @@ class DualPrompt(PromptStrategy):
         return DualPrompts(vit.embed_dim, heads_of(vit), g_length=c.g_length, g_layers=c.g_layers,
                            e_pool=c.pool_size or self.context.class_split.num_experiences, e_length=c.e_length,
                            e_layers=c.e_layers)
-
-
-@torch.no_grad()
-def init_head_rows(classifier: torch.nn.Linear, labels: range) -> None:
-    """The rows of ``labels`` as timm initialises a ViT's head (PILOT's L2P and DualPrompt build
-    theirs so): weights from N(0, 0.02) truncated at +-2 (absolute, as timm's trunc_normal_), zero
-    bias. The head has grown to these classes already (Avalanche's model adaptation)."""
-    torch.nn.init.trunc_normal_(classifier.weight[labels.start:labels.stop], std=0.02)
-    if classifier.bias is not None:
-        classifier.bias[labels.start:labels.stop] = 0.0
 
 
 class CodaPrompt(PromptStrategy):

@@ -9,6 +9,11 @@ experience ended); from the second experience on, ``ca_epochs`` epochs train the
 normalisation (logits divided by the mean per-experience logit norm, over ``ca_logit_norm``).
 The means are drawn at ``(0.9 + 0.1 (t + 1) / (T + 1))`` times their value, t the class's
 experience and T the current one, as the reference does.
+
+As PILOT runs it: each experience's head rows start as timm's (``head_init``); the slow learner
+leaves the older classes' rows as they were (``freeze_old_heads``); the aligned head classifies
+until the next experience starts, which begins from the head as it was before alignment
+(``head_after_alignment: restore``, PILOT's ``fc.backup()`` and ``fc.recall()``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch.nn import functional as F
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import SLCAConfig
-from .pretrained import experience_features, loss_on_current_classes
+from .pretrained import experience_features, init_head_rows, loss_on_current_classes
 
 
 def backbone_lr_hook(scale: float) -> Any:
@@ -67,16 +72,44 @@ class SLCA(StrategyPlugin):
             context.param_group_hooks.append(backbone_lr_hook(config.backbone_lr_scale))
         self.means: torch.Tensor | None = None  # (classes, d)
         self.covariances: torch.Tensor | None = None  # (classes, d, d)
+        self.unaligned: dict[str, torch.Tensor] | None = None  # the head before the last alignment
+        self._old_rows: tuple[int, dict[str, torch.Tensor]] | None = None  # frozen during the slow learner
 
     def prepare_model(self, model: Any) -> None:
         if self.config.backbone_lr_scale == 0:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
 
+    @torch.no_grad()
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        classifier = strategy.model.head.classifier
+        labels = self.context.class_split.label_ranges()[strategy.experience.current_experience]
+        if self.config.head_after_alignment == "restore" and self.unaligned is not None:
+            for name, rows in self.unaligned.items():  # the older classes' rows as before alignment
+                getattr(classifier, name)[: len(rows)] = rows.to(getattr(classifier, name))
+        if self.config.head_init == "trunc_normal":
+            init_head_rows(classifier, labels)
+        self._old_rows = None
+        if self.config.freeze_old_heads and labels.start:
+            self._old_rows = (labels.start, {name: getattr(classifier, name)[: labels.start].clone()
+                                             for name in ("weight", "bias") if getattr(classifier, name) is not None})
+
+    @torch.no_grad()
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self._old_rows is not None:  # undo what weight decay and momentum did to the old rows
+            count, rows = self._old_rows
+            classifier = strategy.model.head.classifier
+            for name, saved in rows.items():
+                getattr(classifier, name)[:count] = saved
+
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         loss_on_current_classes(strategy, self.context)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._old_rows = None
+        classifier = strategy.model.head.classifier
+        self.unaligned = {name: getattr(classifier, name).detach().clone()
+                          for name in ("weight", "bias") if getattr(classifier, name) is not None}
         experience = strategy.experience.current_experience
         features, labels = experience_features(strategy, experience, self.context)
         features = features.double()
@@ -122,7 +155,8 @@ class SLCA(StrategyPlugin):
         strategy.model.train(was_training)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"means": self.means, "covariances": self.covariances}
+        return {"means": self.means, "covariances": self.covariances, "unaligned": self.unaligned}
 
     def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
         self.means, self.covariances = state["means"], state["covariances"]
+        self.unaligned = state.get("unaligned")

@@ -342,6 +342,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("a negative EASE adapter dropout", lambda ws: ["check", ws.config("strategy: {name: ease, adapter_dropout: -0.1}\n"),
                                                     "--no-data"],
      lambda ws: ws.case, "strategy.adapter_dropout: must be >= 0", "fast"),
+    ("a misspelt SLCA head choice", lambda ws: ["check", ws.config("strategy: {name: slca, head_after_alignment: restored}\n"),
+                                                "--no-data"],
+     lambda ws: ws.case, "strategy.head_after_alignment: expected", "fast"),
+    ("SLCA's frozen heads not a boolean", lambda ws: ["check", ws.config("strategy: {name: slca, freeze_old_heads: 3}\n"),
+                                                      "--no-data"],
+     lambda ws: ws.case, "strategy.freeze_old_heads: expected", "fast"),
     ("a misspelt L2P head init", lambda ws: ["check", ws.config("strategy: {name: l2p, head_init: trunc}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.head_init: expected", "fast"),
     ("a misspelt DualPrompt E-prompt init", lambda ws: ["check", ws.config(

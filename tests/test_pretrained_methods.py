@@ -167,6 +167,36 @@ def test_prompt_heads_start_as_timms_vit_head_and_e_prompts_from_the_previous_ta
         assert (e[:, :, 1] - e[:, :, 0]).abs().max() > 0.5
 
 
+def _slca_unaligned_heads(run_dir: Path) -> list[dict]:
+    """SLCA's record, per experience's checkpoint, of the head as it was before alignment."""
+    heads = []
+    for path in sorted((run_dir / "checkpoints").glob("experience_*.pt")):
+        plugins = torch.load(path, weights_only=True)["plugins"]
+        heads.append(next(state for state in plugins if isinstance(state, dict) and "unaligned" in state)["unaligned"])
+    return heads
+
+
+def test_slca_restores_the_head_before_alignment_and_freezes_older_rows(pretrained, tmp_path):
+    """PILOT's SLCA: fc.backup() before alignment, fc.recall() after evaluation, old heads frozen
+    while the slow learner trains. So the older classes' rows at the end of experience 2's slow
+    learner are exactly those before experience 1's alignment; with head_after_alignment: keep and
+    freeze_old_heads: false they are not."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "pilot", METHODS["slca"], "output.checkpoint=all",
+               "training.optimizer.weight_decay=0.1")
+    heads = _slca_unaligned_heads(tmp_path / "pilot")
+    assert len(heads) == 3
+    seen = heads[1]["weight"].shape[0]  # classes of experiences 0 and 1
+    for name in ("weight", "bias"):
+        assert torch.equal(heads[2][name][:seen], heads[1][name])
+    aligned = load_file(str(tmp_path / "pilot" / "model.safetensors"))["head.classifier.weight"]
+    assert not torch.equal(aligned[:seen], heads[1]["weight"])  # the run's last row used the aligned head
+    run_method(config, weights, tmp_path / "kept", "{name: slca, ca_samples_per_class: 16, head_after_alignment: keep, "
+               "freeze_old_heads: false}", "output.checkpoint=all", "training.optimizer.weight_decay=0.1")
+    kept = _slca_unaligned_heads(tmp_path / "kept")
+    assert not torch.equal(kept[2]["weight"][:seen], kept[1]["weight"])
+
+
 def test_simplecil_prototypes_are_the_class_means_and_the_backbone_is_untouched(pretrained, tmp_path):
     config, weights = pretrained
     run_method(config, weights, tmp_path / "run", "simplecil")
