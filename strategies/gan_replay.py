@@ -4,7 +4,9 @@ Deep Generative Replay"), built from the GAN literature's stable choices (increm
 After each experience the generator trains on that experience's images plus its previous
 self's samples of the old classes, so it keeps every class seen. While the classifier trains on
 a new experience, each batch gets generated old-class samples, labelled by the class they were
-generated for, making up ``mix_ratio`` of the batch. Nothing but the generator is kept.
+generated for (``labels: condition``, conditional replay) or by the previous experience's model
+(``labels: solver``, DGR's scholar), making up ``mix_ratio`` of the batch. Nothing but the
+generator is kept (the previous model is the checkpointed one).
 
 Hooks: ``before_training_exp`` (the replay's random stream), ``before_training_iteration``
 (adds the generated samples to ``strategy.mbatch``), ``after_training_exp`` (trains the GAN,
@@ -22,6 +24,7 @@ from incremental.errors import ConfigError
 from incremental.memory import extract_features
 from incremental.memory.gan import (Generator, ProjectionDiscriminator, frechet_distance, generator_bytes, grid,
                                     round_to_storage, sample, train_gan, upsamplings, widest_generator)
+from incremental.models.net import classify
 from incremental.strategy import StrategyContext, StrategyPlugin
 from incremental.timing import phase
 
@@ -47,6 +50,7 @@ class GANReplay(StrategyPlugin):
         self.seen: list[int] = []  # classes the generator has learnt
         self.old: list[int] = []  # classes replayed during the current experience
         self.replay_rng = torch.Generator()
+        self.solver: Any = None  # labels: solver, the model as the previous experience left it
         self.report: dict[str, Any] | None = None
         self.grids: dict[str, Any] = {}
 
@@ -76,14 +80,25 @@ class GANReplay(StrategyPlugin):
         experience = strategy.experience.current_experience
         self.old = list(self.seen)
         self.replay_rng.manual_seed(self._seed(experience, 0))
+        self.solver = None
+        if self.config.labels == "solver" and self.old:
+            # the head has grown new rows already; the labels are argmaxes over the old classes only
+            self.solver = copy.deepcopy(strategy.model).eval()
+            for p in self.solver.parameters():
+                p.requires_grad_(False)
 
     def generated_batch(self, count: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` generated old-class samples, normalised as the training inputs, and their
         labels (uniform over the old classes), from the replay's own random stream."""
         old = torch.tensor(self.old, dtype=torch.long)
         labels = old[torch.randint(0, len(old), (count,), generator=self.replay_rng)]
-        images = sample(self.generator, labels, self.replay_rng)
-        return self._normalise(images).to(device), labels.to(device)
+        images = self._normalise(sample(self.generator, labels, self.replay_rng)).to(device)
+        labels = labels.to(device)
+        if self.solver is not None:
+            with torch.no_grad():
+                logits = classify(self.solver, images)[:, old.to(device)]
+            labels = old.to(device)[logits.argmax(dim=1)]
+        return images, labels
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         splits = self.context.splits

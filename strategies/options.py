@@ -260,6 +260,11 @@ class GANReplayConfig:
     gp_weight: float = opt(10.0, ge=0, le=MAX_WEIGHT)
     # the share of each classifier batch that is generated old-class samples (0: finetuning)
     mix_ratio: float = opt(0.5, ge=0, le=0.95)
+    # condition: a generated sample's label is the class it was generated for (conditional
+    # replay, Lesort et al. 2019; the default, since this GAN is class-conditional); solver: the
+    # previous experience's model's prediction among the old classes, as DGR (Shin et al. 2017)
+    # labels its unconditional generator's samples
+    labels: Literal["condition", "solver"] = "condition"
     storage: Literal["float32", "float16"] = "float32"  # the generator's weights as kept
     quality_samples: int = opt(100, ge=2, le=100_000)  # generated per class to score them
     grid_samples: int = opt(8, ge=1, le=64)  # per class, in TensorBoard

@@ -348,6 +348,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("SLCA's frozen heads not a boolean", lambda ws: ["check", ws.config("strategy: {name: slca, freeze_old_heads: 3}\n"),
                                                       "--no-data"],
      lambda ws: ws.case, "strategy.freeze_old_heads: expected", "fast"),
+    ("a misspelt gan_replay labelling", lambda ws: ["check", ws.config("strategy: {name: gan_replay, labels: teacher}\n"),
+                                                    "--no-data"],
+     lambda ws: ws.case, "strategy.labels: expected", "fast"),
     ("a misspelt L2P head init", lambda ws: ["check", ws.config("strategy: {name: l2p, head_init: trunc}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.head_init: expected", "fast"),
     ("a misspelt DualPrompt E-prompt init", lambda ws: ["check", ws.config(

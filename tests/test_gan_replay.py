@@ -67,6 +67,38 @@ def test_generated_batches_have_the_requested_labels_shapes_and_normalisation(pl
     assert torch.equal(x, x_again) and torch.equal(y, y_again)
 
 
+def test_solver_labels_are_the_previous_models_argmax_over_the_old_classes(plugin):
+    """labels: solver (DGR): the same generated images, each labelled by the previous model's
+    prediction among the old classes (a larger logit of a class outside them does not count)."""
+    plugin.old = [0, 2, 3]
+    plugin.replay_rng.manual_seed(0)
+    x, conditioned = plugin.generated_batch(40, "cpu")
+
+    class Solver(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(len(images), 10)
+            logits[:, 5] = 100.0  # a new class: never a replay label
+            logits[:, 2] = images.mean(dim=(1, 2, 3))  # old classes 2 and 3 compete per image
+            logits[:, 3] = -images.mean(dim=(1, 2, 3))
+            return logits
+
+    plugin.solver = Solver()
+    plugin.replay_rng.manual_seed(0)
+    x_again, labels = plugin.generated_batch(40, "cpu")
+    assert torch.equal(x_again, x)
+    expected = torch.where(x.mean(dim=(1, 2, 3)) > 0, 2, 3)
+    assert torch.equal(labels, expected) and not torch.equal(labels, conditioned)
+
+
+def test_a_run_with_solver_labels_keeps_the_previous_model_as_its_labeller(write_yaml, tmp_path):
+    """The previous model labels the generated samples from experience 1 on: the run completes
+    and trains elsewhere than with the generator's conditions."""
+    solver, solver_weights = _run(write_yaml, tmp_path, "solver", "strategy.labels=solver")
+    condition, condition_weights = _run(write_yaml, tmp_path, "condition")
+    assert solver["status"] == "complete"
+    assert any(not torch.equal(solver_weights[k], condition_weights[k]) for k in condition_weights)
+
+
 @pytest.mark.parametrize("ratio, added", [(0.5, 8), (0.75, 24), (0.0, 0)])
 def test_each_training_batch_gets_the_configured_share_of_generated_samples(plugin, ratio, added):
     plugin.config.mix_ratio = ratio
