@@ -146,6 +146,9 @@ class RanPACConfig:
     tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
     projection_dim: int = opt(10_000, ge=1, le=100_000)  # M (RanPAC: 10,000)
     validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
+    # cosine: the ridge weights in a CosineLinear, cos(h, W_c), as RanPAC's and PILOT's code
+    # classify; linear: h W^T, the regression's own prediction
+    classifier: Literal["cosine", "linear"] = "cosine"
 
     def memory_needs(self, run: Any) -> list[MemoryNeed]:
         # the M x M Gram matrix kept in fp64 in host RAM (its solve factorises it in place)

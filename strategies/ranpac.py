@@ -149,7 +149,8 @@ class RanPAC(FirstSessionTraining):
             weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
             progress.update(1)
         device = next(strategy.model.parameters()).device
-        strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device))
+        strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device),
+                                                               cosine=self.config.classifier == "cosine")
 
     def state_dict(self) -> dict[str, Any]:
         return {"projection": self.projection, "gram": self.gram, "targets": self.targets, "ridges": self.ridges}

@@ -221,6 +221,21 @@ def test_ranpac_head_is_the_ridge_least_squares_solution(pretrained, tmp_path):
     stacked = np.vstack([hidden, np.sqrt(ridge) * np.eye(m)])
     solution = np.linalg.lstsq(stacked, np.vstack([onehot, np.zeros((m, 10))]), rcond=None)[0].T
     assert np.allclose(adapter.weights.numpy(), solution, rtol=1e-3, atol=1e-4 * np.abs(solution).max())
+    # the classifier: RanPAC's and PILOT's CosineLinear over those weights, cos(h, W_c)
+    logits = adapter(features, None).double().numpy()
+    cosine = (hidden / np.linalg.norm(hidden, axis=1, keepdims=True)) @ \
+        (solution / np.linalg.norm(solution, axis=1, keepdims=True)).T
+    assert bool(adapter.cosine) and np.allclose(logits, cosine, atol=1e-4)
+
+
+def test_ranpacs_linear_classifier_is_the_regressions_prediction(pretrained, tmp_path):
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: ranpac, projection_dim: 64, tuning: frozen, classifier: linear}")
+    model, features, _, _ = _saved_features(tmp_path / "run")
+    adapter = model.output_adapter
+    hidden = torch.relu(features.float() @ adapter.projection.float())
+    assert not bool(adapter.cosine)
+    torch.testing.assert_close(adapter(features, None), hidden @ adapter.weights.float().T)
 
 
 def test_ranpac_accumulates_to_the_solve_over_the_union():

@@ -122,16 +122,20 @@ class PrototypeOutput(nn.Module):
 
 
 class RandomProjectionOutput(nn.Module):
-    """RanPAC's classifier (McDonnell et al. 2023): ``ReLU(f W_rand) W^T``, with W from the ridge
-    regression of :class:`incremental.strategies.ranpac.RanPAC`; computed in fp32."""
+    """RanPAC's classifier (McDonnell et al. 2023) over ``h = ReLU(f W_rand)``, with W from the
+    ridge regression of :class:`incremental.strategies.ranpac.RanPAC`: ``cos(h, W_c)`` (``cosine``,
+    the CosineLinear that RanPAC's and PILOT's code put the ridge weights in) or ``h W^T``; fp32."""
 
-    def __init__(self, projection: torch.Tensor, weights: torch.Tensor):
+    def __init__(self, projection: torch.Tensor, weights: torch.Tensor, cosine: bool = False):
         super().__init__()
         self.register_buffer("projection", projection)
         self.register_buffer("weights", weights)
+        self.register_buffer("cosine", torch.tensor(bool(cosine)))
 
     def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         hidden = F.relu(pooled.float() @ self.projection.float())
+        if bool(self.cosine):
+            return F.linear(F.normalize(hidden, dim=1), F.normalize(self.weights.float(), dim=1))
         return hidden @ self.weights.float().T
 
 
@@ -141,7 +145,9 @@ OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"classes", "alpha", "beta"}): lambda t: BiasCorrectionOutput(t["classes"], t["alpha"], t["beta"]),
     frozenset({"prototypes", "euclidean", "scale"}): lambda t: PrototypeOutput(
         t["prototypes"], "euclidean" if bool(t["euclidean"]) else "cosine", float(t["scale"])),
-    frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),
+    frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),  # before cosine
+    frozenset({"projection", "weights", "cosine"}): lambda t: RandomProjectionOutput(
+        t["projection"], t["weights"], bool(t["cosine"])),
 }
 
 
