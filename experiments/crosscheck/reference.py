@@ -1,0 +1,255 @@
+"""The toolkit's pre-trained-model methods against their reference implementations, side by side.
+
+    python experiments/crosscheck/reference.py --pilot-root PATH [--methods simplecil ranpac_frozen]
+        [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
+
+PATH is a checkout of LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT). Its learners are imported
+from there and run in this process; nothing of its code is copied into this project. Both sides
+get, per seed:
+
+- the same weights: one timm ``vit_tiny_patch16_224`` built at 32 px with 4-px patches and one
+  input channel (the digits'), initialised by timm from the seed, saved to a safetensors file;
+  the toolkit loads it as ``backbone.pretrained`` of a ``timm_vit``, PILOT gets the very module;
+- the same images, labels and class order: the toolkit's digits (eval transform: resized to
+  32 px and normalised), in the toolkit's class order for the seed, B0 with 2 classes a step;
+- the same hyper-parameters (PILOT's exps/*.json where the method has them).
+
+What the harness changes in PILOT to run it here, each written into reference.md:
+
+- ``utils.inc_net.get_backbone`` returns the shared ViT instead of downloading ViT-B/16;
+- a stand-in for PILOT's DataManager serves the toolkit's tensors (``get_task_size``,
+  ``get_dataset``), in the eval transform for every mode: the methods compared here do not
+  train on mode-"train" images (SimpleCIL and RanPAC with tuning: frozen);
+- the learners' DataLoader workers are 0 (PILOT's 8 would fork on a 2-core machine) and
+  ``topk`` is capped at the classes seen (PILOT's 5 fails with 2 classes a step);
+- ``timm.models.layers.weight_init`` (PILOT's import, gone from timm 1.0) is aliased to
+  ``timm.layers.weight_init``;
+- RanPAC with a frozen ViT is PILOT's RanPAC with ``tuned_epoch: 0``, whose ``_init_train``
+  fails without an epoch (its last log line reads a variable the loop sets), so the harness
+  skips that call, which is what zero epochs do.
+
+Writes reference.md next to this file: per method, last and average incremental accuracy over
+the seeds (mean ± std) for both sides and the gap, with PILOT's commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from run_common import mean_std  # noqa: E402
+
+PROTOCOL = "digits_b0_5steps"
+VIT = "vit_tiny_patch16_224"
+METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's args)
+    "simplecil": ("strategy=simplecil", "models.simplecil", {"model_name": "simplecil"}),
+    "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", "models.ranpac",
+                      {"model_name": "ranpac", "M": 1000, "use_RP": True, "use_input_norm": False,
+                       "tuned_epoch": 0}),
+}
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pilot-root", type=Path, help="a checkout of LAMDA-PILOT")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
+    parser.add_argument("--out", type=Path, default=Path("runs/crosscheck_reference"))
+    args = parser.parse_args()
+    if args.pilot_root is None or not (args.pilot_root / "models" / "simplecil.py").is_file():
+        parser.error("--pilot-root must name a checkout of LAMDA-PILOT (git clone "
+                     "https://github.com/LAMDA-CL/LAMDA-PILOT); its learners are imported from there")
+    return args
+
+
+def import_pilot(root: Path) -> str:
+    """PILOT's packages importable from ``root``; its commit."""
+    import timm.layers.weight_init
+
+    sys.modules.setdefault("timm.models.layers.weight_init", timm.layers.weight_init)
+    sys.path.insert(0, str(root))
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown (not a git checkout)"
+
+
+def shared_vit(seed: int, path: Path) -> None:
+    """The seed's ViT, as timm initialises it, saved for both sides."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(VIT, pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=4,
+                              drop_path_rate=0.0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_vit(path: Path) -> torch.nn.Module:
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model(VIT, pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=4,
+                              drop_path_rate=0.0)
+    model.load_state_dict(load_file(str(path)))
+    model.out_dim = model.num_features
+    return model.eval()
+
+
+class Items(torch.utils.data.Dataset):
+    """(index, image, label) as PILOT's DummyDataset yields them; ``labels`` as it keeps them."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int]:
+        return index, self.images[index], int(self.labels[index])
+
+
+class DigitsManager:
+    """What PILOT's learners read of its DataManager, over the toolkit's digits: labels are
+    positions in the toolkit's class order for the seed (PILOT's ``_map_new_class_index``)."""
+
+    def __init__(self, seed: int):
+        from incremental.config import load_config
+        from incremental.data import build_dataset
+        from incremental.protocol import make_class_split
+
+        cfg, _ = load_config(PROTOCOL, [f"seed={seed}", f"protocol.order_seed={seed}"])
+        splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+        split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
+        position = {c: i for i, c in enumerate(split.class_order)}
+        self.data = {}
+        for source, data in (("train", splits.train), ("test", splits.test)):
+            images = torch.stack([splits.eval_transform(data[i][0]) for i in range(len(data))])
+            self.data[source] = (images, np.array([position[int(t)] for t in data.targets]))
+        self._increments = [len(r) for r in split.label_ranges()]
+        self.dataset_name = "digits"
+
+    @property
+    def nb_tasks(self) -> int:
+        return len(self._increments)
+
+    def get_task_size(self, task: int) -> int:
+        return self._increments[task]
+
+    def get_total_classnum(self) -> int:
+        return sum(self._increments)
+
+    def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
+                    m_rate: Any = None) -> Any:
+        images, labels = self.data[source]
+        keep = np.isin(labels, np.asarray(indices))
+        dataset = Items(images[torch.from_numpy(keep)], labels[keep])
+        return (images[torch.from_numpy(keep)].numpy(), labels[keep], dataset) if ret_data else dataset
+
+
+def pilot_args(method: str, manager: DigitsManager, seed: int) -> dict[str, Any]:
+    """PILOT's args for ``method`` on these digits: its exps/<method>.json's training values, the
+    protocol's split, the CPU."""
+    return {"prefix": "crosscheck", "dataset": "digits", "memory_size": 0, "memory_per_class": 0,
+            "fixed_memory": False, "shuffle": False, "init_cls": manager.get_task_size(0),
+            "increment": manager.get_task_size(1), "backbone_type": VIT, "device": [torch.device("cpu")],
+            "seed": seed, "nb_classes": manager.get_total_classnum(), "tuned_epoch": 0, "init_lr": 0.01,
+            "batch_size": 48, "weight_decay": 0.0005, "min_lr": 0.0, "optimizer": "sgd", **METHODS[method][2]}
+
+
+def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager) -> list[float]:
+    """PILOT's learner for ``method`` through every step; its top-1 accuracy on the seen classes
+    after each (PILOT's own ``eval_task``)."""
+    import importlib
+
+    import utils.inc_net as inc_net
+
+    inc_net.get_backbone = lambda args, pretrained=False: load_vit(vit_path)  # the shared ViT, no download
+    module = importlib.import_module(METHODS[method][1])
+    module.num_workers = 0
+    if method == "ranpac_frozen":  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
+        module.Learner._init_train = lambda self, *args, **kwargs: None
+    torch.manual_seed(seed)
+    learner = module.Learner(pilot_args(method, manager, seed))
+    accuracies = []
+    for _ in range(manager.nb_tasks):
+        learner.incremental_train(manager)
+        learner.topk = min(5, learner._total_classes)
+        accuracies.append(float(learner.eval_task()[0]["top1"]))
+        learner.after_task()
+    return accuracies
+
+
+def run_ours(method: str, seed: int, vit_path: Path, out: Path) -> list[float]:
+    """The toolkit's run of ``method`` on the shared ViT; its accuracy on the seen classes per step."""
+    from incremental.cli import main
+
+    if not (out / "metrics.json").is_file():
+        backbone = (f"backbone={{name: timm_vit, model: {VIT}, patch_size: 4, drop_path_rate: 0.0, "
+                    f"pretrained: {vit_path}}}")
+        code = main(["run", PROTOCOL, "--quiet", "--out", str(out), "--set", f"seed={seed}",
+                     "--set", f"protocol.order_seed={seed}", "--set", backbone, "--set", METHODS[method][0],
+                     "--set", "protocol.memory={}", "--set", "output.tensorboard=false"])
+        if code:
+            raise SystemExit(f"the toolkit's {method} run failed (exit {code})")
+    return json.loads((out / "metrics.json").read_text())["accuracy"]
+
+
+def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Last and average incremental accuracy of each seed's curve."""
+    return [c[-1] for c in curves], [statistics.mean(c) for c in curves]
+
+
+def table(results: dict[str, dict[str, list[list[float]]]], commit: str, seeds: list[int]) -> str:
+    lines = [f"PILOT at commit {commit}. Digits B0, 5 steps of 2 classes, 32 px; a timm {VIT} (4-px patches, "
+             f"1 channel) initialised by timm from each seed, the same weights on both sides. Seeds {seeds}; "
+             "mean ± std over seeds; the gap is ours minus PILOT's, per seed, then averaged.", "",
+             "| method | last, ours | last, PILOT | gap | avg inc, ours | avg inc, PILOT | gap | largest step gap |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, sides in results.items():
+        (ours_last, ours_avg), (ref_last, ref_avg) = summary(sides["ours"]), summary(sides["pilot"])
+        step_gap = max(abs(a - b) for o, p in zip(sides["ours"], sides["pilot"]) for a, b in zip(o, p))
+        lines.append(f"| {method} | {mean_std(ours_last)} | {mean_std(ref_last)} | "
+                     f"{mean_std([a - b for a, b in zip(ours_last, ref_last)])} | {mean_std(ours_avg)} | "
+                     f"{mean_std(ref_avg)} | {mean_std([a - b for a, b in zip(ours_avg, ref_avg)])} | {step_gap:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = arguments()
+    commit = import_pilot(args.pilot_root.resolve())
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    results: dict[str, dict[str, list[list[float]]]] = {m: {"ours": [], "pilot": []} for m in args.methods}
+    for seed in args.seeds:
+        args.out.mkdir(parents=True, exist_ok=True)
+        vit_path = args.out / f"vit-seed{seed}.safetensors"
+        if not vit_path.is_file():
+            shared_vit(seed, vit_path)
+        manager = DigitsManager(seed)
+        for method in args.methods:
+            results[method]["ours"].append(run_ours(method, seed, vit_path, args.out / f"{method}-seed{seed}"))
+            results[method]["pilot"].append(run_pilot(method, seed, vit_path, manager))
+            print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, PILOT {results[method]['pilot'][-1]}",
+                  flush=True)
+    command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])
+    text = "\n".join(["# The toolkit against the reference implementations, side by side", "", "Produced by", "",
+                      f"    {command}", "", table(results, commit, args.seeds)])
+    from run_common import kept_reading
+
+    text += kept_reading(HERE / "reference.md")
+    (HERE / "reference.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
