@@ -354,6 +354,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
     ("a misspelt RanPAC classifier", lambda ws: ["check", ws.config("strategy: {name: ranpac, classifier: cos}\n"),
                                                  "--no-data"],
      lambda ws: ws.case, "strategy.classifier: expected", "fast"),
+    ("a misspelt SSF init", lambda ws: ["check", ws.config("strategy: {name: aper, tuning: {name: ssf, init: pilots}}\n"),
+                                        "--no-data"],
+     lambda ws: ws.case, "strategy.tuning.init: expected", "fast"),
     ("a misspelt L2P head init", lambda ws: ["check", ws.config("strategy: {name: l2p, head_init: trunc}\n"), "--no-data"],
      lambda ws: ws.case, "strategy.head_init: expected", "fast"),
     ("a misspelt DualPrompt E-prompt init", lambda ws: ["check", ws.config(

@@ -293,6 +293,36 @@ def test_adapters_and_ssf_start_as_the_identity(kind):
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_ssf_starts_as_pilots_and_scales_the_patch_embedding(kind):
+    """tuning: ssf as PILOT's vit_ssf: scales from N(1, 0.02), shifts from N(0, 0.02), and a scale
+    and shift on the patch embedding too; init: identity with patch_embed: false is the
+    pre-trained model itself at the start."""
+    from incremental.config import load_config
+    from incremental.models.peft import apply_tuning, tuning_off
+
+    def tuning(value: str):
+        return load_config("digits_b0_5steps", [f"strategy={{name: aper, tuning: {value}}}"])[0].strategy.config.tuning
+
+    torch.manual_seed(0)
+    model = _tiny_transformer(kind)
+    x = torch.randn(3, 1, 16, 16)
+    before = model(x)
+    apply_tuning(model, tuning("ssf"))
+    assert "patch_embed_proj" in model.ssf
+    gammas = torch.cat([layer.gamma.detach() for layer in model.ssf.values()])
+    betas = torch.cat([layer.beta.detach() for layer in model.ssf.values()])
+    assert abs(float(gammas.mean()) - 1) < 0.005 and 0.015 < float(gammas.std()) < 0.025
+    assert abs(float(betas.mean())) < 0.005 and 0.015 < float(betas.std()) < 0.025
+    assert not torch.allclose(model(x), before)
+    with tuning_off(model):
+        assert torch.equal(model(x), before)
+    plain = _tiny_transformer(kind)
+    reference = plain(x)
+    apply_tuning(plain, tuning("{name: ssf, init: identity, patch_embed: false}"))
+    assert "patch_embed_proj" not in plain.ssf and torch.equal(plain(x), reference)
+
+
 def test_adapters_drop_their_bottleneck_activations_in_training_as_pilots():
     """PILOT's adapters (vit_adapter, vit_ease) apply dropout 0.1 to the bottleneck's ReLU output:
     in training about 10% of those activations reach the up projection as zeros and the rest

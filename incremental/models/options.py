@@ -267,6 +267,14 @@ class AdapterConfig:
 
 
 @dataclass
+class SSFConfig:
+    # pilot: scales from N(1, 0.02) and shifts from N(0, 0.02), as PILOT's init_ssf_scale_shift;
+    # identity: ones and zeros, so the tuned model starts as the pre-trained one
+    init: Literal["pilot", "identity"] = "pilot"
+    patch_embed: bool = True  # a scale and shift on the patch embedding too (PILOT's vit_ssf)
+
+
+@dataclass
 class VPTConfig:
     length: int = opt(5, ge=1, le=1024)  # prompt tokens per block (PILOT's prompt_token_num)
 
@@ -277,7 +285,7 @@ TUNING.declare("finetune", "incremental.models.peft:tune_all",
                summary="Every parameter of the pre-trained ViT (or Swin) trains.")
 TUNING.declare("adapter", "incremental.models.peft:tune_adapter", config=AdapterConfig,
                summary="AdaptFormer's parallel adapters in every block (zero-initialised); only they train.")
-TUNING.declare("ssf", "incremental.models.peft:tune_ssf",
-               summary="SSF: a scale and shift after every linear layer and norm (identity at first); only they train.")
+TUNING.declare("ssf", "incremental.models.peft:tune_ssf", config=SSFConfig,
+               summary="SSF: a scale and shift after every linear layer and norm and the patch embedding; only they train.")
 TUNING.declare("vpt_deep", "incremental.models.peft:tune_vpt_deep", config=VPTConfig,
                summary="VPT-deep: learned prompt tokens at the input of every block; only they train.")

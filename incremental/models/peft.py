@@ -135,25 +135,43 @@ def adapters_set(vit: nn.Module, active: int | None) -> Iterator[None]:
 
 
 class ScaleShift(nn.Module):
-    def __init__(self, dim: int):
+    """``x * gamma + beta`` over the channels: the last dimension, or the second (``channels_first``,
+    a convolution's output). ``init: pilot`` draws gamma ~ N(1, 0.02) and beta ~ N(0, 0.02), as
+    PILOT's ``init_ssf_scale_shift``; ``identity`` starts at ones and zeros."""
+
+    def __init__(self, dim: int, init: str = "identity", channels_first: bool = False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim))
         self.beta = nn.Parameter(torch.zeros(dim))
+        self.channels_first = channels_first
+        if init == "pilot":
+            nn.init.normal_(self.gamma, mean=1.0, std=0.02)
+            nn.init.normal_(self.beta, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return x * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
         return x * self.gamma + self.beta
 
 
-def add_ssf(vit: nn.Module) -> nn.ModuleDict:
+def add_ssf(vit: nn.Module, *, init: str = "identity", patch_embed: bool = False) -> nn.ModuleDict:
     """SSF after every Linear and LayerNorm of the blocks (a Swin's stages, with their patch
-    merging) and the final norm (``vit.ssf``)."""
+    merging) and the final norm (``vit.ssf``); with ``patch_embed``, also after the patch
+    embedding's projection and its norm, where it has one (PILOT's vit_ssf)."""
     targets = [(name, m) for name, m in vit.named_modules()
                if (name.startswith(("blocks.", "layers.")) or name in ("norm", "fc_norm"))
                and isinstance(m, (nn.Linear, nn.LayerNorm))]
+    embedding = getattr(vit, "patch_embed", None)
+    if patch_embed and embedding is not None:
+        targets[:0] = [(f"patch_embed.{n}", m) for n, m in embedding.named_children()
+                       if n in ("proj", "norm") and isinstance(m, (nn.Conv2d, nn.LayerNorm))]
     ssf = nn.ModuleDict()
     for name, module in targets:
-        dim = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
-        layer = ScaleShift(dim)
+        if isinstance(module, nn.Conv2d):
+            layer = ScaleShift(module.out_channels, init, channels_first=True)
+        else:
+            dim = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
+            layer = ScaleShift(dim, init)
         ssf[name.replace(".", "_")] = layer
         module.register_forward_hook(lambda m, args, out, layer=layer: layer(out) if tuning_on(vit) else out)
     vit.ssf = ssf
@@ -319,9 +337,10 @@ def tune_adapter(vit: nn.Module, config: Any) -> None:
 
 
 def tune_ssf(vit: nn.Module, config: Any = None) -> None:
-    """SSF: a scale and shift after every linear layer and norm (identity at first); only they train."""
+    """SSF: a scale and shift after every linear layer and norm, and the patch embedding; only they train."""
     freeze(vision_transformer(vit, swin=True))
-    add_ssf(vit)
+    init, patch_embed = (config.init, config.patch_embed) if config is not None else ("identity", False)
+    add_ssf(vit, init=init, patch_embed=patch_embed)
 
 
 def tune_vpt_deep(vit: nn.Module, config: Any) -> None:
