@@ -337,7 +337,7 @@ def tune_adapter(vit: nn.Module, config: Any) -> None:
 
 
 def tune_ssf(vit: nn.Module, config: Any = None) -> None:
-    """SSF: a scale and shift after every linear layer and norm, and the patch embedding; only they train."""
+    """SSF: a scale and shift after every linear layer and norm and the patch embedding; only they train."""
     freeze(vision_transformer(vit, swin=True))
     init, patch_embed = (config.init, config.patch_embed) if config is not None else ("identity", False)
     add_ssf(vit, init=init, patch_embed=patch_embed)
