@@ -2,14 +2,14 @@
 generalizability and adaptivity are all you need"), PILOT's ``aper_*``.
 
 The first experience adapts the pre-trained ViT (``tuning``: adapters, SSF, VPT-deep, or full
-finetuning) with a linear head; afterwards nothing trains. Every class gets a prototype, the
+finetuning) through a head on the adapted features (``first_session_head``: PILOT's cosine
+head with a learnt scale, or a linear one over both halves); afterwards nothing trains. Every class gets a prototype, the
 mean of its training images' features, where a feature is the concatenation of the original
 pre-trained model's and the adapted model's pooled features; a test image goes to the class
 of the most cosine-similar prototype.
 
-Departure: the first session's head sees the concatenated features (the original half is
-frozen) where PILOT trains a cosine head on the adapted features alone; the prototypes, which
-classify, are APER's.
+``first_session_head: linear`` is the toolkit's earlier head: nn.Linear over the concatenated
+features (the original half frozen). Either way the prototypes, which classify, are APER's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from incremental.models.peft import apply_tuning, freeze, tuning_off, vision_tra
 from incremental.strategy import StrategyContext
 
 from .options import APERConfig
-from .pretrained import FirstSessionTraining, class_means, experience_features, replace_head, set_prototypes
+from .pretrained import (FirstSessionTraining, class_means, experience_features, first_session_head, replace_head,
+                         set_prototypes)
 
 
 class DualBranch(nn.Module):
@@ -72,6 +73,8 @@ class APER(FirstSessionTraining):
         apply_tuning(vit, self.config.tuning)
         model.backbone = DualBranch(vit, original)
         replace_head(model, model.backbone.num_features)
+        half = int(vit.num_features)  # DualBranch's columns: the original's, then the adapted's
+        first_session_head(model, self.config.first_session_head, slice(half, 2 * half))
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if strategy.experience.current_experience == 0:

@@ -11,12 +11,20 @@ from the new classes' (EASE's semantic-guided prototype complement):
     P[old, t] = softmax_j( cos(P[old, i], P[new_j, i]) ) @ P[new, t]
 
 i.e. old classes borrow the new classes' subspace-t prototypes, weighted by how alike they are
-in the old class's own subspace i. During training the head sees the current subspace's block
-only (the other blocks are zeros), on the current classes.
+in the old class's own subspace i. With ``recalc_sim`` (PILOT's default) every later subspace
+d = i+1..t is complemented afresh after each experience, from the classes of experiences d..t
+(``new`` above is then all of them, and the similarities are measured in subspace i); without
+it, only subspace t, from experience t's classes, earlier complements kept.
 
-Departures: PILOT recomputes these similarities between every pair of subspaces
-(``recalc_sim``) and reweights the subspaces' logits at test time (``use_reweight``); this
-complements from the newest classes only, and weighs the subspaces equally.
+At test time, with ``use_reweight`` (PILOT's default), a class of experience i scores
+``cos(x_i, P_i) + alpha / t * sum_{j != i, j <= t} cos(x_j, P_j)`` over the subspaces
+(:class:`~incremental.models.net.SubspaceReweightOutput`); without it, one cosine over the
+concatenated features.
+
+During training the head sees the current subspace's block only, on the current classes:
+``training_head: cosine`` is PILOT's proxy head, ``sigma cos`` on that block with sigma reset
+to 1 at each experience; ``linear`` is nn.Linear over the concatenation (the other blocks are
+zeros there).
 """
 
 from __future__ import annotations
@@ -27,12 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from incremental.models.net import PrototypeOutput
+from incremental.models.net import PrototypeOutput, SubspaceReweightOutput
 from incremental.models.peft import add_adapters, adapters_set, freeze, vision_transformer
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import EASEConfig
-from .pretrained import experience_features, loss_on_current_classes, replace_head
+from .pretrained import CosineIncrementalClassifier, experience_features, loss_on_current_classes, replace_head
 
 
 class SubspaceViT(nn.Module):
@@ -77,6 +85,25 @@ def complement(prototypes: torch.Tensor, old: range, new: range, own: int, targe
     return F.softmax(similarity, dim=1) @ prototypes[new.start:new.stop, target]
 
 
+def complement_old_classes(prototypes: torch.Tensor, ranges: list[range], t: int, recalc_sim: bool) -> None:
+    """After experience ``t``, in place: the old experiences' classes' prototypes in the subspaces
+    they were not trained with (see the module's note)."""
+    for i in range(t):
+        for d in range(i + 1, t + 1) if recalc_sim else [t]:
+            reference = range(ranges[d].start, ranges[t].stop) if recalc_sim else ranges[t]
+            prototypes[ranges[i].start:ranges[i].stop, d] = complement(prototypes, ranges[i], reference, i, d)
+
+
+def subspace_weights(ranges: list[range], t: int, sets: int, alpha: float) -> torch.Tensor:
+    """(classes seen, sets): 1 for a class's own experience's subspace, alpha / t for every other
+    subspace up to t, 0 beyond (PILOT's forward_reweight)."""
+    weights = torch.zeros(ranges[t].stop, sets)
+    for i in range(t + 1):
+        weights[ranges[i].start:ranges[i].stop, : t + 1] = alpha / t if t else 0.0
+        weights[ranges[i].start:ranges[i].stop, i] = 1.0
+    return weights
+
+
 class EASE(StrategyPlugin):
     """EASE: an adapter subspace per experience and prototypes complemented across subspaces."""
 
@@ -88,6 +115,9 @@ class EASE(StrategyPlugin):
         model.backbone = SubspaceViT(vit, self.context.class_split.num_experiences, self.config.bottleneck,
                                      self.config.adapter_scale, self.config.adapter_dropout)
         replace_head(model, model.backbone.num_features)
+        if self.config.training_head == "cosine":  # its columns move to each experience's block
+            dim, classes = model.backbone.dim, model.head.classifier.out_features
+            model.head = CosineIncrementalClassifier(model.backbone.num_features, classes, slice(0, dim))
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience
@@ -96,6 +126,11 @@ class EASE(StrategyPlugin):
         for index, adapters in enumerate(backbone.vit.adapters.sets):  # only this experience's set learns
             for p in adapters.parameters():
                 p.requires_grad_(index == experience)
+        head = strategy.model.head
+        if isinstance(head, CosineIncrementalClassifier):  # PILOT's fresh proxy head on this block
+            head.columns = slice(experience * backbone.dim, (experience + 1) * backbone.dim)
+            with torch.no_grad():
+                head.sigma.fill_(1.0)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         loss_on_current_classes(strategy, self.context)
@@ -109,12 +144,15 @@ class EASE(StrategyPlugin):
         blocks = features.view(len(features), backbone.sets, backbone.dim)
         seen = ranges[t].stop
         prototypes = torch.zeros(seen, backbone.sets, backbone.dim)
-        if isinstance(model.output_adapter, PrototypeOutput):
+        if isinstance(model.output_adapter, (PrototypeOutput, SubspaceReweightOutput)):
             old = model.output_adapter.prototypes.cpu().view(-1, backbone.sets, backbone.dim)
             prototypes[: len(old)] = old
         for label in ranges[t]:
             prototypes[label, : t + 1] = blocks[labels == label, : t + 1].mean(dim=0)
-        for i in range(t):  # each old experience's classes get a prototype in the new subspace
-            prototypes[ranges[i].start:ranges[i].stop, t] = complement(prototypes, ranges[i], ranges[t], i, t)
+        complement_old_classes(prototypes, ranges, t, self.config.recalc_sim)
         device = next(model.parameters()).device
-        model.output_adapter = PrototypeOutput(prototypes.flatten(1).to(device), "cosine")
+        if self.config.use_reweight:
+            weights = subspace_weights(ranges, t, backbone.sets, self.config.alpha)
+            model.output_adapter = SubspaceReweightOutput(prototypes.flatten(1).to(device), weights.to(device), backbone.dim)
+        else:
+            model.output_adapter = PrototypeOutput(prototypes.flatten(1).to(device), "cosine")

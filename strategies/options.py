@@ -137,6 +137,9 @@ class APERConfig:
     tuning: Component = component("tuning", "adapter")
     tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
     metric: Literal["cosine", "euclidean"] = "cosine"
+    # the head the first session trains with: cosine, PILOT's CosineLinear (sigma cos, sigma learnt
+    # from 1) on the adapted features; linear, nn.Linear on the model's pooled features
+    first_session_head: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass
@@ -144,16 +147,23 @@ class RanPACConfig:
     # optional first-session adaptation (PILOT's ranpac: adapters, 20 epochs); frozen: none
     tuning: Component = component("tuning", "adapter")
     tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
+    # the head the first session trains with: cosine, PILOT's CosineLinear (sigma cos, sigma learnt
+    # from 1) on the adapted features; linear, nn.Linear on the model's pooled features
+    first_session_head: Literal["cosine", "linear"] = "cosine"
     projection_dim: int = opt(10_000, ge=1, le=100_000)  # M (RanPAC: 10,000)
     validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
     # cosine: the ridge weights in a CosineLinear, cos(h, W_c), as RanPAC's and PILOT's code
     # classify; linear: h W^T, the regression's own prediction
     classifier: Literal["cosine", "linear"] = "cosine"
+    # float64: G, Q and the solves in fp64 (in fp32, G summed over thousands of images lost its
+    # positive definiteness on digits); float32: the reference's arithmetic (RanPAC's and PILOT's
+    # code: G and Q in fp32, one fp32 LU solve per candidate lambda and one for the weights)
+    precision: Literal["float64", "float32"] = "float64"
 
     def memory_needs(self, run: Any) -> list[MemoryNeed]:
-        # the M x M Gram matrix kept in fp64 in host RAM (its solve factorises it in place)
-        m = self.projection_dim
-        return [MemoryNeed("projection_dim", m * m * FLOAT64, f"RanPAC's {m} x {m} fp64 ridge system",
+        # the M x M Gram matrix kept in host RAM (its fp64 solve factorises it in place)
+        m, size = self.projection_dim, FLOAT64 if self.precision == "float64" else FLOAT64 // 2
+        return [MemoryNeed("projection_dim", m * m * size, f"RanPAC's {m} x {m} {self.precision} ridge system",
                            on_device=False)]
 
 
@@ -239,6 +249,18 @@ class EASEConfig:
     bottleneck: int = opt(64, ge=1, le=16384)  # one adapter set per experience (PILOT's ffn_num)
     adapter_scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)
     adapter_dropout: float = opt(0.1, ge=0, lt=1)  # on the bottleneck in training (PILOT's vit_ease: 0.1)
+    # true: after each experience, every old experience's classes are complemented afresh in every
+    # later subspace d, from the classes of experiences d.. (PILOT's recalc_sim, on in ease.json);
+    # false: only into the newest subspace, from the newest classes, earlier complements kept
+    recalc_sim: bool = True
+    # true: a class's logit weighs its own experience's subspace 1 and each other seen one
+    # alpha / t (PILOT's forward_reweight, use_reweight in ease.json); false: one cosine over the
+    # concatenated features
+    use_reweight: bool = True
+    alpha: float = opt(0.1, ge=0, le=MAX_WEIGHT)  # ease.json
+    # the head each experience trains its adapters with: cosine, PILOT's (a fresh sigma cos on
+    # the experience's own subspace, sigma from 1); linear, nn.Linear on the concatenated features
+    training_head: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from avalanche.models import IncrementalClassifier
 from torch import nn
+from torch.nn import functional as F
 
 from incremental.memory import extract_features
 from incremental.models.net import PrototypeOutput
@@ -75,6 +77,32 @@ def replace_head(model: nn.Module, num_features: int) -> None:
 
     model.head = IncrementalClassifier(num_features, initial_out_features=model.head.classifier.out_features)
     model.num_features = num_features
+
+
+class CosineIncrementalClassifier(IncrementalClassifier):
+    """Avalanche's growing classifier, scoring ``sigma cos(x[:, columns], w_c)``: PILOT's
+    CosineLinear (rows uniform in +-1/sqrt(d) as nn.Linear draws them, no bias, a learnt scale
+    sigma from 1), which its APER and RanPAC train in the first session. ``columns`` picks the
+    features it sees (APER's adapted half). Unseen classes are masked as Avalanche masks them."""
+
+    def __init__(self, in_features: int, initial_out_features: int, columns: slice = slice(None)):
+        super().__init__(len(range(in_features)[columns]), initial_out_features=initial_out_features)
+        self.columns = columns
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        pooled = F.normalize(x[:, self.columns], dim=1)
+        out = self.sigma * F.linear(pooled, F.normalize(self.classifier.weight, dim=1))
+        if self.masking:
+            out = out.masked_fill(mask=torch.logical_not(self.active_units), value=self.mask_value)
+        return out
+
+
+def first_session_head(model: nn.Module, kind: str, columns: slice = slice(None)) -> None:
+    """The head the first session trains: ``cosine`` (PILOT's, over ``columns`` of the features)
+    or ``linear`` (Avalanche's over all of them, as the model was built)."""
+    if kind == "cosine":
+        model.head = CosineIncrementalClassifier(model.num_features, model.head.classifier.out_features, columns)
 
 
 class FirstSessionTraining(StrategyPlugin):

@@ -2,7 +2,8 @@
 continual learning"), PILOT's ``ranpac``.
 
 Optionally, the first experience adapts the ViT (``tuning``: adapters by default, as RanPAC's
-"first-session adaptation"; ``frozen`` for none). Then, for every experience, the pooled
+"first-session adaptation"; ``frozen`` for none), through ``first_session_head`` (PILOT's cosine
+head with a learnt scale by default). Then, for every experience, the pooled
 features ``f`` of its training images (eval transforms) go through a fixed random projection
 ``h = ReLU(f W_rand)`` (``W_rand``: d x M, standard normal, drawn once) and update
 
@@ -13,7 +14,8 @@ chosen from 10^-8 .. 10^8 by the mean squared error on ``validation_fraction`` o
 experience's images, held out of a solve on the rest (RanPAC's ``optimise_ridge_parameter``).
 The statistics are summed and the ridge solved in fp64, whatever ``training.precision`` is
 (the reference keeps and solves them in fp32, which small ridges make unstable; the price is
-M^2 x 8 bytes for G: 800 MB at M = 10,000). G is updated and factorised in place, so that is the
+M^2 x 8 bytes for G: 800 MB at M = 10,000). ``precision: float32`` is the reference's
+arithmetic instead, for comparing with it: fp32 statistics, one LU solve per candidate lambda. G is updated and factorised in place, so that is the
 solve's peak too (plus the n x n kernel of the lambda search and the projected features).
 """
 
@@ -30,7 +32,7 @@ from incremental.strategy import StrategyContext
 from incremental.timing import phase
 
 from .options import RanPACConfig
-from .pretrained import FirstSessionTraining, experience_features
+from .pretrained import FirstSessionTraining, experience_features, first_session_head
 
 RIDGES = [10.0 ** k for k in range(-8, 9)]
 
@@ -108,6 +110,22 @@ def choose_ridge(hidden: torch.Tensor, onehot: torch.Tensor, validation_fraction
     return RIDGES[int(torch.tensor(losses).argmin())]
 
 
+def reference_ridge(hidden: torch.Tensor, onehot: torch.Tensor, validation_fraction: float,
+                    tick: Callable[[int], Any] = lambda n: None) -> float:
+    """RanPAC's lambda by its own arithmetic, in ``hidden``'s dtype: one LU solve of the M x M
+    system on the first part per candidate, scored by the mean squared error on the rest."""
+    split = int(len(hidden) * (1 - validation_fraction))
+    fit, held = hidden[:split], hidden[split:]
+    gram, targets = fit.T @ fit, fit.T @ onehot[:split]
+    identity = torch.eye(len(gram), dtype=gram.dtype)
+    losses = []
+    for ridge in RIDGES:
+        weights = torch.linalg.solve(gram + ridge * identity, targets)
+        losses.append(torch.mean((held @ weights - onehot[split:]) ** 2).item())
+        tick(1)
+    return RIDGES[int(torch.tensor(losses).argmin())]
+
+
 class RanPAC(FirstSessionTraining):
     """RanPAC: a random projection with ReLU and a ridge-regression head, accumulated over experiences."""
 
@@ -117,9 +135,12 @@ class RanPAC(FirstSessionTraining):
         self.gram: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
         self.ridges: list[float] = []
+        self.dtype = torch.float64 if config.precision == "float64" else torch.float32
 
     def prepare_model(self, model: Any) -> None:
         apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
+        if self.config.tuning.name != "frozen":  # a head nothing trains would only draw random numbers
+            first_session_head(model, self.config.first_session_head)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience
@@ -131,22 +152,27 @@ class RanPAC(FirstSessionTraining):
         if self.projection is None:
             self.projection = torch.randn(features.shape[1], self.config.projection_dim)
             m = self.config.projection_dim
-            # fp64: summed in fp32 over thousands of images, G lost its positive definiteness
+            # fp64 by default: summed in fp32 over thousands of images, G lost its positive definiteness
             # (an eigenvalue of -0.45 next to 4e7 on digits), and small ridges then broke the solve
-            self.gram = torch.zeros(m, m, dtype=torch.float64)
-            self.targets = torch.zeros(m, self.context.total_classes, dtype=torch.float64)
+            self.gram = torch.zeros(m, m, dtype=self.dtype)
+            self.targets = torch.zeros(m, self.context.total_classes, dtype=self.dtype)
         order = torch.randperm(len(features))  # a random held-out part (RanPAC's loader shuffles)
-        hidden = torch.relu(features[order].double() @ self.projection.double())
-        onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).double()
-        m = self.config.projection_dim
+        hidden = torch.relu(features[order].to(self.dtype) @ self.projection.to(self.dtype))
+        onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).to(self.dtype)
+        m, reference = self.config.projection_dim, self.config.precision == "float32"
         with phase(strategy, "closed_form"), \
-                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp64)", unit="solve") as progress:
+                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, {self.config.precision})", unit="solve") as progress:
             self.gram.addmm_(hidden.T, hidden)  # in place: no M x M temporary
             self.targets.addmm_(hidden.T, onehot)
-            ridge = choose_ridge(hidden, onehot, self.config.validation_fraction, progress.update)
+            choose = reference_ridge if reference else choose_ridge
+            ridge = choose(hidden, onehot, self.config.validation_fraction, progress.update)
             self.ridges.append(ridge)
             seen = int(labels.max()) + 1
-            weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
+            if reference:
+                system = self.gram + ridge * torch.eye(m, dtype=self.dtype)
+                weights = torch.linalg.solve(system, self.targets).T[:seen]
+            else:
+                weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
             progress.update(1)
         device = next(strategy.model.parameters()).device
         strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device),

@@ -22,6 +22,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
+# The files whose tests take longest, slowest first (experiments/bench/test_suite.md), are
+# collected first: xdist's loadfile hands whole files to the workers in collection order, and a
+# slow file handed out last keeps one worker busy while the other has nothing left to do.
+SLOW_FILES_FIRST = ("test_readme.py", "test_resume.py", "test_distributed.py", "test_compare.py",
+                    "test_pretrained_methods.py", "test_clip.py", "test_backbones.py", "test_run_directory.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 # A protocol small enough to train in seconds: 16 px digits, a one-block ViT, 3 experiences.
 TINY_RUN = """
 name: tiny

@@ -37,6 +37,11 @@ def test_ranpac_needs_one_fp64_m_by_m_matrix_in_host_ram():
                      device_bytes=10 ** 9)
 
 
+def test_ranpacs_reference_precision_needs_half():
+    assert need(config("strategy={name: ranpac, projection_dim: 3000, precision: float32}"),
+                "strategy.projection_dim") == 4 * 3000 ** 2
+
+
 def test_the_sum_of_the_needs_is_checked_and_names_the_largest():
     cfg = config("strategy={name: ranpac, projection_dim: 2000}")
     total = sum(n.bytes for n in run_memory_needs(cfg))

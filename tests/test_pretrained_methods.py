@@ -78,6 +78,40 @@ def test_every_method_runs_from_the_cli(method, pretrained, tmp_path):
         assert max(trained) < encoder / 2, (trained, encoder)
 
 
+def test_the_first_session_cosine_head_is_pilots_cosine_linear():
+    """sigma cos(x[:, columns], w_c), rows drawn as nn.Linear draws them (PILOT's CosineLinear:
+    uniform in +-1/sqrt(d)), sigma a parameter from 1, unseen classes masked as Avalanche's."""
+    from incremental.strategies.pretrained import CosineIncrementalClassifier
+
+    torch.manual_seed(0)
+    head = CosineIncrementalClassifier(8, 3, columns=slice(4, 8))
+    assert head.classifier.in_features == 4 and float(head.sigma.detach()) == 1.0
+    assert head.classifier.weight.abs().max() <= 0.5 and "sigma" in dict(head.named_parameters())
+    head.active_units[:2] = 1
+    with torch.no_grad():
+        head.sigma.fill_(2.5)
+    x = torch.randn(5, 8)
+    out = head(x).detach().numpy()
+    half, w = x[:, 4:].numpy(), head.classifier.weight.detach().numpy()
+    expected = 2.5 * (half / np.linalg.norm(half, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    assert np.allclose(out[:, :2], expected[:, :2], atol=1e-6) and (out[:, 2] == -1000).all()
+
+
+@pytest.mark.parametrize("head, width", [("cosine", 32), ("linear", 64)])
+def test_apers_first_session_trains_pilots_cosine_head_on_the_adapted_half(pretrained, tmp_path, head, width):
+    config, weights = pretrained
+    strategy = f"{{name: aper, tuning: {{name: adapter, bottleneck: 8}}, first_session_head: {head}}}"
+    run_method(config, weights, tmp_path / "run", strategy)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert saved["head.classifier.weight"].shape == (10, width)  # grown to every class, as Avalanche grows it
+    if head == "cosine":  # the scale was learnt in the first session, then fixed with the rest
+        assert float(saved["head.sigma"]) != 1.0
+    else:
+        assert "head.sigma" not in saved
+    model, _, _, _ = _saved_features(tmp_path / "run")  # the saved model loads into the head it was built with
+    assert type(model.head).__name__ == ("CosineIncrementalClassifier" if head == "cosine" else "IncrementalClassifier")
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -236,6 +270,35 @@ def test_ranpacs_linear_classifier_is_the_regressions_prediction(pretrained, tmp
     hidden = torch.relu(features.float() @ adapter.projection.float())
     assert not bool(adapter.cosine)
     torch.testing.assert_close(adapter(features, None), hidden @ adapter.weights.float().T)
+
+
+def test_ranpacs_float32_precision_is_the_references_arithmetic(pretrained, tmp_path):
+    """precision: float32 keeps G and Q in fp32 and solves them by LU in fp32, as RanPAC's and
+    PILOT's code do: the saved weights are torch's fp32 solve of the saved G and Q at the chosen
+    lambda, bit for bit, and differ from the fp64 default's."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "fp32", "{name: ranpac, projection_dim: 64, tuning: frozen, precision: float32}")
+    state = torch.load(tmp_path / "fp32" / "checkpoint.pt", weights_only=True)["plugins"][0]
+    assert state["gram"].dtype == state["targets"].dtype == torch.float32
+    model, _, _, _ = _saved_features(tmp_path / "fp32")
+    system = state["gram"] + state["ridges"][-1] * torch.eye(64)
+    assert torch.equal(model.output_adapter.weights.cpu(), torch.linalg.solve(system, state["targets"]).T)
+    run_method(config, weights, tmp_path / "fp64", "{name: ranpac, projection_dim: 64, tuning: frozen}")
+    default = torch.load(tmp_path / "fp64" / "checkpoint.pt", weights_only=True)["plugins"][0]
+    assert default["gram"].dtype == torch.float64 and not torch.equal(default["gram"].float(), state["gram"])
+
+
+def test_ranpacs_reference_ridge_choice_is_one_lu_solve_per_lambda_in_the_features_dtype():
+    from incremental.strategies.ranpac import RIDGES, reference_ridge
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.relu(torch.randn(120, 16, generator=gen) @ torch.randn(16, 40, generator=gen))
+    onehot = torch.eye(3)[torch.randint(0, 3, (120,), generator=gen)]
+    fit, held = hidden[:96].numpy(), hidden[96:].numpy()
+    errors = [np.mean((held @ np.linalg.solve(fit.T @ fit + np.float32(r) * np.eye(40, dtype=np.float32),
+                                               fit.T @ onehot[:96].numpy()) - onehot[96:].numpy()) ** 2)
+              for r in RIDGES]
+    assert reference_ridge(hidden, onehot, 0.2) == RIDGES[int(np.argmin(errors))]
 
 
 def test_ranpac_accumulates_to_the_solve_over_the_union():
@@ -464,6 +527,63 @@ def test_ease_complements_old_prototypes_from_the_new_classes():
         assert torch.allclose(got[i], (weights[:, None] * prototypes[2:5, 1]).sum(0), atol=1e-6)
 
 
+def test_eases_earlier_choices_give_one_cosine_over_the_concatenation_and_a_linear_head(pretrained, tmp_path):
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: ease, bottleneck: 8, use_reweight: false, recalc_sim: false, "
+               "training_head: linear}")
+    model, _, _, _ = _saved_features(tmp_path / "run")
+    assert type(model.output_adapter).__name__ == "PrototypeOutput" and not hasattr(model.head, "sigma")
+
+
+def _numpy_complement(p: np.ndarray, old: range, reference: range, own: int, target: int) -> np.ndarray:
+    unit = p[:, own] / np.linalg.norm(p[:, own], axis=1, keepdims=True)
+    similarity = unit[old.start:old.stop] @ unit[reference.start:reference.stop].T
+    weights = np.exp(similarity) / np.exp(similarity).sum(axis=1, keepdims=True)
+    return weights @ p[reference.start:reference.stop, target]
+
+
+@pytest.mark.parametrize("recalc_sim", [True, False])
+def test_ease_recalc_sim_complements_every_later_subspace_from_the_classes_that_have_it(recalc_sim):
+    """PILOT's solve_sim_reset: after experience t, old experience i's classes in subspace d
+    (i < d <= t) from the classes of experiences d..t, compared in subspace i; without
+    recalc_sim (solve_similarity) only subspace t, from experience t's classes."""
+    from incremental.strategies.ease import complement_old_classes
+
+    gen = torch.Generator().manual_seed(1)
+    ranges = [range(0, 2), range(2, 5), range(5, 7)]
+    prototypes = torch.randn(7, 3, 4, generator=gen, dtype=torch.float64)
+    before = prototypes.numpy().copy()
+    complement_old_classes(prototypes, ranges, 2, recalc_sim)
+    expected = before.copy()
+    for i in range(2):
+        for d in (range(i + 1, 3) if recalc_sim else [2]):
+            reference = range(ranges[d].start, 7) if recalc_sim else ranges[2]
+            expected[ranges[i].start:ranges[i].stop, d] = _numpy_complement(before, ranges[i], reference, i, d)
+    assert np.allclose(prototypes.numpy(), expected, atol=1e-12)
+    assert recalc_sim or np.array_equal(prototypes.numpy()[0:2, 1], before[0:2, 1])  # earlier complement kept
+
+
+def test_ease_reweights_the_subspaces_logits_as_pilots_forward_reweight():
+    """Class c of experience i: cos in its own subspace i, plus alpha / t times the cosines in
+    every other subspace seen (t = the last experience); subspaces not trained yet count 0."""
+    from incremental.models.net import SubspaceReweightOutput
+    from incremental.strategies.ease import subspace_weights
+
+    gen = torch.Generator().manual_seed(2)
+    ranges, sets, dim, t, alpha = [range(0, 2), range(2, 4), range(4, 6)], 4, 3, 2, 0.1
+    prototypes, x = torch.randn(6, sets * dim, generator=gen), torch.randn(5, sets * dim, generator=gen)
+    out = SubspaceReweightOutput(prototypes, subspace_weights(ranges, t, sets, alpha), dim)(x, None).numpy()
+    xs, ps = x.view(5, sets, dim).numpy(), prototypes.view(6, sets, dim).numpy()
+    expected = np.zeros((5, 6))
+    for i, classes in enumerate(ranges):
+        for c in classes:
+            for j in range(t + 1):
+                cosine = xs[:, j] @ ps[c, j] / np.linalg.norm(xs[:, j], axis=1) / np.linalg.norm(ps[c, j])
+                expected[:, c] += cosine if j == i else alpha / t * cosine
+    assert np.allclose(out, expected, atol=1e-5)
+    assert torch.equal(subspace_weights(ranges[:1], 0, sets, alpha), torch.tensor([[1.0, 0, 0, 0]] * 2))
+
+
 def test_ease_trains_each_experience_its_own_adapter_set_only(pretrained, tmp_path):
     """After experience t, set t has moved from its start and sets < t are bit-identical to
     what they were after their own experience; the pre-trained ViT never moves."""
@@ -477,6 +597,12 @@ def test_ease_trains_each_experience_its_own_adapter_set_only(pretrained, tmp_pa
         return {k: v for k, v in state.items() if k.startswith(prefix)}
 
     original = load_file(str(weights))
+    from incremental.strategies.ease import subspace_weights
+
+    for t, state in enumerate(states):  # PILOT's defaults: reweighted subspaces, a cosine training head
+        ranges = [range(0, 4), range(4, 7), range(7, 10)]
+        assert torch.equal(state["output_adapter.class_weights"].cpu(), subspace_weights(ranges, t, 3, 0.1))
+        assert "head.sigma" in state
     for t, state in enumerate(states):
         assert all(torch.equal(state[f"backbone.vit.{k}"], v) for k, v in original.items())
         for earlier in range(t):

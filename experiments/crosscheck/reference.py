@@ -26,7 +26,9 @@ What the harness changes in PILOT to run it here, each written into reference.md
   ``timm.layers.weight_init``;
 - RanPAC with a frozen ViT is PILOT's RanPAC with ``tuned_epoch: 0``, whose ``_init_train``
   fails without an epoch (its last log line reads a variable the loop sets), so the harness
-  skips that call, which is what zero epochs do.
+  skips that call, which is what zero epochs do;
+- the ``*_shared_projection`` rows replace the W_rand PILOT's ``setup_RP`` draws by the one the
+  toolkit's run drew (read from its checkpoint), after that call, so both sides project alike.
 
 Writes reference.md next to this file: per method, last and average incremental accuracy over
 the seeds (mean ± std) for both sides and the gap, with PILOT's commit.
@@ -52,11 +54,19 @@ from run_common import mean_std  # noqa: E402
 
 PROTOCOL = "digits_b0_5steps"
 VIT = "vit_tiny_patch16_224"
+PILOT_RANPAC = ("models.ranpac", {"model_name": "ranpac", "M": 1000, "use_RP": True, "use_input_norm": False,
+                                   "tuned_epoch": 0})
 METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's args)
     "simplecil": ("strategy=simplecil", "models.simplecil", {"model_name": "simplecil"}),
-    "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", "models.ranpac",
-                      {"model_name": "ranpac", "M": 1000, "use_RP": True, "use_input_norm": False,
-                       "tuned_epoch": 0}),
+    "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", *PILOT_RANPAC),
+    # the departures measured one at a time: ours in the reference's fp32 arithmetic; then also
+    # PILOT given the toolkit's W_rand (the one draw the two sides do not share otherwise)
+    "ranpac_frozen_fp32": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000, precision: float32}",
+                           *PILOT_RANPAC),
+    "ranpac_frozen_fp32_shared_projection": (
+        "strategy={name: ranpac, tuning: frozen, projection_dim: 1000, precision: float32}", *PILOT_RANPAC),
+    "ranpac_frozen_shared_projection": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}",
+                                        *PILOT_RANPAC),
 }
 
 
@@ -166,9 +176,10 @@ def pilot_args(method: str, manager: DigitsManager, seed: int) -> dict[str, Any]
             "batch_size": 48, "weight_decay": 0.0005, "min_lr": 0.0, "optimizer": "sgd", **METHODS[method][2]}
 
 
-def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager) -> list[float]:
-    """PILOT's learner for ``method`` through every step; its top-1 accuracy on the seen classes
-    after each (PILOT's own ``eval_task``)."""
+def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager,
+              projection: torch.Tensor | None = None) -> list[float]:
+    """PILOT's learner for ``method`` through every step (given ``projection`` as its W_rand, if
+    any); its top-1 accuracy on the seen classes after each (PILOT's own ``eval_task``)."""
     import importlib
 
     import utils.inc_net as inc_net
@@ -176,10 +187,12 @@ def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager) ->
     inc_net.get_backbone = lambda args, pretrained=False: load_vit(vit_path)  # the shared ViT, no download
     module = importlib.import_module(METHODS[method][1])
     module.num_workers = 0
-    if method == "ranpac_frozen":  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
+    if method.startswith("ranpac_frozen"):  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
         module.Learner._init_train = lambda self, *args, **kwargs: None
     torch.manual_seed(seed)
     learner = module.Learner(pilot_args(method, manager, seed))
+    if projection is not None:
+        learner.setup_RP = shared_projection(learner.setup_RP, learner, projection)
     accuracies = []
     for _ in range(manager.nb_tasks):
         learner.incremental_train(manager)
@@ -187,6 +200,20 @@ def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager) ->
         accuracies.append(float(learner.eval_task()[0]["top1"]))
         learner.after_task()
     return accuracies
+
+
+def shared_projection(setup: Any, learner: Any, projection: torch.Tensor) -> Any:
+    """PILOT's ``setup_RP``, then ``projection`` in place of the W_rand it drew."""
+    def setup_with_projection() -> None:
+        setup()
+        learner.W_rand = learner._network.W_rand = projection.to(learner.W_rand.dtype)
+    return setup_with_projection
+
+
+def projection_of(run_dir: Path) -> torch.Tensor:
+    """The W_rand of the toolkit's RanPAC run in ``run_dir`` (its checkpoint's plugin state)."""
+    plugins = torch.load(run_dir / "checkpoint.pt", weights_only=True)["plugins"]
+    return next(state["projection"] for state in plugins if isinstance(state, dict) and "projection" in state)
 
 
 def run_ours(method: str, seed: int, vit_path: Path, out: Path) -> list[float]:
@@ -237,7 +264,8 @@ def main() -> int:
         manager = DigitsManager(seed)
         for method in args.methods:
             results[method]["ours"].append(run_ours(method, seed, vit_path, args.out / f"{method}-seed{seed}"))
-            results[method]["pilot"].append(run_pilot(method, seed, vit_path, manager))
+            projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
+            results[method]["pilot"].append(run_pilot(method, seed, vit_path, manager, projection))
             print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, PILOT {results[method]['pilot'][-1]}",
                   flush=True)
     command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])

@@ -139,6 +139,26 @@ class RandomProjectionOutput(nn.Module):
         return hidden @ self.weights.float().T
 
 
+class SubspaceReweightOutput(nn.Module):
+    """EASE's test-time classifier (PILOT's ``forward_reweight``): the pooled feature and each
+    prototype cut into subspaces of ``dim`` values; class c scores
+    ``sum_s class_weights[c, s] cos(x_s, p_c,s)``. (PILOT multiplies by its head's sigma too,
+    one positive number for every class, which no argmax sees.)"""
+
+    def __init__(self, prototypes: torch.Tensor, class_weights: torch.Tensor, dim: int):
+        super().__init__()
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("class_weights", class_weights)
+        self.register_buffer("dim", torch.tensor(int(dim)))
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        sets, dim = self.class_weights.shape[1], int(self.dim)
+        features = F.normalize(pooled.view(len(pooled), sets, dim), dim=2)
+        prototypes = F.normalize(self.prototypes.to(pooled.dtype).view(len(self.prototypes), sets, dim), dim=2)
+        cosines = torch.einsum("bsd,csd->bcs", features, prototypes)
+        return (cosines * self.class_weights.to(cosines.dtype)).sum(dim=2)
+
+
 # Output adapters by the buffers they hold: a saved state dict names its adapter this way.
 OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"means"}): lambda t: NearestMeanOutput(t["means"]),
@@ -148,6 +168,8 @@ OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),  # before cosine
     frozenset({"projection", "weights", "cosine"}): lambda t: RandomProjectionOutput(
         t["projection"], t["weights"], bool(t["cosine"])),
+    frozenset({"prototypes", "class_weights", "dim"}): lambda t: SubspaceReweightOutput(
+        t["prototypes"], t["class_weights"], int(t["dim"])),
 }
 
 
