@@ -162,8 +162,9 @@ class RanPACConfig:
 
     def memory_needs(self, run: Any) -> list[MemoryNeed]:
         # the M x M Gram matrix kept in host RAM (its fp64 solve factorises it in place)
-        m, size = self.projection_dim, FLOAT64 if self.precision == "float64" else FLOAT64 // 2
-        return [MemoryNeed("projection_dim", m * m * size, f"RanPAC's {m} x {m} {self.precision} ridge system",
+        m, wide = self.projection_dim, self.precision == "float64"
+        size, name = (FLOAT64, "fp64") if wide else (FLOAT64 // 2, "fp32")
+        return [MemoryNeed("projection_dim", m * m * size, f"RanPAC's {m} x {m} {name} ridge system",
                            on_device=False)]
 
 

@@ -161,7 +161,7 @@ class RanPAC(FirstSessionTraining):
         onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).to(self.dtype)
         m, reference = self.config.projection_dim, self.config.precision == "float32"
         with phase(strategy, "closed_form"), \
-                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, {self.config.precision})", unit="solve") as progress:
+                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp{64 if self.dtype == torch.float64 else 32})", unit="solve") as progress:
             self.gram.addmm_(hidden.T, hidden)  # in place: no M x M temporary
             self.targets.addmm_(hidden.T, onehot)
             choose = reference_ridge if reference else choose_ridge

@@ -362,6 +362,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
                 'strategy.alpha: must be >= 0'),
     option_case('a misspelt EASE training head', 'strategy: {name: ease, training_head: cosin}\n',
                 'strategy.training_head: expected'),
+    option_case('a misspelt NeRV quantisation', 'protocol: {memory: {bytes: 100000, codec: {name: nerv, quantization: per_row}}}\n',
+                'protocol.memory.codec.quantization: expected'),
     option_case('a misspelt SSF init', 'strategy: {name: aper, tuning: {name: ssf, init: pilots}}\n',
                 'strategy.tuning.init: expected'),
     option_case('a misspelt DualPrompt head init', 'strategy: {name: dualprompt, head_init: normal}\n',

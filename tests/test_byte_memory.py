@@ -18,7 +18,7 @@ from incremental.data.options import DigitsConfig
 from incremental.memory.budget import LABEL_BYTES, ByteBudgetMemory
 from incremental.memory.codecs import JPEGCodec, NeRVCodec, RawCodec, payload_bytes, psnr_db
 from incremental.memory.options import JPEGCodecConfig, NeRVCodecConfig
-from incremental.models.compress import magnitude_prune, pack_int8, packed_bytes, unpack_int8
+from incremental.models.compress import magnitude_prune, pack_int8, pack_uint8_per_channel, packed_bytes, unpack_int8
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,10 @@ def test_nerv_reaches_25_db_on_digits_exemplars_in_300_steps(digits):
     decoded = codec.decode(payload)
     assert decoded.dtype == torch.uint8 and decoded.shape == images.shape
     assert psnr_db(decoded, images) >= 25.0
-    # what is stored is 8-bit weights: the payload holds no float parameter tensor
-    assert all(t.dtype in (torch.int8, torch.uint8, torch.int32) or t.numel() == 1 for t in payload.values())
+    # what is stored is 8-bit weights: the only floats are each channel's minimum and step
+    floats = {k for k, t in payload.items() if t.is_floating_point()}
+    assert floats and all(k.endswith((".min", ".scale")) for k in floats)
+    assert all(payload[k].dtype == torch.uint8 for k in payload if k.endswith(".q"))
 
 
 def test_nerv_holds_more_exemplars_than_raw_pixels_in_the_same_bytes(digits):
@@ -144,7 +146,7 @@ def test_batched_nerv_fits_equal_each_network_fitted_alone(digits):
         rebuilt_params = dict(rebuilt.named_parameters())
         for name, p in alone.named_parameters():  # by name: pruning moves a weight to the list's end
             q = rebuilt_params[name]
-            scale = float(payload[f"{name}.scale"])
+            scale = float(payload[f"{name}.scale"].max())  # per channel: the widest channel's step
             assert (p - q).abs().max() <= scale / 2 + 1e-4, name  # equal up to the 8-bit rounding
         assert report.steps == 30 and int(payload["frames"][0]) == len(images)
 
@@ -289,3 +291,37 @@ def test_a_budget_below_one_exemplar_per_class_is_refused_and_the_bound_is_tight
     assert refused.value.key == "protocol.memory.bytes"
     assert f"one x exemplar of this dataset takes at least {one} bytes" in str(refused.value)
     assert f"the 2 classes of experience 0 need at least {2 * one} bytes" in str(refused.value)
+
+
+def test_per_channel_packing_is_the_references_asymmetric_quantisation_and_stores_the_predicted_bytes():
+    """Per output channel c: code = round((w - min_c) / step_c), step_c = (max_c - min_c) / 255,
+    min and max over the entries pruning kept (NeRV's quantize_per_tensor, quant_axis 0); each
+    channel's minimum and maximum come back exact, every entry within half its channel's step,
+    pruned entries stay zero, and a channel 100x narrower than another is not quantised at the
+    wider one's step, as one scale per tensor would."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 6), torch.nn.GELU(), torch.nn.Linear(6, 4))
+    with torch.no_grad():
+        net[0].weight[0] *= 100.0  # one wide channel
+    predicted = packed_bytes(net, 0.3, per_channel=True)
+    masks = magnitude_prune(net, 0.3)
+    packed = pack_uint8_per_channel(net, masks)
+    assert payload_bytes(packed) == predicted and packed["0.weight.q"].dtype == torch.uint8
+    rebuilt = torch.nn.Sequential(torch.nn.Linear(20, 6), torch.nn.GELU(), torch.nn.Linear(6, 4))
+    unpack_int8(rebuilt, packed)
+    for name, p in net.named_parameters():
+        q = dict(rebuilt.named_parameters())[name].detach()
+        w = p.detach().reshape(p.shape[0] if p.dim() > 1 else 1, -1).numpy()
+        keep = masks[name].reshape(w.shape).numpy() if name in masks else np.ones_like(w, dtype=bool)
+        restored = q.reshape(w.shape).numpy()
+        for c in range(len(w)):
+            kept = w[c][keep[c]]
+            low, high = kept.min(), kept.max()
+            step = (high - low) / 255
+            assert np.allclose(restored[c][keep[c]].min(), low, atol=1e-6)
+            assert np.allclose(restored[c][keep[c]].max(), high, atol=1e-5 * max(1.0, abs(high)))
+            assert np.abs(restored[c][keep[c]] - kept).max() <= step / 2 + 1e-6
+        assert (restored[~keep] == 0).all()
+    narrow = np.abs(dict(rebuilt.named_parameters())["0.weight"].detach().numpy()[1:] - net[0].weight.detach().numpy()[1:])
+    per_tensor = pack_int8(net, masks)["0.weight.scale"].item()
+    assert narrow.max() < per_tensor / 10  # the narrow channels' error, against one step for the tensor

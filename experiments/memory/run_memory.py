@@ -30,7 +30,8 @@ MEMORIES: dict[str, tuple[str, str, str]] = {
     "raw": ("raw replay (uint8 pixels)", "{name: replay, selection: herding}", "raw"),
     "jpeg": ("JPEG replay (Pillow, quality 50)", "{name: replay, selection: herding}", "{name: jpeg, quality: 50}"),
     "nerv": ("NeRV replay (per class, 8-bit, 40% pruned)", "{name: replay, selection: herding}",
-             "{name: nerv, steps: 200, finetune_steps: 30, max_width: 16, lr: 5.0e-3, beta1: 0.9}"),
+             "{name: nerv, steps: 200, finetune_steps: 30, max_width: 16, lr: 5.0e-3, beta1: 0.9, "
+             "quantization: per_tensor}"),
     "gan": ("GAN replay (hinge, SN, projection D, DiffAugment; float16 weights)",
             "{name: gan_replay, steps: 300, batch_size: 32, storage: float16}", "raw"),
 }

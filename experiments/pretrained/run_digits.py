@@ -48,13 +48,14 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_seed(seed: int, out: Path, jobs: int) -> None:
+def run_seed(seed: int, out: Path, jobs: int, methods: dict[str, tuple[str, list[str]]] | None = None) -> None:
+    """The seed's MAE encoder, then each of ``methods`` (default: all) from it."""
     overrides = [f"seed={seed}", f"protocol.order_seed={seed}", "output.tensorboard=false"]
     mae_dir = out / f"mae-seed{seed}"
     print(run_incremental("pretrain-mae", MAE_CONFIG, mae_dir, *overrides, marker="mae_log.json"), flush=True)
     encoder = f"backbone.pretrained={mae_dir / 'encoder.safetensors'}"
     jobs_list = [("digits_b0_5steps", out / f"{name}-seed{seed}", *overrides, EPOCHS, encoder, *sets)
-                 for name, (_, sets) in METHODS.items()]
+                 for name, (_, sets) in (METHODS if methods is None else methods).items()]
     run_all(jobs_list, jobs)
 
 

@@ -5,8 +5,24 @@ The architecture follows the reference ``model_nerv.py``: a positional encoding 
 (``sin``/``cos`` of 1.25^l * pi * t), an MLP stem to a ``fc x fc x width`` feature map, then
 NeRV blocks (3x3 conv to ``out * s^2`` channels, PixelShuffle(s), GELU) up to the image size,
 halving the width at each block down to a floor, and a 1x1 conv head with (tanh + 1) / 2.
-The departures: MSE loss (the memory reports PSNR) where the paper mixes L1 and SSIM, and no
-Huffman coding of the quantized weights.
+The weights are stored as the reference quantises them by default (``quantization:
+per_channel``): asymmetric 8-bit codes with a minimum and a step per output channel, over the
+entries pruning kept.
+
+Departures from the reference code (haochen-rye/NeRV, ``train_nerv.py``), each chosen for
+exemplar memories of small images fitted on a CPU:
+- the width floor is 4 (``LOWER_WIDTH``), where ``--lower-width`` defaults to 32: a 32-px
+  digit's last blocks at 32 channels would cost most of a class's byte share;
+- Adam at lr 0.02 with a cosine schedule and no warmup, where the reference runs lr 1e-3 with
+  20% of the epochs as a linear warmup from a tenth; beta1 is the reference's 0.5. Measured in
+  experiments/bench/methods.md (issue 33): 200 + 50 steps this way reach a higher PSNR than
+  400 + 100 at 0.005 and beta1 0.9;
+- pruning once, globally by magnitude, then ``finetune_steps`` at lr / 10 with the mask fixed,
+  where the reference prunes at scheduled epochs while training continues;
+- the quantisation step is (max - min) / 255, so that codes fit a byte (the reference divides
+  by 256 and maps a channel's maximum to 256);
+- MSE loss (the memory reports PSNR; the code's default ``L2`` too) where the paper's best
+  results mix L1 and SSIM, and no Huffman coding of the quantized weights.
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models.compress import magnitude_prune, pack_int8, packed_bytes, unpack_int8
+from ..models.compress import magnitude_prune, pack_int8, pack_uint8_per_channel, packed_bytes, unpack_int8
 
 LOWER_WIDTH = 4  # the reference's --lower-width: block widths never halve below it
 WIDTH_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -63,7 +79,7 @@ def frame_positions(n: int) -> torch.Tensor:
 
 
 def widest_fitting(budget: int, *, image_size: int, channels: int, levels: int, prune: float,
-                   max_width: int) -> int | None:
+                   max_width: int, per_channel: bool = True) -> int | None:
     """The widest ladder width whose pruned, 8-bit network fits ``budget`` bytes, or None."""
     best = None
     with torch.random.fork_rng(devices=[]):  # sizing draws initial weights it throws away
@@ -71,16 +87,17 @@ def widest_fitting(budget: int, *, image_size: int, channels: int, levels: int, 
             if width > max_width:
                 break
             net = NeRV(width=width, image_size=image_size, channels=channels, levels=levels)
-            if packed_bytes(net, prune) <= budget:
+            if packed_bytes(net, prune, per_channel=per_channel) <= budget:
                 best = width
     return best
 
 
-def smallest_network_bytes(*, image_size: int, channels: int, levels: int, prune: float) -> int:
+def smallest_network_bytes(*, image_size: int, channels: int, levels: int, prune: float,
+                           per_channel: bool = True) -> int:
     """The stored bytes of the narrowest network on the ladder: no smaller budget holds a frame."""
     with torch.random.fork_rng(devices=[]):
         net = NeRV(width=WIDTH_LADDER[0], image_size=image_size, channels=channels, levels=levels)
-        return packed_bytes(net, prune)
+        return packed_bytes(net, prune, per_channel=per_channel)
 
 
 @dataclass
@@ -176,8 +193,8 @@ class NetworkBatch:
 
 
 def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, levels: int, steps: int, lr: float,
-                prune: float, finetune_steps: int, beta1: float = 0.5, target_psnr: float | None = None
-                ) -> list[tuple[dict[str, torch.Tensor], FitReport]]:
+                prune: float, finetune_steps: int, beta1: float = 0.5, target_psnr: float | None = None,
+                per_channel: bool = True) -> list[tuple[dict[str, torch.Tensor], FitReport]]:
     """Fit one NeRV per class of uint8 frames (n_k, C, H, W), all of width ``width``, as one
     batch; prune each, fine-tune them (again as a batch) with the masks fixed, quantize: each
     class's stored tensors (the 8-bit weights, their scales and masks, and the frame count and
@@ -206,7 +223,8 @@ def encode_many(classes: list[torch.Tensor], seeds: list[int], *, width: int, le
             batch.unstack(nets)
     results = []
     for k, net in enumerate(nets):
-        payload = {**pack_int8(net, masks[k]), "frames": torch.tensor([len(classes[k])], dtype=torch.int32),
+        pack = pack_uint8_per_channel if per_channel else pack_int8
+        payload = {**pack(net, masks[k]), "frames": torch.tensor([len(classes[k])], dtype=torch.int32),
                    "shape": torch.tensor([width, channels, size, levels], dtype=torch.int32)}
         steps_taken = (fitted[k][0] if fitted else 0) + (tuned[k][0] if tuned else 0)
         last = tuned[k][1] if tuned else (fitted[k][1] if fitted else float("nan"))

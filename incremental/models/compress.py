@@ -437,28 +437,69 @@ def pack_int8(module: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, to
     return packed
 
 
+def _channels(p: torch.Tensor) -> int:
+    """The output channels a per-channel scale runs over: dim 0 of a weight, one for a bias."""
+    return p.shape[0] if p.dim() > 1 else 1
+
+
+def pack_uint8_per_channel(module: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every parameter as asymmetric 8-bit integers per output channel, as NeRV's reference
+    quantises (``quantize_per_tensor`` with its default ``quant_axis`` 0: each channel's min and
+    max over its kept, non-pruned entries): ``NAME.q`` (uint8, ``round((w - min_c) / scale_c)``,
+    kept entries only), ``NAME.min`` and ``NAME.scale`` (float32 per channel), ``NAME.mask`` as
+    :func:`pack_int8`'s. The step is (max - min) / 255, so the maximum is 255 and fits a byte
+    (the reference divides by 256, which maps the maximum to 256)."""
+    import numpy as np
+
+    packed: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        values = p.detach().float().cpu().reshape(_channels(p), -1)
+        mask = masks.get(name)
+        keep = mask.cpu().reshape(values.shape) if mask is not None else torch.ones_like(values, dtype=torch.bool)
+        low = torch.where(keep, values, torch.inf).amin(dim=1)
+        high = torch.where(keep, values, -torch.inf).amax(dim=1)
+        empty = ~keep.any(dim=1)  # a channel pruned whole: nothing to scale
+        low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
+        scale = ((high - low) / 255.0).clamp_min(1e-12)
+        codes = ((values - low[:, None]) / scale[:, None]).round().clamp(0, 255)
+        packed[f"{name}.q"] = codes[keep].to(torch.uint8)
+        packed[f"{name}.min"], packed[f"{name}.scale"] = low.float(), scale.float()
+        if mask is not None:
+            packed[f"{name}.mask"] = torch.from_numpy(np.packbits(mask.cpu().flatten().numpy()))
+    return packed
+
+
 @torch.no_grad()
 def unpack_int8(module: nn.Module, packed: dict[str, torch.Tensor]) -> None:
-    """Load :func:`pack_int8`'s tensors into ``module`` (same architecture), dequantized."""
+    """Load :func:`pack_int8`'s or :func:`pack_uint8_per_channel`'s tensors into ``module`` (same
+    architecture), dequantized."""
     import numpy as np
 
     for name, p in module.named_parameters():
-        values = packed[f"{name}.q"].float() * packed[f"{name}.scale"]
+        q = packed[f"{name}.q"].float()
+        keep = torch.ones(p.numel(), dtype=torch.bool)
         if f"{name}.mask" in packed:
-            bits = np.unpackbits(packed[f"{name}.mask"].numpy(), count=p.numel()).astype(bool)
-            full = torch.zeros(p.numel())
-            full[torch.from_numpy(bits)] = values
-            values = full
-        p.copy_(values.reshape(p.shape))
+            keep = torch.from_numpy(np.unpackbits(packed[f"{name}.mask"].numpy(), count=p.numel()).astype(bool))
+        if f"{name}.min" in packed:  # per channel: each kept entry's channel's min and step
+            channel = torch.arange(_channels(p)).repeat_interleave(p.numel() // _channels(p))[keep]
+            values = packed[f"{name}.min"][channel] + packed[f"{name}.scale"][channel] * q
+        else:
+            values = q * packed[f"{name}.scale"]
+        full = torch.zeros(p.numel())
+        full[keep] = values
+        p.copy_(full.reshape(p.shape))
 
 
-def packed_bytes(module: nn.Module, amount: float) -> int:
-    """The size of :func:`pack_int8`'s output after :func:`magnitude_prune` by ``amount``,
-    known before fitting (global pruning removes ``round(amount * total)`` weights, as torch
-    counts them): what a memory needs to choose a network that fits its budget."""
-    numels = [(p.numel(), name.endswith("weight") and p.dim() > 1) for name, p in module.named_parameters()]
-    pruned_total = sum(n for n, pruned in numels if pruned)
+def packed_bytes(module: nn.Module, amount: float, *, per_channel: bool = False) -> int:
+    """The size of :func:`pack_int8`'s output (``per_channel``: :func:`pack_uint8_per_channel`'s)
+    after :func:`magnitude_prune` by ``amount``, known before fitting (global pruning removes
+    ``round(amount * total)`` weights, as torch counts them): what a memory needs to choose a
+    network that fits its budget."""
+    params = [(p.numel(), name.endswith("weight") and p.dim() > 1, _channels(p)) for name, p in module.named_parameters()]
+    pruned_total = sum(n for n, pruned, _ in params if pruned)
     kept_total = pruned_total - round(pruned_total * amount)
-    mask_bytes = sum((n + 7) // 8 for n, pruned in numels if pruned)
-    plain = sum(n for n, pruned in numels if not pruned)
-    return kept_total + plain + mask_bytes + 4 * len(numels)
+    mask_bytes = sum((n + 7) // 8 for n, pruned, _ in params if pruned)
+    plain = sum(n for n, pruned, _ in params if not pruned)
+    # a float32 scale per tensor; per channel, a float32 minimum and scale per channel
+    scales = sum(8 * channels for _, _, channels in params) if per_channel else 4 * len(params)
+    return kept_total + plain + mask_bytes + scales

@@ -60,18 +60,24 @@ def pull_constraint(query: torch.Tensor, keys: torch.Tensor, index: torch.Tensor
 
 class L2PPool(nn.Module):
     """L2P (Wang et al. 2022): a pool of ``pool_size`` prompts of ``length`` tokens with learned
-    keys; the ``top_k`` closest keys' prompts are inserted at the input."""
+    keys; the ``top_k`` closest keys' prompts are inserted at the input. ``batchwise`` applies in
+    training; evaluation chooses per image unless ``eval_batchwise`` is set, as PILOT evaluates
+    (each test batch's most frequent keys). That is not a strategy option: on PILOT's
+    class-sorted test batches it tells the model which task a batch is from, and
+    experiments/crosscheck/l2p_batchwise_leak.py sets it to measure by how much."""
 
     def __init__(self, dim: int, pool_size: int, length: int, top_k: int, batchwise: bool = True):
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(pool_size, length, dim).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))
         self.top_k, self.batchwise = top_k, batchwise
+        self.eval_batchwise = False
         self.register_buffer("task", torch.tensor(0))
         self.prefix_layers: list[int] = []
 
     def forward(self, query: torch.Tensor) -> Prompts:
-        index, _ = top_k_keys(query, self.keys, self.top_k, batchwise=self.batchwise and self.training)
+        batchwise = self.batchwise and (self.training or self.eval_batchwise)
+        index, _ = top_k_keys(query, self.keys, self.top_k, batchwise=batchwise)
         tokens = self.prompts[index].reshape(len(query), -1, self.prompts.shape[-1])
         return Prompts(tokens=tokens, loss=-pull_constraint(query, self.keys, index))
 
