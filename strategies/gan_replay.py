@@ -22,8 +22,8 @@ import torch
 
 from incremental.errors import ConfigError
 from incremental.memory import extract_features
-from incremental.memory.gan import (Generator, ProjectionDiscriminator, frechet_distance, generator_bytes, grid,
-                                    round_to_storage, sample, train_gan, upsamplings, widest_generator)
+from incremental.memory.gan import (Generator, PooledPixels, ProjectionDiscriminator, frechet_distance, generator_bytes,
+                                    grid, round_to_storage, sample, train_gan, upsamplings, widest_generator)
 from incremental.models.net import classify
 from incremental.strategy import StrategyContext, StrategyPlugin
 from incremental.timing import phase
@@ -148,8 +148,8 @@ class GANReplay(StrategyPlugin):
     @torch.no_grad()
     def _score(self, strategy: Any, experience: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """The current model's accuracy on generated samples of every seen class (labelled by
-        their condition), and the Frechet distance between the backbone's features of those
-        samples and of the seen classes' test images; and a grid of samples per class."""
+        their condition), and the Frechet distance between those samples and the seen classes'
+        test images in ``frechet_space``; and a grid of samples per class."""
         rng = torch.Generator().manual_seed(self._seed(experience, 2))
         per_class = self.config.quality_samples
         labels = torch.tensor(self.seen, dtype=torch.long).repeat_interleave(per_class)
@@ -157,17 +157,19 @@ class GANReplay(StrategyPlugin):
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)  # as a dataset stores images
         generated = self.context.images_dataset(pixels, labels).eval()
         model = strategy.model
-        feats = extract_features(model, generated, batch_size=strategy.eval_mb_size, device=strategy.device)
+        space = model if self.config.frechet_space == "model" else PooledPixels(8)
+        feats = extract_features(space, generated, batch_size=strategy.eval_mb_size, device=strategy.device)
         logits = _logits(model, generated, strategy.eval_mb_size, strategy.device)
         accuracy = 100.0 * (logits.argmax(dim=1) == labels).float().mean().item()
         tests = [self.context.benchmark.test_stream[j].dataset for j in range(experience + 1)]
         test = tests[0]
         for part in tests[1:]:
             test = test.concat(part)
-        real = extract_features(model, test, batch_size=strategy.eval_mb_size, device=strategy.device)
+        real = extract_features(space, test, batch_size=strategy.eval_mb_size, device=strategy.device)
         report = {"codec": "gan", "bytes": self.bytes, "budget_bytes": self.context.memory_bytes, "exemplars": 0,
                   "classes": len(self.seen), "generator_width": self.generator.first_width // 2, "psnr_db": None,
-                  "generated_accuracy": accuracy, "frechet_distance": frechet_distance(feats, real)}
+                  "generated_accuracy": accuracy, "frechet_distance": frechet_distance(feats, real),
+                  "frechet_space": self.config.frechet_space}
         shown = self.config.grid_samples
         grids = {f"generated/class_{c:03d}": grid(images[labels == c][:shown], rows=1) for c in self.seen}
         return report, grids

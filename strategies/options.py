@@ -293,6 +293,10 @@ class GANReplayConfig:
     labels: Literal["condition", "solver"] = "condition"
     storage: Literal["float32", "float16"] = "float32"  # the generator's weights as kept
     quality_samples: int = opt(100, ge=2, le=100_000)  # generated per class to score them
+    # where the Frechet distance of generated to test images is measured: pixels_8x8, the eval
+    # images average-pooled to 8 x 8 (one space for every step and run: digits' own resolution);
+    # model, the current model's pooled features (a space that changes at every step)
+    frechet_space: Literal["pixels_8x8", "model"] = "pixels_8x8"
     grid_samples: int = opt(8, ge=1, le=64)  # per class, in TensorBoard
 
 

@@ -364,6 +364,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
                 'strategy.training_head: expected'),
     option_case('a misspelt NeRV quantisation', 'protocol: {memory: {bytes: 100000, codec: {name: nerv, quantization: per_row}}}\n',
                 'protocol.memory.codec.quantization: expected'),
+    option_case('a misspelt Frechet space', 'strategy: {name: gan_replay, frechet_space: inception}\n',
+                'strategy.frechet_space: expected'),
     option_case('a misspelt SSF init', 'strategy: {name: aper, tuning: {name: ssf, init: pilots}}\n',
                 'strategy.tuning.init: expected'),
     option_case('a misspelt DualPrompt head init', 'strategy: {name: dualprompt, head_init: normal}\n',

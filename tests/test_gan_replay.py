@@ -147,6 +147,16 @@ def test_float16_storage_rounds_every_weight_and_halves_the_bytes():
         assert torch.equal(p, p.half().float())
 
 
+def test_the_fixed_frechet_space_is_the_images_pooled_to_8_by_8():
+    from incremental.memory.gan import PooledPixels
+
+    images = torch.rand(3, 1, 32, 32)
+    features = PooledPixels(8).forward_head(PooledPixels(8).forward_features(images), pre_logits=True)
+    expected = images.reshape(3, 1, 8, 4, 8, 4).mean(dim=(3, 5)).flatten(1)
+    assert features.shape == (3, 64) and torch.allclose(features, expected, atol=1e-6)
+    assert not list(PooledPixels(8).parameters())  # nothing in it can change between steps
+
+
 def test_frechet_distance_matches_its_closed_form():
     torch.manual_seed(0)
     a = torch.randn(400, 3) @ torch.tensor([[1.0, 0.3, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 2.0]])
@@ -185,6 +195,10 @@ def test_no_replay_is_finetuning_to_the_bit_and_replay_changes_the_run(write_yam
         assert row["bytes"] <= row["budget_bytes"] == 60000
         assert 0.0 <= row["generated_accuracy"] <= 100.0 and math.isfinite(row["frechet_distance"])
     assert off["memory"][0]["bytes"] == on["memory"][0]["bytes"]
+    # the generators are the same in both runs and the classifiers are not: the Frechet distance,
+    # measured in one fixed space (pooled pixels, not the current model's features), is the same
+    assert [r["frechet_space"] for r in on["memory"]] == ["pixels_8x8"] * 3
+    assert [r["frechet_distance"] for r in on["memory"]] == [r["frechet_distance"] for r in off["memory"]]
 
 
 def test_tensorboard_gets_a_grid_of_samples_per_class(write_yaml, tmp_path):

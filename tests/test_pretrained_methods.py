@@ -478,6 +478,36 @@ def test_l2p_selects_the_top_k_keys_by_cosine_similarity():
     assert torch.allclose(-out.loss, pull)
 
 
+def test_l2p_evaluates_per_image_unless_told_to_take_the_batchs_majority_keys():
+    """In evaluation each image keeps its own top-k keys; ``eval_batchwise`` (PILOT's test-time
+    rule, for the leak measurement only) gives every image the batch's k most frequent ones."""
+    from incremental.models.prompts import L2PPool, top_k_keys
+
+    torch.manual_seed(1)
+    pool = L2PPool(dim=6, pool_size=5, length=2, top_k=2, batchwise=True).eval()
+    query = torch.randn(8, 6)
+    own, _ = top_k_keys(query, pool.keys, 2, batchwise=False)
+    majority, _ = top_k_keys(query, pool.keys, 2, batchwise=True)
+    assert not torch.equal(own, majority)  # the batch disagrees, so the two rules differ here
+    assert torch.equal(pool(query).tokens, pool.prompts[own].reshape(8, -1, 6))
+    pool.eval_batchwise = True
+    assert torch.equal(pool(query).tokens, pool.prompts[majority].reshape(8, -1, 6))
+    assert (majority == majority[0]).all()
+
+
+def test_the_leak_measurements_per_image_way_is_the_runs_own_last_accuracy(pretrained, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "crosscheck"))
+    from l2p_batchwise_leak import measure
+
+    config, weights = pretrained
+    metrics = run_method(config, weights, tmp_path / "run", METHODS["l2p"])
+    measured = measure(tmp_path / "run", seed=0, batch_size=16)
+    assert measured["per image"] == pytest.approx(metrics["accuracy"][-1], abs=1e-6)
+    assert all(0 <= value <= 100 for value in measured.values())
+
+
 def test_coda_prompt_is_the_attention_weighted_sum_of_its_components():
     from incremental.models.prompts import CodaPrompts
 

@@ -33,7 +33,7 @@ MEMORIES: dict[str, tuple[str, str, str]] = {
              "{name: nerv, steps: 200, finetune_steps: 30, max_width: 16, lr: 5.0e-3, beta1: 0.9, "
              "quantization: per_tensor}"),
     "gan": ("GAN replay (hinge, SN, projection D, DiffAugment; float16 weights)",
-            "{name: gan_replay, steps: 300, batch_size: 32, storage: float16}", "raw"),
+            "{name: gan_replay, steps: 300, batch_size: 32, storage: float16, frechet_space: model}", "raw"),
 }
 
 

@@ -250,6 +250,22 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 
+class PooledPixels(nn.Module):
+    """A fixed feature space behind timm's contract: the images average-pooled to ``size`` x
+    ``size`` per channel and flattened. It has no weights, so it is the same space at every
+    step of every run (for digits, 8 x 8 is their native resolution)."""
+
+    def __init__(self, size: int = 8):
+        super().__init__()
+        self.size = size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(x.float(), self.size)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.flatten(1)
+
+
 def grid(images: torch.Tensor, rows: int) -> Any:
     """A (rows x cols) grid of [0, 1] images (n, C, H, W) as an HWC uint8 array."""
     from torchvision.utils import make_grid
