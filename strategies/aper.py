@@ -3,8 +3,8 @@ generalizability and adaptivity are all you need"), PILOT's ``aper_*``.
 
 The first experience adapts the pre-trained ViT (``tuning``: adapters, SSF, VPT-deep, or full
 finetuning) through a head on the adapted features (``first_session_head``: PILOT's cosine
-head with a learnt scale, or a linear one over both halves); afterwards nothing trains. Every class gets a prototype, the
-mean of its training images' features, where a feature is the concatenation of the original
+head with a learnt scale, or a linear one over both halves); afterwards nothing trains. Every
+class gets a prototype, the mean of its training images' features, where a feature is the concatenation of the original
 pre-trained model's and the adapted model's pooled features; a test image goes to the class
 of the most cosine-similar prototype.
 
@@ -24,8 +24,8 @@ from incremental.models.peft import apply_tuning, freeze, tuning_off, vision_tra
 from incremental.strategy import StrategyContext
 
 from .options import APERConfig
-from .pretrained import (FirstSessionTraining, class_means, experience_features, first_session_head, replace_head,
-                         set_prototypes)
+from .pretrained import (FirstSessionTraining, class_means, experience_features, replace_head, set_prototypes,
+                         use_training_head)
 
 
 class DualBranch(nn.Module):
@@ -74,7 +74,7 @@ class APER(FirstSessionTraining):
         model.backbone = DualBranch(vit, original)
         replace_head(model, model.backbone.num_features)
         half = int(vit.num_features)  # DualBranch's columns: the original's, then the adapted's
-        first_session_head(model, self.config.first_session_head, slice(half, 2 * half))
+        use_training_head(model, self.config.first_session_head, slice(half, 2 * half))
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if strategy.experience.current_experience == 0:

@@ -40,7 +40,8 @@ from incremental.models.peft import add_adapters, adapters_set, freeze, vision_t
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import EASEConfig
-from .pretrained import CosineIncrementalClassifier, experience_features, loss_on_current_classes, replace_head
+from .pretrained import (CosineIncrementalClassifier, experience_features, loss_on_current_classes, replace_head,
+                         use_training_head)
 
 
 class SubspaceViT(nn.Module):
@@ -115,9 +116,8 @@ class EASE(StrategyPlugin):
         model.backbone = SubspaceViT(vit, self.context.class_split.num_experiences, self.config.bottleneck,
                                      self.config.adapter_scale, self.config.adapter_dropout)
         replace_head(model, model.backbone.num_features)
-        if self.config.training_head == "cosine":  # its columns move to each experience's block
-            dim, classes = model.backbone.dim, model.head.classifier.out_features
-            model.head = CosineIncrementalClassifier(model.backbone.num_features, classes, slice(0, dim))
+        # a cosine head's columns move to each experience's block (before_training_exp)
+        use_training_head(model, self.config.training_head, slice(0, model.backbone.dim))
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience
@@ -153,6 +153,7 @@ class EASE(StrategyPlugin):
         device = next(model.parameters()).device
         if self.config.use_reweight:
             weights = subspace_weights(ranges, t, backbone.sets, self.config.alpha)
-            model.output_adapter = SubspaceReweightOutput(prototypes.flatten(1).to(device), weights.to(device), backbone.dim)
+            model.output_adapter = SubspaceReweightOutput(prototypes.flatten(1).to(device), weights.to(device),
+                                                          backbone.dim)
         else:
             model.output_adapter = PrototypeOutput(prototypes.flatten(1).to(device), "cosine")

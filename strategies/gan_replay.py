@@ -24,7 +24,7 @@ from incremental.errors import ConfigError
 from incremental.memory import extract_features
 from incremental.memory.gan import (Generator, PooledPixels, ProjectionDiscriminator, frechet_distance, generator_bytes,
                                     grid, round_to_storage, sample, train_gan, upsamplings, widest_generator)
-from incremental.models.net import classify
+from incremental.models.net import classify, frozen
 from incremental.strategy import StrategyContext, StrategyPlugin
 from incremental.timing import phase
 
@@ -83,9 +83,7 @@ class GANReplay(StrategyPlugin):
         self.solver = None
         if self.config.labels == "solver" and self.old:
             # the head has grown new rows already; the labels are argmaxes over the old classes only
-            self.solver = copy.deepcopy(strategy.model).eval()
-            for p in self.solver.parameters():
-                p.requires_grad_(False)
+            self.solver = frozen(copy.deepcopy(strategy.model))
 
     def generated_batch(self, count: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` generated old-class samples, normalised as the training inputs, and their
@@ -193,7 +191,7 @@ def _logits(model: Any, dataset: Any, batch_size: int, device: Any) -> torch.Ten
     """The run's classifier (the model with its output adapter) on a dataset, in eval mode."""
     from torch.utils.data import DataLoader
 
-    from incremental.models.net import classify
+    from incremental.models.net import classify, frozen
 
     was_training = model.training
     model.eval()

@@ -82,8 +82,9 @@ def replace_head(model: nn.Module, num_features: int) -> None:
 class CosineIncrementalClassifier(IncrementalClassifier):
     """Avalanche's growing classifier, scoring ``sigma cos(x[:, columns], w_c)``: PILOT's
     CosineLinear (rows uniform in +-1/sqrt(d) as nn.Linear draws them, no bias, a learnt scale
-    sigma from 1), which its APER and RanPAC train in the first session. ``columns`` picks the
-    features it sees (APER's adapted half). Unseen classes are masked as Avalanche masks them."""
+    sigma from 1), which its APER and RanPAC train in the first session and EASE per adapter set.
+    ``columns`` picks the features it sees (APER's adapted half, EASE's current block). Unseen
+    classes are masked as Avalanche masks them."""
 
     def __init__(self, in_features: int, initial_out_features: int, columns: slice = slice(None)):
         super().__init__(len(range(in_features)[columns]), initial_out_features=initial_out_features)
@@ -98,9 +99,10 @@ class CosineIncrementalClassifier(IncrementalClassifier):
         return out
 
 
-def first_session_head(model: nn.Module, kind: str, columns: slice = slice(None)) -> None:
-    """The head the first session trains: ``cosine`` (PILOT's, over ``columns`` of the features)
-    or ``linear`` (Avalanche's over all of them, as the model was built)."""
+def use_training_head(model: nn.Module, kind: str, columns: slice = slice(None)) -> None:
+    """The head a strategy trains with (APER's and RanPAC's first session, EASE's adapters):
+    ``cosine`` (PILOT's, over ``columns`` of the features) or ``linear`` (Avalanche's over all
+    of them, as the model was built)."""
     if kind == "cosine":
         model.head = CosineIncrementalClassifier(model.num_features, model.head.classifier.out_features, columns)
 

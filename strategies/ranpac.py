@@ -2,9 +2,9 @@
 continual learning"), PILOT's ``ranpac``.
 
 Optionally, the first experience adapts the ViT (``tuning``: adapters by default, as RanPAC's
-"first-session adaptation"; ``frozen`` for none), through ``first_session_head`` (PILOT's cosine
-head with a learnt scale by default). Then, for every experience, the pooled
-features ``f`` of its training images (eval transforms) go through a fixed random projection
+"first-session adaptation"; ``frozen`` for none), through ``first_session_head`` (PILOT's
+cosine head with a learnt scale by default). Then, for every experience, the pooled features
+``f`` of its training images (eval transforms) go through a fixed random projection
 ``h = ReLU(f W_rand)`` (``W_rand``: d x M, standard normal, drawn once) and update
 
     G <- G + H^T H,     Q <- Q + H^T Y        (Y: one-hot labels of every class)
@@ -14,9 +14,10 @@ chosen from 10^-8 .. 10^8 by the mean squared error on ``validation_fraction`` o
 experience's images, held out of a solve on the rest (RanPAC's ``optimise_ridge_parameter``).
 The statistics are summed and the ridge solved in fp64, whatever ``training.precision`` is
 (the reference keeps and solves them in fp32, which small ridges make unstable; the price is
-M^2 x 8 bytes for G: 800 MB at M = 10,000). ``precision: float32`` is the reference's
-arithmetic instead, for comparing with it: fp32 statistics, one LU solve per candidate lambda. G is updated and factorised in place, so that is the
+M^2 x 8 bytes for G: 800 MB at M = 10,000). G is updated and factorised in place, so that is the
 solve's peak too (plus the n x n kernel of the lambda search and the projected features).
+``precision: float32`` is the reference's arithmetic instead, for comparing with it: fp32
+statistics, one LU solve per candidate lambda and one for the weights.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from incremental.strategy import StrategyContext
 from incremental.timing import phase
 
 from .options import RanPACConfig
-from .pretrained import FirstSessionTraining, experience_features, first_session_head
+from .pretrained import FirstSessionTraining, experience_features, use_training_head
 
 RIDGES = [10.0 ** k for k in range(-8, 9)]
 
 
 def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(G + ridge I)^-1 Q``, transposed: (classes, M), solved in fp64 and returned in fp32 (an
-    fp32 solve, the reference's, lost half the accuracy on digits at lambda 0.01).
+    """``(G + ridge I)^-1 Q``, transposed: (classes, M), solved in G's dtype and returned in fp32.
+    An fp32 G (``precision: float32``) gets the reference's arithmetic, one LU solve in fp32 (which
+    lost half the accuracy on digits at lambda 0.01); an fp64 one, on the CPU, this:
 
     G + ridge I is positive definite, so one Cholesky factorisation solves it. It is done inside
     G's own memory (LAPACK's ``potrf`` on one triangle): the factor takes G's upper triangle and
@@ -51,9 +53,9 @@ def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torc
     from scipy.linalg import lapack
 
     if gram.device.type != "cpu" or gram.dtype != torch.float64 or not gram.is_contiguous():
-        system = gram.to(torch.float64, copy=True)
+        system = gram.clone()
         system.diagonal().add_(ridge)
-        return torch.linalg.solve(system, targets.double()).T.float()
+        return torch.linalg.solve(system, targets.to(gram.dtype)).T.float()
     matrix, rhs = gram.numpy(), targets.double().numpy()
     diagonal = matrix.diagonal().copy()
     try:
@@ -140,7 +142,7 @@ class RanPAC(FirstSessionTraining):
     def prepare_model(self, model: Any) -> None:
         apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
         if self.config.tuning.name != "frozen":  # a head nothing trains would only draw random numbers
-            first_session_head(model, self.config.first_session_head)
+            use_training_head(model, self.config.first_session_head)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience
@@ -159,20 +161,16 @@ class RanPAC(FirstSessionTraining):
         order = torch.randperm(len(features))  # a random held-out part (RanPAC's loader shuffles)
         hidden = torch.relu(features[order].to(self.dtype) @ self.projection.to(self.dtype))
         onehot = torch.nn.functional.one_hot(labels[order], self.context.total_classes).to(self.dtype)
-        m, reference = self.config.projection_dim, self.config.precision == "float32"
-        with phase(strategy, "closed_form"), \
-                bar(len(RIDGES) + 1, f"RanPAC ridge ({m} x {m}, fp{64 if self.dtype == torch.float64 else 32})", unit="solve") as progress:
+        m, reference = self.config.projection_dim, self.dtype == torch.float32
+        label = f"RanPAC ridge ({m} x {m}, {'fp32' if reference else 'fp64'})"
+        with phase(strategy, "closed_form"), bar(len(RIDGES) + 1, label, unit="solve") as progress:
             self.gram.addmm_(hidden.T, hidden)  # in place: no M x M temporary
             self.targets.addmm_(hidden.T, onehot)
             choose = reference_ridge if reference else choose_ridge
             ridge = choose(hidden, onehot, self.config.validation_fraction, progress.update)
             self.ridges.append(ridge)
             seen = int(labels.max()) + 1
-            if reference:
-                system = self.gram + ridge * torch.eye(m, dtype=self.dtype)
-                weights = torch.linalg.solve(system, self.targets).T[:seen]
-            else:
-                weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
+            weights = ridge_solve(self.gram, self.targets, ridge)[:seen]
             progress.update(1)
         device = next(strategy.model.parameters()).device
         strategy.model.output_adapter = RandomProjectionOutput(self.projection.to(device), weights.to(device),

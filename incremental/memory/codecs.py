@@ -158,13 +158,17 @@ class NeRVCodec:
         self.config = config
         self.last_fits: list[Any] = []
 
+    @property
+    def per_channel(self) -> bool:
+        return self.config.quantization == "per_channel"
+
     def _width(self, budget: int, images: torch.Tensor) -> int | None:
         from .nerv import widest_fitting
 
         c = self.config
         return widest_fitting(budget - NERV_HEADER, image_size=images.shape[-1], channels=images.shape[1],
                               levels=c.levels, prune=c.prune, max_width=c.max_width,
-                              per_channel=c.quantization == "per_channel")
+                              per_channel=self.per_channel)
 
     def _frames(self, budget: int, images: torch.Tensor) -> int:
         """``expansion`` times what raw pixels would fit, at least one, at most all."""
@@ -199,7 +203,7 @@ class NeRVCodec:
             fitted = encode_many([frames for _, frames, _ in group], [seed for _, _, seed in group], width=width,
                                  levels=c.levels, steps=c.steps, lr=c.lr, beta1=c.beta1, prune=c.prune,
                                  finetune_steps=c.finetune_steps, target_psnr=c.target_psnr,
-                                 per_channel=c.quantization == "per_channel")
+                                 per_channel=self.per_channel)
             for (position, _, _), (payload, report) in zip(group, fitted):
                 results[position], self.last_fits[position] = payload, report
         return results[:len(shrink)], results[len(shrink):]
@@ -224,7 +228,7 @@ class NeRVCodec:
         c = self.config
         return NERV_HEADER + smallest_network_bytes(image_size=images.shape[-1], channels=images.shape[1],
                                                     levels=c.levels, prune=c.prune,
-                                                    per_channel=c.quantization == "per_channel")
+                                                    per_channel=self.per_channel)
 
 
 def build_codec(spec: Any) -> ExemplarCodec:

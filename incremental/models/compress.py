@@ -495,7 +495,8 @@ def packed_bytes(module: nn.Module, amount: float, *, per_channel: bool = False)
     after :func:`magnitude_prune` by ``amount``, known before fitting (global pruning removes
     ``round(amount * total)`` weights, as torch counts them): what a memory needs to choose a
     network that fits its budget."""
-    params = [(p.numel(), name.endswith("weight") and p.dim() > 1, _channels(p)) for name, p in module.named_parameters()]
+    params = [(p.numel(), name.endswith("weight") and p.dim() > 1, _channels(p))
+              for name, p in module.named_parameters()]
     pruned_total = sum(n for n, pruned, _ in params if pruned)
     kept_total = pruned_total - round(pruned_total * amount)
     mask_bytes = sum((n + 7) // 8 for n, pruned, _ in params if pruned)

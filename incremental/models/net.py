@@ -165,7 +165,8 @@ OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"classes", "alpha", "beta"}): lambda t: BiasCorrectionOutput(t["classes"], t["alpha"], t["beta"]),
     frozenset({"prototypes", "euclidean", "scale"}): lambda t: PrototypeOutput(
         t["prototypes"], "euclidean" if bool(t["euclidean"]) else "cosine", float(t["scale"])),
-    frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),  # before cosine
+    # saved before RanPAC had a cosine classifier: linear
+    frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),
     frozenset({"projection", "weights", "cosine"}): lambda t: RandomProjectionOutput(
         t["projection"], t["weights"], bool(t["cosine"])),
     frozenset({"prototypes", "class_weights", "dim"}): lambda t: SubspaceReweightOutput(
