@@ -25,7 +25,7 @@ from incremental.probes.base import PixelModel, ProbeData, untouched
 from incremental.probes.corruptions import CORRUPTIONS, corrupt, corruption_errors
 from incremental.probes.fourier import fourier_basis
 from incremental.probes.masking import cutout, patch_drop
-from incremental.probes.ood import auroc_fpr95, to_run_format
+from incremental.probes.ood import auroc_fpr95, fpr_at_tpr, to_run_format
 from incremental.probes.suite import ProbeSuite
 from incremental.protocol import make_class_split
 from incremental.registry import PROBES, load_builtins
@@ -208,7 +208,24 @@ def test_auroc_and_fpr95():
     inside = np.linspace(1, 2, 100)
     assert auroc_fpr95(inside, np.linspace(-1, 0, 50)) == (100.0, 0.0)
     auroc, fpr = auroc_fpr95(inside, inside.copy())
-    assert auroc == pytest.approx(50.0) and fpr == pytest.approx(95.0, abs=1.0)
+    assert auroc == pytest.approx(50.0) and fpr == pytest.approx(95.0)
+
+
+def test_fpr95_is_the_ood_literatures_definition():
+    """Hand-computed cases of Hendrycks et al.'s FPR at the TPR nearest 95%: the threshold is an
+    in-distribution score, the lowest with that rate; a percentile would interpolate instead."""
+    # 10 in-distribution scores: 90% (k = 9) is nearer 95% than 100% in floating point
+    # (0.04999... against 0.05000...), and its lowest threshold lies just above the 10th score 1.0
+    ten, outside = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2, 1.0]), np.array([1.2, 1.0, 0.5, 9.5])
+    assert fpr_at_tpr(ten, outside) == 0.5  # 1.2 and 9.5 lie above 1.0; 1.0 itself does not
+    # 20 scores: 19/20 is 95% exactly; the threshold keeps what lies above the 20th score, 0
+    assert fpr_at_tpr(np.arange(20, 0, -1) - 1.0, np.array([0.5, 0.0, -1.0, 3.0])) == 0.5
+    # every score kept: the highest threshold with 100% is the lowest score, inclusive
+    assert fpr_at_tpr(np.array([3.0, 2.0]), np.array([2.0, 1.0, 2.5, 0.0])) == 0.5
+    # ties among in-distribution scores: 2 of 3 (0.67) is not achievable, so 3 of 3 is chosen
+    assert fpr_at_tpr(np.array([5.0, 1.0, 1.0]), np.array([1.0, 0.9])) == 0.5
+    # np.percentile(inside, 5), the earlier definition, interpolates to 1.45 and keeps only 9.5
+    assert float((outside >= np.percentile(ten, 5)).mean()) == 0.25
 
 
 def test_other_datasets_are_brought_to_the_run_format():

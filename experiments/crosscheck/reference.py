@@ -68,18 +68,38 @@ METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's a
     "ranpac_frozen_shared_projection": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}",
                                         *PILOT_RANPAC),
 }
+CLIP_BACKBONE = "backbone={{name: clip, model: clip-tiny, pretrained: {weights}}}"
+MCM_TEMPLATE = "a photo of a {}"  # MCM's detection_util: f"a photo of a {c}", no full stop
+CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout option, its template)
+    # Continual-CLIP's configs/class/*.yaml prompt_template
+    "continual_clip": (["strategy=continual_clip", 'protocol.templates=["a bad photo of a {}."]'],
+                       "continual_clip_root", "a bad photo of a {}."),
+    # MCM's score is the OOD probe's msp on the text head (temperature 1), over every unseen test image
+    "mcm": (["strategy=continual_clip", f'protocol.templates=["{MCM_TEMPLATE}"]',
+             "probes=[{name: ood, head: text, scores: [msp], temperature: 1.0, num_samples: 100000}]"],
+            "mcm_root", MCM_TEMPLATE),
+}
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pilot-root", type=Path, help="a checkout of LAMDA-PILOT")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--continual-clip-root", type=Path, help="a checkout of vgthengane/Continual-CLIP")
+    parser.add_argument("--mcm-root", type=Path, help="a checkout of deeplearning-wisc/MCM")
+    names = [*METHODS, *CLIP_METHODS]
+    parser.add_argument("--methods", nargs="+", default=names, choices=names)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
     parser.add_argument("--out", type=Path, default=Path("runs/crosscheck_reference"))
     args = parser.parse_args()
-    if args.pilot_root is None or not (args.pilot_root / "models" / "simplecil.py").is_file():
-        parser.error("--pilot-root must name a checkout of LAMDA-PILOT (git clone "
-                     "https://github.com/LAMDA-CL/LAMDA-PILOT); its learners are imported from there")
+    needed = {"pilot_root": ("models/simplecil.py", "https://github.com/LAMDA-CL/LAMDA-PILOT"),
+              "continual_clip_root": ("continual_clip/models.py", "https://github.com/vgthengane/Continual-CLIP"),
+              "mcm_root": ("utils/detection_util.py", "https://github.com/deeplearning-wisc/MCM")}
+    for method in args.methods:
+        option = CLIP_METHODS[method][1] if method in CLIP_METHODS else "pilot_root"
+        root, (marker, url) = getattr(args, option), needed[option]
+        if root is None or not (root / marker).is_file():
+            parser.error(f"{method} runs against the reference code: --{option.replace('_', '-')} must name a "
+                         f"checkout of it (git clone {url}); it is imported from there")
     return args
 
 
@@ -135,7 +155,7 @@ class DigitsManager:
     def __init__(self, seed: int):
         from incremental.config import load_config
         from incremental.data import build_dataset
-        from incremental.protocol import make_class_split
+        from incremental.protocol import label_texts, make_class_split
 
         cfg, _ = load_config(PROTOCOL, [f"seed={seed}", f"protocol.order_seed={seed}"])
         splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
@@ -147,6 +167,8 @@ class DigitsManager:
             self.data[source] = (images, np.array([position[int(t)] for t in data.targets]))
         self._increments = [len(r) for r in split.label_ranges()]
         self.dataset_name = "digits"
+        self.image_size = splits.image_size
+        self.class_texts = label_texts(splits.class_names, split.class_order)  # what a text tower reads
 
     @property
     def nb_tasks(self) -> int:
@@ -216,19 +238,35 @@ def projection_of(run_dir: Path) -> torch.Tensor:
     return next(state["projection"] for state in plugins if isinstance(state, dict) and "projection" in state)
 
 
-def run_ours(method: str, seed: int, vit_path: Path, out: Path) -> list[float]:
-    """The toolkit's run of ``method`` on the shared ViT; its accuracy on the seen classes per step."""
+def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]:
+    """The toolkit's run of ``method`` on the shared ``backbone`` (an override); its metrics.json."""
     from incremental.cli import main
 
     if not (out / "metrics.json").is_file():
-        backbone = (f"backbone={{name: timm_vit, model: {VIT}, patch_size: 4, drop_path_rate: 0.0, "
-                    f"pretrained: {vit_path}}}")
-        code = main(["run", PROTOCOL, "--quiet", "--out", str(out), "--set", f"seed={seed}",
-                     "--set", f"protocol.order_seed={seed}", "--set", backbone, "--set", METHODS[method][0],
-                     "--set", "protocol.memory={}", "--set", "output.tensorboard=false"])
+        overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else [METHODS[method][0]]
+        sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, *overrides, "protocol.memory={}",
+                "output.tensorboard=false"]
+        code = main(["run", PROTOCOL, "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
         if code:
             raise SystemExit(f"the toolkit's {method} run failed (exit {code})")
-    return json.loads((out / "metrics.json").read_text())["accuracy"]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def vit_backbone(path: Path) -> str:
+    return f"backbone={{name: timm_vit, model: {VIT}, patch_size: 4, drop_path_rate: 0.0, pretrained: {path}}}"
+
+
+def shared_clip(seed: int, out: Path) -> Path:
+    """The seed's clip-tiny, contrastively pretrained on digits by experiments/clip/run_digits.py's
+    ``pretrain`` (random weights would make every zero-shot figure chance)."""
+    import importlib.util
+
+    weights = out / f"clip-tiny-seed{seed}.pt"
+    spec = importlib.util.spec_from_file_location("clip_digits", HERE.parent / "clip" / "run_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(module.pretrain(seed, weights), flush=True)
+    return weights
 
 
 def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -236,44 +274,111 @@ def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
     return [c[-1] for c in curves], [statistics.mean(c) for c in curves]
 
 
-def table(results: dict[str, dict[str, list[list[float]]]], commit: str, seeds: list[int]) -> str:
-    lines = [f"PILOT at commit {commit}. Digits B0, 5 steps of 2 classes, 32 px; a timm {VIT} (4-px patches, "
-             f"1 channel) initialised by timm from each seed, the same weights on both sides. Seeds {seeds}; "
-             "mean ± std over seeds; the gap is ours minus PILOT's, per seed, then averaged.", "",
-             "| method | last, ours | last, PILOT | gap | avg inc, ours | avg inc, PILOT | gap | largest step gap |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+REFERENCE_NAMES = {"pilot_root": "PILOT", "continual_clip_root": "Continual-CLIP", "mcm_root": "MCM"}
+
+
+def reference_of(method: str) -> str:
+    """The checkout option ``method`` runs against."""
+    return CLIP_METHODS[method][1] if method in CLIP_METHODS else "pilot_root"
+
+
+def accuracy_table(results: dict[str, dict[str, list]]) -> list[str]:
+    lines = ["| method | reference | last, ours | last, reference | gap | avg inc, ours | avg inc, reference | gap "
+             "| largest step gap |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, sides in results.items():
-        (ours_last, ours_avg), (ref_last, ref_avg) = summary(sides["ours"]), summary(sides["pilot"])
-        step_gap = max(abs(a - b) for o, p in zip(sides["ours"], sides["pilot"]) for a, b in zip(o, p))
-        lines.append(f"| {method} | {mean_std(ours_last)} | {mean_std(ref_last)} | "
-                     f"{mean_std([a - b for a, b in zip(ours_last, ref_last)])} | {mean_std(ours_avg)} | "
-                     f"{mean_std(ref_avg)} | {mean_std([a - b for a, b in zip(ours_avg, ref_avg)])} | {step_gap:.2f} |")
-    return "\n".join(lines)
+        if method == "mcm":
+            continue
+        (ours_last, ours_avg), (ref_last, ref_avg) = summary(sides["ours"]), summary(sides["reference"])
+        step_gap = max(abs(a - b) for o, p in zip(sides["ours"], sides["reference"]) for a, b in zip(o, p))
+        lines.append(f"| {method} | {REFERENCE_NAMES[reference_of(method)]} | {mean_std(ours_last)} | "
+                     f"{mean_std(ref_last)} | {mean_std([a - b for a, b in zip(ours_last, ref_last)])} | "
+                     f"{mean_std(ours_avg)} | {mean_std(ref_avg)} | "
+                     f"{mean_std([a - b for a, b in zip(ours_avg, ref_avg)])} | {step_gap:.2f} |")
+    return lines
+
+
+def mcm_table(sides: dict[str, list]) -> list[str]:
+    """The OOD measures, averaged over the steps that have unseen classes, then over the seeds."""
+    from clip_references import mean_over_steps
+
+    ours, ref = [mean_over_steps(m) for m in sides["ours"]], [mean_over_steps(m) for m in sides["reference"]]
+    step_gap = max(abs(a - b) for o, r in zip(sides["ours"], sides["reference"]) for so, sr in zip(o, r)
+                   for a, b in zip(so, sr))
+    lines = ["| score | measure | ours | MCM's detection_util | gap | largest step gap (either measure) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for k, measure in enumerate(("AUROC", "FPR95")):
+        mine, theirs = [m[k] for m in ours], [r[k] for r in ref]
+        lines.append(f"| mcm (T = 1) | {measure} | {mean_std(mine)} | {mean_std(theirs)} | "
+                     f"{mean_std([a - b for a, b in zip(mine, theirs)])} | {step_gap:.2f} |")
+    return lines
+
+
+def header(commits: dict[str, str], seeds: list[int]) -> list[str]:
+    refs = "; ".join(f"{REFERENCE_NAMES[k]} at commit {c}" for k, c in commits.items())
+    return [f"{refs}. Digits B0, 5 steps of 2 classes, 32 px. PILOT's methods: a timm {VIT} (4-px patches, 1 channel) "
+            "initialised by timm from each seed; the CLIP methods: the toolkit's clip-tiny, contrastively pretrained "
+            "for each seed by experiments/clip/run_digits.py's `pretrain` (the classes of experiences 0-2). The same "
+            f"weights on both sides. Seeds {seeds}; mean ± std over seeds; the gap is ours minus the reference's, "
+            "per seed, then averaged.", ""]
+
+
+def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict[str, Path],
+                  manager: DigitsManager) -> list:
+    import clip_references
+
+    if method == "continual_clip":
+        return clip_references.run_continual_clip(args.continual_clip_root.resolve(), shared["clip"], manager,
+                                                  CLIP_METHODS[method][2])
+    if method == "mcm":
+        return clip_references.run_mcm(args.mcm_root.resolve(), shared["clip"], manager, CLIP_METHODS[method][2])
+    projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
+    return run_pilot(method, seed, shared["vit"], manager, projection)
+
+
+def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, list]]) -> None:
+    from clip_references import probe_measures
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    shared = {"vit": args.out / f"vit-seed{seed}.safetensors"}
+    if not shared["vit"].is_file():
+        shared_vit(seed, shared["vit"])
+    if any(m in CLIP_METHODS for m in args.methods):
+        shared["clip"] = shared_clip(seed, args.out)
+    manager = DigitsManager(seed)
+    for method in args.methods:
+        backbone = (CLIP_BACKBONE.format(weights=shared["clip"]) if method in CLIP_METHODS
+                    else vit_backbone(shared["vit"]))
+        metrics = run_ours(method, seed, backbone, args.out / f"{method}-seed{seed}")
+        results[method]["ours"].append(probe_measures(metrics) if method == "mcm" else metrics["accuracy"])
+        results[method]["reference"].append(run_reference(method, seed, args, shared, manager))
+        print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, "
+              f"reference {results[method]['reference'][-1]}", flush=True)
 
 
 def main() -> int:
     args = arguments()
-    commit = import_pilot(args.pilot_root.resolve())
+    from clip_references import checkout_commit
+
+    commits = {}
+    if any(reference_of(m) == "pilot_root" for m in args.methods):
+        commits["pilot_root"] = import_pilot(args.pilot_root.resolve())
+    for option in ("continual_clip_root", "mcm_root"):
+        if any(reference_of(m) == option for m in args.methods):
+            commits[option] = checkout_commit(getattr(args, option))
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    results: dict[str, dict[str, list[list[float]]]] = {m: {"ours": [], "pilot": []} for m in args.methods}
+    results: dict[str, dict[str, list]] = {m: {"ours": [], "reference": []} for m in args.methods}
     for seed in args.seeds:
-        args.out.mkdir(parents=True, exist_ok=True)
-        vit_path = args.out / f"vit-seed{seed}.safetensors"
-        if not vit_path.is_file():
-            shared_vit(seed, vit_path)
-        manager = DigitsManager(seed)
-        for method in args.methods:
-            results[method]["ours"].append(run_ours(method, seed, vit_path, args.out / f"{method}-seed{seed}"))
-            projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
-            results[method]["pilot"].append(run_pilot(method, seed, vit_path, manager, projection))
-            print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, PILOT {results[method]['pilot'][-1]}",
-                  flush=True)
+        run_seed(seed, args, results)
     command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])
-    text = "\n".join(["# The toolkit against the reference implementations, side by side", "", "Produced by", "",
-                      f"    {command}", "", table(results, commit, args.seeds)])
+    lines = ["# The toolkit against the reference implementations, side by side", "", "Produced by", "",
+             f"    {command}", "", *header(commits, args.seeds), *accuracy_table(results)]
+    if "mcm" in results:
+        lines += ["", "MCM's OOD score after each step with unseen classes (steps 0-3): in-distribution the seen "
+                  "classes' test images, OOD the unseen classes'; the toolkit's `ood` probe (head: text, msp, "
+                  "temperature 1) against MCM's `get_ood_scores_clip` and `get_measures`.", "", *mcm_table(results["mcm"])]
     from run_common import kept_reading
 
-    text += kept_reading(HERE / "reference.md")
+    text = "\n".join(lines) + kept_reading(HERE / "reference.md")
     (HERE / "reference.md").write_text(text + "\n")
     print(text)
     return 0
