@@ -16,8 +16,12 @@ over the ensemble of templates.
 The fusion follows the repository by default (``fusion: batch``: the fused text and prototype
 tokens are averaged over the batch, so an image's logits depend on the rest of its batch);
 ``fusion: instance`` gives each image its own tokens, as the paper writes it. One departure
-remains: the projections always take L2-normalised CLIP embeddings, as the repository's training
-does, where its evaluation feeds the image embeddings unnormalised.
+remains, measured in experiments/crosscheck/reference.md: the projections take the
+L2-normalised CLIP embeddings (the pooled features every strategy sees) and the projected image
+is normalised in training and evaluation. The repository projects the unnormalised CLIP
+embeddings and normalises the projected image in training only. With the toolkit's
+normalisation patched into the reference, the gap between the two on the digits harness goes
+from +3.6 to +0.4 points of last accuracy, both within the seed std.
 """
 
 from __future__ import annotations

@@ -20,6 +20,48 @@ def test_without_a_reference_checkout_it_says_what_it_needs(tmp_path):
     assert script_in_fork(SCRIPT, stderr=err) == 2
     assert "--pilot-root must name a checkout of LAMDA-PILOT" in err.read_text()
     assert script_in_fork(SCRIPT, "--pilot-root", str(tmp_path), stderr=err) == 2
+    assert script_in_fork(SCRIPT, "--methods", "proof", stderr=err) == 2
+    assert "--proof-root must name a checkout of PROOF" in err.read_text()
+
+
+def test_exemplars_come_back_as_the_reference_stores_them():
+    """PILOT's and PROOF's learners keep exemplars as image arrays and labels (``appendent``)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import reference
+    from clip_references import ProofData
+
+    manager = reference.DigitsManager(1993)
+    images, labels, _ = manager.get_dataset(np.arange(0, 1), source="train", mode="test", ret_data=True)
+    memory = manager.get_dataset([], source="train", mode="test", appendent=(images[:3], labels[:3]))
+    assert len(memory) == 3 and memory.labels.tolist() == [0, 0, 0]
+    torch.testing.assert_close(memory[2][1], torch.from_numpy(images[2]))
+    mixed = manager.get_dataset(np.arange(1, 2), source="train", mode="train", appendent=(images[:3], labels[:3]))
+    assert sorted(set(mixed.labels.tolist())) == [0, 1] and (mixed.labels == 0).sum() == 3
+    rgb = ProofData(manager, ["a photo of a {}."]).get_dataset(np.arange(0, 1), source="test", mode="test")
+    grey = manager.get_dataset(np.arange(0, 1), source="test", mode="test")
+    assert rgb[0][1].shape[0] == 3 and torch.equal(rgb[0][1], grey[0][1].expand(3, -1, -1))
+
+
+def test_each_checkout_imports_its_own_packages(tmp_path):
+    """PILOT and PROOF both have top-level ``models`` and ``utils``: switching checkouts must not
+    leave the other one's modules in the import cache."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from clip_references import use_checkout
+
+    for name in ("first", "second"):
+        (tmp_path / name / "utils").mkdir(parents=True)
+        (tmp_path / name / "utils" / "__init__.py").write_text(f"CHECKOUT = {name!r}\n")
+    try:
+        for name in ("first", "second", "first"):
+            use_checkout(tmp_path / name)
+            import utils
+
+            assert utils.CHECKOUT == name
+    finally:
+        for name in ("first", "second"):
+            if str((tmp_path / name).resolve()) in sys.path:
+                sys.path.remove(str((tmp_path / name).resolve()))
+        sys.modules.pop("utils", None)
 
 
 def test_pilots_data_are_the_toolkits_digits_in_its_class_order():
@@ -41,3 +83,20 @@ def test_pilots_data_are_the_toolkits_digits_in_its_class_order():
     index, image, label = first[0]
     torch.testing.assert_close(image, splits.eval_transform(splits.test[expected[0]][0]))
     assert order[label] == int(splits.test.targets[expected[0]])
+
+
+def test_each_command_rewrites_only_its_own_section(tmp_path):
+    """reference.md holds one section per group of references, each written by its own command;
+    a run of one group keeps the other's section and the hand-written reading."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import reference
+
+    path = tmp_path / "reference.md"
+    path.write_text("# title\n\n<!-- begin pilot -->\nPILOT rows\n<!-- end pilot -->\n\n## Reading\n\nkept words\n")
+    reference.write_sections(path, {"clip": "<!-- begin clip -->\nCLIP rows\n<!-- end clip -->"})
+    text = path.read_text()
+    assert text.index("PILOT rows") < text.index("CLIP rows") < text.index("## Reading") < text.index("kept words")
+    reference.write_sections(path, {"pilot": "<!-- begin pilot -->\nnew PILOT rows\n<!-- end pilot -->"})
+    text = path.read_text()
+    assert "new PILOT rows" in text and "\nPILOT rows" not in text and "CLIP rows" in text and "kept words" in text
+    assert reference.group_of("ranpac_frozen") == "pilot" and reference.group_of("proof") == "clip"

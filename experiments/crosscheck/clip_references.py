@@ -1,14 +1,15 @@
-"""The vision-language references of ``reference.py``: Continual-CLIP (vgthengane/Continual-CLIP)
-and MCM's score (deeplearning-wisc/MCM, ``utils/detection_util.py``), run from their checkouts on
-the CLIP the toolkit's run loads.
+"""The vision-language references of ``reference.py``: Continual-CLIP (vgthengane/Continual-CLIP),
+MCM's score (deeplearning-wisc/MCM, ``utils/detection_util.py``) and PROOF (zhoudw-zdw/PROOF,
+``models/proof.py``), run from their checkouts on the CLIP the toolkit's run loads.
 
-Both references are written for OpenAI's ``clip`` package or Hugging Face's ``CLIPModel`` on a
-GPU. What the harness puts in their place, each written into reference.md:
+The references are written for OpenAI's ``clip`` package, Hugging Face's ``CLIPModel`` or
+open_clip's ViT-B/16 download, on a GPU. What the harness puts in their place, each written into
+reference.md:
 
 - ``clip`` (Continual-CLIP's import): a module whose ``load`` returns the shared open_clip model
   behind OpenAI CLIP's call, ``model(image, text) -> (logits_per_image, logits_per_text)``,
-  with the toolkit's eval transform, and whose ``tokenize`` is open_clip's BPE tokenizer (the
-  same vocabulary as OpenAI's) at the model's context length;
+  and whose ``tokenize`` is open_clip's BPE tokenizer (the same vocabulary as OpenAI's) at the
+  model's context length; the images are the toolkit's eval transform, not CLIP's preprocessing;
 - ``transformers.CLIPTokenizer`` (MCM's import, used only through ``from_pretrained(...)(texts,
   padding=True, return_tensors="pt")``): the same tokenizer, with an all-ones attention mask
   (open_clip's text tower pools at the end-of-text token under a causal mask, so padding after
@@ -17,7 +18,15 @@ GPU. What the harness puts in their place, each written into reference.md:
   ``encode_image`` / ``encode_text`` (MCM normalises both itself);
 - ``torch.Tensor.cuda`` is the identity while MCM's scoring runs (there is no GPU here);
 - MCM's ``utils/detection_util.py`` is loaded as a file: its package's ``__init__`` imports the
-  training utilities, which need Hugging Face's ``CLIPModel`` and the datasets' loaders.
+  training utilities, which need Hugging Face's ``CLIPModel`` and the datasets' loaders;
+- PROOF's ``utils.inc_net.get_convnet`` returns the shared model (``out_dim``: its embedding
+  width) and open_clip's tokenizer instead of downloading ViT-B/16 (LAION-400M); a stand-in for
+  its DataManager serves the toolkit's digits repeated to 3 channels (as the toolkit's CLIP
+  backbone feeds grey images), in the eval transform for every mode (the toolkit's side runs
+  with ``dataset.augment: false``), the class names and the templates;
+- PROOF's learner is evaluated by its ``_eval_cnn`` (what its ``eval_task`` reports as top-1):
+  ``eval_task`` also runs ``_eval_zero_shot``, which moves the text to the GPU; DataLoader
+  workers of ``models/proof.py`` are 0 (its base learner's exemplar loaders keep their 4).
 """
 
 from __future__ import annotations
@@ -36,6 +45,23 @@ import torch
 def checkout_commit(root: Path) -> str:
     done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or "unknown (not a git checkout)"
+
+
+# top-level packages that PILOT and PROOF both have, under the same names
+CHECKOUT_PACKAGES = ("models", "utils", "convs", "backbone")
+
+
+def use_checkout(root: Path) -> None:
+    """Imports of ``models``, ``utils``, ... resolve to the checkout at ``root``: another
+    checkout's modules of those names are dropped from the import cache."""
+    root = root.resolve()
+    for name in [n for n in sys.modules if n.split(".")[0] in CHECKOUT_PACKAGES]:
+        origin = getattr(sys.modules[name], "__file__", None) or ""
+        if not Path(origin).resolve().is_relative_to(root):
+            del sys.modules[name]
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
 
 
 def load_open_clip(weights: Path, image_size: int) -> torch.nn.Module:
@@ -180,3 +206,80 @@ def probe_measures(metrics: dict, label: str = "ood") -> list[tuple[float, float
 def mean_over_steps(measures: list[tuple[float, float]]) -> tuple[float, float]:
     values = np.asarray(measures)
     return float(values[:, 0].mean()), float(values[:, 1].mean())
+
+
+# PROOF's exps/cifar.json, the values a run on digits keeps (memory: the toolkit's digits protocol's)
+PROOF_ARGS = {"model_name": "proof", "convnet_type": "clip", "projection_type": "pure_mlp", "frozen_layers": "visual",
+              "tuned_epoch": 5, "init_lr": 0.001, "batch_size": 64, "weight_decay": 0.05, "min_lr": 0,
+              "optimizer": "sgd", "memory_size": 200, "memory_per_class": 20, "fixed_memory": False}
+# the same on the toolkit's side
+PROOF_OVERRIDES = ["strategy=proof", "protocol.memory={total: 200}", "dataset.augment=false", "training.epochs=5",
+                   "training.batch_size=64", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.05}",
+                   "training.scheduler={name: cosine, min_lr_ratio: 0.0}"]
+
+
+class ProofData:
+    """What PROOF's learner reads of its DataManager: ``manager``'s digits repeated to 3 channels
+    (as the toolkit's CLIP backbone feeds a grey image), the class names in label order
+    (``_class_to_label``) and the templates (``_data_to_prompt``: the first trains)."""
+
+    def __init__(self, manager: Any, templates: Sequence[str]):
+        self.manager, self._class_to_label, self._data_to_prompt = manager, list(manager.class_texts), list(templates)
+        self.rgb = {source: (images.expand(-1, 3, -1, -1).contiguous(), labels)
+                    for source, (images, labels) in manager.data.items()}
+
+    def get_task_size(self, task: int) -> int:
+        return self.manager.get_task_size(task)
+
+    def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
+                    m_rate: Any = None) -> Any:
+        grey, self.manager.data = self.manager.data, self.rgb
+        try:
+            return self.manager.get_dataset(indices, source, mode, appendent, ret_data)
+        finally:
+            self.manager.data = grey
+
+
+def run_proof(root: Path, weights: Path, manager: Any, templates: Sequence[str], seed: int, *,
+              normalised: bool = False) -> list[float]:
+    """PROOF's learner (``models/proof.py``) through every step; after each, top-1 over the seen
+    classes' test images by its ``_eval_cnn`` (fused, projected and prototype logits).
+
+    ``normalised``: the toolkit's normalisation patched into the reference, to measure it: CLIP's
+    image and text embeddings L2-normalised before the projections, and the projected image
+    normalised in evaluation too (the repository normalises it in training only)."""
+    use_checkout(root)
+    import importlib
+
+    model = load_open_clip(weights, manager.image_size)
+    model.out_dim = int(model.text_projection.shape[1])  # PROOF's get_convnet sets 512 for ViT-B/16
+    inc_net = importlib.import_module("utils.inc_net")
+    inc_net.get_convnet = lambda args, pretrained=False: (model, None,
+                                                          lambda texts: open_clip_tokenize(model, texts))
+    proof = importlib.import_module("models.proof")
+    proof.num_workers = 0
+    encode_image = inc_net.Proof_Net.encode_image
+    if normalised:
+        for name in ("encode_image", "encode_text"):
+            setattr(model, name, lambda x, normalize=False, f=getattr(model, name): f(x, normalize=True))
+        inc_net.Proof_Net.encode_image = lambda self, x, normalize=False: encode_image(self, x, normalize=True)
+    try:
+        return proof_steps(proof, ProofData(manager, templates), seed)
+    finally:
+        inc_net.Proof_Net.encode_image = encode_image
+
+
+def proof_steps(proof: Any, data: ProofData, seed: int) -> list[float]:
+    torch.manual_seed(seed)
+    learner = proof.Learner({**PROOF_ARGS, "prefix": "crosscheck", "dataset": "digits", "shuffle": False,
+                             "init_cls": data.get_task_size(0), "increment": data.get_task_size(1),
+                             "device": [torch.device("cpu")], "seed": seed})
+    accuracies = []
+    for _ in range(data.manager.nb_tasks):
+        learner.incremental_train(data)
+        learner.topk = min(5, learner._total_classes)
+        # its eval_task would also run _eval_zero_shot, which moves text to the GPU
+        predictions, targets = learner._eval_cnn(learner.test_loader)
+        accuracies.append(100.0 * float((predictions[:, 0] == targets).mean()))
+        learner.after_task()
+    return accuracies

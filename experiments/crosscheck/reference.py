@@ -1,18 +1,25 @@
 """The toolkit's pre-trained-model methods against their reference implementations, side by side.
 
-    python experiments/crosscheck/reference.py --pilot-root PATH [--methods simplecil ranpac_frozen]
+    python experiments/crosscheck/reference.py --pilot-root PATH --continual-clip-root PATH
+        --mcm-root PATH --proof-root PATH [--methods simplecil ranpac_frozen ...]
         [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
 
-PATH is a checkout of LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT). Its learners are imported
-from there and run in this process; nothing of its code is copied into this project. Both sides
-get, per seed:
+Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for
+simplecil and ranpac_*, vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for
+mcm, zhoudw-zdw/PROOF for proof*; only the checkouts of the methods run are needed. Their
+learners are imported from there and run in this process; nothing of their code is copied into
+this project. Both sides get, per seed:
 
-- the same weights: one timm ``vit_tiny_patch16_224`` built at 32 px with 4-px patches and one
-  input channel (the digits'), initialised by timm from the seed, saved to a safetensors file;
-  the toolkit loads it as ``backbone.pretrained`` of a ``timm_vit``, PILOT gets the very module;
+- the same weights: for PILOT's methods one timm ``vit_tiny_patch16_224`` built at 32 px with
+  4-px patches and one input channel (the digits'), initialised by timm from the seed, saved to a
+  safetensors file; the toolkit loads it as ``backbone.pretrained`` of a ``timm_vit``, PILOT gets
+  the very module. For the CLIP methods the toolkit's ``clip-tiny``, contrastively pretrained for
+  the seed by experiments/clip/run_digits.py's ``pretrain`` (random weights would make every
+  zero-shot figure chance); the references get the same open_clip module
+  (clip_references.py says how it stands in for what they load);
 - the same images, labels and class order: the toolkit's digits (eval transform: resized to
   32 px and normalised), in the toolkit's class order for the seed, B0 with 2 classes a step;
-- the same hyper-parameters (PILOT's exps/*.json where the method has them).
+- the same hyper-parameters (the reference's exps/*.json or config where the method has them).
 
 What the harness changes in PILOT to run it here, each written into reference.md:
 
@@ -31,7 +38,8 @@ What the harness changes in PILOT to run it here, each written into reference.md
   toolkit's run drew (read from its checkpoint), after that call, so both sides project alike.
 
 Writes reference.md next to this file: per method, last and average incremental accuracy over
-the seeds (mean ± std) for both sides and the gap, with PILOT's commit.
+the seeds (mean ± std) for both sides and the gap (for mcm: AUROC and FPR95), with each
+reference's commit.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from clip_references import PROOF_OVERRIDES  # noqa: E402
 from run_common import mean_std  # noqa: E402
 
 PROTOCOL = "digits_b0_5steps"
@@ -78,6 +86,10 @@ CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout opt
     "mcm": (["strategy=continual_clip", f'protocol.templates=["{MCM_TEMPLATE}"]',
              "probes=[{name: ood, head: text, scores: [msp], temperature: 1.0, num_samples: 100000}]"],
             "mcm_root", MCM_TEMPLATE),
+    # exps/cifar.json's training values, 200 exemplars, no augmentation (the reference gets eval images)
+    "proof": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
+    # the same run of ours against the reference with the toolkit's normalisation patched in
+    "proof_reference_normalised": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
 }
 
 
@@ -86,6 +98,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--pilot-root", type=Path, help="a checkout of LAMDA-PILOT")
     parser.add_argument("--continual-clip-root", type=Path, help="a checkout of vgthengane/Continual-CLIP")
     parser.add_argument("--mcm-root", type=Path, help="a checkout of deeplearning-wisc/MCM")
+    parser.add_argument("--proof-root", type=Path, help="a checkout of zhoudw-zdw/PROOF")
     names = [*METHODS, *CLIP_METHODS]
     parser.add_argument("--methods", nargs="+", default=names, choices=names)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
@@ -93,13 +106,14 @@ def arguments() -> argparse.Namespace:
     args = parser.parse_args()
     needed = {"pilot_root": ("models/simplecil.py", "https://github.com/LAMDA-CL/LAMDA-PILOT"),
               "continual_clip_root": ("continual_clip/models.py", "https://github.com/vgthengane/Continual-CLIP"),
-              "mcm_root": ("utils/detection_util.py", "https://github.com/deeplearning-wisc/MCM")}
+              "mcm_root": ("utils/detection_util.py", "https://github.com/deeplearning-wisc/MCM"),
+              "proof_root": ("models/proof.py", "https://github.com/zhoudw-zdw/PROOF")}
     for method in args.methods:
         option = CLIP_METHODS[method][1] if method in CLIP_METHODS else "pilot_root"
         root, (marker, url) = getattr(args, option), needed[option]
         if root is None or not (root / marker).is_file():
             parser.error(f"{method} runs against the reference code: --{option.replace('_', '-')} must name a "
-                         f"checkout of it (git clone {url}); it is imported from there")
+                         f"checkout of {url.rsplit('/', 1)[1]} (git clone {url}); it is imported from there")
     return args
 
 
@@ -107,10 +121,10 @@ def import_pilot(root: Path) -> str:
     """PILOT's packages importable from ``root``; its commit."""
     import timm.layers.weight_init
 
+    from clip_references import checkout_commit
+
     sys.modules.setdefault("timm.models.layers.weight_init", timm.layers.weight_init)
-    sys.path.insert(0, str(root))
-    done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown (not a git checkout)"
+    return checkout_commit(root)
 
 
 def shared_vit(seed: int, path: Path) -> None:
@@ -182,10 +196,16 @@ class DigitsManager:
 
     def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
                     m_rate: Any = None) -> Any:
+        """The images of classes ``indices`` (and ``appendent``'s, the learner's exemplars as it
+        stores them: image arrays and labels); every mode gets the eval transform."""
         images, labels = self.data[source]
-        keep = np.isin(labels, np.asarray(indices))
-        dataset = Items(images[torch.from_numpy(keep)], labels[keep])
-        return (images[torch.from_numpy(keep)].numpy(), labels[keep], dataset) if ret_data else dataset
+        keep = torch.from_numpy(np.isin(labels, np.asarray(indices)))
+        images, labels = images[keep], labels[keep.numpy()]
+        if appendent is not None and len(appendent[1]):
+            images = torch.cat([images, torch.as_tensor(np.asarray(appendent[0]), dtype=images.dtype)])
+            labels = np.concatenate([labels, np.asarray(appendent[1], dtype=labels.dtype)])
+        dataset = Items(images, labels)
+        return (images.numpy(), labels, dataset) if ret_data else dataset
 
 
 def pilot_args(method: str, manager: DigitsManager, seed: int) -> dict[str, Any]:
@@ -198,12 +218,15 @@ def pilot_args(method: str, manager: DigitsManager, seed: int) -> dict[str, Any]
             "batch_size": 48, "weight_decay": 0.0005, "min_lr": 0.0, "optimizer": "sgd", **METHODS[method][2]}
 
 
-def run_pilot(method: str, seed: int, vit_path: Path, manager: DigitsManager,
+def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: DigitsManager,
               projection: torch.Tensor | None = None) -> list[float]:
     """PILOT's learner for ``method`` through every step (given ``projection`` as its W_rand, if
     any); its top-1 accuracy on the seen classes after each (PILOT's own ``eval_task``)."""
     import importlib
 
+    from clip_references import use_checkout
+
+    use_checkout(root)
     import utils.inc_net as inc_net
 
     inc_net.get_backbone = lambda args, pretrained=False: load_vit(vit_path)  # the shared ViT, no download
@@ -244,7 +267,7 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
 
     if not (out / "metrics.json").is_file():
         overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else [METHODS[method][0]]
-        sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, *overrides, "protocol.memory={}",
+        sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
                 "output.tensorboard=false"]
         code = main(["run", PROTOCOL, "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
         if code:
@@ -274,7 +297,8 @@ def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
     return [c[-1] for c in curves], [statistics.mean(c) for c in curves]
 
 
-REFERENCE_NAMES = {"pilot_root": "PILOT", "continual_clip_root": "Continual-CLIP", "mcm_root": "MCM"}
+REFERENCE_NAMES = {"pilot_root": "PILOT", "continual_clip_root": "Continual-CLIP", "mcm_root": "MCM",
+                   "proof_root": "PROOF"}
 
 
 def reference_of(method: str) -> str:
@@ -331,8 +355,11 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
                                                   CLIP_METHODS[method][2])
     if method == "mcm":
         return clip_references.run_mcm(args.mcm_root.resolve(), shared["clip"], manager, CLIP_METHODS[method][2])
+    if method.startswith("proof"):
+        return clip_references.run_proof(args.proof_root.resolve(), shared["clip"], manager,
+                                         [CLIP_METHODS[method][2]], seed, normalised=method.endswith("normalised"))
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
-    return run_pilot(method, seed, shared["vit"], manager, projection)
+    return run_pilot(args.pilot_root, method, seed, shared["vit"], manager, projection)
 
 
 def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, list]]) -> None:
@@ -355,6 +382,42 @@ def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, l
               f"reference {results[method]['reference'][-1]}", flush=True)
 
 
+def group_of(method: str) -> str:
+    """reference.md's section that ``method``'s row belongs to: PILOT's or the CLIP references'."""
+    return "pilot" if reference_of(method) == "pilot_root" else "clip"
+
+
+def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, str], seeds: list[int]) -> str:
+    """One generated section of reference.md: the command that produced it, then its tables."""
+    command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])
+    mine = {m: r for m, r in results.items() if group_of(m) == group}
+    used = {k: c for k, c in commits.items() if any(reference_of(m) == k for m in mine)}
+    lines = [f"<!-- begin {group} -->", "Produced by", "", f"    {command}", "", *header(used, seeds),
+             *accuracy_table(mine)]
+    if "mcm" in mine:
+        lines += ["", "MCM's OOD score after each step with unseen classes (steps 0-3): in-distribution the seen "
+                  "classes' test images, OOD the unseen classes'; the toolkit's `ood` probe (head: text, msp, "
+                  "temperature 1) against MCM's `get_ood_scores_clip` and `get_measures`.", "", *mcm_table(mine["mcm"])]
+    return "\n".join([*lines, f"<!-- end {group} -->"])
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> str:
+    """``path`` with the sections of this command replaced (or added before the reading); the other
+    sections, each written by its own command, and the hand-written reading are kept."""
+    text = path.read_text() if path.is_file() else "# The toolkit against the reference implementations, side by side\n"
+    for group, body in sections.items():
+        begin, end = f"<!-- begin {group} -->", f"<!-- end {group} -->"
+        if begin in text:
+            text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
+        elif "\n## Reading" in text:
+            at = text.index("\n## Reading")
+            text = text[:at].rstrip("\n") + "\n\n" + body + "\n" + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text)
+    return text
+
+
 def main() -> int:
     args = arguments()
     from clip_references import checkout_commit
@@ -362,25 +425,15 @@ def main() -> int:
     commits = {}
     if any(reference_of(m) == "pilot_root" for m in args.methods):
         commits["pilot_root"] = import_pilot(args.pilot_root.resolve())
-    for option in ("continual_clip_root", "mcm_root"):
+    for option in ("continual_clip_root", "mcm_root", "proof_root"):
         if any(reference_of(m) == option for m in args.methods):
             commits[option] = checkout_commit(getattr(args, option))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     results: dict[str, dict[str, list]] = {m: {"ours": [], "reference": []} for m in args.methods}
     for seed in args.seeds:
         run_seed(seed, args, results)
-    command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])
-    lines = ["# The toolkit against the reference implementations, side by side", "", "Produced by", "",
-             f"    {command}", "", *header(commits, args.seeds), *accuracy_table(results)]
-    if "mcm" in results:
-        lines += ["", "MCM's OOD score after each step with unseen classes (steps 0-3): in-distribution the seen "
-                  "classes' test images, OOD the unseen classes'; the toolkit's `ood` probe (head: text, msp, "
-                  "temperature 1) against MCM's `get_ood_scores_clip` and `get_measures`.", "", *mcm_table(results["mcm"])]
-    from run_common import kept_reading
-
-    text = "\n".join(lines) + kept_reading(HERE / "reference.md")
-    (HERE / "reference.md").write_text(text + "\n")
-    print(text)
+    groups = dict.fromkeys(group_of(m) for m in args.methods)
+    print(write_sections(HERE / "reference.md", {g: section(g, results, commits, args.seeds) for g in groups}))
     return 0
 
 
