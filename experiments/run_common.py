@@ -59,11 +59,11 @@ def experiment_args(description: str, default_out: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def write_results(folder: Path, script: str, title: str, body: str) -> str:
-    """``folder/results.md``: the title, the command that produced it (without --report-only),
-    ``body``, and the existing file's hand-written reading, kept."""
+def write_results(folder: Path, script: str, title: str, body: str, name: str = "results.md") -> str:
+    """``folder/name``: the title, the command that produced it (without --report-only), ``body``,
+    and the existing file's hand-written reading, kept."""
     command = f"python {script} " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
-    results = folder / "results.md"
+    results = folder / name
     text = "\n".join([f"# {title}", "", "Produced by", "", f"    {command.strip()}", "", body]) + kept_reading(results)
     results.write_text(text + "\n")
     return text

@@ -362,6 +362,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
                 'strategy.alpha: must be >= 0'),
     option_case('a misspelt EASE training head', 'strategy: {name: ease, training_head: cosin}\n',
                 'strategy.training_head: expected'),
+    option_case('a raw codec stored at 0 pixels', 'protocol: {memory: {bytes: 100000, codec: {name: raw, size: 0}}}\n',
+                'protocol.memory.codec.size: must be >= 1'),
     option_case('a misspelt NeRV quantisation', 'protocol: {memory: {bytes: 100000, codec: {name: nerv, quantization: per_row}}}\n',
                 'protocol.memory.codec.quantization: expected'),
     option_case('a misspelt Frechet space', 'strategy: {name: gan_replay, frechet_space: inception}\n',

@@ -16,8 +16,9 @@ from incremental.cli import main
 from incremental.data.digits import build_digits
 from incremental.data.options import DigitsConfig
 from incremental.memory.budget import LABEL_BYTES, ByteBudgetMemory
-from incremental.memory.codecs import JPEGCodec, NeRVCodec, RawCodec, payload_bytes, psnr_db
-from incremental.memory.options import JPEGCodecConfig, NeRVCodecConfig
+from incremental.memory.codecs import (JPEGCodec, NeRVCodec, RawCodec, bilinear_upsample, fitted_downsample,
+                                       payload_bytes, psnr_db)
+from incremental.memory.options import JPEGCodecConfig, NeRVCodecConfig, RawCodecConfig
 from incremental.models.compress import magnitude_prune, pack_int8, pack_uint8_per_channel, packed_bytes, unpack_int8
 
 
@@ -44,6 +45,52 @@ def test_raw_codec_keeps_the_pixels_that_fit(digits):
     assert torch.equal(RawCodec().decode(payload), images[:5])  # 1 KiB each at 32 px, grey
     assert payload_bytes(payload) == 5 * 1024 == payload["pixels"].nbytes
     assert RawCodec().encode(images, 1023, seed=0) is None
+
+
+def linear_upsampling(small: int, large: int) -> np.ndarray:
+    """(large, small): 1-D linear interpolation with half-pixel centres, written from its
+    definition (source x = (i + 0.5) * small / large - 0.5, clamped at the edges)."""
+    matrix = np.zeros((large, small))
+    for i in range(large):
+        x = min(max((i + 0.5) * small / large - 0.5, 0.0), small - 1)
+        left = int(np.floor(x))
+        right, weight = min(left + 1, small - 1), x - np.floor(x)
+        matrix[i, left] += 1 - weight
+        matrix[i, right] += weight
+    return matrix
+
+
+def test_fitted_downsample_is_the_least_squares_inverse_of_bilinear_upsampling():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 20, 20), generator=generator, dtype=torch.uint8)
+    upsampling = np.kron(linear_upsampling(5, 20), linear_upsampling(5, 20))  # vec(U X U^T), row-major
+    solution = [np.linalg.lstsq(upsampling, image[0].double().numpy().ravel(), rcond=None)[0] for image in images]
+    expected = np.clip(np.round(np.stack(solution)), 0, 255).reshape(3, 1, 5, 5)
+    np.testing.assert_array_equal(fitted_downsample(images, 5).numpy(), expected)
+    # torch's bilinear upsampling is the matrix the test wrote from the definition
+    small = torch.randint(0, 256, (1, 1, 5, 5), generator=generator, dtype=torch.uint8)
+    by_matrix = np.clip(np.round(upsampling @ small[0, 0].double().numpy().ravel()), 0, 255).reshape(20, 20)
+    np.testing.assert_array_equal(bilinear_upsample(small, (20, 20))[0, 0].numpy(), by_matrix)
+
+
+def test_raw_codec_at_the_digits_native_resolution_is_near_lossless(digits):
+    """Digits are 8 x 8 images upsampled to 32 px: stored at size 8 an exemplar takes 64 bytes
+    and decodes to the training image, where an antialiased resize would blur it."""
+    images = class_images(digits, 3, 40)
+    codec = RawCodec(RawCodecConfig(size=8))
+    payload = codec.encode(images, 30 * 64 + 4 + 63, seed=0)
+    assert codec.count(payload) == 30 and payload["pixels"].shape == (30, 1, 8, 8)
+    assert payload_bytes(payload) == 30 * 64 + 4  # and the original height and width, int16
+    decoded = codec.decode(payload)
+    assert decoded.shape == (30, 1, 32, 32) and psnr_db(decoded, images[:30]) > 60
+    assert (decoded != images[:30]).float().mean() < 1e-3
+    from incremental.data.base import resize_uint8
+
+    assert psnr_db(bilinear_upsample(resize_uint8(images, 8), (32, 32)), images) < 25  # the blur avoided
+    smaller = codec.shrink(payload, 10 * 64 + 4, seed=0)  # the stored pixels, cut, never resized again
+    assert torch.equal(smaller["pixels"], payload["pixels"][:10]) and torch.equal(smaller["shape"], payload["shape"])
+    assert codec.smallest_exemplar(images) == 68 and codec.encode(images, 67, seed=0) is None
+    assert RawCodec(RawCodecConfig(size=32)).encode(images, 2048, seed=0).keys() == {"pixels"}  # already that size
 
 
 def test_jpeg_payload_is_pillows_files_and_decodes_as_pillow_does(digits):
@@ -197,8 +244,8 @@ def test_int8_packing_stores_exactly_the_predicted_bytes_and_round_trips():
 # ------------------------------------------------------------------ the budget
 
 
-@pytest.mark.parametrize("codec", [RawCodec(), JPEGCodec(JPEGCodecConfig(quality=50)), NeRVCodec(FAST_NERV)],
-                         ids=["raw", "jpeg", "nerv"])
+@pytest.mark.parametrize("codec", [RawCodec(), RawCodec(RawCodecConfig(size=8)), JPEGCodec(JPEGCodecConfig(quality=50)),
+                                   NeRVCodec(FAST_NERV)], ids=["raw", "raw_8px", "jpeg", "nerv"])
 def test_a_byte_budget_is_never_exceeded_and_classes_stay_balanced(digits, codec):
     images, targets = digits
     budget = 12_000

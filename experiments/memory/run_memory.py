@@ -46,11 +46,11 @@ def run_name(memory: str, raw: int, seed: int) -> str:
 GAN_CAP = {500: "strategy.max_width=32"}
 
 
-def jobs_for(seeds: list[int], out: Path) -> list[tuple]:
+def jobs_for(seeds: list[int], out: Path, memories: dict[str, tuple[str, str, str]] = MEMORIES) -> list[tuple]:
     jobs = []
     for seed in seeds:
         for raw, budget in BUDGETS.items():
-            for memory, (_, strategy, codec) in MEMORIES.items():
+            for memory, (_, strategy, codec) in memories.items():
                 sets = [f"seed={seed}", f"protocol.order_seed={seed}", f"strategy={strategy}",
                         f"protocol.memory={{bytes: {budget}, codec: {codec}}}", *COMMON]
                 if memory == "gan" and raw in GAN_CAP:
@@ -81,10 +81,16 @@ def report(out: Path, seeds: list[int]) -> str:
              "capped at width 32 under the 500-raw budget (163,842 bytes: width 128 would take 16 times the "
              "compute). Wall: the run's training, evaluation "
              "and memory time, one CPU thread.", "",
-             "| budget | memory | avg inc acc | last acc | bytes used | exemplars | PSNR dB | generated acc | FD | wall s | runs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             *table(out, seeds, MEMORIES)]
+    return "\n".join(lines)
+
+
+def table(out: Path, seeds: list[int], memories: dict[str, tuple[str, str, str]]) -> list[str]:
+    """The results table's lines: one row per budget and memory."""
+    lines = ["| budget | memory | avg inc acc | last acc | bytes used | exemplars | PSNR dB | generated acc | FD | wall s "
+             "| runs |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for raw, budget in BUDGETS.items():
-        for memory, (label, _, _) in MEMORIES.items():
+        for memory, (label, _, _) in memories.items():
             runs = load(out, memory, raw, seeds)
             head = f"| {raw} raw ({budget:,} B) | {label} |"
             if len(runs) < len(seeds):  # no figure from fewer seeds than asked for
@@ -102,7 +108,7 @@ def report(out: Path, seeds: list[int]) -> str:
                          f"{mean_std(psnr) if psnr else ('lossless' if memory == 'raw' else '-')} | "
                          f"{mean_std(gen) if gen else '-'} | {mean_std(fd) if fd else '-'} | "
                          f"{statistics.mean(m['total_wall_time_s'] for m in runs):.0f} | {len(runs)} |")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(out: Path, seeds: list[int], path: Path) -> None:
