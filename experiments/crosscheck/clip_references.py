@@ -104,10 +104,10 @@ def run_continual_clip(root: Path, weights: Path, manager: Any, template: str) -
     ``run_class_incremental`` does: top-1 over the test images of all tasks so far."""
     sys.path.insert(0, str(root))
     model = load_open_clip(weights, manager.image_size)
-    stand_in = types.ModuleType("clip")
+    # one stand-in module, given this seed's model: continual_clip.models keeps the module it imported
+    stand_in = sys.modules.setdefault("clip", types.ModuleType("clip"))
     stand_in.load = lambda name, device=None, jit=False: (OpenAICallView(model), None)
     stand_in.tokenize = lambda texts: open_clip_tokenize(model, texts)
-    sys.modules["clip"] = stand_in
     from continual_clip.models import ClassIncrementalCLIP
 
     increments = [manager.get_task_size(t) for t in range(manager.nb_tasks)]

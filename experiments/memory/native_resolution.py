@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import run_memory  # noqa: E402
+from run_memory import setup  # noqa: E402
 from run_common import experiment_args, run_all, write_results  # noqa: E402
 
 MEMORIES = {
@@ -35,12 +36,7 @@ TITLE = "Memories in bytes on digits: raw replay at the native 8 x 8 resolution"
 
 
 def report(out: Path, seeds: list[int]) -> str:
-    lines = ["run_memory.py's setup: digits (scikit-learn), B0, 5 steps of 2 classes, 32 px grey images; ResNet-32 "
-             "from scratch, AdamW 1e-3 with cosine, batch 32, 3 epochs per step; budgets of the bytes of 20, 100 "
-             "and 500 raw 32-px exemplars (1,024 bytes each), split equally between the classes seen; herding "
-             f"ranks each class's exemplars. Seeds {seeds} (each sets the run seed and the class order); mean ± std "
-             "over seeds. Exemplars and PSNR after the last step; PSNR of the decoded exemplars against the "
-             "training images (raw at 32 px: lossless). Wall: the run's training, evaluation and memory time, one "
+    lines = [setup(seeds) + "Wall: the run's training, evaluation and memory time, one "
              "CPU thread.", "", *run_memory.table(out, seeds, MEMORIES)]
     return "\n".join(lines)
 

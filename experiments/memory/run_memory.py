@@ -69,13 +69,18 @@ def load(out: Path, memory: str, raw: int, seeds: list[int]) -> list[dict]:
 TITLE = "Memories in bytes: raw, JPEG, NeRV and GAN replay on digits"
 
 
+def setup(seeds: list[int]) -> str:
+    """The protocol, model, budgets and seeds, as the results files describe them."""
+    return ("Digits (scikit-learn), B0, 5 steps of 2 classes, 32 px grey images; ResNet-32 from scratch, AdamW "
+            "1e-3 with cosine, batch 32, 3 epochs per step. The budget is the bytes of 20, 100 or 500 raw "
+            "exemplars (1,024 bytes each), split equally between the classes seen; herding ranks each class's "
+            f"exemplars. Seeds {seeds} (each sets the run seed and the class order); mean ± std over seeds. "
+            "Exemplars and PSNR are those held after the last step; PSNR is of the decoded exemplars against "
+            "the originals (raw: lossless). ")
+
+
 def report(out: Path, seeds: list[int]) -> str:
-    lines = ["Digits (scikit-learn), B0, 5 steps of 2 classes, 32 px grey images; ResNet-32 from scratch, AdamW "
-             "1e-3 with cosine, batch 32, 3 epochs per step. The budget is the bytes of 20, 100 or 500 raw "
-             "exemplars (1,024 bytes each), split equally between the classes seen; herding ranks each class's "
-             f"exemplars. Seeds {seeds} (each sets the run seed and the class order); mean ± std over seeds. "
-             "Exemplars and PSNR are those held after the last step; PSNR is of the decoded exemplars against "
-             "the originals (raw: lossless). GAN: the generator's float16 weights are the whole memory; its "
+    lines = [setup(seeds) + "GAN: the generator's float16 weights are the whole memory; its "
              "columns give the current model's accuracy on generated samples and the Fréchet distance of their "
              "ResNet features to the test images' (after the last step); the widest generator that fits is used, "
              "capped at width 32 under the 500-raw budget (163,842 bytes: width 128 would take 16 times the "
