@@ -85,18 +85,24 @@ def test_pilots_data_are_the_toolkits_digits_in_its_class_order():
     assert order[label] == int(splits.test.targets[expected[0]])
 
 
-def test_each_command_rewrites_only_its_own_section(tmp_path):
-    """reference.md holds one section per group of references, each written by its own command;
-    a run of one group keeps the other's section and the hand-written reading."""
+def test_each_command_rewrites_only_the_sections_it_covers(tmp_path):
+    """reference.md holds one section per command, its markers naming its methods: a command
+    replaces the sections whose methods it covers and adds its own otherwise, keeping the others
+    and the hand-written reading."""
     sys.path.insert(0, str(SCRIPT.parent))
     import reference
 
+    def body(group: str, methods: str, rows: str) -> str:
+        return f"<!-- begin {group}: {methods} -->\n{rows}\n<!-- end {group} -->"
+
     path = tmp_path / "reference.md"
-    path.write_text("# title\n\n<!-- begin pilot -->\nPILOT rows\n<!-- end pilot -->\n\n## Reading\n\nkept words\n")
-    reference.write_sections(path, {"clip": "<!-- begin clip -->\nCLIP rows\n<!-- end clip -->"})
+    path.write_text(f"# title\n\n{body('pilot', 'simplecil ranpac_frozen', 'old rows')}\n\n## Reading\n\nkept words\n")
+    reference.write_sections(path, [body("clip", "proof", "PROOF rows")])
+    reference.write_sections(path, [body("pilot", "aper_adapter", "APER rows")])
     text = path.read_text()
-    assert text.index("PILOT rows") < text.index("CLIP rows") < text.index("## Reading") < text.index("kept words")
-    reference.write_sections(path, {"pilot": "<!-- begin pilot -->\nnew PILOT rows\n<!-- end pilot -->"})
+    assert text.index("old rows") < text.index("PROOF rows") < text.index("APER rows") < text.index("kept words")
+    reference.write_sections(path, [body("pilot", "simplecil ranpac_frozen aper_adapter", "all rows")])
     text = path.read_text()
-    assert "new PILOT rows" in text and "\nPILOT rows" not in text and "CLIP rows" in text and "kept words" in text
+    assert "all rows" in text and "old rows" not in text and "APER rows" not in text and "PROOF rows" in text
+    assert text.count("<!-- begin") == 2 and text.index("all rows") < text.index("PROOF rows")
     assert reference.group_of("ranpac_frozen") == "pilot" and reference.group_of("proof") == "clip"

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -75,6 +76,16 @@ METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's a
         "strategy={name: ranpac, tuning: frozen, projection_dim: 1000, precision: float32}", *PILOT_RANPAC),
     "ranpac_frozen_shared_projection": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}",
                                         *PILOT_RANPAC),
+    # PILOT's exps/aper_aperpter.json: adapters (ffn_num 64) trained 20 epochs in the first session
+    # through a cosine head, SGD 0.01, batch 48; no augmentation on either side (PILOT is served
+    # eval images)
+    "aper_adapter": (["strategy={name: aper, tuning: {name: adapter, bottleneck: 64}}", "dataset.augment=false",
+                      "training.epochs=20", "training.batch_size=48",
+                      "training.optimizer={name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}",
+                      "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
+                     "models.aper_adapter", {"model_name": "aper_adapter", "backbone_type": "vit_adapter_shared",
+                                             "tuned_epoch": 20, "init_lr": 0.01, "batch_size": 48,
+                                             "weight_decay": 0.0005, "min_lr": 0, "ffn_num": 64}),
 }
 CLIP_BACKBONE = "backbone={{name: clip, model: clip-tiny, pretrained: {weights}}}"
 MCM_TEMPLATE = "a photo of a {}"  # MCM's detection_util: f"a photo of a {c}", no full stop
@@ -146,6 +157,44 @@ def load_vit(path: Path) -> torch.nn.Module:
                               drop_path_rate=0.0)
     model.load_state_dict(load_file(str(path)))
     model.out_dim = model.num_features
+    return model.eval()
+
+
+def adapter_vit(path: Path) -> torch.nn.Module:
+    """PILOT's adapter ViT (``backbone/vit_adapter.py``'s VisionTransformer, with the AdaptFormer
+    config its ``get_backbone`` gives aper_adapter) at the shared ViT's size, holding its weights:
+    timm's fused ``qkv`` split into PILOT's ``q_proj``/``k_proj``/``v_proj`` and ``mlp.fc*`` renamed
+    ``fc*``, as PILOT's ``vit_base_patch16_224_adapter`` converts timm's checkpoint; everything
+    but the adapters frozen, as there."""
+    import functools
+    import types
+
+    from safetensors.torch import load_file
+
+    from backbone import vit_adapter
+
+    state = load_file(str(path))
+    width = state["cls_token"].shape[-1]
+    config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
+                                   ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=64, d_model=width,
+                                   vpt_on=False, vpt_num=0)
+    model = vit_adapter.VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=0, embed_dim=width,
+                                          depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, global_pool=False,
+                                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                                          drop_path_rate=0.0, tuning_config=config)
+    converted = {}
+    for key, value in state.items():
+        if ".attn.qkv." in key:
+            for part, chunk in zip("qkv", value.chunk(3)):
+                converted[key.replace(".qkv.", f".{part}_proj.")] = chunk
+        else:
+            converted[key.replace(".mlp.fc", ".fc")] = value
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if unexpected or not all(".adaptmlp." in key for key in missing):
+        raise SystemExit(f"the shared ViT does not fit PILOT's adapter ViT: missing {missing}, unexpected {unexpected}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name in missing
+    model.out_dim = width
     return model.eval()
 
 
@@ -229,7 +278,9 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     use_checkout(root)
     import utils.inc_net as inc_net
 
-    inc_net.get_backbone = lambda args, pretrained=False: load_vit(vit_path)  # the shared ViT, no download
+    # the shared ViT, no download; PILOT's adapter ViT at its width for the *_adapter backbone types
+    inc_net.get_backbone = lambda args, pretrained=False: (adapter_vit(vit_path) if "_adapter" in args["backbone_type"]
+                                                           else load_vit(vit_path))
     module = importlib.import_module(METHODS[method][1])
     module.num_workers = 0
     if method.startswith("ranpac_frozen"):  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
@@ -266,7 +317,8 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
     from incremental.cli import main
 
     if not (out / "metrics.json").is_file():
-        overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else [METHODS[method][0]]
+        overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else METHODS[method][0]
+        overrides = [overrides] if isinstance(overrides, str) else overrides
         sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
                 "output.tensorboard=false"]
         code = main(["run", PROTOCOL, "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
@@ -388,12 +440,13 @@ def group_of(method: str) -> str:
 
 
 def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, str], seeds: list[int]) -> str:
-    """One generated section of reference.md: the command that produced it, then its tables."""
+    """One generated section of reference.md: the command that produced it, then its tables. Its
+    markers name its methods, so that a later command over the same methods replaces it."""
     command = "python experiments/crosscheck/reference.py " + " ".join(sys.argv[1:])
     mine = {m: r for m, r in results.items() if group_of(m) == group}
     used = {k: c for k, c in commits.items() if any(reference_of(m) == k for m in mine)}
-    lines = [f"<!-- begin {group} -->", "Produced by", "", f"    {command}", "", *header(used, seeds),
-             *accuracy_table(mine)]
+    lines = [f"<!-- begin {group}: {' '.join(mine)} -->", "Produced by", "", f"    {command}", "",
+             *header(used, seeds), *accuracy_table(mine)]
     if "mcm" in mine:
         lines += ["", "MCM's OOD score after each step with unseen classes (steps 0-3): in-distribution the seen "
                   "classes' test images, OOD the unseen classes'; the toolkit's `ood` probe (head: text, msp, "
@@ -401,14 +454,21 @@ def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, 
     return "\n".join([*lines, f"<!-- end {group} -->"])
 
 
-def write_sections(path: Path, sections: dict[str, str]) -> str:
-    """``path`` with the sections of this command replaced (or added before the reading); the other
-    sections, each written by its own command, and the hand-written reading are kept."""
+SECTION = re.compile(r"<!-- begin (\w+): ([^>]*) -->.*?<!-- end \1 -->", re.S)
+
+
+def write_sections(path: Path, sections: list[str]) -> str:
+    """``path`` with ``sections`` written in: each replaces the sections whose methods it covers
+    (a command over fewer methods adds a section of its own); the other sections, each written by
+    its own command, and the hand-written reading are kept."""
     text = path.read_text() if path.is_file() else "# The toolkit against the reference implementations, side by side\n"
-    for group, body in sections.items():
-        begin, end = f"<!-- begin {group} -->", f"<!-- end {group} -->"
-        if begin in text:
-            text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
+    for body in sections:
+        covered = set(SECTION.match(body).group(2).split())
+        old = [m for m in SECTION.finditer(text) if set(m.group(2).split()) <= covered]
+        if old:  # in the place of the first it supersedes
+            text = text[:old[0].start()] + body + text[old[0].end():]
+            for match in reversed([m for m in SECTION.finditer(text) if set(m.group(2).split()) <= covered][1:]):
+                text = text[:match.start()].rstrip("\n") + "\n" + text[match.end():]
         elif "\n## Reading" in text:
             at = text.index("\n## Reading")
             text = text[:at].rstrip("\n") + "\n\n" + body + "\n" + text[at:]
@@ -433,7 +493,7 @@ def main() -> int:
     for seed in args.seeds:
         run_seed(seed, args, results)
     groups = dict.fromkeys(group_of(m) for m in args.methods)
-    print(write_sections(HERE / "reference.md", {g: section(g, results, commits, args.seeds) for g in groups}))
+    print(write_sections(HERE / "reference.md", [section(g, results, commits, args.seeds) for g in groups]))
     return 0
 
 
