@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from incremental.cli import main
+from incremental.data.base import resize_uint8
 from incremental.data.digits import build_digits
 from incremental.data.options import DigitsConfig
 from incremental.memory.budget import LABEL_BYTES, ByteBudgetMemory
-from incremental.memory.codecs import (JPEGCodec, NeRVCodec, RawCodec, bilinear_upsample, fitted_downsample,
-                                       payload_bytes, psnr_db)
+from incremental.memory.codecs import JPEGCodec, NeRVCodec, RawCodec, fitted_downsample, payload_bytes, psnr_db
 from incremental.memory.options import JPEGCodecConfig, NeRVCodecConfig, RawCodecConfig
 from incremental.models.compress import magnitude_prune, pack_int8, pack_uint8_per_channel, packed_bytes, unpack_int8
 
@@ -67,10 +67,10 @@ def test_fitted_downsample_is_the_least_squares_inverse_of_bilinear_upsampling()
     solution = [np.linalg.lstsq(upsampling, image[0].double().numpy().ravel(), rcond=None)[0] for image in images]
     expected = np.clip(np.round(np.stack(solution)), 0, 255).reshape(3, 1, 5, 5)
     np.testing.assert_array_equal(fitted_downsample(images, 5).numpy(), expected)
-    # torch's bilinear upsampling is the matrix the test wrote from the definition
+    # the upsampling that decodes them (the dataset's resize_uint8) is the matrix the test wrote
     small = torch.randint(0, 256, (1, 1, 5, 5), generator=generator, dtype=torch.uint8)
     by_matrix = np.clip(np.round(upsampling @ small[0, 0].double().numpy().ravel()), 0, 255).reshape(20, 20)
-    np.testing.assert_array_equal(bilinear_upsample(small, (20, 20))[0, 0].numpy(), by_matrix)
+    np.testing.assert_array_equal(resize_uint8(small, (20, 20))[0, 0].numpy(), by_matrix)
 
 
 def test_raw_codec_at_the_digits_native_resolution_is_near_lossless(digits):
@@ -84,9 +84,7 @@ def test_raw_codec_at_the_digits_native_resolution_is_near_lossless(digits):
     decoded = codec.decode(payload)
     assert decoded.shape == (30, 1, 32, 32) and psnr_db(decoded, images[:30]) > 60
     assert (decoded != images[:30]).float().mean() < 1e-3
-    from incremental.data.base import resize_uint8
-
-    assert psnr_db(bilinear_upsample(resize_uint8(images, 8), (32, 32)), images) < 25  # the blur avoided
+    assert psnr_db(resize_uint8(resize_uint8(images, 8), 32), images) < 25  # the blur avoided
     smaller = codec.shrink(payload, 10 * 64 + 4, seed=0)  # the stored pixels, cut, never resized again
     assert torch.equal(smaller["pixels"], payload["pixels"][:10]) and torch.equal(smaller["shape"], payload["shape"])
     assert codec.smallest_exemplar(images) == 68 and codec.encode(images, 67, seed=0) is None

@@ -224,20 +224,13 @@ class ProofData:
     (``_class_to_label``) and the templates (``_data_to_prompt``: the first trains)."""
 
     def __init__(self, manager: Any, templates: Sequence[str]):
-        self.manager, self._class_to_label, self._data_to_prompt = manager, list(manager.class_texts), list(templates)
-        self.rgb = {source: (images.expand(-1, 3, -1, -1).contiguous(), labels)
-                    for source, (images, labels) in manager.data.items()}
+        import copy
 
-    def get_task_size(self, task: int) -> int:
-        return self.manager.get_task_size(task)
-
-    def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
-                    m_rate: Any = None) -> Any:
-        grey, self.manager.data = self.manager.data, self.rgb
-        try:
-            return self.manager.get_dataset(indices, source, mode, appendent, ret_data)
-        finally:
-            self.manager.data = grey
+        self.manager = copy.copy(manager)  # its methods, over the RGB copies of its images
+        self.manager.data = {source: (images.expand(-1, 3, -1, -1).contiguous(), labels)
+                             for source, (images, labels) in manager.data.items()}
+        self._class_to_label, self._data_to_prompt = list(manager.class_texts), list(templates)
+        self.get_task_size, self.get_dataset = self.manager.get_task_size, self.manager.get_dataset
 
 
 def run_proof(root: Path, weights: Path, manager: Any, templates: Sequence[str], seed: int, *,

@@ -103,11 +103,13 @@ def tensor_transforms(image_size: int, mean: Sequence[float], std: Sequence[floa
     return v2.Compose(train_aug + finish), v2.Compose(finish), batch
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of a uint8 (N, C, H, W) batch, done once at load time."""
-    if images.shape[-1] == size and images.shape[-2] == size:
+def resize_uint8(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a uint8 (N, C, H, W) batch to ``size`` (square, or height and width),
+    done once at load time; antialiased when shrinking (enlarging, it is plain bilinear)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if images.shape[-2] == height and images.shape[-1] == width:
         return images
-    resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+    resized = torch.nn.functional.interpolate(images.float(), size=(height, width), mode="bilinear",
                                               align_corners=False, antialias=True)
     return resized.round().clamp(0, 255).to(torch.uint8)
 

@@ -59,17 +59,12 @@ def store_classes(codec: ExemplarCodec, budget: int, shrink: list[tuple[Payload,
             [codec.encode(images, budget, seed=seed) for images, seed in encode])
 
 
-def bilinear_upsample(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """uint8 images brought to ``shape`` by bilinear interpolation (half-pixel centres)."""
-    resized = torch.nn.functional.interpolate(pixels.float(), size=shape, mode="bilinear", align_corners=False)
-    return resized.round().clamp(0, 255).to(torch.uint8)
-
-
 def fitted_downsample(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The ``size`` x ``size`` uint8 images whose bilinear upsampling (:func:`bilinear_upsample`)
-    is nearest the originals in least squares: the pseudo-inverse of the upsampling, per axis.
-    An image that was itself upsampled bilinearly from ``size`` pixels (the digits) comes back to
-    its source pixels up to rounding, where an antialiased resize would blur it (21 dB on digits)."""
+    """The ``size`` x ``size`` uint8 images whose bilinear upsampling back to the originals' size
+    (the dataset's own ``resize_uint8``, which :meth:`RawCodec.decode` applies) is nearest the
+    originals in least squares: the pseudo-inverse of the upsampling, per axis. An image that was
+    itself upsampled bilinearly from ``size`` pixels (the digits) comes back to its source pixels
+    up to rounding, where an antialiased resize down would blur it (21 dB on digits)."""
     def inverse(rows: int, columns: int) -> torch.Tensor:
         basis = torch.eye(rows, dtype=torch.float64).unsqueeze(1)  # each small pixel alone
         upsampling = torch.nn.functional.interpolate(basis, size=columns, mode="linear", align_corners=False)[:, 0]
@@ -88,10 +83,13 @@ class RawCodec:
         self.config = config
         self.size = getattr(config, "size", None)
 
+    def _resizes(self, images: torch.Tensor) -> bool:
+        return self.size is not None and tuple(images.shape[-2:]) != (self.size, self.size)
+
     def encode(self, images: torch.Tensor, budget: int, *, seed: int) -> Payload | None:
-        if self.size is None or not len(images) or tuple(images.shape[-2:]) == (self.size, self.size):
+        if not len(images) or not self._resizes(images):
             return self._prefix(images, budget, {})
-        shape = {"shape": torch.tensor(images.shape[-2:], dtype=torch.int16)}
+        shape = _shape_header(images)
         return self._prefix(fitted_downsample(images, self.size), budget - payload_bytes(shape), shape)
 
     @staticmethod
@@ -107,16 +105,23 @@ class RawCodec:
     def decode(self, payload: Payload) -> torch.Tensor:
         if "shape" not in payload:
             return payload["pixels"]
+        from ..data.base import resize_uint8
+
         height, width = (int(v) for v in payload["shape"])
-        return bilinear_upsample(payload["pixels"], (height, width))
+        return resize_uint8(payload["pixels"], (height, width))
 
     def count(self, payload: Payload) -> int:
         return len(payload["pixels"])
 
     def smallest_exemplar(self, images: torch.Tensor) -> int:
-        if self.size is None or tuple(images.shape[-2:]) == (self.size, self.size):
+        if not self._resizes(images):
             return images[0].numel()
-        return images.shape[1] * self.size * self.size + 4  # and the original shape
+        return images.shape[1] * self.size * self.size + payload_bytes(_shape_header(images))
+
+
+def _shape_header(images: torch.Tensor) -> Payload:
+    """The originals' height and width, which a resized payload keeps to resize them back."""
+    return {"shape": torch.tensor(images.shape[-2:], dtype=torch.int16)}
 
 
 class JPEGCodec:

@@ -17,8 +17,8 @@ from ..registry import CODECS
 
 @dataclass
 class RawCodecConfig:
-    # Store each exemplar resized to size x size pixels (bilinear, antialiased) and resize it back
-    # to the dataset's size when replayed: downsampled replay, the baseline of Wang et al. 2022.
+    # Store each exemplar at size x size pixels, fitted so that resizing it back to the dataset's
+    # size (bilinear) when replayed is nearest the original in least squares: downsampled replay.
     # None: the pixels as the dataset stores them. On digits 8 is the native resolution (the
     # dataset upsamples scikit-learn's 8 x 8 images), so a 32-px exemplar costs 64 bytes, not 1,024
     size: int | None = opt(None, ge=1, le=MAX_SIZE)
