@@ -2,6 +2,10 @@
 MCM's score (deeplearning-wisc/MCM, ``utils/detection_util.py``) and PROOF (zhoudw-zdw/PROOF,
 ``models/proof.py``), run from their checkouts on the CLIP the toolkit's run loads.
 
+Continual-CLIP's ``continual_clip`` package imports ``omegaconf`` (its requirements.txt):
+``pip install omegaconf`` before running its row; MCM and PROOF need nothing beyond the
+toolkit's test install.
+
 The references are written for OpenAI's ``clip`` package, Hugging Face's ``CLIPModel`` or
 open_clip's ViT-B/16 download, on a GPU. What the harness puts in their place, each written into
 reference.md:
