@@ -78,8 +78,14 @@ def test_pilots_data_are_the_toolkits_digits_in_its_class_order():
     order = make_class_split(cfg.protocol, 10, 1994).class_order
     assert [manager.get_task_size(t) for t in range(manager.nb_tasks)] == [2] * 5
     first = manager.get_dataset(np.arange(0, 2), source="test", mode="test")
-    expected = [i for i, t in enumerate(splits.test.targets) if int(t) in order[:2]]
+    expected = [i for i, t in enumerate(splits.test.targets) if int(t) == order[0]]
+    expected += [i for i, t in enumerate(splits.test.targets) if int(t) == order[1]]
+    # class by class, as PILOT's DataManager serves test images (its batchwise prompts read that)
+    assert first.labels.tolist() == [0] * first.labels.tolist().count(0) + [1] * first.labels.tolist().count(1)
     assert len(first) == len(expected) and set(first.labels.tolist()) == {0, 1}
+    last_index, last_image, last_label = first[len(first) - 1]
+    torch.testing.assert_close(last_image, splits.eval_transform(splits.test[expected[-1]][0]))
+    assert order[last_label] == int(splits.test.targets[expected[-1]])
     index, image, label = first[0]
     torch.testing.assert_close(image, splits.eval_transform(splits.test[expected[0]][0]))
     assert order[label] == int(splits.test.targets[expected[0]])
@@ -106,3 +112,64 @@ def test_each_command_rewrites_only_the_sections_it_covers(tmp_path):
     assert "all rows" in text and "old rows" not in text and "APER rows" not in text and "PROOF rows" in text
     assert text.count("<!-- begin") == 2 and text.index("all rows") < text.index("PROOF rows")
     assert reference.group_of("ranpac_frozen") == "pilot" and reference.group_of("proof") == "clip"
+
+
+def test_codas_prompt_loss_starts_as_it_does_on_a_gpu():
+    """PILOT's CODA ViT adds to ``torch.zeros((1,), requires_grad=True).to(device)`` in place: on a
+    GPU a copy, on the CPU the leaf itself, where the add fails. The harness's stand-in gives the
+    copy, so the loss sums and its gradient reaches what was added."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pilot_models import TorchAsOnAGPU
+
+    weight = torch.tensor([2.0], requires_grad=True)
+    with np.testing.assert_raises(RuntimeError):  # torch's own on the CPU
+        torch.zeros((1,), requires_grad=True).to(device="cpu").add_(weight * 3)
+    loss = TorchAsOnAGPU().zeros((1,), requires_grad=True).to(device="cpu")
+    loss += weight * 3
+    loss.sum().backward()
+    assert loss.item() == 6.0 and weight.grad.item() == 3.0
+    assert TorchAsOnAGPU().zeros(2).is_leaf and TorchAsOnAGPU().float32 is torch.float32
+
+
+def test_the_fused_qkv_splits_as_pilots_adapter_vits_read_it():
+    """``split_qkv``: q, k and v projections that reproduce timm's fused one, and the MLP's fc*."""
+    import timm
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pilot_models import split_qkv
+
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1,
+                                                           num_heads=2, num_classes=0)
+    state = split_qkv(vit.state_dict())
+    x = torch.randn(3, 5, 16)
+    fused = vit.blocks[0].attn.qkv(x)
+    parts = [x @ state[f"blocks.0.attn.{p}_proj.weight"].T + state[f"blocks.0.attn.{p}_proj.bias"] for p in "qkv"]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), fused)
+    assert "blocks.0.fc1.weight" in state and not any(".qkv." in k or ".mlp." in k for k in state)
+
+
+def test_pilots_coda_gets_the_toolkits_batches_and_schedule_when_asked():
+    """codaprompt_reference_toolkit_schedule: PILOT's loader keeps the last partial batch, and
+    the LR before each step is the toolkit's half-cosine over the task's iterations (written
+    here from its definition), with PILOT's own per-epoch scheduler off."""
+    import math
+    import types
+
+    import pytest
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import reference
+
+    assert len(reference.keep_last_batch(list(range(5)), batch_size=2, drop_last=True)) == 3
+    weight = torch.nn.Parameter(torch.zeros(1))
+    learner = types.SimpleNamespace(get_optimizer=lambda: torch.optim.Adam([weight], lr=0.1),
+                                    train_loader=[None] * 3, args={"tuned_epoch": 2})
+    reference.toolkit_schedule(learner)
+    optimizer = learner.get_optimizer()
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        weight.grad = torch.ones(1)
+        optimizer.step()
+    assert rates == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
+    assert learner.get_scheduler(optimizer) is None

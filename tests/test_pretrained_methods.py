@@ -684,3 +684,32 @@ def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
     expected = np.linalg.solve(indefinite.numpy() + 1e-8 * np.eye(30), q.numpy()).T
     assert np.allclose(ridge_solve(indefinite, q, 1e-8).double().numpy(), expected, rtol=1e-4)
     assert torch.equal(indefinite, gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max())
+
+
+def test_codas_new_task_components_are_classical_gram_schmidt_of_fresh_draws():
+    """CODA-Prompt's reference re-initialises a task's components by classical Gram-Schmidt: each
+    fresh normal draw minus its projections onto every earlier row (trained, so no longer
+    orthogonal) and onto the task's rows before it, then unit length. Written here in numpy."""
+    import numpy as np
+
+    from incremental.models.prompts import CodaPrompts
+
+    torch.manual_seed(0)
+    coda = CodaPrompts(dim=6, heads=2, pool_size=6, length=2, layers=[0], tasks=3, ortho_weight=0.0)
+    with torch.no_grad():  # what training leaves: task 0's rows no longer orthonormal
+        for tensor in (coda.components, coda.keys, coda.attention):
+            tensor[0, :2] += torch.randn_like(tensor[0, :2])
+    before = [t.detach()[0, :2].reshape(2, -1).double().numpy().copy()
+              for t in (coda.components, coda.keys, coda.attention)]
+    torch.manual_seed(1)
+    coda.start_task(1)
+    torch.manual_seed(1)  # the same draws, in the same order
+    for basis, tensor in zip(before, (coda.components, coda.keys, coda.attention)):
+        draws = torch.randn(2, basis.shape[1]).double().numpy()
+        rows = list(basis)
+        for draw in draws:
+            vector = draw - sum((draw @ u) / (u @ u) * u for u in rows)
+            rows.append(vector / np.linalg.norm(vector))
+        after = tensor.detach()[0].reshape(6, -1).double().numpy()
+        np.testing.assert_allclose(after[2:4], np.stack(rows[2:]), atol=1e-5)
+        np.testing.assert_allclose(after[:2], basis)  # the earlier rows kept

@@ -10,27 +10,46 @@ mcm, zhoudw-zdw/PROOF for proof*; only the checkouts of the methods run are need
 learners are imported from there and run in this process; nothing of their code is copied into
 this project. Both sides get, per seed:
 
-- the same weights: for PILOT's methods one timm ``vit_tiny_patch16_224`` built at 32 px with
-  4-px patches and one input channel (the digits'), initialised by timm from the seed, saved to a
-  safetensors file; the toolkit loads it as ``backbone.pretrained`` of a ``timm_vit``, PILOT gets
-  the very module. For the CLIP methods the toolkit's ``clip-tiny``, contrastively pretrained for
-  the seed by experiments/clip/run_digits.py's ``pretrain`` (random weights would make every
-  zero-shot figure chance); the references get the same open_clip module
-  (clip_references.py says how it stands in for what they load);
+- the same weights. For PILOT's methods with nothing to train (simplecil, ranpac_*) one timm
+  ``vit_tiny_patch16_224`` built at 32 px with 4-px patches and one input channel (the digits'),
+  initialised by timm from the seed; for those that train (aper_adapter, slca, l2p, dualprompt,
+  codaprompt, ease) the protocol's ViT (128 wide, 4 blocks) pretrained for the seed by
+  ``incremental pretrain-mae`` on the base classes' training images (as
+  experiments/pretrained/run_digits.py makes it), read through its class token as PILOT reads
+  every ViT. Each is saved to a safetensors file; the toolkit loads it as ``backbone.pretrained``,
+  PILOT gets it in its own ViT classes (pilot_models.py). For the CLIP methods the toolkit's
+  ``clip-tiny``, contrastively pretrained for the seed by experiments/clip/run_digits.py's
+  ``pretrain`` (random weights would make every zero-shot figure chance); the references get
+  the same open_clip module (clip_references.py says how it stands in for what they load);
 - the same images, labels and class order: the toolkit's digits (eval transform: resized to
   32 px and normalised), in the toolkit's class order for the seed, B0 with 2 classes a step;
 - the same hyper-parameters (the reference's exps/*.json or config where the method has them).
 
 What the harness changes in PILOT to run it here, each written into reference.md:
 
-- ``utils.inc_net.get_backbone`` returns the shared ViT instead of downloading ViT-B/16; for
-  the ``*_adapter`` backbone types, PILOT's adapter ViT (``backbone/vit_adapter.py``, built by
-  its constructor at the shared ViT's size with the AdaptFormer config PILOT gives aper_adapter)
-  holding the shared weights, converted as PILOT's ``vit_base_patch16_224_adapter`` converts
-  timm's (the fused qkv split, ``mlp.fc*`` renamed), all but the adapters frozen as there;
+- ``utils.inc_net.get_backbone`` returns the shared ViT instead of downloading ViT-B/16
+  (pilot_models.py ``stand_in_backbones``): for the ``*_adapter`` and ``*_ease`` backbone types,
+  PILOT's adapter ViT (``backbone/vit_adapter.py``, ``vit_ease.py``, built by their constructors
+  at the shared ViT's size with the AdaptFormer config PILOT gives them) holding the shared
+  weights, converted as PILOT converts timm's (the fused qkv split, ``mlp.fc*`` renamed), all but
+  the adapters frozen as there; for the prompt types (``*_l2p``, ``*_dualprompt``,
+  ``*_coda_prompt``) PILOT's own ``get_backbone`` runs, with the arguments it passes, and its
+  ``timm.create_model`` builds the module's VisionTransformer at the shared ViT's size, loading the
+  weights through the module's own ``checkpoint_filter_fn``;
+- PILOT's ``CodaPromptVitNet`` hard-codes ViT-B's width 768 for its head and ``CodaPrompt``
+  (and ``CodaPrompt``'s ``key_dim``): both are rebuilt by PILOT's classes at the shared width;
+  ``EaseCosineLinear.forward_reweight``'s ``out_dim`` defaults to 768 and EASE's network does not
+  pass it: it defaults to the shared width (pilot_models.py ``at_shared_width``).
+  Its ViT's forward adds in place to ``torch.zeros(.., requires_grad=True).to(device)``, a copy on
+  a GPU and the leaf itself on the CPU, where that fails; it gets the copy (``TorchAsOnAGPU``);
+- the training values of l2p, dualprompt, codaprompt and ease are PILOT's exps/*.json read from
+  the checkout, with the changes METHODS names: DualPrompt's E-prompt blocks [2, 3, 4] become
+  [2, 3] (the ViT has 4 blocks), EASE trains 5 epochs a task instead of 20 (on both sides, for
+  time);
 - a stand-in for PILOT's DataManager serves the toolkit's tensors (``get_task_size``,
-  ``get_dataset``, exemplars as ``appendent``), in the eval transform for every mode; the
-  toolkit's side of a method that trains runs with ``dataset.augment: false``;
+  ``get_dataset``, exemplars as ``appendent``), in the eval transform for every mode, the test
+  images class by class as PILOT's DataManager orders them; the toolkit's side of a method that
+  trains runs with ``dataset.augment: false``;
 - the learners' DataLoader workers are 0 (PILOT's 8 would fork on a 2-core machine) and
   ``topk`` is capped at the classes seen (PILOT's 5 fails with 2 classes a step);
 - ``timm.models.layers.weight_init`` (PILOT's import, gone from timm 1.0) is aliased to
@@ -39,7 +58,13 @@ What the harness changes in PILOT to run it here, each written into reference.md
   fails without an epoch (its last log line reads a variable the loop sets), so the harness
   skips that call, which is what zero epochs do;
 - the ``*_shared_projection`` rows replace the W_rand PILOT's ``setup_RP`` draws by the one the
-  toolkit's run drew (read from its checkpoint), after that call, so both sides project alike.
+  toolkit's run drew (read from its checkpoint), after that call, so both sides project alike;
+- the ``*_reference_per_image`` rows are the same PILOT run as their method's, evaluated after each
+  task a second time with the prompt pool's ``batchwise_prompt`` off: PILOT's L2P and DualPrompt
+  choose the prompts of a test batch by its majority, on test batches sorted by class;
+- ``codaprompt_reference_toolkit_schedule`` is PILOT's CODA-Prompt trained as the toolkit trains:
+  every epoch's last partial batch kept (its loader drops it) and the LR a half-cosine over the
+  task's iterations, set every step (its own is a quarter period, stepped once an epoch).
 
 Writes reference.md next to this file: per method, last and average incremental accuracy over
 the seeds (mean ± std) for both sides and the gap (for mcm: AUROC and FPR95), with each
@@ -50,7 +75,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import hashlib
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -63,13 +90,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from clip_references import PROOF_OVERRIDES  # noqa: E402
-from run_common import mean_std  # noqa: E402
+from pilot_models import SHARED_VITS, at_shared_width, shared_kind, shared_vit, stand_in_backbones  # noqa: E402
+from run_common import is_complete, mean_std  # noqa: E402
 
 PROTOCOL = "digits_b0_5steps"
 VIT = "vit_tiny_patch16_224"
 PILOT_RANPAC = ("models.ranpac", {"model_name": "ranpac", "M": 1000, "use_RP": True, "use_input_norm": False,
                                    "tuned_epoch": 0})
-METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's args)
+# the prompt methods as PILOT's exps run them: a constant LR (its optimizer rebuilt every task, as
+# the toolkit's is), no weight decay, 5 epochs a task, no augmentation on either side
+PROMPT_TRAINING = ["dataset.augment=false", "training.epochs=5", "training.scheduler={name: constant}"]
+# PILOT chooses L2P's and DualPrompt's prompts batchwise at test too, on test loaders sorted by
+# class; a *_reference_per_image row evaluates the same PILOT run with a choice per image
+PER_IMAGE = "_reference_per_image"
+METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {"exps": its file, changes})
     "simplecil": ("strategy=simplecil", "models.simplecil", {"model_name": "simplecil"}),
     "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", *PILOT_RANPAC),
     # the departures measured one at a time: ours in the reference's fp32 arithmetic; then also
@@ -100,7 +134,40 @@ METHODS = {  # name: (the toolkit's strategy override, PILOT's module, PILOT's a
              "models.slca", {"model_name": "slca", "lrate": 0.01, "weight_decay": 5e-4, "batch_size": 64,
                              "lrate_decay": 0.1, "epochs": 20, "ca_epochs": 3, "ca_with_logit_norm": 0.1,
                              "milestones": [18]}),
+    # PILOT's exps/l2p.json, read from the checkout: Adam 0.001875, batch 16, 5 epochs a task,
+    # pool 10, length 5, top 5, the pull constraint 0.1, the prompt tokens' mean as the features
+    "l2p": (["strategy={name: l2p, pool_size: 10, length: 5, top_k: 5}", *PROMPT_TRAINING,
+             "training.batch_size=16", "training.optimizer={name: adam, lr: 0.001875, weight_decay: 0.0}"],
+            "models.l2p", {"exps": "l2p.json"}),
+    # PILOT's exps/dualprompt.json: Adam 0.001, batch 24, 5 epochs, G-prompt on blocks 0-1, a pool of
+    # 10 E-prompts; its E-prompt blocks [2, 3, 4] are [2, 3] on both sides, as the ViT has 4 blocks
+    "dualprompt": (["strategy={name: dualprompt, g_layers: [0, 1], e_layers: [2, 3], pool_size: 10}", *PROMPT_TRAINING,
+                    "training.batch_size=24", "training.optimizer={name: adam, lr: 0.001, weight_decay: 0.0}"],
+                   "models.dualprompt", {"exps": "dualprompt.json", "e_prompt_layer_idx": [2, 3]}),
+    # PILOT's exps/coda_prompt.json: Adam 0.001, batch 128, 20 epochs, cosine, 100 components of
+    # length 8 on blocks 0-4 (the ViT's 0-3: PILOT's block 4 prompts are never read), no
+    # orthogonality penalty. PILOT's loader drops the last partial batch and its cosine is a quarter
+    # period per epoch (cos(99 pi e / 200 (K - 1))); the toolkit keeps every batch and steps a
+    # half-cosine per iteration
+    "codaprompt": (["strategy={name: codaprompt, pool_size: 100, length: 8, layers: [0, 1, 2, 3]}",
+                    "dataset.augment=false", "training.epochs=20", "training.batch_size=128",
+                    "training.optimizer={name: adam, lr: 0.001, weight_decay: 0.0}",
+                    "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
+                   "models.coda_prompt", {"exps": "coda_prompt.json"}),
+    # PILOT's exps/ease.json: adapters (ffn_num 64) trained through a cosine head, SGD 0.025, batch
+    # 48, cosine; prototypes complemented afresh (recalc_sim), logits reweighted (use_reweight, alpha
+    # 0.1); 5 epochs a task on both sides instead of its 20, for time on 2 CPU cores
+    "ease": (["strategy={name: ease, bottleneck: 64}", "dataset.augment=false", "training.epochs=5",
+              "training.batch_size=48",
+              "training.optimizer={name: sgd, lr: 0.025, momentum: 0.9, weight_decay: 0.0005}",
+              "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
+             "models.ease", {"exps": "ease.json", "init_epochs": 5, "later_epochs": 5}),
 }
+for _prompted in ("l2p", "dualprompt"):  # the same two runs, PILOT's evaluated with a prompt choice per image
+    METHODS[_prompted + PER_IMAGE] = METHODS[_prompted]
+# the same run of ours against PILOT's CODA trained with the toolkit's batches and LR schedule
+TOOLKIT_SCHEDULE = "_reference_toolkit_schedule"
+METHODS["codaprompt" + TOOLKIT_SCHEDULE] = METHODS["codaprompt"]
 CLIP_BACKBONE = "backbone={{name: clip, model: clip-tiny, pretrained: {weights}}}"
 MCM_TEMPLATE = "a photo of a {}"  # MCM's detection_util: f"a photo of a {c}", no full stop
 CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout option, its template)
@@ -152,64 +219,9 @@ def import_pilot(root: Path) -> str:
     return checkout_commit(root)
 
 
-def shared_vit(seed: int, path: Path) -> None:
-    """The seed's ViT, as timm initialises it, saved for both sides."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    model = timm.create_model(VIT, pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=4,
-                              drop_path_rate=0.0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-
-
-def load_vit(path: Path) -> torch.nn.Module:
-    import timm
-    from safetensors.torch import load_file
-
-    model = timm.create_model(VIT, pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=4,
-                              drop_path_rate=0.0)
-    model.load_state_dict(load_file(str(path)))
-    model.out_dim = model.num_features
-    return model.eval()
-
-
-def adapter_vit(path: Path) -> torch.nn.Module:
-    """PILOT's adapter ViT (``backbone/vit_adapter.py``'s VisionTransformer, with the AdaptFormer
-    config its ``get_backbone`` gives aper_adapter) at the shared ViT's size, holding its weights:
-    timm's fused ``qkv`` split into PILOT's ``q_proj``/``k_proj``/``v_proj`` and ``mlp.fc*`` renamed
-    ``fc*``, as PILOT's ``vit_base_patch16_224_adapter`` converts timm's checkpoint; everything
-    but the adapters frozen, as there."""
-    import functools
-    import types
-
-    from safetensors.torch import load_file
-
-    from backbone import vit_adapter
-
-    state = load_file(str(path))
-    width = state["cls_token"].shape[-1]
-    config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
-                                   ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=64, d_model=width,
-                                   vpt_on=False, vpt_num=0)
-    model = vit_adapter.VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=0, embed_dim=width,
-                                          depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, global_pool=False,
-                                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-                                          drop_path_rate=0.0, tuning_config=config)
-    converted = {}
-    for key, value in state.items():
-        if ".attn.qkv." in key:
-            for part, chunk in zip("qkv", value.chunk(3)):
-                converted[key.replace(".qkv.", f".{part}_proj.")] = chunk
-        else:
-            converted[key.replace(".mlp.fc", ".fc")] = value
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    if unexpected or not all(".adaptmlp." in key for key in missing):
-        raise SystemExit(f"the shared ViT does not fit PILOT's adapter ViT: missing {missing}, unexpected {unexpected}")
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = name in missing
-    model.out_dim = width
-    return model.eval()
+def vit_kind(method: str) -> str:
+    """The shared ViT ``method`` runs on: the MAE encoder for the methods that train it."""
+    return "random" if method == "simplecil" or method.startswith("ranpac") else "mae"
 
 
 class Items(torch.utils.data.Dataset):
@@ -260,10 +272,14 @@ class DigitsManager:
     def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
                     m_rate: Any = None) -> Any:
         """The images of classes ``indices`` (and ``appendent``'s, the learner's exemplars as it
-        stores them: image arrays and labels); every mode gets the eval transform."""
+        stores them: image arrays and labels); every mode gets the eval transform. Test images come
+        class by class, as PILOT serves them; training images in the toolkit's order (PILOT's
+        training loaders shuffle)."""
         images, labels = self.data[source]
-        keep = torch.from_numpy(np.isin(labels, np.asarray(indices)))
-        images, labels = images[keep], labels[keep.numpy()]
+        keep = np.flatnonzero(np.isin(labels, np.asarray(indices)))
+        if source == "test":  # class by class, as PILOT's DataManager concatenates them (its L2P's
+            keep = keep[np.argsort(labels[keep], kind="stable")]  # batchwise test prompts read that)
+        images, labels = images[torch.from_numpy(keep)], labels[keep]
         if appendent is not None and len(appendent) and len(appendent[1]):  # SLCA passes []
             images = torch.cat([images, torch.as_tensor(np.asarray(appendent[0]), dtype=images.dtype)])
             labels = np.concatenate([labels, np.asarray(appendent[1], dtype=labels.dtype)])
@@ -271,20 +287,31 @@ class DigitsManager:
         return (images.numpy(), labels, dataset) if ret_data else dataset
 
 
-def pilot_args(method: str, manager: DigitsManager, seed: int) -> dict[str, Any]:
-    """PILOT's args for ``method`` on these digits: its exps/<method>.json's training values, the
-    protocol's split, the CPU."""
-    return {"prefix": "crosscheck", "dataset": "digits", "memory_size": 0, "memory_per_class": 0,
-            "fixed_memory": False, "shuffle": False, "init_cls": manager.get_task_size(0),
-            "increment": manager.get_task_size(1), "backbone_type": VIT, "device": [torch.device("cpu")],
-            "seed": seed, "nb_classes": manager.get_total_classnum(), "tuned_epoch": 0, "init_lr": 0.01,
-            "batch_size": 48, "weight_decay": 0.0005, "min_lr": 0.0, "optimizer": "sgd", **METHODS[method][2]}
+def pilot_args(root: Path, method: str, manager: DigitsManager, seed: int) -> dict[str, Any]:
+    """PILOT's args for ``method`` on these digits: its exps/<method>.json's training values (the
+    file itself where METHODS names it, with the changes written there), the protocol's split,
+    the CPU."""
+    changes = dict(METHODS[method][2])
+    exps = json.loads((root / "exps" / changes.pop("exps")).read_text()) if "exps" in changes else {}
+    return {"tuned_epoch": 0, "init_lr": 0.01, "batch_size": 48, "weight_decay": 0.0005, "min_lr": 0.0,
+            "optimizer": "sgd", "backbone_type": VIT, **exps, "prefix": "crosscheck", "dataset": "digits",
+            "memory_size": 0, "memory_per_class": 0, "fixed_memory": False, "shuffle": False,
+            "init_cls": manager.get_task_size(0), "increment": manager.get_task_size(1),
+            "device": [torch.device("cpu")], "seed": seed, "nb_classes": manager.get_total_classnum(),
+            "nb_tasks": manager.nb_tasks, **changes}
+
+
+def prompt_pool(learner: Any) -> Any:
+    """The prompt pool whose batchwise choice PILOT's L2P or DualPrompt learner uses; None for others."""
+    backbone = getattr(learner._network, "backbone", None)
+    return getattr(backbone, "prompt", None) or getattr(backbone, "e_prompt", None)
 
 
 def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: DigitsManager,
-              projection: torch.Tensor | None = None) -> list[float]:
+              projection: torch.Tensor | None = None) -> dict[str, list[float]]:
     """PILOT's learner for ``method`` through every step (given ``projection`` as its W_rand, if
-    any); its top-1 accuracy on the seen classes after each (PILOT's own ``eval_task``)."""
+    any); its top-1 accuracy on the seen classes after each (PILOT's own ``eval_task``). For L2P
+    and DualPrompt also with the prompts chosen per image at test ("per_image")."""
     import importlib
 
     from clip_references import use_checkout
@@ -292,24 +319,56 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     use_checkout(root)
     import utils.inc_net as inc_net
 
-    # the shared ViT, no download; PILOT's adapter ViT at its width for the *_adapter backbone types
-    inc_net.get_backbone = lambda args, pretrained=False: (adapter_vit(vit_path) if "_adapter" in args["backbone_type"]
-                                                           else load_vit(vit_path))
+    stand_in_backbones(inc_net, vit_path)  # the shared ViT, no download
     module = importlib.import_module(METHODS[method][1])
     module.num_workers = 0
+    at_shared_width(module, inc_net, vit_path)
     if method.startswith("ranpac_frozen"):  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
         module.Learner._init_train = lambda self, *args, **kwargs: None
+    module.DataLoader = keep_last_batch if method.endswith(TOOLKIT_SCHEDULE) else torch.utils.data.DataLoader
     torch.manual_seed(seed)
-    learner = module.Learner(pilot_args(method, manager, seed))
+    learner = module.Learner(pilot_args(root, method, manager, seed))
+    if method.endswith(TOOLKIT_SCHEDULE):
+        toolkit_schedule(learner)
     if projection is not None:
         learner.setup_RP = shared_projection(learner.setup_RP, learner, projection)
-    accuracies = []
+    curves: dict[str, list[float]] = {"pilot": []}
     for _ in range(manager.nb_tasks):
         learner.incremental_train(manager)
         learner.topk = min(5, learner._total_classes)
-        accuracies.append(float(learner.eval_task()[0]["top1"]))
+        curves["pilot"].append(float(learner.eval_task()[0]["top1"]))
+        pool = prompt_pool(learner)
+        if pool is not None and pool.batchwise_prompt:
+            pool.batchwise_prompt = False
+            curves.setdefault("per_image", []).append(float(learner.eval_task()[0]["top1"]))
+            pool.batchwise_prompt = True
         learner.after_task()
-    return accuracies
+    return curves
+
+
+def keep_last_batch(*args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader that keeps each epoch's last partial batch, as the toolkit's training does."""
+    return torch.utils.data.DataLoader(*args, **{**kwargs, "drop_last": False})
+
+
+def toolkit_schedule(learner: Any) -> None:
+    """``learner``'s LR as the toolkit schedules a cosine: a half period over the task's
+    iterations, set before every step (PILOT's CODA steps a quarter period once an epoch)."""
+    from incremental.config.schema import SchedulerConfig
+    from incremental.training.optim import lr_factor
+
+    build = learner.get_optimizer
+
+    def get_optimizer() -> torch.optim.Optimizer:
+        optimizer = build()
+        per_epoch, epochs = len(learner.train_loader), learner.args["tuned_epoch"]
+        cosine = SchedulerConfig(name="cosine", min_lr_ratio=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
+            cosine, iteration=it, iters_per_epoch=per_epoch, epochs=epochs))
+        optimizer.register_step_post_hook(lambda *args: schedule.step())
+        return optimizer
+    learner.get_optimizer = get_optimizer
+    learner.get_scheduler = lambda optimizer: None
 
 
 def shared_projection(setup: Any, learner: Any, projection: torch.Tensor) -> Any:
@@ -330,7 +389,9 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
     """The toolkit's run of ``method`` on the shared ``backbone`` (an override); its metrics.json."""
     from incremental.cli import main
 
-    if not (out / "metrics.json").is_file():
+    if not is_complete(out):
+        if out.exists():  # a stopped run: run afresh (the run is deterministic given its seed)
+            shutil.rmtree(out)
         overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else METHODS[method][0]
         overrides = [overrides] if isinstance(overrides, str) else overrides
         sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
@@ -342,6 +403,11 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
 
 
 def vit_backbone(path: Path) -> str:
+    """The toolkit's backbone holding the shared ViT: timm's, or the protocol's own ViT for the MAE encoder."""
+    if shared_kind(path) == "mae":  # the protocol's ViT
+        spec = SHARED_VITS["mae"]
+        return (f"backbone={{name: vit, patch_size: 4, embed_dim: {spec['embed_dim']}, depth: {spec['depth']}, "
+                f"num_heads: {spec['num_heads']}, drop_path_rate: 0.0, global_pool: token, pretrained: {path}}}")
     return f"backbone={{name: timm_vit, model: {VIT}, patch_size: 4, drop_path_rate: 0.0, pretrained: {path}}}"
 
 
@@ -403,13 +469,22 @@ def mcm_table(sides: dict[str, list]) -> list[str]:
     return lines
 
 
-def header(commits: dict[str, str], seeds: list[int]) -> list[str]:
+WEIGHTS = {"random": f"a timm {VIT} (4-px patches, 1 channel) initialised by timm from each seed",
+           "mae": "the protocol's ViT (4-px patches, 1 channel, 128 wide, 4 blocks) pretrained for each seed by "
+                  "`incremental pretrain-mae` (experiments/backbones/digits/vit_mae_pretrain.yaml) on the base "
+                  "classes' training images, read through its class token as PILOT's ViTs are",
+           "clip": "the toolkit's clip-tiny, contrastively pretrained for each seed by experiments/clip/run_digits.py's "
+                   "`pretrain` (the classes of experiences 0-2)"}
+
+
+def header(commits: dict[str, str], seeds: list[int], methods: list[str]) -> list[str]:
     refs = "; ".join(f"{REFERENCE_NAMES[k]} at commit {c}" for k, c in commits.items())
-    return [f"{refs}. Digits B0, 5 steps of 2 classes, 32 px. PILOT's methods: a timm {VIT} (4-px patches, 1 channel) "
-            "initialised by timm from each seed; the CLIP methods: the toolkit's clip-tiny, contrastively pretrained "
-            "for each seed by experiments/clip/run_digits.py's `pretrain` (the classes of experiences 0-2). The same "
-            f"weights on both sides. Seeds {seeds}; mean ± std over seeds; the gap is ours minus the reference's, "
-            "per seed, then averaged.", ""]
+    kinds = dict.fromkeys("clip" if m in CLIP_METHODS else vit_kind(m) for m in methods)
+    weights = "; ".join(f"{', '.join(m for m in methods if m not in CLIP_METHODS and vit_kind(m) == k) or 'all'}: "
+                        f"{WEIGHTS[k]}" if len(kinds) > 1 else WEIGHTS[k] for k in kinds)
+    return [f"{refs}. Digits B0, 5 steps of 2 classes, 32 px. The shared weights: {weights}; the same weights on both "
+            f"sides. Seeds {seeds}; mean ± std over seeds; the gap is ours minus the reference's, per seed, then "
+            "averaged.", ""]
 
 
 def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict[str, Path],
@@ -425,23 +500,43 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
         return clip_references.run_proof(args.proof_root.resolve(), shared["clip"], manager,
                                          [CLIP_METHODS[method][2]], seed, normalised=method.endswith("normalised"))
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
-    return run_pilot(args.pilot_root, method, seed, shared["vit"], manager, projection)
+    run = method.removesuffix(PER_IMAGE)  # a *_reference_per_image row reads its method's run
+    if projection is not None:
+        return run_pilot(args.pilot_root, run, seed, shared[vit_kind(method)], manager, projection)["pilot"]
+    return pilot_curves(args, run, seed, shared[vit_kind(method)], manager)[
+        "per_image" if method.endswith(PER_IMAGE) else "pilot"]
+
+
+def pilot_curves(args: argparse.Namespace, run: str, seed: int, vit_path: Path,
+                 manager: DigitsManager) -> dict[str, list[float]]:
+    """``run_pilot``'s curves, kept in the output folder under a key of everything they depend on
+    (PILOT's commit, its args, the shared weights' digest): PILOT's learners are deterministic on
+    the CPU given the seed, so a later command (another row, a stopped run) reads them back."""
+    from clip_references import checkout_commit
+
+    digest = hashlib.sha256(vit_path.read_bytes()).hexdigest()
+    inputs = json.dumps([checkout_commit(args.pilot_root), pilot_args(args.pilot_root, run, manager, seed), digest],
+                        default=str, sort_keys=True)
+    path = args.out / f"pilot-{run}-seed{seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.json"
+    if not path.is_file():
+        curves = run_pilot(args.pilot_root, run, seed, vit_path, manager)
+        path.write_text(json.dumps({"inputs": json.loads(inputs), "curves": curves}, indent=1))
+    return json.loads(path.read_text())["curves"]
 
 
 def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, list]]) -> None:
     from clip_references import probe_measures
 
     args.out.mkdir(parents=True, exist_ok=True)
-    shared = {"vit": args.out / f"vit-seed{seed}.safetensors"}
-    if not shared["vit"].is_file():
-        shared_vit(seed, shared["vit"])
+    shared = {kind: shared_vit(seed, args.out, kind) for kind in dict.fromkeys(
+        vit_kind(m) for m in args.methods if m not in CLIP_METHODS)}
     if any(m in CLIP_METHODS for m in args.methods):
         shared["clip"] = shared_clip(seed, args.out)
     manager = DigitsManager(seed)
     for method in args.methods:
         backbone = (CLIP_BACKBONE.format(weights=shared["clip"]) if method in CLIP_METHODS
-                    else vit_backbone(shared["vit"]))
-        metrics = run_ours(method, seed, backbone, args.out / f"{method}-seed{seed}")
+                    else vit_backbone(shared[vit_kind(method)]))
+        metrics = run_ours(method, seed, backbone, args.out / f"{method.removesuffix(PER_IMAGE)}-seed{seed}")
         results[method]["ours"].append(probe_measures(metrics) if method == "mcm" else metrics["accuracy"])
         results[method]["reference"].append(run_reference(method, seed, args, shared, manager))
         print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, "
@@ -460,7 +555,7 @@ def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, 
     mine = {m: r for m, r in results.items() if group_of(m) == group}
     used = {k: c for k, c in commits.items() if any(reference_of(m) == k for m in mine)}
     lines = [f"<!-- begin {group}: {' '.join(mine)} -->", "Produced by", "", f"    {command}", "",
-             *header(used, seeds), *accuracy_table(mine)]
+             *header(used, seeds, list(mine)), *accuracy_table(mine)]
     if "mcm" in mine:
         lines += ["", "MCM's OOD score after each step with unseen classes (steps 0-3): in-distribution the seen "
                   "classes' test images, OOD the unseen classes'; the toolkit's `ood` probe (head: text, msp, "

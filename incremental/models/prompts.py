@@ -142,8 +142,9 @@ class CodaPrompts(nn.Module):
 
     @torch.no_grad()
     def start_task(self, task: int) -> None:
-        """Task ``task``'s components, orthonormal to the earlier tasks' (Gram-Schmidt, as the
-        reference re-initialises them at every task)."""
+        """Task ``task``'s components, keys and attention vectors: fresh normal draws made
+        orthogonal to every earlier one by classical Gram-Schmidt, then unit length, as the
+        reference re-initialises them at every task (its ``gram_schmidt``)."""
         self.task.fill_(task)
         s, f = task * self.per_task, (task + 1) * self.per_task
         for tensor in (self.components, self.keys, self.attention):
@@ -152,10 +153,12 @@ class CodaPrompts(nn.Module):
                 new = torch.randn(f - s, flat.shape[1], generator=None).to(flat)
                 basis = flat[:s]
                 for row in range(f - s):
-                    vector = new[row]
+                    # classical: the projections of the draw itself, not of the running residual.
+                    # The earlier tasks' trained rows are no longer orthogonal, so the two differ
+                    draw = new[row].clone()
                     for previous in [*basis, *new[:row]]:
-                        vector = vector - (vector @ previous) / (previous @ previous).clamp_min(1e-12) * previous
-                    new[row] = vector / vector.norm().clamp_min(1e-12)
+                        new[row] -= (draw @ previous) / (previous @ previous).clamp_min(1e-12) * previous
+                    new[row] /= new[row].norm().clamp_min(1e-12)
                 flat[s:f] = new
                 tensor[layer] = flat.reshape(tensor[layer].shape)
 
