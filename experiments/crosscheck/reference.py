@@ -346,6 +346,11 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     return curves
 
 
+def ours_run(method: str) -> str:
+    """The toolkit's run a row reads: a row that changes only PILOT's side reads its method's."""
+    return method.removesuffix(PER_IMAGE).removesuffix(TOOLKIT_SCHEDULE)
+
+
 def keep_last_batch(*args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps each epoch's last partial batch, as the toolkit's training does."""
     return torch.utils.data.DataLoader(*args, **{**kwargs, "drop_last": False})
@@ -536,7 +541,7 @@ def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, l
     for method in args.methods:
         backbone = (CLIP_BACKBONE.format(weights=shared["clip"]) if method in CLIP_METHODS
                     else vit_backbone(shared[vit_kind(method)]))
-        metrics = run_ours(method, seed, backbone, args.out / f"{method.removesuffix(PER_IMAGE)}-seed{seed}")
+        metrics = run_ours(method, seed, backbone, args.out / f"{ours_run(method)}-seed{seed}")
         results[method]["ours"].append(probe_measures(metrics) if method == "mcm" else metrics["accuracy"])
         results[method]["reference"].append(run_reference(method, seed, args, shared, manager))
         print(f"seed {seed} {method}: ours {results[method]['ours'][-1]}, "
