@@ -116,15 +116,22 @@ def test_runs_with_and_without_the_cache_agree(tmp_path, strategy: str) -> None:
     assert cached["prediction_matrix"] == uncached["prediction_matrix"]
 
 
-def test_a_frozen_backbone_encodes_each_test_image_once(tmp_path) -> None:
-    """Count the backbone's forward passes during evaluation: with the cache, each experience's
-    test set is encoded once over the run, without it once per later step as well."""
+def test_a_frozen_backbone_encodes_and_reads_each_test_image_once(tmp_path, monkeypatch) -> None:
+    """Count the backbone's forward passes and the image reads (Avalanche's dataset item access,
+    spied on, not replaced) during evaluation: with the cache, each experience's test set is
+    read and encoded once over the run, without it once per later step as well; and the run's
+    random stream is the same either way."""
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
     from conftest import TINY_RUN
     from incremental.config.files import load_config
     from incremental.distributed import SINGLE
     from incremental.run import loop
 
-    counts = {}
+    reads = []
+    read_item = AvalancheDataset.__getitem__
+    monkeypatch.setattr(AvalancheDataset, "__getitem__", lambda self, i: reads.append(1) or read_item(self, i))
+    counts, read_counts, random_state = {}, {}, {}
     for budget in (0, 64):
         config = tmp_path / "tiny.yaml"
         config.write_text(TINY_RUN)
@@ -133,14 +140,19 @@ def test_a_frozen_backbone_encodes_each_test_image_once(tmp_path) -> None:
         built = loop.build(cfg, SINGLE, quiet=True, echo=print)
         seen = []
         built.template.model.backbone.patch_embed.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
-        evaluated = []
+        evaluated, read = [], []
         for i in range(len(built.benchmark.train_stream)):
             loop.train_experience(built, i)
-            before = sum(seen)
+            before, reads_before = sum(seen), len(reads)
             loop.evaluate_experience(built, i)
             evaluated.append(sum(seen) - before)
-        counts[budget] = evaluated
+            read.append(len(reads) - reads_before)
+        counts[budget], read_counts[budget] = evaluated, read
+        random_state[budget] = torch.get_rng_state()
         assert built.template.feature_cache.hits == (0 if budget == 0 else sum(range(len(evaluated))))
     sizes = [len(e.dataset) for e in built.benchmark.test_stream]
     assert counts[0] == [sum(sizes[: i + 1]) for i in range(len(sizes))]
     assert counts[64] == sizes
+    assert read_counts[0] == counts[0] and read_counts[64] == sizes
+    # a pass over cached features draws what the image pass draws: the random stream is the same
+    assert torch.equal(random_state[0], random_state[64])

@@ -139,9 +139,43 @@ class EvalFeatures:
         self.parts.append(features.detach())
         return features
 
+    def cached_batches(self, targets: Any, task_labels: Any, batch_size: int) -> list[list[torch.Tensor]] | None:
+        """On a hit, the pass's minibatches ``[pooled features, y, t]`` in loader order, so no
+        image is read or transformed; None on a miss or when the set's size is not the cached
+        one. ``targets`` and ``task_labels``: the set's labels in dataset order."""
+        if self.cached is None or len(targets) != len(self.cached):
+            return None
+        labels = torch.as_tensor(list(targets), dtype=torch.long)
+        tasks = torch.as_tensor(list(task_labels), dtype=torch.long)
+        return [[self.cached[start:start + batch_size], labels[start:start + batch_size],
+                 tasks[start:start + batch_size]] for start in range(0, len(labels), batch_size)]
+
     def finish(self, model: nn.Module) -> None:
         """Store what the completed pass computed, if the network did not change during it."""
         if self.parts and self.cached is None and state_fingerprint(model) == self.state:
             features = torch.cat(self.parts)
             if len(features) == self.offset:
                 self.cache.store(self.key, self.state, features)
+
+
+def start_without_reading(loader: Any) -> bool:
+    """Make the random draws a pass over the evaluation ``loader`` makes, without reading an
+    image, and say so; False where that is not cheap, and the caller reads the images.
+
+    A torch DataLoader pass draws its workers' base seed from the global generator when it
+    starts. A pass over cached features that skipped it would leave the run's random stream
+    depending on what the cache held, and a resumed run, whose cache starts empty, would then
+    diverge from the uninterrupted one. Without workers, starting the DataLoader's iterator
+    draws the seed and reads nothing; with workers it starts processes, so the images are read.
+    The device data path draws nothing when it evaluates."""
+    from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader
+
+    from ..data.device import DeviceBatchLoader
+
+    if isinstance(loader, DeviceBatchLoader):
+        return not loader.train
+    inner = loader._get_loader() if isinstance(loader, SingleDatasetDataLoader) else loader
+    if isinstance(inner, torch.utils.data.DataLoader) and inner.num_workers == 0:
+        iter(inner)
+        return True
+    return False

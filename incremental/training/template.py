@@ -20,7 +20,7 @@ from avalanche.training.templates import SupervisedTemplate
 from ..distributed import SINGLE
 from ..timing import PhaseTimes
 from .engine import TrainingEngine, autocast
-from .features import EvalFeatures, FeatureCache
+from .features import EvalFeatures, FeatureCache, start_without_reading
 
 __all__ = ["IncrementalTemplate", "autocast", "strategy_autocast"]
 
@@ -107,18 +107,26 @@ class IncrementalTemplate(SupervisedTemplate):
 
     def eval_epoch(self, **kwargs: Any) -> None:
         """Avalanche's evaluation loop, with the pooled features of this experience's images
-        taken from the feature cache while the network under the head is unchanged."""
+        taken from the feature cache while the network under the head is unchanged. On a hit
+        the loop runs over the cached features and the labels, without reading an image."""
         model = self.model
         if not (self.feature_cache.enabled and callable(getattr(model, "classify_pooled", None))):
             return super().eval_epoch(**kwargs)
         key = ("eval", self.experience.origin_stream.name, self.experience.current_experience,
                len(self.adapted_dataset))
-        self._eval_features = EvalFeatures(self.feature_cache, key, model)
+        self._eval_features = features = EvalFeatures(self.feature_cache, key, model)
+        image_loader = self.dataloader
+        dataset = self.adapted_dataset
+        cached = None if self.dist.enabled else features.cached_batches(  # a rank's shard is not in dataset order
+            dataset.targets, dataset.targets_task_labels, self.eval_mb_size)
+        if cached is not None and start_without_reading(image_loader):
+            self.dataloader = cached
         try:
             super().eval_epoch(**kwargs)
-            self._eval_features.finish(model)
+            features.finish(model)
         finally:
             self._eval_features = None
+            self.dataloader = image_loader
 
     def backward(self) -> None:
         self.engine.backward(self.loss, self.engine.shard_weight(len(self.mb_y)), retain_graph=self.retain_graph)
