@@ -169,6 +169,56 @@ class RanPACConfig:
 
 
 @dataclass
+class FeCAMConfig:
+    # how the first session adapts the model (PILOT's exps/fecam.json: adapters, ffn_num 64, 20
+    # epochs at 0.01, batch 48); frozen: none
+    tuning: Component = component("tuning", "adapter")
+    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
+    # the head the first session trains with: PILOT's CosineLinear (cosine), or nn.Linear (linear)
+    first_session_head: Literal["cosine", "linear"] = "cosine"
+    # identity: Sigma + alpha I (PILOT's shrink_cov); fecam: Sigma + alpha V1 I + alpha V2 (1 - I),
+    # the FeCAM paper's (its alpha1 = alpha2 = 1)
+    shrinkage: Literal["identity", "fecam"] = "identity"
+    alpha: float = opt(100.0, ge=0, le=1e8)  # PILOT's self.alpha = 100
+    # rows_correlation: torch.corrcoef of the shrunk matrix, its rows as variables (PILOT's);
+    # correlation: S_ij / sqrt(S_ii S_jj) (the FeCAM paper's normalize_cov)
+    normalization: Literal["rows_correlation", "correlation"] = "rows_correlation"
+    # Tukey's ladder of powers on the features (the paper's 0.5, for ReLU features); None: none (PILOT)
+    tukey_power: float | None = opt(None, gt=0, le=10)
+
+
+@dataclass
+class ACILConfig:
+    # frozen: the backbone as loaded (the reference with a pre-trained backbone and no base
+    # classes, main.py's load_pretrain); finetune: trained in the first experience with the linear
+    # head, then frozen (the reference's base training); or a parameter-efficient tuning (ViT, Swin)
+    tuning: Component = component("tuning", "frozen")
+    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
+    expansion_size: int = opt(8192, ge=1, le=65_536)  # the random buffer's width (--buffer-size 8192, CIFAR-100)
+    gamma: float = opt(0.1, gt=0, le=1e8)  # the ridge (--gamma 0.1)
+    # rows per recursive update (--IL-batch-size 4096): ACIL's solution does not depend on it
+    rls_batch_size: int = opt(4096, ge=1, le=MAX_BATCH)
+
+    STREAMS: ClassVar[int] = 1
+
+    def memory_needs(self, run: Any) -> list[MemoryNeed]:
+        # R, the M x M fp64 inverse of each stream, kept in host RAM, plus a block's expanded
+        # features, R X^T and K^-1 X R (M x block each)
+        m = self.expansion_size
+        size = self.STREAMS * m * m * FLOAT64 + 3 * m * self.rls_batch_size * FLOAT64
+        return [MemoryNeed("expansion_size", size, f"the {self.STREAMS} x {m} x {m} fp64 recursive least squares",
+                           on_device=False)]
+
+
+@dataclass
+class DSALConfig(ACILConfig):
+    gamma_comp: float = opt(0.1, gt=0, le=1e8)  # the compensation stream's ridge (--gamma-comp 0.1)
+    compensation_ratio: float = opt(0.6, ge=0, le=MAX_WEIGHT)  # C (-C 0.6, the README's CIFAR-100 command)
+
+    STREAMS: ClassVar[int] = 2
+
+
+@dataclass
 class SLCAConfig:
     backbone_lr_scale: float = opt(0.01, ge=0, le=1)  # SLCA's 1/100 of the head's LR
     ca_epochs: int = opt(3, ge=0, le=MAX_EPOCHS)  # classifier alignment epochs (PILOT: 3)
@@ -358,6 +408,14 @@ STRATEGIES.declare("aper", "incremental.strategies.aper:APER", config=APERConfig
 STRATEGIES.declare("ranpac", "incremental.strategies.ranpac:RanPAC", config=RanPACConfig,
                    summary="RanPAC: a random projection with ReLU and a ridge-regression head, accumulated over "
                    "experiences.")
+STRATEGIES.declare("fecam", "incremental.strategies.fecam:FeCAM", config=FeCAMConfig,
+                   summary="FeCAM: first-session adaptation, then per-class Mahalanobis distances from shrunk "
+                   "covariances.")
+STRATEGIES.declare("acil", "incremental.strategies.acil:ACIL", config=ACILConfig,
+                   summary="ACIL: a frozen random ReLU expansion and a ridge head by recursive least squares "
+                   "(exemplar-free, closed form).")
+STRATEGIES.declare("dsal", "incremental.strategies.dsal:DSAL", config=DSALConfig,
+                   summary="DS-AL: ACIL's stream plus a tanh stream fitted to its residual on the current classes.")
 STRATEGIES.declare("slca", "incremental.strategies.slca:SLCA", config=SLCAConfig,
                    summary="SLCA: a slow backbone, a fast head, and classifier alignment from class Gaussians.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,

@@ -22,6 +22,18 @@ def test_without_a_reference_checkout_it_says_what_it_needs(tmp_path):
     assert script_in_fork(SCRIPT, "--pilot-root", str(tmp_path), stderr=err) == 2
     assert script_in_fork(SCRIPT, "--methods", "proof", stderr=err) == 2
     assert "--proof-root must name a checkout of PROOF" in err.read_text()
+    assert script_in_fork(SCRIPT, "--methods", "dsal", stderr=err) == 2
+    assert "--acl-root must name a checkout of Analytic-continual-learning" in err.read_text()
+
+
+def test_the_analytic_references_buffer_is_the_toolkits_run_s(tmp_path):
+    """The reference's random buffer gets the expansion the toolkit's run saved in its checkpoint."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from analytic_references import expansion_of
+
+    expansion = torch.randn(6, 4, dtype=torch.float64)
+    torch.save({"plugins": [None, {"expansion": expansion, "streams": []}]}, tmp_path / "checkpoint.pt")
+    assert torch.equal(expansion_of(tmp_path), expansion)
 
 
 def test_exemplars_come_back_as_the_reference_stores_them():

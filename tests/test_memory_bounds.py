@@ -37,6 +37,13 @@ def test_ranpac_needs_one_fp64_m_by_m_matrix_in_host_ram():
                      device_bytes=10 ** 9)
 
 
+def test_the_analytic_methods_need_an_fp64_m_by_m_inverse_per_stream_and_a_block():
+    acil = need(config("strategy={name: acil, expansion_size: 3000, rls_batch_size: 100}"), "strategy.expansion_size")
+    assert acil == 8 * 3000 ** 2 + 3 * 8 * 3000 * 100
+    dsal = need(config("strategy={name: dsal, expansion_size: 3000, rls_batch_size: 100}"), "strategy.expansion_size")
+    assert dsal == 2 * 8 * 3000 ** 2 + 3 * 8 * 3000 * 100
+
+
 def test_ranpacs_reference_precision_needs_half():
     assert need(config("strategy={name: ranpac, projection_dim: 3000, precision: float32}"),
                 "strategy.projection_dim") == 4 * 3000 ** 2

@@ -1,5 +1,6 @@
 """The pre-trained-model methods checked on their mathematics: prototypes are class means,
-RanPAC's head is a ridge least-squares solve, frozen weights stay bit-identical, adapters and
+RanPAC's head is a ridge least-squares solve, ACIL's recursion is the least-squares solution on
+all data seen and DS-AL's second stream fits the first one's residual, frozen weights stay bit-identical, adapters and
 SSF start as the identity, L2P picks the top-k keys by cosine, CODA mixes its components by
 its attention weights, SLCA samples from the Gaussians it stored; and every method runs from
 the CLI on a small pre-trained ViT."""
@@ -31,6 +32,10 @@ METHODS = {
     "dualprompt": "{name: dualprompt, g_layers: [0], e_layers: [1, 2]}",
     "codaprompt": "{name: codaprompt, pool_size: 6, length: 4, layers: [0, 1, 2], ortho_weight: 0.01}",
     "ease": "{name: ease, bottleneck: 8}",
+    "acil": "{name: acil, expansion_size: 128}",
+    "dsal_finetune": "{name: dsal, expansion_size: 128, tuning: finetune}",
+    "aper_lora": "{name: aper, tuning: {name: lora, rank: 4}}",
+    "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 8}}",
 }
 
 
@@ -68,13 +73,13 @@ def test_every_method_runs_from_the_cli(method, pretrained, tmp_path):
     assert metrics["status"] == "complete" and len(metrics["accuracy_matrix"]) == 3
     assert metrics["backbone_report"]["pretrained"]["sha256"] == _sha256(weights)
     trained, encoder = metrics["trained_params"], metrics["backbone_report"]["params"]
-    if method == "simplecil":  # no gradient step at all
+    if method in ("simplecil", "acil"):  # no gradient step at all
         assert trained == [0, 0, 0]
-    elif method.startswith(("aper", "ranpac")):  # the first session only
+    elif method.startswith(("aper", "ranpac", "dsal", "fecam")):  # the first session only
         assert trained[0] > 0 and trained[1:] == [0, 0]
     else:  # every step; prompts, adapters and SLCA's slow backbone, never more than the whole
         assert all(t > 0 for t in trained)
-    if method not in ("aper_finetune", "slca"):  # parameter-efficient: a fraction of the encoder
+    if method not in ("aper_finetune", "slca", "dsal_finetune"):  # parameter-efficient: a fraction of the encoder
         assert max(trained) < encoder / 2, (trained, encoder)
 
 
@@ -713,3 +718,170 @@ def test_codas_new_task_components_are_classical_gram_schmidt_of_fresh_draws():
         after = tensor.detach()[0].reshape(6, -1).double().numpy()
         np.testing.assert_allclose(after[2:4], np.stack(rows[2:]), atol=1e-5)
         np.testing.assert_allclose(after[:2], basis)  # the earlier rows kept
+
+
+def _ridge(inputs: np.ndarray, targets: np.ndarray, gamma: float) -> np.ndarray:
+    return np.linalg.solve(inputs.T @ inputs + gamma * np.eye(inputs.shape[1]), inputs.T @ targets)
+
+
+def test_recursive_least_squares_in_blocks_is_the_ridge_solution_on_all_rows():
+    """ACIL's equations 9-10, block after block of any size: R and W equal the batch ridge
+    inverse and solution over every row given (numpy), and the blocks' partition does not matter."""
+    from incremental.strategies.acil import RecursiveLeastSquares
+
+    gen = np.random.default_rng(0)
+    x, y = gen.standard_normal((70, 12)), np.eye(5)[gen.integers(0, 5, 70)]
+    for blocks in ([70], [25, 25, 20], [1] * 70):
+        rls = RecursiveLeastSquares(12, 5, gamma=0.3)
+        for part_x, part_y in zip(np.split(x, np.cumsum(blocks)[:-1]), np.split(y, np.cumsum(blocks)[:-1])):
+            rls.fit(torch.from_numpy(part_x), torch.from_numpy(part_y))
+        assert np.allclose(rls.weights.numpy(), _ridge(x, y, 0.3), atol=1e-10)
+        assert np.allclose(rls.inverse.numpy(), np.linalg.inv(x.T @ x + 0.3 * np.eye(12)), atol=1e-10)
+
+
+def _expanded(run_dir: Path):
+    model, features, labels, ranges = _saved_features(run_dir)
+    adapter = model.output_adapter
+    expanded = (features.double() @ adapter.expansion.T).numpy()
+    return adapter, features, labels.numpy(), ranges, expanded
+
+
+def test_acils_head_is_the_ridge_solution_on_every_image_seen(pretrained, tmp_path):
+    """After the last experience, blocks of 16 rows: W = (X^T X + gamma I)^-1 X^T Y over all
+    training images, X = ReLU(f B^T) with B the saved expansion (drawn as nn.Linear draws, in
+    +-1/sqrt(d)); the logits are X W over the classes seen; the backbone is bit-identical."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: acil, expansion_size: 96, gamma: 0.5, rls_batch_size: 16}")
+    adapter, features, labels, _, expanded = _expanded(tmp_path / "run")
+    assert type(adapter).__name__ == "AnalyticOutput" and adapter.expansion.dtype == torch.float64
+    assert adapter.expansion.shape == (96, features.shape[1])
+    assert float(adapter.expansion.abs().max()) <= 1 / np.sqrt(features.shape[1])
+    hidden = np.maximum(expanded, 0)
+    solution = _ridge(hidden, np.eye(10)[labels], 0.5)
+    assert np.allclose(adapter.main.numpy(), solution.T, atol=1e-8 * np.abs(solution).max())
+    logits = adapter(features, None).double().numpy()
+    assert np.allclose(logits, hidden @ solution, atol=1e-4)
+    saved, original = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(weights))
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in original.items())
+
+
+def test_dsals_compensation_stream_fits_the_main_streams_residual_on_the_current_classes(pretrained, tmp_path):
+    """One block per experience: the main stream is ACIL's ridge on ReLU(z); the compensation
+    stream the ridge on tanh(z) onto, per experience, Y minus the main stream's prediction just
+    after that experience, zero outside the experience's classes; the logits main + C comp."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run",
+               "{name: dsal, expansion_size: 80, gamma: 0.5, gamma_comp: 2.0, compensation_ratio: 0.7}")
+    adapter, features, labels, ranges, expanded = _expanded(tmp_path / "run")
+    onehot, residuals = np.eye(10)[labels], []
+    for seen in ranges:
+        upto, now = np.isin(labels, np.arange(seen.stop)), np.isin(labels, np.arange(seen.start, seen.stop))
+        main = _ridge(np.maximum(expanded[upto], 0), onehot[upto], 0.5)
+        residual = onehot[now] - np.maximum(expanded[now], 0) @ main
+        residual[:, : seen.start], residual[:, seen.stop:] = 0.0, 0.0
+        residuals.append((np.tanh(expanded[now]), residual))
+    compensation = _ridge(np.vstack([r[0] for r in residuals]), np.vstack([r[1] for r in residuals]), 2.0)
+    scale = np.abs(compensation).max()
+    assert np.allclose(adapter.main.numpy(), main.T, atol=1e-8 * np.abs(main).max())
+    assert np.allclose(adapter.compensation.numpy(), compensation.T, atol=1e-8 * scale)
+    expected = np.maximum(expanded, 0) @ main + 0.7 * np.tanh(expanded) @ compensation
+    assert np.allclose(adapter(features, None).double().numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_lora_starts_as_the_pretrained_model_and_adds_its_low_rank_product(kind):
+    """tuning: lora: only A and B train; with B = 0 the model is the pre-trained one; once they
+    change, each target layer computes x (W + (alpha / r) B A)^T + b, the pre-trained W and b
+    untouched; tuning_off switches the branch off."""
+    from incremental.config import load_config
+    from incremental.models.peft import apply_tuning, tuning_off
+
+    lora = load_config("digits_b0_5steps", [
+        "strategy={name: aper, tuning: {name: lora, rank: 3, alpha: 6.0, targets: [attn.qkv, mlp.fc2]}}"])[0]
+    model = _tiny_transformer(kind)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 1, 16, 16)
+    before = model(x)
+    apply_tuning(model, lora.strategy.config.tuning)
+    blocks = 2 if kind == "vit" else 4
+    assert len(model.lora) == 2 * blocks and torch.equal(model(x), before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("lora.") for n in trainable)
+    with torch.no_grad():
+        for update in model.lora.values():
+            update.b.normal_()
+    name = next(iter(model.lora))
+    layer = model.get_submodule(name.replace("_", "."))  # registered under the layer's name
+    update = model.lora[name]
+    inputs = torch.randn(5, layer.in_features)
+    merged = torch.nn.functional.linear(inputs, layer.weight + 2.0 * update.b @ update.a, layer.bias)
+    torch.testing.assert_close(layer(inputs), merged)
+    torch.testing.assert_close(update.delta_weight(), 2.0 * update.b @ update.a)
+    assert not torch.allclose(model(x), before)
+    with tuning_off(model):
+        assert torch.equal(model(x), before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in pretrained.items())
+
+
+def _numpy_fecam(features: np.ndarray, labels: np.ndarray, shrinkage: str, alpha: float, normalization: str):
+    """Per class: the mean and pinv(S) from the definitions, in numpy."""
+    means, precisions = [], []
+    for c in range(int(labels.max()) + 1):
+        x = features[labels == c]
+        cov = np.cov(x.T)
+        if shrinkage == "identity":
+            shrunk = cov + alpha * np.eye(len(cov))
+        else:
+            off = cov[~np.eye(len(cov), dtype=bool)]
+            v2 = off[off != 0].mean()
+            shrunk = cov + alpha * np.diag(cov).mean() * np.eye(len(cov)) + alpha * v2 * (1 - np.eye(len(cov)))
+        if normalization == "rows_correlation":
+            matrix = np.corrcoef(shrunk)  # numpy's corrcoef also takes rows as variables
+        else:
+            sd = np.sqrt(np.diag(shrunk))
+            matrix = shrunk / np.outer(sd, sd)
+        means.append(x.mean(axis=0))
+        precisions.append(np.linalg.pinv(matrix))
+    return np.stack(means), np.stack(precisions)
+
+
+def _numpy_distances(features: np.ndarray, means: np.ndarray, precisions: np.ndarray) -> np.ndarray:
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    centres = means / np.linalg.norm(means, axis=1, keepdims=True)
+    return np.stack([np.einsum("nd,de,ne->n", unit - centres[c], precisions[c], unit - centres[c])
+                     for c in range(len(means))], axis=1)
+
+
+def test_fecams_scores_are_minus_pilots_mahalanobis_distances(pretrained, tmp_path):
+    """A frozen ViT, PILOT's defaults: each class's pinv(corrcoef(Sigma + 100 I)) and the
+    distance between L2-normalised feature and mean, recomputed in numpy from the saved model's
+    features; the scores are minus those distances, so the argmin is the prediction."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: fecam, tuning: frozen}")
+    model, features, labels, _ = _saved_features(tmp_path / "run")
+    adapter = model.output_adapter
+    means, precisions = _numpy_fecam(features.double().numpy(), labels.numpy(), "identity", 100.0, "rows_correlation")
+    assert np.allclose(adapter.class_means.numpy(), means, atol=1e-5)
+    assert np.allclose(adapter.precisions.numpy(), precisions, atol=1e-4 * np.abs(precisions).max())
+    scores = adapter(features, None).double().numpy()
+    assert np.allclose(-scores, _numpy_distances(features.double().numpy(), means, precisions), atol=1e-3)
+    saved, original = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(weights))
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in original.items())
+
+
+def test_fecams_paper_shrinkage_normalisation_and_tukey_transform_follow_their_definitions():
+    from incremental.models.net import MahalanobisOutput
+    from incremental.strategies.fecam import normalized, shrunk_covariance, tukey
+
+    gen = np.random.default_rng(1)
+    features = np.abs(gen.standard_normal((60, 6))) * np.array([1, 2, 3, 1, 1, 4])
+    labels = np.repeat([0, 1, 2], 20)
+    transformed = features ** 0.5
+    means, precisions = _numpy_fecam(transformed, labels, "fecam", 1.0, "correlation")
+    ours = [torch.linalg.pinv(normalized(shrunk_covariance(torch.from_numpy(transformed[labels == c]), "fecam", 1.0),
+                                         "correlation")) for c in range(3)]
+    assert np.allclose(torch.stack(ours).numpy(), precisions, atol=1e-8)
+    assert torch.equal(tukey(torch.from_numpy(features), 0.5), torch.from_numpy(features).pow(0.5))
+    output = MahalanobisOutput(torch.from_numpy(means).float(), torch.from_numpy(precisions).float(), 0.5)
+    scores = output(torch.from_numpy(features).float(), None).double().numpy()
+    assert np.allclose(-scores, _numpy_distances(transformed, means, precisions), atol=1e-4)

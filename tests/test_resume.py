@@ -169,7 +169,9 @@ STRATEGY_CASES = {
         "slca": "{name: slca, ca_samples_per_class: 8}",
         "l2p": "{name: l2p, pool_size: 4, length: 2, top_k: 2}",
         "codaprompt": "{name: codaprompt, pool_size: 6, length: 2, layers: [0]}",
-        "ease": "{name: ease, bottleneck: 4}"}.items()},
+        "ease": "{name: ease, bottleneck: 4}",
+        "dsal": "{name: dsal, expansion_size: 64, rls_batch_size: 20}",
+        "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 4}}"}.items()},
 }
 
 

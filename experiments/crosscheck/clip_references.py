@@ -52,7 +52,7 @@ def checkout_commit(root: Path) -> str:
 
 
 # top-level packages that PILOT and PROOF both have, under the same names
-CHECKOUT_PACKAGES = ("models", "utils", "convs", "backbone")
+CHECKOUT_PACKAGES = ("models", "utils", "convs", "backbone", "analytic")
 
 
 def use_checkout(root: Path) -> None:

@@ -126,6 +126,13 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
                      "models.aper_adapter", {"model_name": "aper_adapter", "backbone_type": "vit_adapter_shared",
                                              "tuned_epoch": 20, "init_lr": 0.01, "batch_size": 48,
                                              "weight_decay": 0.0005, "min_lr": 0, "ffn_num": 64}),
+    # PILOT's exps/fecam.json: APER's first session (adapters, ffn_num 64, 20 epochs, cosine head,
+    # SGD 0.01, batch 48), then per-class shrunk covariances (alpha 100) and Mahalanobis distances
+    "fecam": (["strategy={name: fecam, tuning: {name: adapter, bottleneck: 64}}", "dataset.augment=false",
+               "training.epochs=20", "training.batch_size=48",
+               "training.optimizer={name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}",
+               "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
+              "models.fecam", {"exps": "fecam.json"}),
     # PILOT's exps/slca.json: the whole ViT at 1/100 of the head's LR 0.01, 20 epochs, the LR x0.1
     # at epoch 18, batch 64; alignment 3 epochs on 256 samples a class with logit norm 0.1
     "slca": (["strategy=slca", "dataset.augment=false", "training.epochs=20", "training.batch_size=64",
@@ -183,6 +190,13 @@ CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout opt
     # the same run of ours against the reference with the toolkit's normalisation patched in
     "proof_reference_normalised": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
 }
+# name: (the toolkit's overrides, the reference's checkout option, the reference's options beyond
+# analytic_references.ANALYTIC_DEFAULTS); both at the defaults, and ACIL in blocks of 32 rows
+ANALYTIC_METHODS = {
+    "acil": (["strategy=acil"], "acl_root", {}),
+    "dsal": (["strategy=dsal"], "acl_root", {}),
+    "acil_blocks_of_32": (["strategy={name: acil, rls_batch_size: 32}"], "acl_root", {"rls_batch_size": 32}),
+}
 
 
 def arguments() -> argparse.Namespace:
@@ -191,7 +205,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--continual-clip-root", type=Path, help="a checkout of vgthengane/Continual-CLIP")
     parser.add_argument("--mcm-root", type=Path, help="a checkout of deeplearning-wisc/MCM")
     parser.add_argument("--proof-root", type=Path, help="a checkout of zhoudw-zdw/PROOF")
-    names = [*METHODS, *CLIP_METHODS]
+    parser.add_argument("--acl-root", type=Path, help="a checkout of ZHUANGHP/Analytic-continual-learning")
+    names = [*METHODS, *CLIP_METHODS, *ANALYTIC_METHODS]
     parser.add_argument("--methods", nargs="+", default=names, choices=names)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
     parser.add_argument("--out", type=Path, default=Path("runs/crosscheck_reference"))
@@ -199,9 +214,10 @@ def arguments() -> argparse.Namespace:
     needed = {"pilot_root": ("models/simplecil.py", "https://github.com/LAMDA-CL/LAMDA-PILOT"),
               "continual_clip_root": ("continual_clip/models.py", "https://github.com/vgthengane/Continual-CLIP"),
               "mcm_root": ("utils/detection_util.py", "https://github.com/deeplearning-wisc/MCM"),
-              "proof_root": ("models/proof.py", "https://github.com/zhoudw-zdw/PROOF")}
+              "proof_root": ("models/proof.py", "https://github.com/zhoudw-zdw/PROOF"),
+              "acl_root": ("analytic/ACIL.py", "https://github.com/ZHUANGHP/Analytic-continual-learning")}
     for method in args.methods:
-        option = CLIP_METHODS[method][1] if method in CLIP_METHODS else "pilot_root"
+        option = reference_of(method)
         root, (marker, url) = getattr(args, option), needed[option]
         if root is None or not (root / marker).is_file():
             parser.error(f"{method} runs against the reference code: --{option.replace('_', '-')} must name a "
@@ -397,7 +413,7 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
     if not is_complete(out):
         if out.exists():  # a stopped run: run afresh (the run is deterministic given its seed)
             shutil.rmtree(out)
-        overrides = CLIP_METHODS[method][0] if method in CLIP_METHODS else METHODS[method][0]
+        overrides = {**METHODS, **CLIP_METHODS, **ANALYTIC_METHODS}[method][0]
         overrides = [overrides] if isinstance(overrides, str) else overrides
         sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
                 "output.tensorboard=false"]
@@ -435,12 +451,13 @@ def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
 
 
 REFERENCE_NAMES = {"pilot_root": "PILOT", "continual_clip_root": "Continual-CLIP", "mcm_root": "MCM",
-                   "proof_root": "PROOF"}
+                   "proof_root": "PROOF", "acl_root": "Analytic-continual-learning"}
 
 
 def reference_of(method: str) -> str:
     """The checkout option ``method`` runs against."""
-    return CLIP_METHODS[method][1] if method in CLIP_METHODS else "pilot_root"
+    other = {**CLIP_METHODS, **ANALYTIC_METHODS}
+    return other[method][1] if method in other else "pilot_root"
 
 
 def accuracy_table(results: dict[str, dict[str, list]]) -> list[str]:
@@ -504,6 +521,11 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
     if method.startswith("proof"):
         return clip_references.run_proof(args.proof_root.resolve(), shared["clip"], manager,
                                          [CLIP_METHODS[method][2]], seed, normalised=method.endswith("normalised"))
+    if method in ANALYTIC_METHODS:
+        from analytic_references import expansion_of, run_analytic
+
+        return run_analytic(args.acl_root.resolve(), method, seed, shared[vit_kind(method)], manager,
+                            expansion_of(args.out / f"{method}-seed{seed}"), ANALYTIC_METHODS[method][2])
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
     run = method.removesuffix(PER_IMAGE)  # a *_reference_per_image row reads its method's run
     if projection is not None:
@@ -549,8 +571,10 @@ def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, l
 
 
 def group_of(method: str) -> str:
-    """reference.md's section that ``method``'s row belongs to: PILOT's or the CLIP references'."""
-    return "pilot" if reference_of(method) == "pilot_root" else "clip"
+    """reference.md's section that ``method``'s row belongs to: PILOT's, the CLIP references' or
+    the analytic-learning reference's."""
+    reference = reference_of(method)
+    return "pilot" if reference == "pilot_root" else "analytic" if reference == "acl_root" else "clip"
 
 
 def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, str], seeds: list[int]) -> str:
@@ -599,7 +623,7 @@ def main() -> int:
     commits = {}
     if any(reference_of(m) == "pilot_root" for m in args.methods):
         commits["pilot_root"] = import_pilot(args.pilot_root.resolve())
-    for option in ("continual_clip_root", "mcm_root", "proof_root"):
+    for option in ("continual_clip_root", "mcm_root", "proof_root", "acl_root"):
         if any(reference_of(m) == option for m in args.methods):
             commits[option] = checkout_commit(getattr(args, option))
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -139,6 +139,48 @@ class RandomProjectionOutput(nn.Module):
         return hidden @ self.weights.float().T
 
 
+class AnalyticOutput(nn.Module):
+    """The analytic-learning classifiers (ACIL, DS-AL) over the random expansion
+    ``z = f expansion^T``: ``ReLU(z) main^T``, plus ``ratio tanh(z) compensation^T`` (DS-AL's
+    second stream) when given. fp64 as the references compute it; logits in fp32."""
+
+    def __init__(self, expansion: torch.Tensor, main: torch.Tensor, compensation: torch.Tensor | None = None,
+                 compensation_ratio: float = 0.0):
+        super().__init__()
+        self.register_buffer("expansion", expansion)
+        self.register_buffer("main", main)
+        if compensation is not None:
+            self.register_buffer("compensation", compensation)
+            self.register_buffer("compensation_ratio", torch.tensor(float(compensation_ratio), dtype=torch.float64))
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        expanded = pooled.to(self.expansion.dtype) @ self.expansion.T
+        out = torch.relu(expanded) @ self.main.T
+        if hasattr(self, "compensation"):
+            out = out + self.compensation_ratio * (torch.tanh(expanded) @ self.compensation.T)
+        return out.float()
+
+
+class MahalanobisOutput(nn.Module):
+    """FeCAM's classifier (PILOT's ``_mahalanobis``): class c scores minus
+    ``(f^ - mu^_c) precisions_c (f^ - mu^_c)^T``, f^ and mu^_c the L2-normalised pooled feature
+    (``f ** tukey_power`` first, when set) and class mean."""
+
+    def __init__(self, class_means: torch.Tensor, precisions: torch.Tensor, tukey_power: float | None = None):
+        super().__init__()
+        self.register_buffer("class_means", class_means)
+        self.register_buffer("precisions", precisions)
+        # 0 for none (a power must be positive): a NaN would make equal models compare unequal
+        self.register_buffer("tukey_power", torch.tensor(0.0 if tukey_power is None else float(tukey_power)))
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        features = pooled.float()
+        if float(self.tukey_power) > 0:
+            features = features.clamp_min(0).pow(self.tukey_power)
+        difference = F.normalize(features, dim=1)[:, None, :] - F.normalize(self.class_means.float(), dim=1)[None]
+        return -torch.einsum("ncd,cde,nce->nc", difference, self.precisions.float(), difference)
+
+
 class SubspaceReweightOutput(nn.Module):
     """EASE's test-time classifier (PILOT's ``forward_reweight``): the pooled feature and each
     prototype cut into subspaces of ``dim`` values; class c scores
@@ -169,6 +211,11 @@ OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"projection", "weights"}): lambda t: RandomProjectionOutput(t["projection"], t["weights"]),
     frozenset({"projection", "weights", "cosine"}): lambda t: RandomProjectionOutput(
         t["projection"], t["weights"], bool(t["cosine"])),
+    frozenset({"expansion", "main"}): lambda t: AnalyticOutput(t["expansion"], t["main"]),
+    frozenset({"expansion", "main", "compensation", "compensation_ratio"}): lambda t: AnalyticOutput(
+        t["expansion"], t["main"], t["compensation"], float(t["compensation_ratio"])),
+    frozenset({"class_means", "precisions", "tukey_power"}): lambda t: MahalanobisOutput(
+        t["class_means"], t["precisions"], float(t["tukey_power"]) or None),
     frozenset({"prototypes", "class_weights", "dim"}): lambda t: SubspaceReweightOutput(
         t["prototypes"], t["class_weights"], int(t["dim"])),
 }

@@ -279,6 +279,22 @@ class VPTConfig:
     length: int = opt(5, ge=1, le=1024)  # prompt tokens per block (PILOT's prompt_token_num)
 
 
+LoRATarget = Literal["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = opt(8, ge=1, le=MAX_WIDTH)  # r (Hu et al. 2021; PEFT's default 8)
+    alpha: float = opt(8.0, gt=0, le=MAX_WEIGHT)  # the update is scaled by alpha / r (PEFT: lora_alpha)
+    dropout: float = opt(0.0, ge=0, lt=1)  # on the LoRA branch's input in training (PEFT: lora_dropout)
+    # the linear layers of every block that get a low-rank update (timm's names; qkv is fused)
+    targets: list[LoRATarget] = opt(factory=lambda: ["attn.qkv"])
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError("needs at least one target layer", key="targets")
+
+
 TUNING.declare("frozen", "incremental.models.peft:tune_frozen",
                summary="The pre-trained ViT (or Swin) as it is: no parameter of it trains.")
 TUNING.declare("finetune", "incremental.models.peft:tune_all",
@@ -287,5 +303,8 @@ TUNING.declare("adapter", "incremental.models.peft:tune_adapter", config=Adapter
                summary="AdaptFormer's parallel adapters in every block (zero-initialised); only they train.")
 TUNING.declare("ssf", "incremental.models.peft:tune_ssf", config=SSFConfig,
                summary="SSF: a scale and shift after every linear layer and norm and the patch embedding; only they train.")
+TUNING.declare("lora", "incremental.models.peft:tune_lora", config=LoRAConfig,
+               summary="LoRA: a low-rank update (alpha / r) B A beside the chosen linear layers of every block "
+                       "(B zero-initialised); only A and B train.")
 TUNING.declare("vpt_deep", "incremental.models.peft:tune_vpt_deep", config=VPTConfig,
                summary="VPT-deep: learned prompt tokens at the input of every block; only they train.")

@@ -10,6 +10,8 @@ and one attention wrapper, and starts as the identity:
   ``vit_adapter``: bottleneck 64, scale 0.1); several adapter *sets*, one active at a time (EASE);
 - :func:`add_ssf`: SSF's scale and shift (Lian et al. 2022) after every linear layer and
   LayerNorm: ``y * gamma + beta``, with gamma 1 and beta 0 at the start;
+- :func:`add_lora`: LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x`` beside the chosen linear
+  layers of every block (timm's fused ``attn.qkv`` by default), B zero at the start;
 - :func:`add_vpt_deep`: VPT-deep prompts (Jia et al. 2022): learned tokens after the class
   token, replaced at the input of every block (ViT only: Swin's windows have no place for them);
 - :class:`PrefixAttention`: prefix-tuning inside attention (Li and Liang 2021): per-sample key
@@ -24,7 +26,7 @@ On Swin the adapters' and prefixes' widths follow each stage's.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -129,6 +131,48 @@ def adapters_set(vit: nn.Module, active: int | None) -> Iterator[None]:
         yield
     finally:
         bank.active = previous
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+class LowRankUpdate(nn.Module):
+    """LoRA's branch (Hu et al. 2021) beside a frozen ``y = W x + b``: ``(alpha / r) B A dropout(x)``,
+    A (r x in) Kaiming-uniform and B (out x r) zero, as loralib and PEFT start them, so the
+    tuned layer starts as the pre-trained one."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(rank, in_features))
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.a, a=5 ** 0.5)
+        self.scale = alpha / rank
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        return F.linear(F.linear(x, self.a), self.b) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """What the branch adds to W: ``(alpha / r) B A``."""
+        return self.b @ self.a * self.scale
+
+
+def add_lora(vit: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+             targets: Iterable[str] = ("attn.qkv",)) -> nn.ModuleDict:
+    """A :class:`LowRankUpdate` beside every block's linear layers named in ``targets``
+    (``attn.qkv``: timm's fused query-key-value), registered as ``vit.lora`` under the layer's
+    name; the pre-trained layers and their names stay as they are."""
+    wanted = tuple("." + target for target in targets)
+    lora = nn.ModuleDict()
+    for name, module in vit.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith(("blocks.", "layers.")) and name.endswith(wanted):
+            update = LowRankUpdate(module.in_features, module.out_features, rank, alpha, dropout)
+            lora[name.replace(".", "_")] = update
+            module.register_forward_hook(
+                lambda m, args, out, update=update: out + update(args[0]) if tuning_on(vit) else out)
+    vit.lora = lora
+    return lora
 
 
 # --------------------------------------------------------------------------- SSF
@@ -343,6 +387,12 @@ def tune_ssf(vit: nn.Module, config: Any = None) -> None:
     add_ssf(vit, init=init, patch_embed=patch_embed)
 
 
+def tune_lora(vit: nn.Module, config: Any) -> None:
+    """LoRA: a low-rank update beside the chosen linear layers of every block; only it trains."""
+    freeze(vision_transformer(vit, swin=True))
+    add_lora(vit, rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets)
+
+
 def tune_vpt_deep(vit: nn.Module, config: Any) -> None:
     """VPT-deep: learned prompt tokens at the input of every block; only they train."""
     freeze(vision_transformer(vit))
@@ -360,7 +410,7 @@ def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["Adapter", "AdapterBank", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
+__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "add_lora", "tune_lora", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
            "add_ssf", "add_vpt_deep", "adapters_set", "apply_tuning", "block_width", "freeze", "query_features",
            "trainable_parameters", "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_ssf",
            "tune_vpt_deep", "tuning_off", "tuning_on", "vision_transformer"]
