@@ -1,12 +1,14 @@
 """The toolkit's pre-trained-model methods against their reference implementations, side by side.
 
     python experiments/crosscheck/reference.py --pilot-root PATH --continual-clip-root PATH
-        --mcm-root PATH --proof-root PATH [--methods simplecil ranpac_frozen ...]
+        --mcm-root PATH --proof-root PATH --acl-root PATH [--methods simplecil ranpac_frozen ...]
         [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
 
-Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for
-simplecil and ranpac_*, vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for
-mcm, zhoudw-zdw/PROOF for proof*; only the checkouts of the methods run are needed. Their
+Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for its
+methods (simplecil, ranpac_*, aper_adapter, fecam, slca, the prompt methods, ease),
+vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for mcm, zhoudw-zdw/PROOF
+for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py);
+only the checkouts of the methods run are needed. Their
 learners are imported from there and run in this process; nothing of their code is copied into
 this project. Both sides get, per seed:
 
@@ -191,11 +193,13 @@ CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout opt
     "proof_reference_normalised": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
 }
 # name: (the toolkit's overrides, the reference's checkout option, the reference's options beyond
-# analytic_references.ANALYTIC_DEFAULTS); both at the defaults, and ACIL in blocks of 32 rows
+# analytic_references.ANALYTIC_DEFAULTS); both at the defaults (one block per experience), and
+# ACIL in blocks of 32 rows (a buffer of 1024: the reference forms an M x M x M product per block)
 ANALYTIC_METHODS = {
     "acil": (["strategy=acil"], "acl_root", {}),
     "dsal": (["strategy=dsal"], "acl_root", {}),
-    "acil_blocks_of_32": (["strategy={name: acil, rls_batch_size: 32}"], "acl_root", {"rls_batch_size": 32}),
+    "acil_blocks_of_32": (["strategy={name: acil, expansion_size: 1024, rls_batch_size: 32}"], "acl_root",
+                          {"expansion_size": 1024, "rls_batch_size": 32}),
 }
 
 
