@@ -188,6 +188,19 @@ class FeCAMConfig:
 
 
 @dataclass
+class InfLoRAConfig:
+    # liangyanshuo/InfLoRA's configs/cifar100_inflora.json: rank 10, lamb 0.95, lame 1.0 (Adam at
+    # 5e-4, batch 128, 20 epochs: the run's training section)
+    rank: int = opt(10, ge=1, le=4096)  # r of every task's branch
+    lamb: float = opt(0.95, gt=0, le=1)  # DualGPM's share of the spectrum after the first task
+    lame: float = opt(1.0, gt=0, le=1)  # ... which moves linearly towards this over the tasks
+
+    def validate(self) -> None:
+        if self.lame < self.lamb:
+            raise ConfigError(f"lame {self.lame} is below lamb {self.lamb}: the threshold would fall", key="lame")
+
+
+@dataclass
 class ACILConfig:
     # frozen: the backbone as loaded (the reference with a pre-trained backbone and no base
     # classes, main.py's load_pretrain); finetune: trained in the first experience with the linear
@@ -411,6 +424,9 @@ STRATEGIES.declare("ranpac", "incremental.strategies.ranpac:RanPAC", config=RanP
 STRATEGIES.declare("fecam", "incremental.strategies.fecam:FeCAM", config=FeCAMConfig,
                    summary="FeCAM: first-session adaptation, then per-class Mahalanobis distances from shrunk "
                    "covariances.")
+STRATEGIES.declare("inflora", "incremental.strategies.inflora:InfLoRA", config=InfLoRAConfig,
+                   summary="InfLoRA: per-task LoRA on keys and values, down-projections orthogonal to the old "
+                   "tasks' inputs (DualGPM).")
 STRATEGIES.declare("acil", "incremental.strategies.acil:ACIL", config=ACILConfig,
                    summary="ACIL: a frozen random ReLU expansion and a ridge head by recursive least squares "
                    "(exemplar-free, closed form).")

@@ -36,6 +36,7 @@ METHODS = {
     "dsal_finetune": "{name: dsal, expansion_size: 128, tuning: finetune}",
     "aper_lora": "{name: aper, tuning: {name: lora, rank: 4}}",
     "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 8}}",
+    "inflora": "{name: inflora, rank: 4}",
 }
 
 
@@ -885,3 +886,47 @@ def test_fecams_paper_shrinkage_normalisation_and_tukey_transform_follow_their_d
     output = MahalanobisOutput(torch.from_numpy(means).float(), torch.from_numpy(precisions).float(), 0.5)
     scores = output(torch.from_numpy(features).float(), None).double().numpy()
     assert np.allclose(-scores, _numpy_distances(transformed, means, precisions), atol=1e-4)
+
+
+def test_inflora_down_projections_avoid_the_stored_subspace():
+    """A_t from the covariance with the old subspace M removed is orthogonal to M (so B A x = 0
+    for x in span M, whatever B learns); from a retained M, A's rows lie in span M; the first
+    basis holds the threshold share of the spectrum (numpy's SVD, the reference's criterion)."""
+    from incremental.strategies.inflora import design_down_projection, first_basis, update_basis
+
+    gen = np.random.default_rng(0)
+    mix = gen.standard_normal((16, 16)) * np.linspace(3, 0.1, 16)
+    first = mix @ mix.T / 16
+    basis, kind = first_basis(first, 0.95)
+    s = np.linalg.svd(first, compute_uv=False)
+    assert basis.shape[1] == max(int(np.sum(np.cumsum(s ** 2 / (s ** 2).sum()) < 0.95)), 1) and kind == "remove"
+    second = (lambda m: m @ m.T / 16)(gen.standard_normal((16, 16)))
+    a = design_down_projection(second, basis, kind, rank=3)
+    assert a.shape == (3, 16) and np.abs(a @ basis).max() < 1e-10
+    assert np.allclose(a @ a.T, np.eye(3) / 3)  # orthonormal rows over sqrt(3)
+    grown, kind = update_basis(basis, kind, second, 0.97)
+    assert grown.shape[1] >= basis.shape[1] and np.allclose(grown.T @ grown, np.eye(grown.shape[1]), atol=1e-8)
+    wide = np.linalg.qr(gen.standard_normal((16, 5)))[0]
+    a = design_down_projection(second, wide, "retain", rank=2)
+    assert np.allclose(a, a @ wide @ wide.T, atol=1e-10)
+
+
+def test_inflora_trains_one_branch_a_task_orthogonal_to_the_old_inputs(pretrained, tmp_path):
+    """Through a run: the ViT is bit-identical; task 0's B is unchanged by task 1; task 1's A is
+    orthogonal to (remove) or inside (retain) each block's subspace stored after task 0."""
+    config, weights = pretrained
+    run_method(config, weights, tmp_path / "run", "{name: inflora, rank: 4}", "output.checkpoint=all")
+    after_first = torch.load(tmp_path / "run" / "checkpoints" / "experience_000.pt", weights_only=True)
+    first_state = next(p for p in after_first["plugins"] if isinstance(p, dict) and "bases" in p)
+    first_model = after_first["model"]
+    saved, original = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(weights))
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in original.items())
+    blocks = len(first_state["bases"])
+    for block in range(blocks):
+        key = f"backbone.task_lora.b.{block}.0"
+        assert torch.equal(saved[key], first_model[key]) and saved[key].abs().sum() > 0
+        a1, basis = saved["backbone.task_lora.a"][block, 1].double().numpy(), first_state["bases"][block].numpy()
+        if first_state["kinds"][block] == "remove":
+            assert np.abs(a1 @ basis).max() < 1e-5
+        else:
+            assert np.abs(a1 - a1 @ basis @ basis.T).max() < 1e-5

@@ -171,7 +171,8 @@ STRATEGY_CASES = {
         "codaprompt": "{name: codaprompt, pool_size: 6, length: 2, layers: [0]}",
         "ease": "{name: ease, bottleneck: 4}",
         "dsal": "{name: dsal, expansion_size: 64, rls_batch_size: 20}",
-        "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 4}}"}.items()},
+        "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 4}}",
+        "inflora": "{name: inflora, rank: 2}"}.items()},
 }
 
 

@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                                    NO_MEMORY, PROMPT_EPOCHS]),
     "ease": ("EASE", ["strategy={name: ease, bottleneck: 16}", NO_MEMORY]),
     "fecam": ("FeCAM, adapters", ["strategy={name: fecam, tuning: {name: adapter, bottleneck: 16}}", NO_MEMORY]),
+    "inflora": ("InfLoRA, rank 10", ["strategy=inflora", NO_MEMORY, PROMPT_EPOCHS]),
     # the analytic methods at their reference's defaults (a buffer of 8192, gamma 0.1; DS-AL's C 0.6)
     "acil": ("ACIL, frozen, M = 8192", ["strategy=acil", NO_MEMORY]),
     "dsal": ("DS-AL, frozen, M = 8192", ["strategy=dsal", NO_MEMORY]),
@@ -76,7 +77,7 @@ def report(out: Path, seeds: list[int]) -> str:
              "blocks, mean-pooled) initialised from `incremental pretrain-mae` on the 2 base classes' training "
              "images of that seed's class order (200 epochs, mask ratio 0.75). Training as the protocol: AdamW "
              "1e-3, batch 32, 5 epochs per step (APER, RanPAC and FeCAM: the first step only; SimpleCIL, ACIL and DS-AL: "
-             "none; L2P, DualPrompt and CODA-Prompt: 20). Seeds " + str(seeds) + " (each sets the run seed and the class order); mean ± std "
+             "none; L2P, DualPrompt, CODA-Prompt and InfLoRA: 20). Seeds " + str(seeds) + " (each sets the run seed and the class order); mean ± std "
              "over seeds. After the last step: task-IL accuracy is the argmax within the true experience's "
              "classes; task identification, how often the argmax over all classes falls in the true experience "
              "(metrics.json's definitions).", "",

@@ -175,6 +175,51 @@ def add_lora(vit: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
     return lora
 
 
+class TaskLowRankBank(nn.Module):
+    """InfLoRA's branches (Liang and Li 2024): per block and per task, a fixed ``A_t`` (r x d)
+    and a trained ``B_t`` (d x r), for the key part and for the value part of the block's fused
+    qkv projection: keys and values get ``x (sum_{t <= active} B_t A_t)^T``, the queries nothing,
+    and no alpha / r scale. B starts at zero, so a task's branch starts as nothing.
+
+    With ``collect`` on, each block's attention input is summed as ``x^T x`` (fp64) with its token
+    count, for the strategy's input covariances."""
+
+    def __init__(self, blocks: int, tasks: int, rank: int, dim: int):
+        super().__init__()
+        self.register_buffer("a", torch.zeros(blocks, tasks, 2, rank, dim))
+        self.b = nn.ModuleList(nn.ParameterList(nn.Parameter(torch.zeros(2, dim, rank)) for _ in range(tasks))
+                               for _ in range(blocks))
+        self.active = 0
+        self.collect = False
+        self.register_buffer("input_sums", torch.zeros(blocks, dim, dim, dtype=torch.float64), persistent=False)
+        self.register_buffer("input_tokens", torch.zeros(blocks, dtype=torch.float64), persistent=False)
+
+    def delta(self, block: int) -> torch.Tensor:
+        """``sum_{t <= active} B_t A_t`` for the keys and the values (2 x d x d)."""
+        tasks = range(self.active + 1)
+        return sum(torch.bmm(self.b[block][t], self.a[block, t].to(self.b[block][t].dtype)) for t in tasks)
+
+    def add_to_qkv(self, block: int, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        if self.collect:
+            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            self.input_sums[block] += flat.T @ flat
+            self.input_tokens[block] += len(flat)
+        key, value = self.delta(block)
+        zeros = torch.zeros_like(qkv[..., : x.shape[-1]])
+        return qkv + torch.cat([zeros, F.linear(x, key.to(x.dtype)), F.linear(x, value.to(x.dtype))], dim=-1)
+
+
+def add_task_lora(vit: nn.Module, *, tasks: int, rank: int) -> TaskLowRankBank:
+    """A :class:`TaskLowRankBank` on every block's ``attn.qkv`` (registered as ``vit.task_lora``)."""
+    blocks = transformer_blocks(vit)
+    bank = TaskLowRankBank(len(blocks), tasks, rank, block_width(blocks[0]))
+    vit.task_lora = bank
+    for index, block in enumerate(blocks):
+        block.attn.qkv.register_forward_hook(
+            lambda m, args, out, index=index: bank.add_to_qkv(index, args[0], out) if tuning_on(vit) else out)
+    return bank
+
+
 # --------------------------------------------------------------------------- SSF
 
 
@@ -410,7 +455,7 @@ def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "add_lora", "tune_lora", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
+__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "TaskLowRankBank", "add_lora", "add_task_lora", "tune_lora", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
            "add_ssf", "add_vpt_deep", "adapters_set", "apply_tuning", "block_width", "freeze", "query_features",
            "trainable_parameters", "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_ssf",
            "tune_vpt_deep", "tuning_off", "tuning_on", "vision_transformer"]
