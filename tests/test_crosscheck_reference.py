@@ -24,6 +24,8 @@ def test_without_a_reference_checkout_it_says_what_it_needs(tmp_path):
     assert "--proof-root must name a checkout of PROOF" in err.read_text()
     assert script_in_fork(SCRIPT, "--methods", "dsal", stderr=err) == 2
     assert "--acl-root must name a checkout of Analytic-continual-learning" in err.read_text()
+    assert script_in_fork(SCRIPT, "--methods", "inflora", stderr=err) == 2
+    assert "--inflora-root must name a checkout of InfLoRA" in err.read_text()
 
 
 def test_the_analytic_references_buffer_is_the_toolkits_run_s(tmp_path):

@@ -52,7 +52,7 @@ def checkout_commit(root: Path) -> str:
 
 
 # top-level packages that PILOT and PROOF both have, under the same names
-CHECKOUT_PACKAGES = ("models", "utils", "convs", "backbone", "analytic")
+CHECKOUT_PACKAGES = ("models", "utils", "convs", "backbone", "analytic", "methods")
 
 
 def use_checkout(root: Path) -> None:

@@ -7,7 +7,8 @@
 Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for its
 methods (simplecil, ranpac_*, aper_adapter, fecam, slca, the prompt methods, ease),
 vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for mcm, zhoudw-zdw/PROOF
-for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py);
+for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py),
+liangyanshuo/InfLoRA for inflora (inflora_reference.py);
 only the checkouts of the methods run are needed. Their
 learners are imported from there and run in this process; nothing of their code is copied into
 this project. Both sides get, per seed:
@@ -192,14 +193,22 @@ CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout opt
     # the same run of ours against the reference with the toolkit's normalisation patched in
     "proof_reference_normalised": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
 }
-# name: (the toolkit's overrides, the reference's checkout option, the reference's options beyond
-# analytic_references.ANALYTIC_DEFAULTS); both at the defaults (one block per experience), and
+# name: (the toolkit's overrides, the reference's checkout option, the reference's options: beyond
+# analytic_references.ANALYTIC_DEFAULTS, or InfLoRA's config file); the analytic methods at the
+# defaults (one block per experience), and
 # ACIL in blocks of 32 rows (a buffer of 1024: the reference forms an M x M x M product per block)
-ANALYTIC_METHODS = {
+EXTERNAL_METHODS = {
     "acil": (["strategy=acil"], "acl_root", {}),
     "dsal": (["strategy=dsal"], "acl_root", {}),
     "acil_blocks_of_32": (["strategy={name: acil, expansion_size: 1024, rls_batch_size: 32}"], "acl_root",
                           {"expansion_size": 1024, "rls_batch_size": 32}),
+    # liangyanshuo/InfLoRA's configs/cifar100_inflora.json: rank 10, Adam 5e-4, batch 128, no weight
+    # decay; 5 epochs a task on both sides instead of its 20, for time; its LR a quarter cosine
+    # stepped per epoch, the toolkit's a half-cosine per iteration (as CODA-Prompt's)
+    "inflora": (["strategy={name: inflora, rank: 10}", "dataset.augment=false", "training.epochs=5",
+                 "training.batch_size=128", "training.optimizer={name: adam, lr: 0.0005, weight_decay: 0.0}",
+                 "training.scheduler={name: cosine, min_lr_ratio: 0.0}"], "inflora_root",
+                {"init_epoch": 5, "epochs": 5}),
 }
 
 
@@ -210,7 +219,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--mcm-root", type=Path, help="a checkout of deeplearning-wisc/MCM")
     parser.add_argument("--proof-root", type=Path, help="a checkout of zhoudw-zdw/PROOF")
     parser.add_argument("--acl-root", type=Path, help="a checkout of ZHUANGHP/Analytic-continual-learning")
-    names = [*METHODS, *CLIP_METHODS, *ANALYTIC_METHODS]
+    parser.add_argument("--inflora-root", type=Path, help="a checkout of liangyanshuo/InfLoRA")
+    names = [*METHODS, *CLIP_METHODS, *EXTERNAL_METHODS]
     parser.add_argument("--methods", nargs="+", default=names, choices=names)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
     parser.add_argument("--out", type=Path, default=Path("runs/crosscheck_reference"))
@@ -219,7 +229,8 @@ def arguments() -> argparse.Namespace:
               "continual_clip_root": ("continual_clip/models.py", "https://github.com/vgthengane/Continual-CLIP"),
               "mcm_root": ("utils/detection_util.py", "https://github.com/deeplearning-wisc/MCM"),
               "proof_root": ("models/proof.py", "https://github.com/zhoudw-zdw/PROOF"),
-              "acl_root": ("analytic/ACIL.py", "https://github.com/ZHUANGHP/Analytic-continual-learning")}
+              "acl_root": ("analytic/ACIL.py", "https://github.com/ZHUANGHP/Analytic-continual-learning"),
+              "inflora_root": ("methods/inflora.py", "https://github.com/liangyanshuo/InfLoRA")}
     for method in args.methods:
         option = reference_of(method)
         root, (marker, url) = getattr(args, option), needed[option]
@@ -417,7 +428,7 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
     if not is_complete(out):
         if out.exists():  # a stopped run: run afresh (the run is deterministic given its seed)
             shutil.rmtree(out)
-        overrides = {**METHODS, **CLIP_METHODS, **ANALYTIC_METHODS}[method][0]
+        overrides = {**METHODS, **CLIP_METHODS, **EXTERNAL_METHODS}[method][0]
         overrides = [overrides] if isinstance(overrides, str) else overrides
         sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
                 "output.tensorboard=false"]
@@ -455,12 +466,12 @@ def summary(curves: list[list[float]]) -> tuple[list[float], list[float]]:
 
 
 REFERENCE_NAMES = {"pilot_root": "PILOT", "continual_clip_root": "Continual-CLIP", "mcm_root": "MCM",
-                   "proof_root": "PROOF", "acl_root": "Analytic-continual-learning"}
+                   "proof_root": "PROOF", "acl_root": "Analytic-continual-learning", "inflora_root": "InfLoRA"}
 
 
 def reference_of(method: str) -> str:
     """The checkout option ``method`` runs against."""
-    other = {**CLIP_METHODS, **ANALYTIC_METHODS}
+    other = {**CLIP_METHODS, **EXTERNAL_METHODS}
     return other[method][1] if method in other else "pilot_root"
 
 
@@ -525,11 +536,16 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
     if method.startswith("proof"):
         return clip_references.run_proof(args.proof_root.resolve(), shared["clip"], manager,
                                          [CLIP_METHODS[method][2]], seed, normalised=method.endswith("normalised"))
-    if method in ANALYTIC_METHODS:
+    if method == "inflora":
+        from inflora_reference import run_inflora
+
+        return run_inflora(args.inflora_root.resolve(), seed, shared[vit_kind(method)], manager,
+                           EXTERNAL_METHODS[method][2])
+    if method in EXTERNAL_METHODS:
         from analytic_references import expansion_of, run_analytic
 
         return run_analytic(args.acl_root.resolve(), method, seed, shared[vit_kind(method)], manager,
-                            expansion_of(args.out / f"{method}-seed{seed}"), ANALYTIC_METHODS[method][2])
+                            expansion_of(args.out / f"{method}-seed{seed}"), EXTERNAL_METHODS[method][2])
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
     run = method.removesuffix(PER_IMAGE)  # a *_reference_per_image row reads its method's run
     if projection is not None:
@@ -575,10 +591,9 @@ def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, l
 
 
 def group_of(method: str) -> str:
-    """reference.md's section that ``method``'s row belongs to: PILOT's, the CLIP references' or
-    the analytic-learning reference's."""
-    reference = reference_of(method)
-    return "pilot" if reference == "pilot_root" else "analytic" if reference == "acl_root" else "clip"
+    """reference.md's section that ``method``'s row belongs to: PILOT's, the CLIP references', the
+    analytic-learning reference's or InfLoRA's."""
+    return {"pilot_root": "pilot", "acl_root": "analytic", "inflora_root": "inflora"}.get(reference_of(method), "clip")
 
 
 def section(group: str, results: dict[str, dict[str, list]], commits: dict[str, str], seeds: list[int]) -> str:
@@ -627,7 +642,7 @@ def main() -> int:
     commits = {}
     if any(reference_of(m) == "pilot_root" for m in args.methods):
         commits["pilot_root"] = import_pilot(args.pilot_root.resolve())
-    for option in ("continual_clip_root", "mcm_root", "proof_root", "acl_root"):
+    for option in ("continual_clip_root", "mcm_root", "proof_root", "acl_root", "inflora_root"):
         if any(reference_of(m) == option for m in args.methods):
             commits[option] = checkout_commit(getattr(args, option))
     torch.set_num_threads(min(2, torch.get_num_threads()))
