@@ -28,11 +28,10 @@ import torch
 
 from incremental.errors import UserError
 from incremental.models.net import MahalanobisOutput
-from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.strategy import StrategyContext
 
 from .options import FeCAMConfig
-from .pretrained import FirstSessionTraining, experience_features, use_training_head
+from .pretrained import FirstSessionTraining, experience_features
 
 
 def shrunk_covariance(features: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
@@ -76,11 +75,6 @@ class FeCAM(FirstSessionTraining):
         super().__init__(config, context)
         self.means: dict[int, torch.Tensor] = {}
         self.precisions: dict[int, torch.Tensor] = {}
-
-    def prepare_model(self, model: Any) -> None:
-        apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
-        if self.config.tuning.name != "frozen":
-            use_training_head(model, self.config.first_session_head)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if strategy.experience.current_experience == 0:

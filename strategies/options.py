@@ -132,24 +132,23 @@ class SimpleCILConfig:
 
 
 @dataclass
-class APERConfig:
-    # how the first session adapts the model (PILOT's aper_adapter / _ssf / _vpt / _finetune)
+class FirstSessionConfig:
+    # how the first session adapts the model (PILOT's aper_adapter / _ssf / _vpt / _finetune,
+    # ranpac and fecam: adapters, 20 epochs); frozen: none
     tuning: Component = component("tuning", "adapter")
     tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
-    metric: Literal["cosine", "euclidean"] = "cosine"
     # the head the first session trains with: cosine, PILOT's CosineLinear (sigma cos, sigma learnt
     # from 1) on the adapted features; linear, nn.Linear on the model's pooled features
     first_session_head: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass
-class RanPACConfig:
-    # optional first-session adaptation (PILOT's ranpac: adapters, 20 epochs); frozen: none
-    tuning: Component = component("tuning", "adapter")
-    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
-    # the head the first session trains with: cosine, PILOT's CosineLinear (sigma cos, sigma learnt
-    # from 1) on the adapted features; linear, nn.Linear on the model's pooled features
-    first_session_head: Literal["cosine", "linear"] = "cosine"
+class APERConfig(FirstSessionConfig):
+    metric: Literal["cosine", "euclidean"] = "cosine"
+
+
+@dataclass
+class RanPACConfig(FirstSessionConfig):
     projection_dim: int = opt(10_000, ge=1, le=100_000)  # M (RanPAC: 10,000)
     validation_fraction: float = opt(0.2, gt=0, lt=1)  # held out of each experience to choose lambda
     # cosine: the ridge weights in a CosineLinear, cos(h, W_c), as RanPAC's and PILOT's code
@@ -169,13 +168,7 @@ class RanPACConfig:
 
 
 @dataclass
-class FeCAMConfig:
-    # how the first session adapts the model (PILOT's exps/fecam.json: adapters, ffn_num 64, 20
-    # epochs at 0.01, batch 48); frozen: none
-    tuning: Component = component("tuning", "adapter")
-    tune_epochs: int | None = opt(None, ge=0, le=MAX_EPOCHS)  # None: training.initial_epochs, else epochs
-    # the head the first session trains with: PILOT's CosineLinear (cosine), or nn.Linear (linear)
-    first_session_head: Literal["cosine", "linear"] = "cosine"
+class FeCAMConfig(FirstSessionConfig):
     # identity: Sigma + alpha I (PILOT's shrink_cov); fecam: Sigma + alpha V1 I + alpha V2 (1 - I),
     # the FeCAM paper's (its alpha1 = alpha2 = 1)
     shrinkage: Literal["identity", "fecam"] = "identity"

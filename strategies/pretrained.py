@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from incremental.memory import extract_features
 from incremental.models.net import PrototypeOutput
+from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.strategy import StrategyPlugin
 from incremental.timing import phase
 
@@ -109,7 +110,13 @@ def use_training_head(model: nn.Module, kind: str, columns: slice = slice(None))
 
 class FirstSessionTraining(StrategyPlugin):
     """Trains in the first experience only (``tune_epochs`` of it), then adds classes without
-    gradient steps (APER, RanPAC): later experiences run zero epochs."""
+    gradient steps (APER, RanPAC, FeCAM, ACIL): later experiences run zero epochs."""
+
+    def prepare_model(self, model: Any) -> None:
+        """The config's ``tuning`` on the ViT (or Swin), trained through its ``first_session_head``."""
+        apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
+        if self.config.tuning.name != "frozen":  # a head nothing trains would only draw random numbers
+            use_training_head(model, self.config.first_session_head)
 
     def tune_epochs(self) -> int:
         training = self.context.config.training

@@ -27,13 +27,12 @@ from typing import Any, Callable
 import torch
 
 from incremental.models.net import RandomProjectionOutput
-from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.progress import bar
 from incremental.strategy import StrategyContext
 from incremental.timing import phase
 
 from .options import RanPACConfig
-from .pretrained import FirstSessionTraining, experience_features, use_training_head
+from .pretrained import FirstSessionTraining, experience_features
 
 RIDGES = [10.0 ** k for k in range(-8, 9)]
 
@@ -138,11 +137,6 @@ class RanPAC(FirstSessionTraining):
         self.targets: torch.Tensor | None = None
         self.ridges: list[float] = []
         self.dtype = torch.float64 if config.precision == "float64" else torch.float32
-
-    def prepare_model(self, model: Any) -> None:
-        apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
-        if self.config.tuning.name != "frozen":  # a head nothing trains would only draw random numbers
-            use_training_head(model, self.config.first_session_head)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         experience = strategy.experience.current_experience
