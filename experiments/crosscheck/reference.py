@@ -60,6 +60,8 @@ What the harness changes in PILOT to run it here, each written into reference.md
 - RanPAC with a frozen ViT is PILOT's RanPAC with ``tuned_epoch: 0``, whose ``_init_train``
   fails without an epoch (its last log line reads a variable the loop sets), so the harness
   skips that call, which is what zero epochs do;
+- PILOT's FeCAM saves its network after the first session (``save_checkpoint``, a pickle in the
+  working directory): the harness skips that call, which changes nothing it computes;
 - the ``*_shared_projection`` rows replace the W_rand PILOT's ``setup_RP`` draws by the one the
   toolkit's run drew (read from its checkpoint), after that call, so both sides project alike;
 - the ``*_reference_per_image`` rows are the same PILOT run as their method's, evaluated after each
@@ -356,6 +358,8 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     at_shared_width(module, inc_net, vit_path)
     if method.startswith("ranpac_frozen"):  # 0 epochs: PILOT's _init_train logs a variable only its loop sets
         module.Learner._init_train = lambda self, *args, **kwargs: None
+    if method == "fecam":  # its first session pickles the network into the working directory
+        module.Learner.save_checkpoint = lambda self, *args, **kwargs: None
     module.DataLoader = keep_last_batch if method.endswith(TOOLKIT_SCHEDULE) else torch.utils.data.DataLoader
     torch.manual_seed(seed)
     learner = module.Learner(pilot_args(root, method, manager, seed))
