@@ -41,10 +41,11 @@ def spectrum_share(singular: np.ndarray) -> np.ndarray:
 def first_basis(covariance: np.ndarray, threshold: float) -> tuple[np.ndarray, str]:
     """After the first task: the left singular vectors holding ``threshold`` of the spectrum
     (at least one), stored as such (``remove``) when they are fewer than half the width, else
-    too (``retain``: the reference keeps the same vectors under the other name)."""
+    by their complement (``retain``). The reference stores the same vectors as ``retain`` there,
+    which its own check then rejects (an AssertionError): this is the case it cannot run."""
     u, s, _ = np.linalg.svd(covariance, full_matrices=False)
-    count = int(np.sum(np.cumsum(spectrum_share(s)) < threshold))
-    return u[:, :max(count, 1)], "remove" if count < len(covariance) / 2 else "retain"
+    count = max(int(np.sum(np.cumsum(spectrum_share(s)) < threshold)), 1)
+    return (u[:, :count], "remove") if count < len(covariance) / 2 else (u[:, count:], "retain")
 
 
 def extend_removed(basis: np.ndarray, covariance: np.ndarray, threshold: float) -> np.ndarray:
