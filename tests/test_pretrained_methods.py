@@ -906,6 +906,8 @@ def test_inflora_down_projections_avoid_the_stored_subspace():
     assert np.allclose(a @ a.T, np.eye(3) / 3)  # orthonormal rows over sqrt(3)
     grown, kind = update_basis(basis, kind, second, 0.97)
     assert grown.shape[1] >= basis.shape[1] and np.allclose(grown.T @ grown, np.eye(grown.shape[1]), atol=1e-8)
+    flat, kind = first_basis(np.eye(16) + 0.01 * first, 0.95)  # most directions needed: their complement
+    assert kind == "retain" and 0 < flat.shape[1] <= 8
     wide = np.linalg.qr(gen.standard_normal((16, 5)))[0]
     a = design_down_projection(second, wide, "retain", rank=2)
     assert np.allclose(a, a @ wide @ wide.T, atol=1e-10)
