@@ -33,8 +33,9 @@ def shared_inflora_vit(module: Any, vit_path: Path, **kwargs: Any) -> torch.nn.M
     from pilot_models import SHARED_VITS, shared_kind
 
     spec = SHARED_VITS[shared_kind(vit_path)]
-    kwargs.update(embed_dim=spec["embed_dim"], depth=spec["depth"], num_heads=spec["num_heads"])
-    model = module.ViT_lora_co(img_size=32, patch_size=4, in_chans=1, num_classes=0, global_pool="token", **kwargs)
+    kwargs.update(img_size=32, patch_size=4, in_chans=1, num_classes=0, global_pool="token",
+                  embed_dim=spec["embed_dim"], depth=spec["depth"], num_heads=spec["num_heads"])
+    model = module.ViT_lora_co(**kwargs)  # SiNet's own kwargs (ViT-B/16's) replaced by the shared ViT's
     missing, unexpected = model.load_state_dict(load_file(str(vit_path)), strict=False)
     # its LoRA branches, and cls_token_grow / pos_embed_grow, which its forward never reads
     if unexpected or any("lora" not in key and not key.endswith("_grow") for key in missing):

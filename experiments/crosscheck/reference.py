@@ -540,16 +540,8 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
     if method.startswith("proof"):
         return clip_references.run_proof(args.proof_root.resolve(), shared["clip"], manager,
                                          [CLIP_METHODS[method][2]], seed, normalised=method.endswith("normalised"))
-    if method == "inflora":
-        from inflora_reference import run_inflora
-
-        return run_inflora(args.inflora_root.resolve(), seed, shared[vit_kind(method)], manager,
-                           EXTERNAL_METHODS[method][2])
     if method in EXTERNAL_METHODS:
-        from analytic_references import expansion_of, run_analytic
-
-        return run_analytic(args.acl_root.resolve(), method, seed, shared[vit_kind(method)], manager,
-                            expansion_of(args.out / f"{method}-seed{seed}"), EXTERNAL_METHODS[method][2])
+        return external_curve(method, seed, args, shared[vit_kind(method)], manager)
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
     run = method.removesuffix(PER_IMAGE)  # a *_reference_per_image row reads its method's run
     if projection is not None:
@@ -573,6 +565,29 @@ def pilot_curves(args: argparse.Namespace, run: str, seed: int, vit_path: Path,
         curves = run_pilot(args.pilot_root, run, seed, vit_path, manager)
         path.write_text(json.dumps({"inputs": json.loads(inputs), "curves": curves}, indent=1))
     return json.loads(path.read_text())["curves"]
+
+
+def external_curve(method: str, seed: int, args: argparse.Namespace, vit_path: Path, manager: DigitsManager) -> list:
+    """The analytic-learning or InfLoRA reference's curve for ``method``, kept in the output
+    folder under a digest of what it depends on (as ``pilot_curves``): the checkout's commit, the
+    options, the shared weights and, for the analytic methods, the toolkit run's buffer."""
+    from analytic_references import expansion_of, run_analytic
+    from clip_references import checkout_commit
+    from inflora_reference import run_inflora
+
+    option, changes = EXTERNAL_METHODS[method][1], EXTERNAL_METHODS[method][2]
+    root = getattr(args, option).resolve()
+    expansion = None if method == "inflora" else expansion_of(args.out / f"{method}-seed{seed}")
+    digests = [hashlib.sha256(vit_path.read_bytes()).hexdigest()]
+    if expansion is not None:
+        digests.append(hashlib.sha256(expansion.numpy().tobytes()).hexdigest())
+    inputs = json.dumps([checkout_commit(root), method, seed, changes, digests], sort_keys=True)
+    path = args.out / f"reference-{method}-seed{seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.json"
+    if not path.is_file():
+        curve = (run_inflora(root, seed, vit_path, manager, changes) if method == "inflora"
+                 else run_analytic(root, method, seed, vit_path, manager, expansion, changes))
+        path.write_text(json.dumps({"inputs": json.loads(inputs), "curve": curve}, indent=1))
+    return json.loads(path.read_text())["curve"]
 
 
 def run_seed(seed: int, args: argparse.Namespace, results: dict[str, dict[str, list]]) -> None:
