@@ -187,3 +187,28 @@ def test_pilots_coda_gets_the_toolkits_batches_and_schedule_when_asked():
         optimizer.step()
     assert rates == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
     assert learner.get_scheduler(optimizer) is None
+
+
+def test_infloras_reference_gets_the_toolkits_schedule_when_asked():
+    """In place of InfLoRA's per-epoch quarter cosine: after every optimizer step the LR is the
+    toolkit's half-cosine at that iteration, written from its definition; the per-epoch step
+    does nothing."""
+    import math
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from inflora_reference import ToolkitCosine
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([weight], lr=0.5)
+    schedule = ToolkitCosine(SimpleNamespace(train_loader=[0, 1, 2]), optimizer, K=4)
+    seen = []
+    for step in range(12):
+        optimizer.zero_grad()
+        weight.sum().backward()
+        optimizer.step()
+        if step % 3 == 2:
+            schedule.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * (k + 1) / 12)) for k in range(12)]
+    assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(seen, expected))

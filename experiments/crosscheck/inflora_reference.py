@@ -11,6 +11,9 @@ What the harness changes, written into reference.md:
   ``init_param`` leaves them);
 - ``ipdb``, which ``methods/inflora.py`` imports for a commented-out breakpoint, is an empty
   module;
+- ``update_DualGPM`` gets its input covariances as numpy arrays instead of torch tensors: with
+  this machine's numpy and torch, ``np.linalg.svd`` of a torch tensor hands back torch tensors
+  (wrapped through ``__array_wrap__``), on which the method's numpy-style ``.transpose()`` fails;
 - the training values are configs/cifar100_inflora.json's with the ViT's width and heads, the
   protocol's 5 tasks of 2 classes, 0 loader workers, and the epochs written in reference.py.
 """
@@ -55,8 +58,33 @@ def inflora_args(root: Path, manager: Any, vit_path: Path, seed: int, changes: d
     return args
 
 
+class ToolkitCosine:
+    """In place of the reference's ``CosineSchedule(optimizer, K)`` (a quarter cosine stepped
+    once an epoch): the toolkit's half-cosine over the task's iterations, set after every
+    optimizer step; the reference's once-an-epoch ``step`` does nothing."""
+
+    def __init__(self, learner: Any, optimizer: torch.optim.Optimizer, K: int):
+        from incremental.config.schema import SchedulerConfig
+        from incremental.training.optim import lr_factor
+
+        base, per_epoch, cosine = [g["lr"] for g in optimizer.param_groups], len(learner.train_loader), \
+            SchedulerConfig(name="cosine", min_lr_ratio=0.0)
+        steps = iter(range(1, per_epoch * K + 1))
+
+        def after_step(*args: Any) -> None:
+            factor = lr_factor(cosine, iteration=next(steps), iters_per_epoch=per_epoch, epochs=K)
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * factor
+        optimizer.register_step_post_hook(after_step)
+
+    def step(self) -> None:
+        pass
+
+
 def run_inflora(root: Path, seed: int, vit_path: Path, manager: Any, changes: dict[str, Any]) -> list[float]:
-    """The reference's InfLoRA through every task on ``manager``'s digits; its top-1 after each."""
+    """The reference's InfLoRA through every task on ``manager``'s digits; its top-1 after each.
+    ``changes`` may hold ``toolkit_schedule``: the reference trained with the toolkit's LR
+    schedule (:class:`ToolkitCosine`)."""
     from clip_references import use_checkout
 
     use_checkout(root)
@@ -66,8 +94,13 @@ def run_inflora(root: Path, seed: int, vit_path: Path, manager: Any, changes: di
 
     sinet._create_vision_transformer = lambda variant, pretrained=False, **kwargs: shared_inflora_vit(
         sinet, vit_path, **kwargs)
+    changes = dict(changes)
+    if changes.pop("toolkit_schedule", False):
+        inflora.CosineSchedule = lambda optimizer, K: ToolkitCosine(learner, optimizer, K)
     torch.manual_seed(seed)
     learner = inflora.InfLoRA(inflora_args(root, manager, vit_path, seed, changes))
+    update = learner.update_DualGPM  # given numpy arrays: numpy's SVD of torch tensors returns torch tensors here
+    learner.update_DualGPM = lambda matrices: update([m.numpy() for m in matrices])
     curve = []
     for _ in range(manager.nb_tasks):
         learner.incremental_train(manager)

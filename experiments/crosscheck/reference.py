@@ -212,6 +212,9 @@ EXTERNAL_METHODS = {
                  "training.scheduler={name: cosine, min_lr_ratio: 0.0}"], "inflora_root",
                 {"init_epoch": 5, "epochs": 5}),
 }
+# the same run of ours against the reference trained with the toolkit's LR schedule
+EXTERNAL_METHODS["inflora" + TOOLKIT_SCHEDULE] = (*EXTERNAL_METHODS["inflora"][:2],
+                                                  {**EXTERNAL_METHODS["inflora"][2], "toolkit_schedule": True})
 
 
 def arguments() -> argparse.Namespace:
@@ -577,14 +580,15 @@ def external_curve(method: str, seed: int, args: argparse.Namespace, vit_path: P
 
     option, changes = EXTERNAL_METHODS[method][1], EXTERNAL_METHODS[method][2]
     root = getattr(args, option).resolve()
-    expansion = None if method == "inflora" else expansion_of(args.out / f"{method}-seed{seed}")
+    inflora = method.startswith("inflora")
+    expansion = None if inflora else expansion_of(args.out / f"{method}-seed{seed}")
     digests = [hashlib.sha256(vit_path.read_bytes()).hexdigest()]
     if expansion is not None:
         digests.append(hashlib.sha256(expansion.numpy().tobytes()).hexdigest())
     inputs = json.dumps([checkout_commit(root), method, seed, changes, digests], sort_keys=True)
     path = args.out / f"reference-{method}-seed{seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.json"
     if not path.is_file():
-        curve = (run_inflora(root, seed, vit_path, manager, changes) if method == "inflora"
+        curve = (run_inflora(root, seed, vit_path, manager, changes) if inflora
                  else run_analytic(root, method, seed, vit_path, manager, expansion, changes))
         path.write_text(json.dumps({"inputs": json.loads(inputs), "curve": curve}, indent=1))
     return json.loads(path.read_text())["curve"]
