@@ -86,7 +86,7 @@ def tune_backbone(model: Any, tuning: Any) -> None:
 
 
 class ACIL(FirstSessionTraining):
-    """ACIL: a frozen random ReLU expansion and a ridge head by recursive least squares."""
+    """ACIL: a frozen random ReLU expansion and a ridge head by recursive least squares (exemplar-free, closed form)."""
 
     def __init__(self, config: ACILConfig, context: StrategyContext):
         super().__init__(config, context)

@@ -25,7 +25,7 @@ from .acil import ACIL, RecursiveLeastSquares
 
 
 class DSAL(ACIL):
-    """DS-AL: ACIL's main stream plus a tanh compensation stream fitted to its residual."""
+    """DS-AL: ACIL's stream plus a tanh stream fitted to its residual on the current classes."""
 
     def new_streams(self) -> list[RecursiveLeastSquares]:
         m, classes = self.config.expansion_size, self.context.total_classes

@@ -104,7 +104,7 @@ def design_down_projection(covariance: np.ndarray, basis: np.ndarray | None, kin
 
 
 class InfLoRA(StrategyPlugin):
-    """InfLoRA: per-task LoRA on keys and values, down-projections orthogonal to old tasks' inputs."""
+    """InfLoRA: per-task LoRA on keys and values, down-projections orthogonal to the old tasks' inputs (DualGPM)."""
 
     def __init__(self, config: InfLoRAConfig, context: StrategyContext):
         super().__init__(config, context)

@@ -304,7 +304,7 @@ TUNING.declare("adapter", "incremental.models.peft:tune_adapter", config=Adapter
 TUNING.declare("ssf", "incremental.models.peft:tune_ssf", config=SSFConfig,
                summary="SSF: a scale and shift after every linear layer and norm and the patch embedding; only they train.")
 TUNING.declare("lora", "incremental.models.peft:tune_lora", config=LoRAConfig,
-               summary="LoRA: a low-rank update (alpha / r) B A beside the chosen linear layers of every block "
-                       "(B zero-initialised); only A and B train.")
+               summary="LoRA: a low-rank update (alpha / r) B A beside chosen linear layers of each block; only A "
+                       "and B train.")
 TUNING.declare("vpt_deep", "incremental.models.peft:tune_vpt_deep", config=VPTConfig,
                summary="VPT-deep: learned prompt tokens at the input of every block; only they train.")

@@ -433,7 +433,7 @@ def tune_ssf(vit: nn.Module, config: Any = None) -> None:
 
 
 def tune_lora(vit: nn.Module, config: Any) -> None:
-    """LoRA: a low-rank update beside the chosen linear layers of every block; only it trains."""
+    """LoRA: a low-rank update (alpha / r) B A beside chosen linear layers of each block; only A and B train."""
     freeze(vision_transformer(vit, swin=True))
     add_lora(vit, rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets)
 
@@ -455,7 +455,8 @@ def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "TaskLowRankBank", "add_lora", "add_task_lora", "tune_lora", "PrefixAttention", "ScaleShift", "add_adapters", "add_prefix_attention",
-           "add_ssf", "add_vpt_deep", "adapters_set", "apply_tuning", "block_width", "freeze", "query_features",
-           "trainable_parameters", "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_ssf",
+__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "PrefixAttention", "ScaleShift", "TaskLowRankBank",
+           "adapters_set", "add_adapters", "add_lora", "add_prefix_attention", "add_ssf", "add_task_lora",
+           "add_vpt_deep", "apply_tuning", "block_width", "freeze", "query_features", "trainable_parameters",
+           "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_lora", "tune_ssf",
            "tune_vpt_deep", "tuning_off", "tuning_on", "vision_transformer"]
