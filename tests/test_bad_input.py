@@ -207,6 +207,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "strategy.tuning.targets"),
     ("LoRA on no layer", lambda ws: ["run", ws.config("strategy: {name: aper, tuning: {name: lora, targets: []}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.tuning.targets: needs at least one target layer"),
+    ("LoRA alpha of 0", lambda ws: ["run", ws.config("strategy: {name: aper, tuning: {name: lora, alpha: 0}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "strategy.tuning.alpha: must be > 0"),
     ("LoRA dropout of 1", lambda ws: ["run", ws.config("strategy: {name: aper, tuning: {name: lora, dropout: 1.0}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.tuning.dropout: must be < 1"),
     ("FeCAM's negative shrinkage", lambda ws: ["run", ws.config("strategy: {name: fecam, alpha: -1}\n")],
