@@ -107,10 +107,21 @@ class SLCA(StrategyPlugin):
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._old_rows = None
+        self.keep_unaligned_head(strategy)
+        experience = strategy.experience.current_experience
+        self.update_gaussians(strategy, experience)
+        if experience > 0 and self.config.ca_epochs > 0:
+            self.align(strategy, experience)
+
+    def keep_unaligned_head(self, strategy: Any) -> None:
+        """The head as training left it: the next experience starts from it (``restore``)."""
         classifier = strategy.model.head.classifier
         self.unaligned = {name: getattr(classifier, name).detach().clone()
                           for name in ("weight", "bias") if getattr(classifier, name) is not None}
-        experience = strategy.experience.current_experience
+
+    def update_gaussians(self, strategy: Any, experience: int) -> None:
+        """Each class of ``experience``: the mean and covariance (+ 1e-4 I, fp64) of its training
+        images' features under the network as it is now; older classes keep theirs."""
         features, labels = experience_features(strategy, experience, self.context)
         features = features.double()
         width, seen = features.shape[1], int(labels.max()) + 1
@@ -123,8 +134,6 @@ class SLCA(StrategyPlugin):
             means[label] = own.mean(dim=0)
             covariances[label] = torch.cov(own.T) + 1e-4 * torch.eye(width, dtype=torch.float64)
         self.means, self.covariances = means, covariances
-        if experience > 0 and self.config.ca_epochs > 0:
-            self.align(strategy, experience)
 
     def align(self, strategy: Any, experience: int) -> None:
         """Classifier alignment: the head alone, on features drawn from the class Gaussians."""
