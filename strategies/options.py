@@ -241,6 +241,18 @@ class SLCAConfig:
 
 
 @dataclass
+class CoFiMAConfig(SLCAConfig):
+    # PILOT's exps/cofima.json (SLCA's training values, which the run's training section holds):
+    # fisher_weighting true, wt_lambda 0.4; models/cofima.py's fishermax 1e-4
+    fisher_weighting: bool = True  # false: the plain average (1 - w) theta_0 + w theta_1
+    merge_weight: float = opt(0.4, ge=0, le=1)  # w, the new network's share (wt_lambda)
+    fisher_max: float = opt(1e-4, gt=0, le=1e8)  # each Fisher entry's cap (fishermax)
+    # times_fisher: a new experience's head rows become F_1 theta_1 in the merge (PILOT's code);
+    # trained: they stay as trained (alignment retrains every row after the merge either way)
+    new_head_rows: Literal["times_fisher", "trained"] = "times_fisher"
+
+
+@dataclass
 class L2PConfig:
     pool_size: int = opt(10, ge=1, le=10_000)
     length: int = opt(5, ge=1, le=1024)
@@ -427,6 +439,8 @@ STRATEGIES.declare("dsal", "incremental.strategies.dsal:DSAL", config=DSALConfig
                    summary="DS-AL: ACIL's stream plus a tanh stream fitted to its residual on the current classes.")
 STRATEGIES.declare("slca", "incremental.strategies.slca:SLCA", config=SLCAConfig,
                    summary="SLCA: a slow backbone, a fast head, and classifier alignment from class Gaussians.")
+STRATEGIES.declare("cofima", "incremental.strategies.cofima:CoFiMA", config=CoFiMAConfig,
+                   summary="CoFiMA: SLCA with the network a Fisher-weighted merge of the previous and the new one.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

@@ -28,6 +28,7 @@ METHODS = {
     "aper_finetune": "{name: aper, tuning: finetune}",
     "ranpac": "{name: ranpac, projection_dim: 300}",
     "slca": "{name: slca, ca_samples_per_class: 16}",
+    "cofima": "{name: cofima, ca_samples_per_class: 16}",
     "l2p": "{name: l2p, pool_size: 6, length: 2, top_k: 2}",
     "dualprompt": "{name: dualprompt, g_layers: [0], e_layers: [1, 2]}",
     "codaprompt": "{name: codaprompt, pool_size: 6, length: 4, layers: [0, 1, 2], ortho_weight: 0.01}",
@@ -80,7 +81,7 @@ def test_every_method_runs_from_the_cli(method, pretrained, tmp_path):
         assert trained[0] > 0 and trained[1:] == [0, 0]
     else:  # every step; prompts, adapters and SLCA's slow backbone, never more than the whole
         assert all(t > 0 for t in trained)
-    if method not in ("aper_finetune", "slca", "dsal_finetune"):  # parameter-efficient: a fraction of the encoder
+    if method not in ("aper_finetune", "slca", "cofima", "dsal_finetune"):  # parameter-efficient: a fraction of the encoder
         assert max(trained) < encoder / 2, (trained, encoder)
 
 

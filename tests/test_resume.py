@@ -167,6 +167,7 @@ STRATEGY_CASES = {
         "ranpac": "{name: ranpac, projection_dim: 64}",
         "aper": "{name: aper, tuning: {name: adapter, bottleneck: 4}}",
         "slca": "{name: slca, ca_samples_per_class: 8}",
+        "cofima": "{name: cofima, ca_samples_per_class: 8}",
         "l2p": "{name: l2p, pool_size: 4, length: 2, top_k: 2}",
         "codaprompt": "{name: codaprompt, pool_size: 6, length: 2, layers: [0]}",
         "ease": "{name: ease, bottleneck: 4}",

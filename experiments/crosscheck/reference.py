@@ -86,7 +86,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,11 @@ PROMPT_TRAINING = ["dataset.augment=false", "training.epochs=5", "training.sched
 # PILOT chooses L2P's and DualPrompt's prompts batchwise at test too, on test loaders sorted by
 # class; a *_reference_per_image row evaluates the same PILOT run with a choice per image
 PER_IMAGE = "_reference_per_image"
+# PILOT's exps/slca.json and exps/cofima.json: the whole ViT at 1/100 of the head's LR 0.01, 20
+# epochs, the LR x0.1 at epoch 18, batch 64
+SLCA_TRAINING = ["dataset.augment=false", "training.epochs=20", "training.batch_size=64",
+                 "training.optimizer={name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}",
+                 "training.scheduler={name: step, milestones: [18], gamma: 0.1}"]
 METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {"exps": its file, changes})
     "simplecil": ("strategy=simplecil", "models.simplecil", {"model_name": "simplecil"}),
     "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", *PILOT_RANPAC),
@@ -140,12 +145,13 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
               "models.fecam", {"exps": "fecam.json"}),
     # PILOT's exps/slca.json: the whole ViT at 1/100 of the head's LR 0.01, 20 epochs, the LR x0.1
     # at epoch 18, batch 64; alignment 3 epochs on 256 samples a class with logit norm 0.1
-    "slca": (["strategy=slca", "dataset.augment=false", "training.epochs=20", "training.batch_size=64",
-              "training.optimizer={name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}",
-              "training.scheduler={name: step, milestones: [18], gamma: 0.1}"],
+    "slca": (["strategy=slca", *SLCA_TRAINING],
              "models.slca", {"model_name": "slca", "lrate": 0.01, "weight_decay": 5e-4, "batch_size": 64,
                              "lrate_decay": 0.1, "epochs": 20, "ca_epochs": 3, "ca_with_logit_norm": 0.1,
                              "milestones": [18]}),
+    # PILOT's exps/cofima.json: SLCA's values (above), Fisher weighting, wt_lambda 0.4
+    "cofima": (["strategy=cofima", *SLCA_TRAINING], "models.cofima",
+               {"exps": "cofima.json", "model_name": "cofima"}),
     # PILOT's exps/l2p.json, read from the checkout: Adam 0.001875, batch 16, 5 epochs a task,
     # pool 10, length 5, top 5, the pull constraint 0.1, the prompt tokens' mean as the features
     "l2p": (["strategy={name: l2p, pool_size: 10, length: 5, top_k: 5}", *PROMPT_TRAINING,
@@ -433,8 +439,9 @@ def projection_of(run_dir: Path) -> torch.Tensor:
     return next(state["projection"] for state in plugins if isinstance(state, dict) and "projection" in state)
 
 
-def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]:
-    """The toolkit's run of ``method`` on the shared ``backbone`` (an override); its metrics.json."""
+def run_ours(method: str, seed: int, backbone: str, out: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The toolkit's run of ``method`` on the shared ``backbone`` (an override), with ``extra``
+    overrides last; its metrics.json."""
     from incremental.cli import main
 
     if not is_complete(out):
@@ -443,7 +450,7 @@ def run_ours(method: str, seed: int, backbone: str, out: Path) -> dict[str, Any]
         overrides = {**METHODS, **CLIP_METHODS, **EXTERNAL_METHODS}[method][0]
         overrides = [overrides] if isinstance(overrides, str) else overrides
         sets = [f"seed={seed}", f"protocol.order_seed={seed}", backbone, "protocol.memory={}", *overrides,
-                "output.tensorboard=false"]
+                "output.tensorboard=false", *extra]
         code = main(["run", PROTOCOL, "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
         if code:
             raise SystemExit(f"the toolkit's {method} run failed (exit {code})")

@@ -44,6 +44,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "ranpac_frozen": ("RanPAC, frozen, M = 1000",
                       ["strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", NO_MEMORY]),
     "slca": ("SLCA", ["strategy=slca", NO_MEMORY]),
+    "cofima": ("CoFiMA", ["strategy=cofima", NO_MEMORY]),
     "l2p": ("L2P", ["strategy={name: l2p, pool_size: 10, length: 5, top_k: 5}", NO_MEMORY, PROMPT_EPOCHS]),
     "dualprompt": ("DualPrompt", ["strategy={name: dualprompt, g_layers: [0, 1], e_layers: [2, 3]}", NO_MEMORY,
                                   PROMPT_EPOCHS]),
