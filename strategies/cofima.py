@@ -15,13 +15,14 @@ merged network and the classifier is aligned on them.
 
 Parameters that exist only in ``theta_1`` (PILOT: the new experience's head; here: its rows of
 the growing head) become ``F_1 theta_1`` in PILOT's code; ``new_head_rows: trained`` keeps
-``theta_1`` instead. Every row of the head has its Fisher from the cross-entropy's gradient.
-PILOT's older heads are frozen, and the entries its Fisher gives them are the squares of stale
-gradients: whatever the last backward pass of the previous experience (its alignment, or its
-Fisher pass) left in their ``.grad``; that is not reproduced (alignment retrains every row after
-the merge; reference.md measures the whole). Where both Fishers are zero (no gradient reaches
-the parameter, e.g. a frozen backbone) PILOT's division is 0/0; here the parameter keeps
-``theta_1``.
+``theta_1`` instead. The older classes' head rows are frozen while the slow learner trains
+(``freeze_old_heads``; PILOT freezes old heads), and PILOT's Fisher pass then reads whatever
+their ``.grad`` still holds from the previous experience: the gradient of alignment's last
+step (after the first experience: of the Fisher pass's last batch). ``old_head_fisher:
+stale_gradient`` (the default) gives those rows the square of that gradient, as PILOT does;
+``computed`` gives them their own Fisher on the experience's data. Where both Fishers are zero
+(no gradient reaches the parameter, e.g. a frozen backbone) PILOT's division is 0/0; here the
+parameter keeps ``theta_1``.
 """
 
 from __future__ import annotations
@@ -38,15 +39,19 @@ from incremental.timing import phase
 from .options import CoFiMAConfig
 from .slca import SLCA
 
+HEAD_PARAMETERS = ("head.classifier.weight", "head.classifier.bias")
+
 
 def capped_fisher_diagonal(model: torch.nn.Module, batches: Any, device: torch.device,
-                           cap: float) -> dict[str, torch.Tensor]:
+                           cap: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per parameter: the mean over ``batches`` of the squared gradient of the batch's mean
     cross-entropy (all logits, labels as given), capped at ``cap``; zero where no gradient
-    reaches. Under torchrun each batch's gradient is the global batch's before it is squared."""
+    reaches. Under torchrun each batch's gradient is the global batch's before it is squared.
+    Also the last batch's gradients (what PILOT's loop leaves in ``.grad``)."""
     dist = current()
     parameters = dict(model.named_parameters())
     fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    last: dict[str, torch.Tensor] = {}
     count = 0
     for x, y, *_ in batches:
         x, y = x.to(device), y.to(device)
@@ -54,12 +59,12 @@ def capped_fisher_diagonal(model: torch.nn.Module, batches: Any, device: torch.d
         size = sum_tensor(torch.tensor(float(len(y)), device=device), dist)
         loss = F.cross_entropy(model(x).float(), y, reduction="sum") / size
         loss.backward()
-        for name, p in parameters.items():
-            if p.grad is not None:
-                fisher[name] += sum_tensor(p.grad.detach(), dist).pow(2)
+        last = {name: sum_tensor(p.grad.detach(), dist) for name, p in parameters.items() if p.grad is not None}
+        for name, gradient in last.items():
+            fisher[name] += gradient.pow(2)
         count += 1
     model.zero_grad(set_to_none=True)
-    return {name: (value / max(count, 1)).clamp(max=cap) for name, value in fisher.items()}
+    return {name: (value / max(count, 1)).clamp(max=cap) for name, value in fisher.items()}, last
 
 
 @torch.no_grad()
@@ -101,6 +106,7 @@ class CoFiMA(SLCA):
         super().__init__(config, context)
         self.previous: dict[str, torch.Tensor] | None = None  # the network after the last experience
         self.previous_fisher: dict[str, torch.Tensor] | None = None
+        self.stale_head: dict[str, torch.Tensor] | None = None  # see fisher()
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._old_rows = None
@@ -118,6 +124,7 @@ class CoFiMA(SLCA):
         self.update_gaussians(strategy, experience)
         if experience > 0 and self.config.ca_epochs > 0:
             self.align(strategy, experience)
+            self.keep_last_head_gradient(strategy)
         self.previous = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
         self.previous_fisher = None if fisher is None else {name: f.cpu() for name, f in fisher.items()}
 
@@ -132,14 +139,36 @@ class CoFiMA(SLCA):
                 batches = strategy.engine.batches(self.context.train_dataset(experience),
                                                   batch_size=strategy.train_mb_size, shuffle=True, drop_last=False,
                                                   seed=self.context.config.seed + experience)
-                return capped_fisher_diagonal(model, batches, strategy.device, self.config.fisher_max)
+                fisher, last = capped_fisher_diagonal(model, batches, strategy.device, self.config.fisher_max)
         finally:
             model.train(was_training)
+        start = self.context.class_split.label_ranges()[experience].start
+        stale = self.config.old_head_fisher == "stale_gradient" and self.config.freeze_old_heads
+        kept = {}
+        for name in HEAD_PARAMETERS:
+            if name not in last:
+                continue
+            kept[name] = last[name].clone()  # the new rows' gradient stays on them (PILOT's .grad)
+            if stale and self.stale_head and name in self.stale_head:  # frozen rows keep their old .grad
+                old = self.stale_head[name][:start].to(fisher[name])
+                fisher[name][:start] = old.pow(2).clamp(max=self.config.fisher_max)
+                kept[name][:start] = old
+        self.stale_head = kept
         return fisher
 
+    def keep_last_head_gradient(self, strategy: Any) -> None:
+        """The head's gradient at alignment's last step: what PILOT's frozen heads still hold
+        when the next experience's Fisher pass reads them."""
+        parameters = dict(strategy.model.named_parameters())
+        self.stale_head = {name: parameters[name].grad.detach().clone() for name in HEAD_PARAMETERS
+                           if parameters.get(name) is not None and parameters[name].grad is not None}
+        strategy.model.head.zero_grad(set_to_none=True)
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous": self.previous, "previous_fisher": self.previous_fisher}
+        return {**super().state_dict(), "previous": self.previous, "previous_fisher": self.previous_fisher,
+                "stale_head": self.stale_head}
 
     def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
         super().load_state_dict(state, model)
         self.previous, self.previous_fisher = state["previous"], state["previous_fisher"]
+        self.stale_head = state["stale_head"]

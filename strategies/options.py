@@ -250,6 +250,11 @@ class CoFiMAConfig(SLCAConfig):
     # times_fisher: a new experience's head rows become F_1 theta_1 in the merge (PILOT's code);
     # trained: they stay as trained (alignment retrains every row after the merge either way)
     new_head_rows: Literal["times_fisher", "trained"] = "times_fisher"
+    # the older classes' head rows, which the slow learner leaves as they were: stale_gradient
+    # gives them the square of the last gradient that reached them in the previous experience
+    # (alignment's last step, or the first experience's last Fisher batch), as PILOT's frozen
+    # heads keep that .grad and its Fisher pass adds it; computed: their own Fisher on this data
+    old_head_fisher: Literal["stale_gradient", "computed"] = "stale_gradient"
 
 
 @dataclass

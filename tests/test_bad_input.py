@@ -235,6 +235,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "strategy.fisher_max: must be > 0"),
     ("CoFiMA's new head rows unknown", lambda ws: ["run", ws.config("strategy: {name: cofima, new_head_rows: zero}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.new_head_rows"),
+    ("CoFiMA's old-head Fisher unknown", lambda ws: ["run", ws.config("strategy: {name: cofima, old_head_fisher: fresh}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "strategy.old_head_fisher"),
     ("CoFiMA's Fisher weighting as text", lambda ws: ["run", ws.config("strategy: {name: cofima, fisher_weighting: maybe}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.fisher_weighting"),
     ("zero torch threads", lambda ws: ["run", ws.config("training: {threads: 0}\n")],

@@ -65,11 +65,14 @@ def test_the_fisher_diagonal_is_the_mean_squared_batch_gradient_capped():
         for (name, _), g in zip([(n, p) for n, p in model.named_parameters() if n != "unused"], grads):
             expected[name] += g.pow(2)
     cap = float(torch.stack([(v / 3).max() for v in expected.values()]).median())  # caps some entries
-    fisher = capped_fisher_diagonal(model, batches, torch.device("cpu"), cap)
+    fisher, last = capped_fisher_diagonal(model, batches, torch.device("cpu"), cap)
     for name, value in expected.items():
         torch.testing.assert_close(fisher[name], (value / 3).clamp(max=cap), rtol=1e-5, atol=1e-9)
     assert (fisher["unused"] == 0).all() and max(float(f.max()) for f in fisher.values()) == pytest.approx(cap)
     assert all(p.grad is None for p in model.parameters())  # leaves no gradient behind
+    for name, gradient in zip([n for n, _ in model.named_parameters() if n != "unused"], grads):
+        torch.testing.assert_close(last[name], gradient)  # the last batch's, returned
+    assert "unused" not in last
 
 
 def _weights(run_dir, archived: str | None = None) -> dict[str, torch.Tensor]:
@@ -118,3 +121,24 @@ def test_the_fisher_merge_moves_the_backbone_between_the_two_networks(pretrained
     for k in moved:  # between theta_0 and a trained theta_1 that is SLCA's (the same first step)
         low, high = torch.minimum(first[k], unmerged[k]), torch.maximum(first[k], unmerged[k])
         assert bool(((merged[k] >= low - 1e-6) & (merged[k] <= high + 1e-6)).all()), k
+
+
+def test_the_older_rows_fisher_is_the_square_of_the_gradient_left_from_the_last_experience(pretrained, tmp_path):  # noqa: F811
+    """PILOT's frozen old heads: the next Fisher pass reads the .grad they still hold. After the
+    first experience that is the Fisher pass's last batch; the second experience's Fisher gives
+    the first experience's rows its square (capped); ``computed`` gives them their own Fisher."""
+    config, weights = pretrained
+    fishers = {}
+    for mode in ("stale_gradient", "computed"):
+        run_method(config, weights, tmp_path / mode, f"{{name: cofima, ca_samples_per_class: 16, old_head_fisher: {mode}}}",
+                   "output.checkpoint=all")
+        states = [torch.load(tmp_path / mode / "checkpoints" / f"experience_00{e}.pt", weights_only=False)["plugins"][0]
+                  for e in (0, 1)]
+        fishers[mode] = states[1]["previous_fisher"]["head.classifier.weight"]
+        if mode == "stale_gradient":
+            start = len(states[0]["previous"]["head.classifier.weight"])  # the first experience's classes
+            left = states[0]["stale_head"]["head.classifier.weight"][:start]
+            torch.testing.assert_close(fishers[mode][:start], left.pow(2).clamp(max=1e-4))
+            assert float(fishers[mode][:start].abs().sum()) > 0
+    assert not torch.equal(fishers["stale_gradient"][:start], fishers["computed"][:start])
+    torch.testing.assert_close(fishers["stale_gradient"][start:], fishers["computed"][start:])  # the new rows

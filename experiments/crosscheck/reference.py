@@ -152,6 +152,9 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     # PILOT's exps/cofima.json: SLCA's values (above), Fisher weighting, wt_lambda 0.4
     "cofima": (["strategy=cofima", *SLCA_TRAINING], "models.cofima",
                {"exps": "cofima.json", "model_name": "cofima"}),
+    # ours with the older head rows' Fisher computed on the data, against the same PILOT runs
+    "cofima_computed_old_head_fisher": (["strategy={name: cofima, old_head_fisher: computed}", *SLCA_TRAINING],
+                                        "models.cofima", {"exps": "cofima.json", "model_name": "cofima"}),
     # PILOT's exps/l2p.json, read from the checkout: Adam 0.001875, batch 16, 5 epochs a task,
     # pool 10, length 5, top 5, the pull constraint 0.1, the prompt tokens' mean as the features
     "l2p": (["strategy={name: l2p, pool_size: 10, length: 5, top_k: 5}", *PROMPT_TRAINING,
@@ -201,6 +204,8 @@ CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout opt
     # the same run of ours against the reference with the toolkit's normalisation patched in
     "proof_reference_normalised": (PROOF_OVERRIDES, "proof_root", "a photo of a {}."),
 }
+# rows that change only the toolkit's side: the PILOT run they are compared with
+SAME_REFERENCE = {"cofima_computed_old_head_fisher": "cofima"}
 # name: (the toolkit's overrides, the reference's checkout option, the reference's options: beyond
 # analytic_references.ANALYTIC_DEFAULTS, or InfLoRA's config file); the analytic methods at the
 # defaults (one block per experience), and
@@ -558,7 +563,8 @@ def run_reference(method: str, seed: int, args: argparse.Namespace, shared: dict
     if method in EXTERNAL_METHODS:
         return external_curve(method, seed, args, shared[vit_kind(method)], manager)
     projection = projection_of(args.out / f"{method}-seed{seed}") if "shared_projection" in method else None
-    run = method.removesuffix(PER_IMAGE)  # a *_reference_per_image row reads its method's run
+    # a *_reference_per_image row reads its method's run; a row that changes only our side, PILOT's
+    run = SAME_REFERENCE.get(method, method.removesuffix(PER_IMAGE))
     if projection is not None:
         return run_pilot(args.pilot_root, run, seed, shared[vit_kind(method)], manager, projection)["pilot"]
     return pilot_curves(args, run, seed, shared[vit_kind(method)], manager)[
