@@ -239,6 +239,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "strategy.old_head_fisher"),
     ("CoFiMA's Fisher weighting as text", lambda ws: ["run", ws.config("strategy: {name: cofima, fisher_weighting: maybe}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.fisher_weighting"),
+    ("unknown LR schedule", lambda ws: ["run", ws.config("training: {scheduler: {name: quarter_cosine}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.scheduler.name"),
     ("zero torch threads", lambda ws: ["run", ws.config("training: {threads: 0}\n")],
      lambda ws: str(ws.root / "case.yaml"), "training.threads: must be >= 1, got 0"),
     ("negative feature cache", lambda ws: ["run", ws.config("training: {feature_cache_mb: -1}\n")],

@@ -34,6 +34,18 @@ def test_lr_schedules():
     assert lr_factor(SchedulerConfig(name="constant"), iteration=7, iters_per_epoch=3, epochs=4) == 1.0
 
 
+def test_the_epoch_quarter_cosine_is_codas_and_infloras_schedule():
+    """CODA-Prompt's and InfLoRA's CosineSchedule: base x cos(99 pi e / (200 (K - 1))) for epoch
+    e of K, set once an epoch (its step() after each epoch), so constant within one; from 1
+    down to cos(99 pi / 200) in the last epoch, never 0; one epoch keeps the LR."""
+    quarter = SchedulerConfig(name="epoch_quarter_cosine")
+    factors = [lr_factor(quarter, iteration=i, iters_per_epoch=3, epochs=4) for i in range(12)]
+    per_epoch = [math.cos(99 * math.pi * e / (200 * 3)) for e in range(4)]
+    assert factors == pytest.approx([f for f in per_epoch for _ in range(3)])
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(math.cos(99 * math.pi / 200)) and factors[-1] > 0
+    assert lr_factor(quarter, iteration=5, iters_per_epoch=3, epochs=1) == 1.0
+
+
 def tiny_vit(classes: int):
     spec = Component("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2))
     return build_model(spec, in_chans=3, img_size=8, initial_classes=classes)

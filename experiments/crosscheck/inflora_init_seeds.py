@@ -9,7 +9,9 @@ reference's ``torch.manual_seed`` before it builds its learner (its heads and sh
 prints each init seed's curve on both sides and the mean ± std over the init seeds.
 
     python experiments/crosscheck/inflora_init_seeds.py --inflora-root /tmp/refs/inflora --out /tmp/xmae \\
-        --data-seed 1993 --init-seeds 1 2 3 4 5
+        --data-seed 1993 --init-seeds 1 2 3 4 [--schedule cosine]
+
+``--schedule cosine`` runs the toolkit at its half cosine per iteration, the reference at its own.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-seed", type=int, default=1993)
     parser.add_argument("--init-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--schedule", choices=["epoch_quarter_cosine", "cosine"], default="epoch_quarter_cosine",
+                        help="the toolkit's LR schedule: the reference's (the default) or the half cosine per iteration")
     args = parser.parse_args()
     vit_path = shared_vit(args.data_seed, args.out, "mae")
     manager = DigitsManager(args.data_seed)
@@ -46,8 +50,11 @@ def main() -> int:
             cache.write_text(json.dumps(run_inflora(args.inflora_root.resolve(), init, vit_path, manager,
                                                     EXTERNAL_METHODS[METHOD][2])))
         reference = json.loads(cache.read_text())
+        schedule = "{name: epoch_quarter_cosine}" if args.schedule == "epoch_quarter_cosine" else \
+            "{name: cosine, min_lr_ratio: 0.0}"
         metrics = run_ours(METHOD, args.data_seed, vit_backbone(vit_path),
-                           args.out / f"{METHOD}-data{args.data_seed}-init{init}", extra=[f"seed={init}"])
+                           args.out / f"{METHOD}-{args.schedule}-data{args.data_seed}-init{init}",
+                           extra=[f"seed={init}", f"training.scheduler={schedule}"])
         ours = metrics["accuracy"]
         rows.append((init, ours, reference))
         print(f"init {init}: ours {[round(a, 2) for a in ours]}, reference {reference}", flush=True)

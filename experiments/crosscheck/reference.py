@@ -224,10 +224,11 @@ EXTERNAL_METHODS = {
                 {"init_epoch": 5, "epochs": 5}),
 }
 # at the config's 20 epochs a task (60 Adam steps on these digits, where 5 epochs leave the head
-# near its random draw)
+# near its random draw), ours with the reference's LR schedule (epoch_quarter_cosine, as the
+# shipped inflora.yaml)
 EXTERNAL_METHODS["inflora_20_epochs"] = (
-    [*EXTERNAL_METHODS["inflora"][0][:2], "training.epochs=20", *EXTERNAL_METHODS["inflora"][0][3:]], "inflora_root",
-    {"init_epoch": 20, "epochs": 20})
+    [*EXTERNAL_METHODS["inflora"][0][:2], "training.epochs=20", *EXTERNAL_METHODS["inflora"][0][3:5],
+     "training.scheduler={name: epoch_quarter_cosine}"], "inflora_root", {"init_epoch": 20, "epochs": 20})
 # the same run of ours against the reference trained with the toolkit's LR schedule
 EXTERNAL_METHODS["inflora" + TOOLKIT_SCHEDULE] = (*EXTERNAL_METHODS["inflora"][:2],
                                                   {**EXTERNAL_METHODS["inflora"][2], "toolkit_schedule": True})

@@ -103,7 +103,9 @@ class OptimizerConfig:
 class SchedulerConfig:
     """Learning-rate schedule, restarted at every experience and stepped every iteration."""
 
-    name: Literal["constant", "cosine", "step"] = "cosine"
+    # epoch_quarter_cosine: the LR times cos(99 pi e / (200 (E - 1))) through epoch e of E, set once
+    # an epoch (CODA-Prompt's and InfLoRA's CosineSchedule, which PILOT's coda_prompt runs too)
+    name: Literal["constant", "cosine", "step", "epoch_quarter_cosine"] = "cosine"
     warmup_epochs: int = opt(0, ge=0, le=MAX_EPOCHS)
     milestones: list[int] = opt(factory=list, ge=0, le=MAX_EPOCHS)  # epochs, for ``step``
     gamma: float = opt(0.1, gt=0, le=1)
