@@ -98,7 +98,7 @@ def fisher_merge(previous: dict[str, torch.Tensor], trained: dict[str, torch.Ten
 
 
 class CoFiMA(SLCA):
-    """CoFiMA: SLCA whose network is a Fisher-weighted merge of the previous and the new one."""
+    """CoFiMA: SLCA with the network a Fisher-weighted merge of the previous and the new one."""
 
     config: CoFiMAConfig
 
