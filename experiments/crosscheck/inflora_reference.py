@@ -64,18 +64,9 @@ class ToolkitCosine:
     optimizer step; the reference's once-an-epoch ``step`` does nothing."""
 
     def __init__(self, learner: Any, optimizer: torch.optim.Optimizer, K: int):
-        from incremental.config.schema import SchedulerConfig
-        from incremental.training.optim import lr_factor
+        from pilot_models import follow_toolkit_cosine
 
-        base, per_epoch, cosine = [g["lr"] for g in optimizer.param_groups], len(learner.train_loader), \
-            SchedulerConfig(name="cosine", min_lr_ratio=0.0)
-        steps = iter(range(1, per_epoch * K + 1))
-
-        def after_step(*args: Any) -> None:
-            factor = lr_factor(cosine, iteration=next(steps), iters_per_epoch=per_epoch, epochs=K)
-            for group, lr in zip(optimizer.param_groups, base):
-                group["lr"] = lr * factor
-        optimizer.register_step_post_hook(after_step)
+        follow_toolkit_cosine(optimizer, len(learner.train_loader), K)
 
     def step(self) -> None:
         pass

@@ -1,11 +1,13 @@
 """The ViTs both sides of reference.py's cross-checks share, and PILOT's ViTs built by PILOT's
-own constructors at their size, holding their weights. Nothing of PILOT's code is copied: its
-modules are imported from the checkout reference.py puts on the path.
+own constructors at their size, holding their weights; and the toolkit's LR schedule for a
+reference's optimizer, for the rows that train a reference on it. Nothing of PILOT's code is
+copied: its modules are imported from the checkout reference.py puts on the path.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +233,20 @@ def at_shared_width(module: Any, inc_net: Any, path: Path) -> None:
         original = linears.__dict__.setdefault("_pilot_forward_reweight", linears.EaseCosineLinear.forward_reweight)
         width = SHARED_VITS[shared_kind(path)]["embed_dim"]
         linears.EaseCosineLinear.forward_reweight = functools.partialmethod(original, out_dim=width)
+
+
+def follow_toolkit_cosine(optimizer: torch.optim.Optimizer, per_epoch: int, epochs: int) -> None:
+    """After every step of ``optimizer``, each group's LR set to its LR now times the toolkit's
+    cosine (a half period over ``per_epoch x epochs`` iterations, to 0) at the iteration reached,
+    as the toolkit schedules a task."""
+    from incremental.config.schema import SchedulerConfig
+    from incremental.training.optim import lr_factor
+
+    cosine, base, steps = SchedulerConfig(name="cosine", min_lr_ratio=0.0), [g["lr"] for g in optimizer.param_groups], \
+        itertools.count(1)
+
+    def after_step(*args: Any) -> None:
+        factor = lr_factor(cosine, iteration=next(steps), iters_per_epoch=per_epoch, epochs=epochs)
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * factor
+    optimizer.register_step_post_hook(after_step)

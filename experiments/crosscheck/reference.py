@@ -95,7 +95,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from clip_references import PROOF_OVERRIDES  # noqa: E402
-from pilot_models import SHARED_VITS, at_shared_width, shared_kind, shared_vit, stand_in_backbones  # noqa: E402
+from pilot_models import (SHARED_VITS, at_shared_width, follow_toolkit_cosine, shared_kind, shared_vit,  # noqa: E402
+                         stand_in_backbones)
 from run_common import is_complete, mean_std  # noqa: E402
 
 PROTOCOL = "digits_b0_5steps"
@@ -414,18 +415,11 @@ def keep_last_batch(*args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
 def toolkit_schedule(learner: Any) -> None:
     """``learner``'s LR as the toolkit schedules a cosine: a half period over the task's
     iterations, set before every step (PILOT's CODA steps a quarter period once an epoch)."""
-    from incremental.config.schema import SchedulerConfig
-    from incremental.training.optim import lr_factor
-
     build = learner.get_optimizer
 
     def get_optimizer() -> torch.optim.Optimizer:
         optimizer = build()
-        per_epoch, epochs = len(learner.train_loader), learner.args["tuned_epoch"]
-        cosine = SchedulerConfig(name="cosine", min_lr_ratio=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
-            cosine, iteration=it, iters_per_epoch=per_epoch, epochs=epochs))
-        optimizer.register_step_post_hook(lambda *args: schedule.step())
+        follow_toolkit_cosine(optimizer, len(learner.train_loader), learner.args["tuned_epoch"])
         return optimizer
     learner.get_optimizer = get_optimizer
     learner.get_scheduler = lambda optimizer: None
