@@ -258,6 +258,23 @@ class CoFiMAConfig(SLCAConfig):
 
 
 @dataclass
+class LAEConfig:
+    # PILOT's exps/lae.json: a compensatory prefix PET (pet_cls Prefix, pet_length 10, adapt_blocks
+    # 0-4); Adam at 0.0028125, batch 128, 5 epochs, a constant LR: the run's training section
+    tuning: Component = component("tuning", "prefix")  # the PET: prefix, adapter, lora, ssf, vpt_deep, finetune
+    ema_decay: float = opt(0.9999, ge=0, le=1)  # the offline PET's EMA, after every step (ema_decay)
+    freeze_epochs: int = opt(3, ge=0, le=MAX_EPOCHS)  # the PET frozen for each experience's first epochs (num_freeze_epochs)
+    # kaiming_uniform: new classes' head rows as PILOT's SimpleLinear (uniform +-sqrt(3 / d), bias 0);
+    # linear: nn.Linear's default (Avalanche's)
+    head_init: Literal["kaiming_uniform", "linear"] = "kaiming_uniform"
+
+    def validate(self) -> None:
+        if self.tuning is not None and self.tuning.name == "frozen":
+            raise ConfigError("LAE trains a parameter-efficient module: choose prefix, adapter, lora, ssf, "
+                              "vpt_deep or finetune", key="tuning")
+
+
+@dataclass
 class L2PConfig:
     pool_size: int = opt(10, ge=1, le=10_000)
     length: int = opt(5, ge=1, le=1024)
@@ -446,6 +463,8 @@ STRATEGIES.declare("slca", "incremental.strategies.slca:SLCA", config=SLCAConfig
                    summary="SLCA: a slow backbone, a fast head, and classifier alignment from class Gaussians.")
 STRATEGIES.declare("cofima", "incremental.strategies.cofima:CoFiMA", config=CoFiMAConfig,
                    summary="CoFiMA: SLCA with the network a Fisher-weighted merge of the previous and the new one.")
+STRATEGIES.declare("lae", "incremental.strategies.lae:LAE", config=LAEConfig,
+                   summary="LAE: an online PET trained on, an offline EMA copy, and the max-softmax ensemble of both.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

@@ -38,6 +38,7 @@ METHODS = {
     "aper_lora": "{name: aper, tuning: {name: lora, rank: 4}}",
     "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 8}}",
     "inflora": "{name: inflora, rank: 4}",
+    "lae": "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 0}",
 }
 
 

@@ -173,7 +173,8 @@ STRATEGY_CASES = {
         "ease": "{name: ease, bottleneck: 4}",
         "dsal": "{name: dsal, expansion_size: 64, rls_batch_size: 20}",
         "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 4}}",
-        "inflora": "{name: inflora, rank: 2}"}.items()},
+        "inflora": "{name: inflora, rank: 2}",
+        "lae": "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 0}"}.items()},
 }
 
 

@@ -279,6 +279,16 @@ class VPTConfig:
     length: int = opt(5, ge=1, le=1024)  # prompt tokens per block (PILOT's prompt_token_num)
 
 
+@dataclass
+class PrefixConfig:
+    # PILOT's exps/lae.json: pet_length 10 on adapt_blocks 0-4 (utils/inc_net.py LAE), compensatory
+    length: int = opt(10, ge=1, le=1024)  # key and value prefix tokens per block
+    blocks: int = opt(5, ge=1, le=1024)  # the first blocks that get prefixes (all, when the backbone has fewer)
+    # true: the prefix columns of the attention divided by their own sum after the softmax (LAE's
+    # compensatory Prefix); false: plain prefix-tuning (one softmax over prefixes and tokens)
+    compensatory: bool = True
+
+
 LoRATarget = Literal["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
@@ -306,5 +316,8 @@ TUNING.declare("ssf", "incremental.models.peft:tune_ssf", config=SSFConfig,
 TUNING.declare("lora", "incremental.models.peft:tune_lora", config=LoRAConfig,
                summary="LoRA: a low-rank update (alpha / r) B A beside chosen linear layers of each block; only A "
                        "and B train.")
+TUNING.declare("prefix", "incremental.models.peft:tune_prefix", config=PrefixConfig,
+               summary="Prefix-tuning: learned key/value prefixes in the attention of the first blocks; only they "
+                       "train.")
 TUNING.declare("vpt_deep", "incremental.models.peft:tune_vpt_deep", config=VPTConfig,
                summary="VPT-deep: learned prompt tokens at the input of every block; only they train.")

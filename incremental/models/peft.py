@@ -17,6 +17,8 @@ and one attention wrapper, and starts as the identity:
 - :class:`PrefixAttention`: prefix-tuning inside attention (Li and Liang 2021): per-sample key
   and value prefixes concatenated to the keys and values of a block (DualPrompt, CODA-Prompt);
   in a Swin block, every window of an image attends to that image's prefixes;
+- :func:`add_prefix_tuning`: learned prefixes of its own in the first blocks (LAE's prefix PET),
+  optionally compensatory (the prefix columns renormalised after the softmax);
 - :func:`query_features`: the query pass (L2P, DualPrompt, CODA-Prompt): the pooled features
   (a token-pooled ViT's class token) with every prompt and adapter switched off.
 
@@ -298,55 +300,111 @@ def add_vpt_deep(vit: nn.Module, *, length: int) -> nn.Parameter:
 # --------------------------------------------------------------------------- prefixes in attention
 
 
+class LearnedPrefix(nn.Module):
+    """One block's learned key and value prefixes (LAE's ``Prefix``): ``length`` tokens each in
+    the projected key/value space, drawn uniform in [0, 0.01], each set times its own learned
+    scalar (from 1)."""
+
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        self.keys = nn.Parameter(torch.empty(length, dim).uniform_(0.0, 0.01))
+        self.values = nn.Parameter(torch.empty(length, dim).uniform_(0.0, 0.01))
+        self.key_scale = nn.Parameter(torch.ones(()))
+        self.value_scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), each (batch, heads, length, dim / heads)."""
+        length, dim = self.keys.shape
+
+        def split(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.view(length, heads, dim // heads).transpose(0, 1).expand(batch, -1, -1, -1)
+        return split(self.keys * self.key_scale), split(self.values * self.value_scale)
+
+
+def compensated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_length: int,
+                          bias: torch.Tensor | None = None, dropout: nn.Module | None = None) -> torch.Tensor:
+    """Softmax attention whose first ``prefix_length`` key columns (the prefixes) are then divided
+    by their own sum, after dropout (LAE's compensatory prefix: the prefixes get a full unit of
+    attention beside the tokens' share). q, k, v: (B, heads, N, hd)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    attention = scores.softmax(dim=-1)
+    if dropout is not None:
+        attention = dropout(attention)
+    prefix = attention[..., :prefix_length]
+    prefix = prefix / prefix.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return torch.cat([prefix, attention[..., prefix_length:]], dim=-1) @ v
+
+
 class PrefixAttention(nn.Module):
     """timm's Attention with optional key/value prefixes: set ``prefix`` to ``(keys, values)``,
-    each (B, heads, length, head_dim), before the forward pass; None runs it unchanged."""
+    each (B, heads, length, head_dim), before the forward pass, or give it a ``learned``
+    :class:`LearnedPrefix` (used while ``prefix`` is None); neither runs it unchanged.
+    ``compensatory`` renormalises the prefix columns (:func:`compensated_attention`)."""
 
     def __init__(self, attention: nn.Module):
         super().__init__()
         self.inner = attention
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.learned: LearnedPrefix | None = None
+        self.compensatory = False
         self.enabled = True
+
+    def _prefixes(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.enabled:
+            return None
+        if self.prefix is None and self.learned is not None:
+            return self.learned(batch, self.inner.num_heads)
+        return self.prefix
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         inner = self.inner
         windowed = hasattr(inner, "window_area")  # Swin's WindowAttention: x holds windows, ``mask`` shifts
-        if self.prefix is None or not self.enabled:
+        b, n, _ = x.shape
+        prefixes = self._prefixes(b)  # a learned prefix is every image's (and every Swin window's)
+        if prefixes is None:
             return inner(x, mask=mask) if windowed else inner(x, attn_mask=attn_mask, is_causal=is_causal)
         if windowed:
-            return self._windows(x, mask)
-        b, n, _ = x.shape
+            return self._windows(x, mask, prefixes)
         qkv = inner.qkv(x).reshape(b, n, 3, inner.num_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = inner.q_norm(q), inner.k_norm(k)
-        keys, values = self.prefix
-        k = torch.cat([keys.to(k.dtype), k], dim=2)
-        v = torch.cat([values.to(v.dtype), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=inner.attn_drop.p if self.training else 0.0)
+        out = self._attend(q, *self._prepend(prefixes, k, v))
         out = inner.norm(out.transpose(1, 2).reshape(b, n, inner.attn_dim))
         return inner.proj_drop(inner.proj(out))
 
+    @staticmethod
+    def _prepend(prefixes: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+                 v: torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+        keys, values = (p.to(k.dtype).repeat_interleave(repeat, dim=0) for p in prefixes)
+        return torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2), keys.shape[2]
 
-    def _windows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_length: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        dropout = self.inner.attn_drop
+        if self.compensatory:
+            return compensated_attention(q, k, v, prefix_length, bias, dropout if self.training else None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout.p if self.training else 0.0)
+
+    def _windows(self, x: torch.Tensor, mask: torch.Tensor | None,
+                 prefixes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Swin: x is (B * windows, N, C), image-major (timm's window_partition); each window
         attends to its image's prefixes, which carry no position bias and no shift mask."""
         inner = self.inner
-        keys, values = self.prefix
         windows, n, _ = x.shape
-        per_image = windows // keys.shape[0]
+        per_image = windows // prefixes[0].shape[0]
         qkv = inner.qkv(x).reshape(windows, n, 3, inner.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        k = torch.cat([keys.to(k.dtype).repeat_interleave(per_image, dim=0), k], dim=2)
-        v = torch.cat([values.to(v.dtype).repeat_interleave(per_image, dim=0), v], dim=2)
+        k, v, length = self._prepend(prefixes, k, v, per_image)
         bias = inner._get_rel_pos_bias().expand(windows, -1, -1, -1)  # (windows, heads, N, N)
         if mask is not None:
             shifts = mask.shape[0]
             bias = (bias.reshape(-1, shifts, inner.num_heads, n, n) + mask.view(1, shifts, 1, n, n)
                     ).reshape(windows, inner.num_heads, n, n)
-        bias = F.pad(bias, (keys.shape[2], 0)).to(q.dtype)  # prefix columns: no bias
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=inner.attn_drop.p if self.training else 0.0)
+        bias = F.pad(bias, (length, 0)).to(q.dtype)  # prefix columns: no bias
+        out = self._attend(q, k, v, length, bias)
         return inner.proj_drop(inner.proj(out.transpose(1, 2).reshape(windows, n, -1)))
 
 
@@ -361,6 +419,18 @@ def add_prefix_attention(vit: nn.Module, layers: list[int]) -> list[PrefixAttent
             block.attn = PrefixAttention(block.attn)
         wrapped.append(block.attn)
     return wrapped
+
+
+def add_prefix_tuning(vit: nn.Module, *, length: int, blocks: int, compensatory: bool) -> list[LearnedPrefix]:
+    """Learned key/value prefixes of ``length`` tokens in the first ``blocks`` transformer blocks
+    (all of them when the backbone has fewer), as LAE's prefix PET; ``compensatory`` as there."""
+    layers = list(range(min(blocks, len(transformer_blocks(vit)))))
+    prefixes = []
+    for attention in add_prefix_attention(vit, layers):
+        attention.learned = LearnedPrefix(length, attention.inner.qkv.in_features)
+        attention.compensatory = compensatory
+        prefixes.append(attention.learned)
+    return prefixes
 
 
 # --------------------------------------------------------------------------- the query pass
@@ -438,6 +508,12 @@ def tune_lora(vit: nn.Module, config: Any) -> None:
     add_lora(vit, rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets)
 
 
+def tune_prefix(vit: nn.Module, config: Any) -> None:
+    """Prefix-tuning: learned key/value prefixes in the attention of the first blocks; only they train."""
+    freeze(vision_transformer(vit, swin=True))
+    add_prefix_tuning(vit, length=config.length, blocks=config.blocks, compensatory=config.compensatory)
+
+
 def tune_vpt_deep(vit: nn.Module, config: Any) -> None:
     """VPT-deep: learned prompt tokens at the input of every block; only they train."""
     freeze(vision_transformer(vit))
@@ -455,8 +531,9 @@ def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["Adapter", "AdapterBank", "LowRankUpdate", "PrefixAttention", "ScaleShift", "TaskLowRankBank",
-           "adapters_set", "add_adapters", "add_lora", "add_prefix_attention", "add_ssf", "add_task_lora",
-           "add_vpt_deep", "apply_tuning", "block_width", "freeze", "query_features", "trainable_parameters",
-           "transformer_blocks", "tune_adapter", "tune_all", "tune_frozen", "tune_lora", "tune_ssf",
-           "tune_vpt_deep", "tuning_off", "tuning_on", "vision_transformer"]
+__all__ = ["Adapter", "AdapterBank", "LearnedPrefix", "LowRankUpdate", "PrefixAttention", "ScaleShift",
+           "TaskLowRankBank", "adapters_set", "add_adapters", "add_lora", "add_prefix_attention", "add_prefix_tuning",
+           "add_ssf", "add_task_lora", "add_vpt_deep", "apply_tuning", "block_width", "compensated_attention",
+           "freeze", "query_features", "trainable_parameters", "transformer_blocks", "tune_adapter", "tune_all",
+           "tune_frozen", "tune_lora", "tune_prefix", "tune_ssf", "tune_vpt_deep", "tuning_off", "tuning_on",
+           "vision_transformer"]
