@@ -125,8 +125,10 @@ def adapter_vit(path: Path, ffn_num: int, suffix: str = "_adapter") -> torch.nn.
     return model.eval()
 
 
+# the backbone types PILOT's get_backbone builds through timm.create_model: the prompt ViTs, and
+# LAE's (whose PETs its network attaches afterwards)
 PROMPT_VITS = {"_l2p": "backbone.vit_l2p", "_dualprompt": "backbone.vit_dualprompt",
-               "_coda_prompt": "backbone.vit_coda_promtpt"}
+               "_coda_prompt": "backbone.vit_coda_promtpt", "_lae": "backbone.vit_lae"}
 
 
 def prompt_vit(module: Any, path: Path, **kwargs: Any) -> torch.nn.Module:
@@ -220,11 +222,34 @@ def coda_net(inc_net: Any, path: Path) -> Any:
     return build
 
 
+def lae_net(inc_net: Any, path: Path) -> Any:
+    """PILOT's ``LAE`` network at the shared ViT's size: its ``adapt_blocks`` (0-4, hard-coded)
+    cut to the blocks the ViT has, and its feature width the ViT's (it sets the backbone's
+    ``out_dim`` to 768); nothing else changed."""
+    spec = SHARED_VITS[shared_kind(path)]
+
+    class LAEAtSharedSize(inc_net.LAE):
+        @property
+        def adapt_blocks(self) -> list[int]:
+            return self._adapt_blocks
+
+        @adapt_blocks.setter
+        def adapt_blocks(self, blocks: list[int]) -> None:
+            self._adapt_blocks = [block for block in blocks if block < spec["depth"]]
+
+        @property
+        def feature_dim(self) -> int:
+            return spec["embed_dim"]
+    return LAEAtSharedSize
+
+
 def at_shared_width(module: Any, inc_net: Any, path: Path) -> None:
-    """The places in PILOT that hard-code ViT-B's width 768, given the shared ViT's: CODA-Prompt's
-    network (``coda_net``) and the ``out_dim`` default of ``EaseCosineLinear.forward_reweight``,
-    which EASE's network calls without it (at another width its loop over the subspaces would run
-    ``in_features // 768`` times)."""
+    """The places in PILOT that hard-code ViT-B's size, given the shared ViT's: CODA-Prompt's
+    network (``coda_net``), LAE's (``lae_net``) and the ``out_dim`` default of
+    ``EaseCosineLinear.forward_reweight``, which EASE's network calls without it (at another width
+    its loop over the subspaces would run ``in_features // 768`` times)."""
+    if hasattr(module, "LAE"):
+        module.LAE = lae_net(inc_net, path)
     if hasattr(module, "CodaPromptVitNet"):
         module.CodaPromptVitNet = coda_net(inc_net, path)
     if hasattr(module, "EaseNet"):

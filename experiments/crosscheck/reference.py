@@ -5,7 +5,7 @@
         [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
 
 Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for its
-methods (simplecil, ranpac_*, aper_adapter, fecam, slca, the prompt methods, ease),
+methods (simplecil, ranpac_*, aper_adapter, fecam, slca, cofima, the prompt methods, ease, lae),
 vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for mcm, zhoudw-zdw/PROOF
 for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py),
 liangyanshuo/InfLoRA for inflora (inflora_reference.py);
@@ -42,7 +42,10 @@ What the harness changes in PILOT to run it here, each written into reference.md
 - PILOT's ``CodaPromptVitNet`` hard-codes ViT-B's width 768 for its head and ``CodaPrompt``
   (and ``CodaPrompt``'s ``key_dim``): both are rebuilt by PILOT's classes at the shared width;
   ``EaseCosineLinear.forward_reweight``'s ``out_dim`` defaults to 768 and EASE's network does not
-  pass it: it defaults to the shared width (pilot_models.py ``at_shared_width``).
+  pass it: it defaults to the shared width (pilot_models.py ``at_shared_width``). PILOT's ``LAE``
+  network sets its ViT's ``out_dim`` to 768 and hard-codes ``adapt_blocks`` 0-4: its feature width
+  is the shared ViT's and the blocks are cut to the ViT's 4 (``lae_net``); its ``vit_lae`` module
+  imports ``timm.models.layers.helpers``, gone from timm 1.0, aliased to ``timm.layers.helpers``.
   Its ViT's forward adds in place to ``torch.zeros(.., requires_grad=True).to(device)``, a copy on
   a GPU and the leaf itself on the CPU, where that fails; it gets the copy (``TorchAsOnAGPU``);
 - the training values of l2p, dualprompt, codaprompt and ease are PILOT's exps/*.json read from
@@ -184,6 +187,10 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
               "training.optimizer={name: sgd, lr: 0.025, momentum: 0.9, weight_decay: 0.0005}",
               "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
              "models.ease", {"exps": "ease.json", "init_epochs": 5, "later_epochs": 5}),
+    # PILOT's exps/lae.json: a compensatory prefix of 10 tokens in blocks 0-4 (the ViT's 0-3), Adam
+    # 0.0028125, batch 128, 5 epochs, a constant LR, the PET frozen for 3 epochs, EMA decay 0.9999
+    "lae": (["strategy=lae", *PROMPT_TRAINING, "training.batch_size=128",
+             "training.optimizer={name: adam, lr: 0.0028125, weight_decay: 0.0}"], "models.lae", {"exps": "lae.json"}),
 }
 for _prompted in ("l2p", "dualprompt"):  # the same two runs, PILOT's evaluated with a prompt choice per image
     METHODS[_prompted + PER_IMAGE] = METHODS[_prompted]
@@ -265,11 +272,13 @@ def arguments() -> argparse.Namespace:
 
 def import_pilot(root: Path) -> str:
     """PILOT's packages importable from ``root``; its commit."""
+    import timm.layers.helpers
     import timm.layers.weight_init
 
     from clip_references import checkout_commit
 
     sys.modules.setdefault("timm.models.layers.weight_init", timm.layers.weight_init)
+    sys.modules.setdefault("timm.models.layers.helpers", timm.layers.helpers)  # backbone/vit_lae.py's to_2tuple
     return checkout_commit(root)
 
 
@@ -362,10 +371,11 @@ def prompt_pool(learner: Any) -> Any:
 
 
 def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: DigitsManager,
-              projection: torch.Tensor | None = None) -> dict[str, list[float]]:
+              projection: torch.Tensor | None = None, init_seed: int | None = None) -> dict[str, list[float]]:
     """PILOT's learner for ``method`` through every step (given ``projection`` as its W_rand, if
-    any); its top-1 accuracy on the seen classes after each (PILOT's own ``eval_task``). For L2P
-    and DualPrompt also with the prompts chosen per image at test ("per_image")."""
+    any; its torch seed ``init_seed`` when given, else ``seed``); its top-1 accuracy on the seen
+    classes after each (PILOT's own ``eval_task``). For L2P and DualPrompt also with the prompts
+    chosen per image at test ("per_image")."""
     import importlib
 
     from clip_references import use_checkout
@@ -382,7 +392,7 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     if method == "fecam":  # its first session pickles the network into the working directory
         module.Learner.save_checkpoint = lambda self, *args, **kwargs: None
     module.DataLoader = keep_last_batch if method.endswith(TOOLKIT_SCHEDULE) else torch.utils.data.DataLoader
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if init_seed is None else init_seed)
     learner = module.Learner(pilot_args(root, method, manager, seed))
     if method.endswith(TOOLKIT_SCHEDULE):
         toolkit_schedule(learner)
