@@ -49,18 +49,63 @@ def backbone_lr_hook(scale: float) -> Any:
 
 
 def alignment_samples(means: torch.Tensor, covariances: torch.Tensor, class_experience: list[int], current: int,
-                      per_class: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` features of every class from its Gaussian (mean scaled as SLCA does), and
-    their labels, shuffled."""
+                      per_class: int, generator: torch.Generator | None = None,
+                      scale_means: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` features of every class from its Gaussian (with ``scale_means``, the mean
+    scaled as SLCA does), and their labels, shuffled."""
     features, labels = [], []
     for label in range(len(means)):
-        mean = means[label] * (0.9 + 0.1 * (class_experience[label] + 1) / (current + 1))
+        mean = means[label] * (0.9 + 0.1 * (class_experience[label] + 1) / (current + 1)) if scale_means else means[label]
         normal = torch.distributions.MultivariateNormal(mean.float(), covariance_matrix=covariances[label].float())
         features.append(normal.sample((per_class,)))
         labels += [label] * per_class
     features, labels = torch.cat(features), torch.tensor(labels)
     order = torch.randperm(len(labels), generator=generator)
     return features[order], labels[order]
+
+
+def class_gaussians(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor | None,
+                    covariances: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and covariance (+ 1e-4 I, fp64) of each label's ``features``, over the earlier
+    ``means`` and ``covariances`` (classes absent here keep theirs), grown to the largest label."""
+    features = features.double()
+    width, seen = features.shape[1], int(labels.max()) + 1
+    grown_means = torch.zeros(seen, width, dtype=torch.float64)
+    grown_covariances = torch.zeros(seen, width, width, dtype=torch.float64)
+    if means is not None:
+        grown_means[: len(means)], grown_covariances[: len(covariances)] = means, covariances
+    for label in labels.unique().tolist():
+        own = features[labels == label]
+        grown_means[label] = own.mean(dim=0)
+        grown_covariances[label] = torch.cov(own.T) + 1e-4 * torch.eye(width, dtype=torch.float64)
+    return grown_means, grown_covariances
+
+
+def align_head(head: torch.nn.Module, means: torch.Tensor, covariances: torch.Tensor, ranges: list[range], *,
+               epochs: int, per_class: int, lr: float, weight_decay: float, device: Any,
+               logit_norm: float | None = None, scale_means: bool = True) -> None:
+    """Classifier alignment: ``head`` alone, SGD (momentum 0.9) with a cosine over ``epochs``,
+    each epoch on ``per_class`` features a class drawn afresh from the class Gaussians, in
+    batches of ``per_class``; with ``logit_norm``, SLCA's logits over the mean per-experience
+    logit norm. ``ranges``: the label ranges of the experiences seen."""
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    class_experience = [e for e, r in enumerate(ranges) for _ in r]
+    for _ in range(epochs):
+        features, labels = alignment_samples(means, covariances, class_experience, len(ranges) - 1, per_class,
+                                             scale_means=scale_means)
+        features, labels = features.to(device), labels.to(device)
+        for start in range(0, len(labels), per_class):
+            logits = head(features[start:start + per_class])[:, : len(means)]
+            target = labels[start:start + per_class]
+            if logit_norm is not None:
+                norms = torch.stack([logits[:, r.start:r.stop].norm(dim=1) + 1e-7 for r in ranges], 1).mean(1)
+                logits = logits / norms.unsqueeze(1) / logit_norm
+            loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
 
 
 class SLCA(StrategyPlugin):
@@ -123,44 +168,18 @@ class SLCA(StrategyPlugin):
         """Each class of ``experience``: the mean and covariance (+ 1e-4 I, fp64) of its training
         images' features under the network as it is now; older classes keep theirs."""
         features, labels = experience_features(strategy, experience, self.context)
-        features = features.double()
-        width, seen = features.shape[1], int(labels.max()) + 1
-        means = torch.zeros(seen, width, dtype=torch.float64)
-        covariances = torch.zeros(seen, width, width, dtype=torch.float64)
-        if self.means is not None:
-            means[: len(self.means)], covariances[: len(self.covariances)] = self.means, self.covariances
-        for label in labels.unique().tolist():
-            own = features[labels == label]
-            means[label] = own.mean(dim=0)
-            covariances[label] = torch.cov(own.T) + 1e-4 * torch.eye(width, dtype=torch.float64)
-        self.means, self.covariances = means, covariances
+        self.means, self.covariances = class_gaussians(features, labels, self.means, self.covariances)
 
     def align(self, strategy: Any, experience: int) -> None:
         """Classifier alignment: the head alone, on features drawn from the class Gaussians."""
-        head = strategy.model.head
         training = self.context.config.training
-        optimizer = torch.optim.SGD(head.parameters(), lr=training.optimizer.lr, momentum=0.9,
-                                    weight_decay=training.optimizer.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.ca_epochs)
-        ranges = self.context.class_split.label_ranges()[: experience + 1]
-        class_experience = [e for e, r in enumerate(ranges) for _ in r]
-        per_class = self.config.ca_samples_per_class
         was_training = strategy.model.training
         strategy.model.eval()
-        for _ in range(self.config.ca_epochs):
-            features, labels = alignment_samples(self.means, self.covariances, class_experience, experience, per_class)
-            features, labels = features.to(strategy.device), labels.to(strategy.device)
-            for start in range(0, len(labels), per_class):
-                logits = head(features[start:start + per_class])[:, : len(self.means)]
-                target = labels[start:start + per_class]
-                if self.config.ca_logit_norm is not None:
-                    norms = torch.stack([logits[:, r.start:r.stop].norm(dim=1) + 1e-7 for r in ranges], 1).mean(1)
-                    logits = logits / norms.unsqueeze(1) / self.config.ca_logit_norm
-                loss = F.cross_entropy(logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            schedule.step()
+        align_head(strategy.model.head, self.means, self.covariances,
+                   self.context.class_split.label_ranges()[: experience + 1], epochs=self.config.ca_epochs,
+                   per_class=self.config.ca_samples_per_class, lr=training.optimizer.lr,
+                   weight_decay=training.optimizer.weight_decay, device=strategy.device,
+                   logit_norm=self.config.ca_logit_norm)
         strategy.model.train(was_training)
 
     def state_dict(self) -> dict[str, Any]:
