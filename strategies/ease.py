@@ -74,7 +74,8 @@ class SubspaceViT(nn.Module):
 
     def train(self, mode: bool = True) -> "SubspaceViT":
         super().train(mode)
-        self.vit.eval()  # the pre-trained ViT keeps its eval behaviour; adapter dropout is none
+        self.vit.eval()  # the pre-trained ViT keeps its eval behaviour ...
+        self.vit.adapters.train(mode)  # ... and its adapters' dropout acts in training, as PILOT's (vit_ease: 0.1)
         return self
 
 

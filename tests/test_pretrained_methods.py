@@ -39,6 +39,7 @@ METHODS = {
     "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 8}}",
     "inflora": "{name: inflora, rank: 4}",
     "lae": "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 0}",
+    "mos": "{name: mos, bottleneck: 8, ca_epochs: 2, ca_samples_per_class: 16}",
 }
 
 
@@ -620,6 +621,32 @@ def test_ease_reweights_the_subspaces_logits_as_pilots_forward_reweight():
                 expected[:, c] += cosine if j == i else alpha / t * cosine
     assert np.allclose(out, expected, atol=1e-5)
     assert torch.equal(subspace_weights(ranges[:1], 0, sets, alpha), torch.tensor([[1.0, 0, 0, 0]] * 2))
+
+
+def test_ease_adapter_dropout_acts_in_training_and_the_vit_stays_in_eval():
+    """PILOT's EASE trains with its adapters' dropout (0.1) on; the pre-trained ViT keeps its eval
+    behaviour (no drop path)."""
+    import timm
+
+    from incremental.strategies.ease import SubspaceViT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=0,
+                            embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5)
+    backbone = SubspaceViT(vit, sets=2, bottleneck=4, scale=1.0, dropout=0.5)
+    with torch.no_grad():
+        for p in vit.adapters.parameters():
+            p.normal_()
+    x = torch.randn(3, 1, 16, 16)
+    backbone.train()
+    assert not vit.training and vit.adapters.training
+    assert not torch.equal(backbone.subspace(x, 0), backbone.subspace(x, 0))  # the adapters' dropout
+    with torch.no_grad():
+        for p in vit.adapters.parameters():
+            p.zero_()
+    assert torch.equal(backbone.subspace(x, 0), backbone.subspace(x, 0))  # nothing else draws (drop path off)
+    backbone.eval()
+    assert not vit.adapters.training
 
 
 def test_ease_trains_each_experience_its_own_adapter_set_only(pretrained, tmp_path):
