@@ -16,8 +16,9 @@ Each experience:
 
 At test time a class scores the larger of the two networks' softmax probabilities for it,
 ``max(softmax(W f_online + b), softmax(W f_offline + b))``, through one shared head
-(:class:`MaxSoftmaxEnsembleClassifier`, whose output is the log of that score: the argmax and
-the ranking are the ensemble's).
+(:class:`~incremental.strategies.pretrained.SharedHeadClassifier`) and the model's output adapter
+(:class:`~incremental.models.net.MaxSoftmaxOutput`, whose output is the log of that score: the
+argmax and the ranking are the ensemble's).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from avalanche.models import IncrementalClassifier
 from torch import nn
 
+from incremental.models.net import MaxSoftmaxOutput
 from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import LAEConfig
-from .pretrained import loss_on_current_classes
+from .pretrained import SharedHeadClassifier, loss_on_current_classes
 
 
 class OnlineOfflineBackbone(nn.Module):
@@ -80,21 +81,6 @@ class OnlineOfflineBackbone(nn.Module):
         return self
 
 
-class MaxSoftmaxEnsembleClassifier(IncrementalClassifier):
-    """Avalanche's growing linear classifier, shared by the members of a (B, members x d) input:
-    one member gives its logits; several give ``log max_m softmax(logits_m)`` per class (LAE's
-    test-time ensemble), floored at the smallest positive float so that no score is -inf."""
-
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        width = self.classifier.in_features
-        members = x.shape[1] // width
-        logits = super().forward(x.reshape(len(x) * members, width), **kwargs)
-        if members == 1:
-            return logits
-        probabilities = logits.view(len(x), members, -1).float().softmax(dim=-1).amax(dim=1)
-        return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log().to(logits.dtype)
-
-
 @torch.no_grad()
 def init_rows_kaiming(classifier: nn.Linear, labels: range) -> None:
     """The rows of ``labels`` as PILOT's SimpleLinear draws a head: Kaiming-uniform for a linear
@@ -113,7 +99,8 @@ class LAE(StrategyPlugin):
     def prepare_model(self, model: Any) -> None:
         apply_tuning(vision_transformer(model.backbone, swin=True), self.config.tuning)
         model.backbone = OnlineOfflineBackbone(model.backbone)
-        model.head = MaxSoftmaxEnsembleClassifier(model.num_features, model.head.classifier.out_features)
+        model.head = SharedHeadClassifier(model.num_features, model.head.classifier.out_features)
+        model.output_adapter = MaxSoftmaxOutput(members=2)
 
     def pets(self, strategy: Any) -> list[nn.Parameter]:
         return strategy.model.backbone.pet_parameters()

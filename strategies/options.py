@@ -275,6 +275,30 @@ class LAEConfig:
 
 
 @dataclass
+class MOSConfig:
+    # PILOT's exps/mos.json: adapters of 16 (ffn_num) with scale 0.1 and dropout 0.1, SGD at 0.03
+    # with momentum 0.9 and weight decay 5e-4, batch 48, 20 epochs, cosine: the run's training section
+    bottleneck: int = opt(16, ge=1, le=16384)
+    adapter_scale: float = opt(0.1, gt=0, le=MAX_WEIGHT)
+    adapter_dropout: float = opt(0.1, ge=0, lt=1)  # on the bottleneck in training (vit_mos: 0.1)
+    adapter_momentum: float = opt(0.1, ge=0, le=1)  # m, the pull towards the earlier sets' mean
+    # per_block: before every block of each training forward and after every step (PILOT's
+    # forward_features and adapter_merge); per_step: only after every step
+    merge: Literal["per_block", "per_step"] = "per_block"
+    orth_weight: float = opt(0.1, ge=0, le=MAX_WEIGHT)  # reg
+    orth_temperature: float = opt(0.8, gt=0, le=100)  # PILOT's orth_loss divides by 0.8
+    head_lr_scale: float = opt(0.1, gt=0, le=1000)  # PILOT trains the head at init_lr x 0.1
+    # trunc_normal: new rows from N(0, 0.02) truncated at +-2, bias 0 (timm's head, which PILOT's
+    # vit_mos loads); linear: nn.Linear's default (Avalanche's)
+    head_init: Literal["trunc_normal", "linear"] = "trunc_normal"
+    ca_epochs: int = opt(30, ge=0, le=MAX_EPOCHS)  # crct_epochs
+    ca_lr: float = opt(0.005, gt=0, le=10)  # ca_lr
+    ca_samples_per_class: int | None = opt(None, ge=1, le=100_000)  # None: 5 x training.batch_size, as PILOT
+    rounds: int = opt(4, ge=1, le=100)  # the most sets one image reads at test (MAX_ITER)
+    ensemble: bool = True  # the last read's softmax averaged with the prototypes' (ensemble)
+
+
+@dataclass
 class L2PConfig:
     pool_size: int = opt(10, ge=1, le=10_000)
     length: int = opt(5, ge=1, le=1024)
@@ -465,6 +489,9 @@ STRATEGIES.declare("cofima", "incremental.strategies.cofima:CoFiMA", config=CoFi
                    summary="CoFiMA: SLCA with the network a Fisher-weighted merge of the previous and the new one.")
 STRATEGIES.declare("lae", "incremental.strategies.lae:LAE", config=LAEConfig,
                    summary="LAE: an online PET trained on, an offline EMA copy, and the max-softmax ensemble of both.")
+STRATEGIES.declare("mos", "incremental.strategies.mos:MOS", config=MOSConfig,
+                   summary="MOS: an adapter set per experience merged towards the earlier ones, aligned head, "
+                   "self-refined set retrieval.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

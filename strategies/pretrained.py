@@ -100,6 +100,19 @@ class CosineIncrementalClassifier(IncrementalClassifier):
         return out
 
 
+class SharedHeadClassifier(IncrementalClassifier):
+    """Avalanche's growing linear classifier applied alike to each ``d``-wide member of its input
+    (``d`` its input width): (B, k d) gives (B, k C), one block of class scores per member, for an
+    output adapter to combine (LAE's online and offline networks, MOS's adapter sets); one member
+    gives the plain logits, as training sees them."""
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        width = self.classifier.in_features
+        members = x.shape[1] // width
+        logits = super().forward(x.reshape(len(x) * members, width), **kwargs)
+        return logits.reshape(len(x), -1)
+
+
 def use_training_head(model: nn.Module, kind: str, columns: slice = slice(None)) -> None:
     """The head a strategy trains with (APER's and RanPAC's first session, EASE's adapters):
     ``cosine`` (PILOT's, over ``columns`` of the features) or ``linear`` (Avalanche's over all

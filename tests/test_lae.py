@@ -15,7 +15,9 @@ import torch
 from test_pretrained_methods import VIT, pretrained, run_method  # noqa: F401 (a fixture)
 
 from incremental.models.peft import add_prefix_tuning, compensated_attention, freeze
-from incremental.strategies.lae import MaxSoftmaxEnsembleClassifier, OnlineOfflineBackbone, init_rows_kaiming
+from incremental.models.net import MaxSoftmaxOutput
+from incremental.strategies.lae import OnlineOfflineBackbone, init_rows_kaiming
+from incremental.strategies.pretrained import SharedHeadClassifier
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -84,16 +86,19 @@ def test_prefix_tuning_covers_the_first_blocks_and_trains_only_the_prefixes():
     assert len(add_prefix_tuning(_vit(depth=3), length=4, blocks=2, compensatory=True)) == 2
 
 
-def test_the_ensemble_head_scores_the_larger_softmax_of_its_members():
+def test_the_ensemble_scores_the_larger_softmax_of_the_shared_heads_members():
     torch.manual_seed(0)
-    head = MaxSoftmaxEnsembleClassifier(6, initial_out_features=4)
+    head = SharedHeadClassifier(6, initial_out_features=4)
     head.active_units[:3] = 1  # the fourth class is unseen: masked
     online, offline = torch.randn(5, 6), torch.randn(5, 6)
     single = head(online).detach()
     torch.testing.assert_close(single[:, :3], head.classifier(online).detach()[:, :3])
+    logits = head(torch.cat([online, offline], dim=1)).detach()
+    assert logits.shape == (5, 8)
+    torch.testing.assert_close(logits[:, 4:], head(offline).detach())
     w, b = head.classifier.weight.detach().numpy(), head.classifier.bias.detach().numpy()
     probabilities = [_softmax(x.numpy() @ w.T[:, :3] + b[:3]) for x in (online, offline)]
-    both = head(torch.cat([online, offline], dim=1)).detach()
+    both = MaxSoftmaxOutput(2)(torch.cat([online, offline], dim=1), logits)
     np.testing.assert_allclose(both[:, :3].exp().numpy(), np.maximum(*probabilities), rtol=1e-5)
     assert torch.isfinite(both).all() and (both[:, 3] < both[:, :3].min()).all()
 

@@ -58,7 +58,7 @@ def test_tuning_methods_are_declared_and_resolve_in_peft():
     load_builtins()
     assert BUILTIN_MODULES["tuning"] == ("incremental.models.options",)
     entries = list(REGISTRIES["tuning"])
-    assert {e.name for e in entries} == {"frozen", "finetune", "adapter", "ssf", "vpt_deep", "lora"}
+    assert {e.name for e in entries} == {"frozen", "finetune", "adapter", "ssf", "vpt_deep", "lora", "prefix"}
     for entry in entries:
         assert entry.module == "incremental.models.peft" and callable(entry.obj), entry.name
         assert entry.summary == entry.obj.__doc__.strip().splitlines()[0]

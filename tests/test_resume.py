@@ -174,7 +174,8 @@ STRATEGY_CASES = {
         "dsal": "{name: dsal, expansion_size: 64, rls_batch_size: 20}",
         "fecam": "{name: fecam, tuning: {name: adapter, bottleneck: 4}}",
         "inflora": "{name: inflora, rank: 2}",
-        "lae": "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 0}"}.items()},
+        "lae": "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 0}",
+        "mos": "{name: mos, bottleneck: 4, ca_epochs: 2, ca_samples_per_class: 8}"}.items()},
 }
 
 

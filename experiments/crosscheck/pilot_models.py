@@ -95,15 +95,18 @@ def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], new: tu
     return missing
 
 
-ADAPTER_VITS = {"_adapter": ("backbone.vit_adapter", ".adaptmlp."), "_ease": ("backbone.vit_ease", "cur_adapter.")}
+ADAPTER_VITS = {"_adapter": ("backbone.vit_adapter", ".adaptmlp."), "_ease": ("backbone.vit_ease", "cur_adapter."),
+                "_mos": ("backbone.vit_mos", "cur_adapter.")}
 
 
-def adapter_vit(path: Path, ffn_num: int, suffix: str = "_adapter") -> torch.nn.Module:
-    """PILOT's adapter ViT for the backbone types ending in ``suffix`` (``backbone/vit_adapter.py``
-    or ``vit_ease.py``'s VisionTransformer, with the AdaptFormer config its ``get_backbone`` gives
-    them) at the shared ViT's size, holding its weights converted as PILOT's
-    ``vit_base_patch16_224_adapter`` and ``_ease`` convert timm's (``split_qkv``); everything but
-    the adapters frozen, as there."""
+def adapter_vit(path: Path, ffn_num: int, suffix: str = "_adapter", num_classes: int = 0,
+                **config: Any) -> torch.nn.Module:
+    """PILOT's adapter ViT for the backbone types ending in ``suffix`` (``backbone/vit_adapter.py``,
+    ``vit_ease.py`` or ``vit_mos.py``'s VisionTransformer, with the AdaptFormer config its
+    ``get_backbone`` gives them, plus ``config``) at the shared ViT's size, holding its weights
+    converted as PILOT's ``vit_base_patch16_224_adapter``, ``_ease`` and ``_mos`` convert timm's
+    (``split_qkv``); everything but the adapters (and a head of ``num_classes``) frozen, as there.
+    MOS's head is timm's ViT head as PILOT loads it, drawn from N(0, 0.02) truncated, zero bias."""
     import importlib
     import types
 
@@ -113,12 +116,16 @@ def adapter_vit(path: Path, ffn_num: int, suffix: str = "_adapter") -> torch.nn.
     spec = SHARED_VITS[shared_kind(path)]
     config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
                                    ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=ffn_num,
-                                   d_model=spec["embed_dim"], vpt_on=False, vpt_num=0, _device=torch.device("cpu"))
+                                   d_model=spec["embed_dim"], vpt_on=False, vpt_num=0, _device=torch.device("cpu"),
+                                   **config)
     model = importlib.import_module(module).VisionTransformer(
-        img_size=32, patch_size=4, in_chans=1, num_classes=0, embed_dim=spec["embed_dim"], depth=spec["depth"],
-        num_heads=spec["num_heads"], mlp_ratio=4, qkv_bias=True, global_pool=False,
+        img_size=32, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=spec["embed_dim"],
+        depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4, qkv_bias=True, global_pool=False,
         norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), drop_path_rate=0.0, tuning_config=config)
-    missing = load_checked(model, split_qkv(load_file(str(path))), (adapters,))
+    if num_classes:
+        torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
+        torch.nn.init.zeros_(model.head.bias)
+    missing = load_checked(model, split_qkv(load_file(str(path))), (adapters, "head."))
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name in missing
     model.out_dim = spec["embed_dim"]
@@ -180,6 +187,9 @@ def stand_in_backbones(inc_net: Any, path: Path) -> None:
         name = args["backbone_type"]
         if name.endswith(tuple(PROMPT_VITS)):
             return original(args, pretrained)
+        if "_mos" in name:
+            return adapter_vit(path, args["ffn_num"], "_mos", num_classes=args["nb_classes"],
+                               adapter_momentum=args["adapter_momentum"])
         for suffix in ADAPTER_VITS:
             if suffix in name:
                 return adapter_vit(path, args["ffn_num"], suffix)
@@ -243,13 +253,27 @@ def lae_net(inc_net: Any, path: Path) -> Any:
     return LAEAtSharedSize
 
 
+def mos_net(inc_net: Any, path: Path) -> Any:
+    """PILOT's ``MOSNet`` with its ViT's ``out_dim`` (set to 768 there) the shared ViT's width,
+    which its prototype classifier and its evaluation's feature buffer read."""
+    width = SHARED_VITS[shared_kind(path)]["embed_dim"]
+
+    class MOSNetAtSharedWidth(inc_net.MOSNet):
+        def __init__(self, args: dict[str, Any], pretrained: bool):
+            super().__init__(args, pretrained)
+            self.backbone.out_dim = width
+    return MOSNetAtSharedWidth
+
+
 def at_shared_width(module: Any, inc_net: Any, path: Path) -> None:
     """The places in PILOT that hard-code ViT-B's size, given the shared ViT's: CODA-Prompt's
-    network (``coda_net``), LAE's (``lae_net``) and the ``out_dim`` default of
-    ``EaseCosineLinear.forward_reweight``, which EASE's network calls without it (at another width
-    its loop over the subspaces would run ``in_features // 768`` times)."""
+    network (``coda_net``), LAE's (``lae_net``), MOS's (``mos_net``) and the ``out_dim`` default
+    of ``EaseCosineLinear.forward_reweight``, which EASE's network calls without it (at another
+    width its loop over the subspaces would run ``in_features // 768`` times)."""
     if hasattr(module, "LAE"):
         module.LAE = lae_net(inc_net, path)
+    if hasattr(module, "MOSNet"):
+        module.MOSNet = mos_net(inc_net, path)
     if hasattr(module, "CodaPromptVitNet"):
         module.CodaPromptVitNet = coda_net(inc_net, path)
     if hasattr(module, "EaseNet"):

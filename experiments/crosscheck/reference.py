@@ -5,7 +5,7 @@
         [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
 
 Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for its
-methods (simplecil, ranpac_*, aper_adapter, fecam, slca, cofima, the prompt methods, ease, lae),
+methods (simplecil, ranpac_*, aper_adapter, fecam, slca, cofima, the prompt methods, ease, lae, mos),
 vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for mcm, zhoudw-zdw/PROOF
 for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py),
 liangyanshuo/InfLoRA for inflora (inflora_reference.py);
@@ -46,8 +46,15 @@ What the harness changes in PILOT to run it here, each written into reference.md
   network sets its ViT's ``out_dim`` to 768 and hard-codes ``adapt_blocks`` 0-4: its feature width
   is the shared ViT's and the blocks are cut to the ViT's 4 (``lae_net``); its ``vit_lae`` module
   imports ``timm.models.layers.helpers``, gone from timm 1.0, aliased to ``timm.layers.helpers``.
-  Its ViT's forward adds in place to ``torch.zeros(.., requires_grad=True).to(device)``, a copy on
-  a GPU and the leaf itself on the CPU, where that fails; it gets the copy (``TorchAsOnAGPU``);
+  CODA-Prompt's ViT's forward adds in place to ``torch.zeros(.., requires_grad=True).to(device)``, a copy on
+  a GPU and the leaf itself on the CPU, where that fails; it gets the copy (``TorchAsOnAGPU``).
+  PILOT's ``vit_base_patch16_224_mos`` downloads timm's ViT-B/16: its ``vit_mos`` VisionTransformer
+  is built at the shared size with the shared weights instead (``adapter_vit``), its head of all
+  the classes drawn as timm draws a ViT head (N(0, 0.02) truncated, zero bias); ``MOSNet`` sets
+  its ViT's ``out_dim`` to 768, here the shared width (``mos_net``);
+- ``mos_reference_stored_sets_kept`` is PILOT's MOS evaluated without its merge, whose
+  ``forward_features`` with ``train=False`` rewrites the stored adapter set it reads at every
+  forward; training is PILOT's own (``keep_stored_sets``);
 - the training values of l2p, dualprompt, codaprompt and ease are PILOT's exps/*.json read from
   the checkout, with the changes METHODS names: DualPrompt's E-prompt blocks [2, 3, 4] become
   [2, 3] (the ViT has 4 blocks), EASE trains 5 epochs a task instead of 20 (on both sides, for
@@ -56,7 +63,8 @@ What the harness changes in PILOT to run it here, each written into reference.md
   ``get_dataset``, exemplars as ``appendent``), in the eval transform for every mode, the test
   images class by class as PILOT's DataManager orders them; the toolkit's side of a method that
   trains runs with ``dataset.augment: false``;
-- the learners' DataLoader workers are 0 (PILOT's 8 would fork on a 2-core machine) and
+- the learners' DataLoader workers are 0 (PILOT's 8, and MOS's 4 in its class-mean pass, would
+  fork on a 2-core machine) and
   ``topk`` is capped at the classes seen (PILOT's 5 fails with 2 classes a step);
 - ``timm.models.layers.weight_init`` (PILOT's import, gone from timm 1.0) is aliased to
   ``timm.layers.weight_init``;
@@ -82,6 +90,7 @@ reference's commit.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import hashlib
 import re
@@ -191,12 +200,20 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     # 0.0028125, batch 128, 5 epochs, a constant LR, the PET frozen for 3 epochs, EMA decay 0.9999
     "lae": (["strategy=lae", *PROMPT_TRAINING, "training.batch_size=128",
              "training.optimizer={name: adam, lr: 0.0028125, weight_decay: 0.0}"], "models.lae", {"exps": "lae.json"}),
+    # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
+    # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
+    "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",
+             "training.optimizer={name: sgd, lr: 0.03, momentum: 0.9, weight_decay: 0.0005}",
+             "training.scheduler={name: cosine, min_lr_ratio: 0.0}"], "models.mos", {"exps": "mos.json"}),
 }
 for _prompted in ("l2p", "dualprompt"):  # the same two runs, PILOT's evaluated with a prompt choice per image
     METHODS[_prompted + PER_IMAGE] = METHODS[_prompted]
 # the same run of ours against PILOT's CODA trained with the toolkit's batches and LR schedule
 TOOLKIT_SCHEDULE = "_reference_toolkit_schedule"
 METHODS["codaprompt" + TOOLKIT_SCHEDULE] = METHODS["codaprompt"]
+# the same run of ours against PILOT's MOS evaluated without merging its stored adapter sets
+STORED_SETS_KEPT = "_reference_stored_sets_kept"
+METHODS["mos" + STORED_SETS_KEPT] = METHODS["mos"]
 CLIP_BACKBONE = "backbone={{name: clip, model: clip-tiny, pretrained: {weights}}}"
 MCM_TEMPLATE = "a photo of a {}"  # MCM's detection_util: f"a photo of a {c}", no full stop
 CLIP_METHODS = {  # name: (the toolkit's overrides, the reference's checkout option, its template)
@@ -391,7 +408,9 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
         module.Learner._init_train = lambda self, *args, **kwargs: None
     if method == "fecam":  # its first session pickles the network into the working directory
         module.Learner.save_checkpoint = lambda self, *args, **kwargs: None
-    module.DataLoader = keep_last_batch if method.endswith(TOOLKIT_SCHEDULE) else torch.utils.data.DataLoader
+    module.DataLoader = functools.partial(in_process_loader, keep_last=method.endswith(TOOLKIT_SCHEDULE))
+    if hasattr(module, "MOSNet"):
+        keep_stored_sets(method.endswith(STORED_SETS_KEPT))
     torch.manual_seed(seed if init_seed is None else init_seed)
     learner = module.Learner(pilot_args(root, method, manager, seed))
     if method.endswith(TOOLKIT_SCHEDULE):
@@ -414,12 +433,38 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
 
 def ours_run(method: str) -> str:
     """The toolkit's run a row reads: a row that changes only PILOT's side reads its method's."""
-    return method.removesuffix(PER_IMAGE).removesuffix(TOOLKIT_SCHEDULE)
+    return method.removesuffix(PER_IMAGE).removesuffix(TOOLKIT_SCHEDULE).removesuffix(STORED_SETS_KEPT)
 
 
-def keep_last_batch(*args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """A DataLoader that keeps each epoch's last partial batch, as the toolkit's training does."""
-    return torch.utils.data.DataLoader(*args, **{**kwargs, "drop_last": False})
+def in_process_loader(*args: Any, keep_last: bool = False, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader without worker processes (PILOT's MOS asks for 4 in its class-mean pass); with
+    ``keep_last``, keeping each epoch's last partial batch, as the toolkit's training does."""
+    return torch.utils.data.DataLoader(*args, **{**kwargs, "num_workers": 0, **({"drop_last": False} if keep_last else {})})
+
+
+def keep_stored_sets(kept: bool) -> None:
+    """With ``kept``, PILOT's MOS ViT evaluated without its merge: its ``forward_features`` with
+    ``train=False`` runs ``reweight_adapter`` on the stored set it reads, which rewrites that set
+    in place at every forward; here the merge's momentum is 0 during such a call (training is
+    unchanged). Without, PILOT's own."""
+    from backbone import vit_mos
+
+    original = vit_mos.VisionTransformer.__dict__.get("_pilot_forward_features",
+                                                        vit_mos.VisionTransformer.forward_features)
+    vit_mos.VisionTransformer._pilot_forward_features = original
+    if not kept:
+        vit_mos.VisionTransformer.forward_features = original
+        return
+
+    def forward_features(self: Any, x: torch.Tensor, adapter_id: int, train: bool) -> Any:
+        if train:
+            return original(self, x, adapter_id, train)
+        momentum, self.config.adapter_momentum = self.config.adapter_momentum, 0.0
+        try:
+            return original(self, x, adapter_id, train)
+        finally:
+            self.config.adapter_momentum = momentum
+    vit_mos.VisionTransformer.forward_features = forward_features
 
 
 def toolkit_schedule(learner: Any) -> None:

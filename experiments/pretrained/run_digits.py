@@ -54,6 +54,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "fecam": ("FeCAM, adapters", ["strategy={name: fecam, tuning: {name: adapter, bottleneck: 16}}", NO_MEMORY]),
     "inflora": ("InfLoRA, rank 10", ["strategy=inflora", NO_MEMORY, PROMPT_EPOCHS]),
     "lae": ("LAE, prefix", ["strategy=lae", NO_MEMORY]),
+    "mos": ("MOS", ["strategy=mos", NO_MEMORY]),
+    # PILOT's merge before every block leaves the later sets within 1e-4 of set 0 (reference.md)
+    "mos_per_step": ("MOS, merged once a step", ["strategy={name: mos, merge: per_step}", NO_MEMORY]),
     # the analytic methods at their reference's defaults (a buffer of 8192, gamma 0.1; DS-AL's C 0.6)
     "acil": ("ACIL, frozen, M = 8192", ["strategy=acil", NO_MEMORY]),
     "dsal": ("DS-AL, frozen, M = 8192", ["strategy=dsal", NO_MEMORY]),

@@ -9,6 +9,7 @@ brings new classes; Avalanche's model adaptation grows it before each experience
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -201,6 +202,67 @@ class SubspaceReweightOutput(nn.Module):
         return (cosines * self.class_weights.to(cosines.dtype)).sum(dim=2)
 
 
+class MaxSoftmaxOutput(nn.Module):
+    """LAE's test-time ensemble: the logits hold ``members`` blocks of class scores (one shared
+    head on each member's features, :class:`~incremental.strategies.pretrained.SharedHeadClassifier`);
+    a class scores ``log max_m softmax(logits_m)``, floored at the smallest positive float so that
+    no score is -inf."""
+
+    def __init__(self, members: int):
+        super().__init__()
+        self.register_buffer("members", torch.tensor(int(members)))
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probabilities = logits.view(len(logits), int(self.members), -1).float().softmax(dim=-1).amax(dim=1)
+        return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log().to(logits.dtype)
+
+
+class AdapterRetrievalOutput(nn.Module):
+    """MOS's test-time classifier (PILOT's ``_eval_cnn``). The pooled features hold one block of
+    ``d`` per adapter set (set 0 first) and the logits one block of class scores per set (the
+    shared head on each). The cosine to the class prototypes (set 0's features) picks a class,
+    whose experience names the set to read; the head's prediction on that set's features names
+    the next, for at most ``rounds`` reads or until the set stays the same (self-refined
+    retrieval). With ``ensemble`` a class scores ``log((softmax(l) + softmax((t + 1) cos)) / 2)``,
+    ``l`` the last read's logits and ``t + 1`` the experiences seen; else ``l``. Classes not seen
+    yet score the floor."""
+
+    def __init__(self, prototypes: torch.Tensor, class_tasks: torch.Tensor, rounds: int = 4, ensemble: bool = True):
+        super().__init__()
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("class_tasks", class_tasks.long())
+        self.register_buffer("rounds", torch.tensor(int(rounds)))
+        self.register_buffer("ensemble", torch.tensor(bool(ensemble)))
+
+    def retrieve(self, set_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The logits of the last set read per image, starting from set ``first`` (B,)."""
+        rows = torch.arange(len(first), device=first.device)
+        current, final = first.clone(), set_logits[rows, first]
+        active = torch.ones_like(first, dtype=torch.bool)
+        for read in range(1, int(self.rounds) + 1):
+            logits = set_logits[rows, current]
+            final = torch.where(active.unsqueeze(1), logits, final)
+            proposed = self.class_tasks[logits.argmax(dim=1)]
+            active &= (proposed != current) & (read < int(self.rounds))
+            current = torch.where(active, proposed, current)
+        return final
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen, width = len(self.class_tasks), self.prototypes.shape[1]
+        sets = pooled.shape[1] // width
+        set_logits = logits.view(len(logits), sets, -1)[:, :, :seen].float()
+        cosine = F.normalize(pooled[:, :width].float(), dim=1) @ F.normalize(self.prototypes.float(), dim=1).T
+        final = self.retrieve(set_logits, self.class_tasks[cosine.argmax(dim=1)])
+        if bool(self.ensemble):
+            tasks = int(self.class_tasks.max()) + 1
+            final = ((final.softmax(dim=1) + (cosine * tasks).softmax(dim=1)) / 2).clamp_min(
+                torch.finfo(final.dtype).tiny).log()
+        floor = min(float(final.min()) - 1.0, math.log(torch.finfo(final.dtype).tiny))  # below every seen class
+        out = torch.full((len(logits), logits.shape[1] // sets), floor, dtype=final.dtype, device=final.device)
+        out[:, :seen] = final
+        return out.to(logits.dtype)
+
+
 # Output adapters by the buffers they hold: a saved state dict names its adapter this way.
 OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
     frozenset({"means"}): lambda t: NearestMeanOutput(t["means"]),
@@ -218,6 +280,9 @@ OUTPUT_ADAPTERS: dict[frozenset[str], Any] = {
         t["class_means"], t["precisions"], float(t["tukey_power"]) or None),
     frozenset({"prototypes", "class_weights", "dim"}): lambda t: SubspaceReweightOutput(
         t["prototypes"], t["class_weights"], int(t["dim"])),
+    frozenset({"members"}): lambda t: MaxSoftmaxOutput(int(t["members"])),
+    frozenset({"prototypes", "class_tasks", "rounds", "ensemble"}): lambda t: AdapterRetrievalOutput(
+        t["prototypes"], t["class_tasks"], int(t["rounds"]), bool(t["ensemble"])),
 }
 
 
