@@ -26,6 +26,10 @@ class ClassSplit:
 
     class_order: tuple[int, ...]
     classes_per_experience: tuple[int, ...]
+    # long-tailed training data (protocol.long_tail): each label's rank and the ratio; 1 is balanced
+    tail_ranks: tuple[int, ...] | None = None
+    imbalance_ratio: float = 1.0
+    subset_seed: int = 0
 
     @property
     def num_experiences(self) -> int:
@@ -105,18 +109,47 @@ def split_classes(cfg: ProtocolConfig, num_classes: int) -> list[int]:
 
 def make_class_split(cfg: ProtocolConfig, num_classes: int, seed: int) -> ClassSplit:
     order = resolve_class_order(cfg, num_classes, seed)
-    return ClassSplit(tuple(order), tuple(split_classes(cfg, len(order))))
+    base_seed = seed if cfg.order_seed is None else cfg.order_seed
+    tail = cfg.long_tail
+    ranks = None
+    if tail.imbalance_ratio < 1:
+        ranks = tuple(range(len(order))) if tail.order == "ordered" else \
+            tuple(int(r) for r in np.random.default_rng([base_seed, 1]).permutation(len(order)))
+    return ClassSplit(tuple(order), tuple(split_classes(cfg, len(order))), ranks, tail.imbalance_ratio, base_seed)
+
+
+def long_tail_counts(available: Sequence[int], ranks: Sequence[int], ratio: float) -> list[int]:
+    """Training images per label: ``n_max x ratio ^ (rank / (C - 1))``, floored, n_max the largest of
+    ``available`` (Cao et al. 2019's long-tailed CIFAR); at least 1, at most what the label has."""
+    n_max, steps = max(available), max(len(ranks) - 1, 1)
+    return [max(1, min(have, int(n_max * ratio ** (rank / steps)))) for have, rank in zip(available, ranks)]
+
+
+def long_tail_subset(targets: Sequence[int], counts: Sequence[int], seed: int) -> list[int]:
+    """Positions in ``targets`` (labels 0..C-1) to keep: ``counts[label]`` of each label, a seeded
+    random choice, in their original order."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng([seed, 2])
+    keep = [rng.permutation(np.flatnonzero(targets == label))[:count] for label, count in enumerate(counts)]
+    return sorted(int(i) for part in keep for i in part)
 
 
 class OrderedClassSubset(Dataset):
-    """The samples of the classes in ``order``, relabelled by their position in it."""
+    """The samples of the classes in ``order``, relabelled by their position in it; with ``split``'s
+    long tail, only the training samples it keeps."""
 
-    def __init__(self, base: Dataset, order: Sequence[int]):
+    def __init__(self, base: Dataset, order: Sequence[int], split: ClassSplit | None = None):
         position = {c: i for i, c in enumerate(order)}
         base_targets = list(base.targets)  # type: ignore[attr-defined]
         self.base = base
         self.indices = [i for i, t in enumerate(base_targets) if t in position]
         self.targets = [position[base_targets[i]] for i in self.indices]
+        if split is not None and split.tail_ranks is not None:
+            available = np.bincount(self.targets, minlength=len(order)).tolist()
+            counts = long_tail_counts(available, split.tail_ranks, split.imbalance_ratio)
+            kept = long_tail_subset(self.targets, counts, split.subset_seed)
+            self.indices = [self.indices[i] for i in kept]
+            self.targets = [self.targets[i] for i in kept]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -143,7 +176,7 @@ def build_benchmark(splits: DatasetSplits, class_split: ClassSplit) -> Any:
 
     streams = {}
     for stream, data, group in (("train", splits.train, "train"), ("test", splits.test, "eval")):
-        subset = OrderedClassSubset(data, class_split.class_order)
+        subset = OrderedClassSubset(data, class_split.class_order, class_split if stream == "train" else None)
         missing = sorted(set(range(len(class_split.class_order))) - set(subset.targets))
         if missing:
             names = [class_split.class_order[i] for i in missing[:5]]

@@ -51,6 +51,20 @@ OPENAI_CIFAR_TEMPLATES = tuple(f"{prefix} {{}}." for prefix in (
 
 
 @dataclass
+class LongTailConfig:
+    """Long-tailed training data (imbalanced class-incremental learning: Liu et al. 2022's LT-CIL,
+    the protocols of DGR, He 2024): the class at rank r of C keeps ``n_max x imbalance_ratio ^ (r /
+    (C - 1))`` of its training images, floored (Cao et al. 2019's long-tailed CIFAR; n_max the
+    largest class's count), a seeded random choice; the test set stays balanced. 1 keeps every
+    image."""
+
+    imbalance_ratio: float = opt(1.0, gt=0, le=1)  # the tail class's share of the head's (LT-CIL: 0.01)
+    # ordered: the ranks follow the class order, so the first experiences hold the head classes
+    # (Ordered LT-CIL); shuffled: the ranks are a random permutation from the order seed (Shuffled LT-CIL)
+    order: Literal["ordered", "shuffled"] = "ordered"
+
+
+@dataclass
 class ProtocolConfig:
     """How the dataset's classes are split into experiences.
 
@@ -69,6 +83,7 @@ class ProtocolConfig:
     class_order: Union[str, list[int]] = opt("random", ge=0, le=MAX_COUNT)
     order_seed: int | None = opt(None, ge=0, le=SEED_MAX)
     memory: MemoryConfig = opt(factory=MemoryConfig)
+    long_tail: LongTailConfig = opt(factory=LongTailConfig)
     # What a text encoder reads for each class (backbone: clip): "{}" is the class name (its
     # underscores read as spaces). Several templates are an ensemble (CLIP's prompt ensembling:
     # the mean of the normalised embeddings); openai_imagenet (80) and simple_imagenet (7) are
