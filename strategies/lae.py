@@ -33,7 +33,7 @@ from incremental.models.peft import apply_tuning, vision_transformer
 from incremental.strategy import StrategyContext, StrategyPlugin
 
 from .options import LAEConfig
-from .pretrained import SharedHeadClassifier, loss_on_current_classes
+from .pretrained import SharedHeadClassifier, init_rows_kaiming, loss_on_current_classes
 
 
 class OnlineOfflineBackbone(nn.Module):
@@ -79,15 +79,6 @@ class OnlineOfflineBackbone(nn.Module):
         super().train(mode)
         self.backbone.eval()  # the pre-trained network keeps its eval behaviour (PILOT's has no dropout)
         return self
-
-
-@torch.no_grad()
-def init_rows_kaiming(classifier: nn.Linear, labels: range) -> None:
-    """The rows of ``labels`` as PILOT's SimpleLinear draws a head: Kaiming-uniform for a linear
-    layer (bound sqrt(3 / d)), zero bias."""
-    nn.init.kaiming_uniform_(classifier.weight[labels.start:labels.stop], nonlinearity="linear")
-    if classifier.bias is not None:
-        classifier.bias[labels.start:labels.stop] = 0.0
 
 
 class LAE(StrategyPlugin):

@@ -75,6 +75,22 @@ class ViTILConfig(ReplayConfig):
 
 
 @dataclass
+class GradReweightConfig(ReplayConfig):
+    # PILOT's exps/dgr.json: lambda 1, gammar_r 1, T 2 (SGD at 1e-3 with momentum 0.9 and weight
+    # decay 5e-4, batch 128, 20 epochs, cosine: the run's training section; 2,000 exemplars:
+    # protocol.memory)
+    kd_weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)  # lambda, times old / new classes
+    temperature: float = opt(2.0, gt=0, le=100)  # T of the distillation
+    gamma: float = opt(1.0, ge=0, le=MAX_WEIGHT)  # gammar_r: the new classes' extra damping
+    # true: the cross-entropy adds the log of the training label distribution to the logits
+    # (PILOT's regularized_cn); false: plain cross-entropy
+    logit_adjustment: bool = True
+    # kaiming_uniform: new rows as PILOT's SimpleLinear (uniform +-sqrt(3 / d), bias 0); linear:
+    # nn.Linear's default (Avalanche's)
+    head_init: Literal["kaiming_uniform", "linear"] = "kaiming_uniform"
+
+
+@dataclass
 class ICaRLConfig(ReplayConfig):
     # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
     classifier: Literal["ncm", "cnn"] = "ncm"
@@ -492,6 +508,9 @@ STRATEGIES.declare("lae", "incremental.strategies.lae:LAE", config=LAEConfig,
 STRATEGIES.declare("mos", "incremental.strategies.mos:MOS", config=MOSConfig,
                    summary="MOS: an adapter set per experience merged towards the earlier ones, aligned head, "
                    "self-refined set retrieval.")
+STRATEGIES.declare("grad_reweight", "incremental.strategies.grad_reweight:GradientReweighting",
+                   config=GradReweightConfig,
+                   summary="Gradient reweighting (DGR): logit-adjusted CE, KD, and class-balanced classifier gradients.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

@@ -72,6 +72,15 @@ def init_head_rows(classifier: torch.nn.Linear, labels: range) -> None:
         classifier.bias[labels.start:labels.stop] = 0.0
 
 
+@torch.no_grad()
+def init_rows_kaiming(classifier: torch.nn.Linear, labels: range) -> None:
+    """The rows of ``labels`` as PILOT's SimpleLinear draws a head (LAE's, DGR's): Kaiming-uniform
+    for a linear layer (bound sqrt(3 / d)), zero bias."""
+    nn.init.kaiming_uniform_(classifier.weight[labels.start:labels.stop], nonlinearity="linear")
+    if classifier.bias is not None:
+        classifier.bias[labels.start:labels.stop] = 0.0
+
+
 def replace_head(model: nn.Module, num_features: int) -> None:
     """A fresh growing classifier for a backbone whose feature width the strategy changed."""
     from avalanche.models import IncrementalClassifier

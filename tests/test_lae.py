@@ -16,8 +16,8 @@ from test_pretrained_methods import VIT, pretrained, run_method  # noqa: F401 (a
 
 from incremental.models.peft import add_prefix_tuning, compensated_attention, freeze
 from incremental.models.net import MaxSoftmaxOutput
-from incremental.strategies.lae import OnlineOfflineBackbone, init_rows_kaiming
-from incremental.strategies.pretrained import SharedHeadClassifier
+from incremental.strategies.lae import OnlineOfflineBackbone
+from incremental.strategies.pretrained import SharedHeadClassifier, init_rows_kaiming
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

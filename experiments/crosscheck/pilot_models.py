@@ -213,6 +213,23 @@ class TorchAsOnAGPU:
         return getattr(torch, name)
 
 
+class TorchOnTheCPU:
+    """``torch`` for PILOT's DGR, whose logit adjustment builds its prior with
+    ``torch.FloatTensor(..).cuda()``: here that tensor's ``.cuda()`` leaves it where it is (the
+    CPU); everything else is torch."""
+
+    class _Tensor(torch.Tensor):
+        def cuda(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self
+
+    @classmethod
+    def FloatTensor(cls, data: Any) -> torch.Tensor:  # noqa: N802 (torch's name)
+        return torch.as_tensor(data, dtype=torch.float32).as_subclass(cls._Tensor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
 def coda_net(inc_net: Any, path: Path) -> Any:
     """PILOT's ``CodaPromptVitNet``, whose head and ``CodaPrompt`` hard-code ViT-B's width (768,
     and the prompt's ``key_dim`` default), at the shared ViT's: both rebuilt by PILOT's own

@@ -5,7 +5,8 @@
         [--seeds 1993 1994 1995] [--out runs/crosscheck_reference]
 
 Each PATH is a checkout of a reference: LAMDA-PILOT (github.com/LAMDA-CL/LAMDA-PILOT) for its
-methods (simplecil, ranpac_*, aper_adapter, fecam, slca, cofima, the prompt methods, ease, lae, mos),
+methods (simplecil, ranpac_*, aper_adapter, fecam, slca, cofima, the prompt methods, ease, lae, mos,
+grad_reweight: PILOT's dgr),
 vgthengane/Continual-CLIP for continual_clip, deeplearning-wisc/MCM for mcm, zhoudw-zdw/PROOF
 for proof*, ZHUANGHP/Analytic-continual-learning for acil* and dsal (analytic_references.py),
 liangyanshuo/InfLoRA for inflora (inflora_reference.py);
@@ -63,8 +64,9 @@ What the harness changes in PILOT to run it here, each written into reference.md
   ``get_dataset``, exemplars as ``appendent``), in the eval transform for every mode, the test
   images class by class as PILOT's DataManager orders them; the toolkit's side of a method that
   trains runs with ``dataset.augment: false``;
-- the learners' DataLoader workers are 0 (PILOT's 8, and MOS's 4 in its class-mean pass, would
-  fork on a 2-core machine) and
+- the learners' DataLoader workers are 0 (PILOT's 8, and the 4 of MOS's class-mean pass and of
+  the exemplar passes in ``models/base.py``, would fork on a 2-core machine); PILOT's DGR builds
+  its logit prior with ``.cuda()``, which leaves it on the CPU here (``TorchOnTheCPU``); and
   ``topk`` is capped at the classes seen (PILOT's 5 fails with 2 classes a step);
 - ``timm.models.layers.weight_init`` (PILOT's import, gone from timm 1.0) is aliased to
   ``timm.layers.weight_init``;
@@ -107,8 +109,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from clip_references import PROOF_OVERRIDES  # noqa: E402
-from pilot_models import (SHARED_VITS, at_shared_width, follow_toolkit_cosine, shared_kind, shared_vit,  # noqa: E402
-                         stand_in_backbones)
+from pilot_models import (SHARED_VITS, TorchOnTheCPU, at_shared_width, follow_toolkit_cosine, shared_kind,  # noqa: E402
+                         shared_vit, stand_in_backbones)
 from run_common import is_complete, mean_std  # noqa: E402
 
 PROTOCOL = "digits_b0_5steps"
@@ -200,6 +202,14 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     # 0.0028125, batch 128, 5 epochs, a constant LR, the PET frozen for 3 epochs, EMA decay 0.9999
     "lae": (["strategy=lae", *PROMPT_TRAINING, "training.batch_size=128",
              "training.optimizer={name: adam, lr: 0.0028125, weight_decay: 0.0}"], "models.lae", {"exps": "lae.json"}),
+    # PILOT's exps/dgr.json: the whole ViT and a linear head, SGD 1e-3, batch 128, cosine, herding
+    # exemplars (200 here: 20 a class, as its 2,000 are on CIFAR-100), lambda 1, gamma 1, T 2; 5
+    # epochs a task on both sides instead of its 20, for time
+    "grad_reweight": (["strategy=grad_reweight", "protocol.memory={total: 200}", "dataset.augment=false",
+                       "training.epochs=5", "training.batch_size=128",
+                       "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005}",
+                       "training.scheduler={name: cosine, min_lr_ratio: 0.0}"],
+                      "models.dgr", {"exps": "dgr.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
     # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
     # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
     "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",
@@ -409,6 +419,9 @@ def run_pilot(root: Path, method: str, seed: int, vit_path: Path, manager: Digit
     if method == "fecam":  # its first session pickles the network into the working directory
         module.Learner.save_checkpoint = lambda self, *args, **kwargs: None
     module.DataLoader = functools.partial(in_process_loader, keep_last=method.endswith(TOOLKIT_SCHEDULE))
+    sys.modules["models.base"].DataLoader = in_process_loader  # its exemplar passes ask for 4 workers
+    if method.startswith("grad_reweight"):
+        module.torch = TorchOnTheCPU()
     if hasattr(module, "MOSNet"):
         keep_stored_sets(method.endswith(STORED_SETS_KEPT))
     torch.manual_seed(seed if init_seed is None else init_seed)
