@@ -46,6 +46,23 @@ def test_the_epoch_quarter_cosine_is_codas_and_infloras_schedule():
     assert lr_factor(quarter, iteration=5, iters_per_epoch=3, epochs=1) == 1.0
 
 
+def test_the_epoch_cosine_is_torchs_cosine_annealing_stepped_once_an_epoch():
+    """PILOT's learners: CosineAnnealingLR(T_max=epochs), its step() after each epoch: constant
+    within an epoch, following torch's own scheduler (with and without a floor)."""
+    for floor in (0.0, 0.1):
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([parameter], lr=2.0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5, eta_min=2.0 * floor)
+        torch_lrs = []
+        for _ in range(5):
+            torch_lrs += [optimizer.param_groups[0]["lr"]] * 4
+            optimizer.step()
+            scheduler.step()
+        ours = SchedulerConfig(name="epoch_cosine", min_lr_ratio=floor)
+        assert [2.0 * lr_factor(ours, iteration=i, iters_per_epoch=4, epochs=5) for i in range(20)] == \
+            pytest.approx(torch_lrs)
+
+
 def tiny_vit(classes: int):
     spec = Component("vit", ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2))
     return build_model(spec, in_chans=3, img_size=8, initial_classes=classes)

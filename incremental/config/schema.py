@@ -119,8 +119,10 @@ class SchedulerConfig:
     """Learning-rate schedule, restarted at every experience and stepped every iteration."""
 
     # epoch_quarter_cosine: the LR times cos(99 pi e / (200 (E - 1))) through epoch e of E, set once
-    # an epoch (CODA-Prompt's and InfLoRA's CosineSchedule, which PILOT's coda_prompt runs too)
-    name: Literal["constant", "cosine", "step", "epoch_quarter_cosine"] = "cosine"
+    # an epoch (CODA-Prompt's and InfLoRA's CosineSchedule, which PILOT's coda_prompt runs too);
+    # epoch_cosine: the half cosine 0.5 (1 + cos(pi e / E)) set once an epoch (torch's
+    # CosineAnnealingLR stepped per epoch, as PILOT's learners step it); cosine: per iteration
+    name: Literal["constant", "cosine", "step", "epoch_quarter_cosine", "epoch_cosine"] = "cosine"
     warmup_epochs: int = opt(0, ge=0, le=MAX_EPOCHS)
     milestones: list[int] = opt(factory=list, ge=0, le=MAX_EPOCHS)  # epochs, for ``step``
     gamma: float = opt(0.1, gt=0, le=1)

@@ -121,5 +121,8 @@ def lr_factor(cfg: SchedulerConfig, *, iteration: int, iters_per_epoch: int, epo
     if cfg.name == "epoch_quarter_cosine":  # the reference's K - 1 is 0 for one epoch: the LR stays
         epoch = iteration // max(1, iters_per_epoch)
         return math.cos(99 * math.pi * epoch / (200 * (epochs - 1))) if epochs > 1 else 1.0
+    if cfg.name == "epoch_cosine":  # torch's CosineAnnealingLR(T_max=epochs) stepped once an epoch
+        epoch = iteration // max(1, iters_per_epoch)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     progress = (iteration - warmup) / max(1, total - warmup)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
