@@ -277,7 +277,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "protocol.long_tail.imbalance_ratio: must be <= 1"),
     ("a long tail's order unknown", lambda ws: ["run", ws.config("protocol: {long_tail: {order: random}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "protocol.long_tail.order"),
-    ("gradient reweighting without a memory", lambda ws: ["run", ws.config("strategy: {name: grad_reweight}\nprotocol: {memory: {}}\n")],
+    ("gradient reweighting without a memory", lambda ws: ["run", ws.config("strategy: {name: grad_reweight}\nprotocol: {memory: {total: null, per_class: null}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "protocol.memory"),
     ("gradient reweighting's temperature of 0", lambda ws: ["run", ws.config("strategy: {name: grad_reweight, temperature: 0}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.temperature: must be > 0"),

@@ -174,7 +174,9 @@ def test_pilots_coda_gets_the_toolkits_batches_and_schedule_when_asked():
     sys.path.insert(0, str(SCRIPT.parent))
     import reference
 
-    assert len(reference.keep_last_batch(list(range(5)), batch_size=2, drop_last=True)) == 3
+    kept = reference.in_process_loader(list(range(5)), batch_size=2, drop_last=True, num_workers=4, keep_last=True)
+    assert len(kept) == 3 and kept.num_workers == 0
+    assert len(reference.in_process_loader(list(range(5)), batch_size=2, drop_last=True)) == 2  # PILOT's own drop
     weight = torch.nn.Parameter(torch.zeros(1))
     learner = types.SimpleNamespace(get_optimizer=lambda: torch.optim.Adam([weight], lr=0.1),
                                     train_loader=[None] * 3, args={"tuned_epoch": 2})
