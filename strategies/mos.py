@@ -155,8 +155,7 @@ class MOS(StrategyPlugin):
         self.prototypes = prototypes
         if t > 0 and self.config.ca_epochs > 0:
             self.align(strategy, t)
-        ranges = self.context.class_split.label_ranges()[: t + 1]
-        class_tasks = torch.tensor([e for e, r in enumerate(ranges) for _ in r])
+        class_tasks = torch.tensor(self.context.class_split.label_experience()[: len(self.means)])
         device = next(model.parameters()).device
         model.output_adapter = AdapterRetrievalOutput(prototypes.to(device), class_tasks.to(device),
                                                       self.config.rounds, self.config.ensemble)
