@@ -299,6 +299,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "strategy.head_init"),
     ("gradient reweighting's logit adjustment as text", lambda ws: ["run", ws.config("strategy: {name: grad_reweight, logit_adjustment: often}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.logit_adjustment"),
+    ("weight decay on unknown parameters", lambda ws: ["run", ws.config("training: {optimizer: {weight_decay_on: biases}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "training.optimizer.weight_decay_on"),
     ("unknown LR schedule", lambda ws: ["run", ws.config("training: {scheduler: {name: quarter_cosine}}\n")],
      lambda ws: str(ws.root / "case.yaml"), "training.scheduler.name"),
     ("zero torch threads", lambda ws: ["run", ws.config("training: {threads: 0}\n")],

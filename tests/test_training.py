@@ -78,6 +78,29 @@ def test_no_weight_decay_on_tokens_norms_and_biases():
     assert groups["no_decay"]["weight_decay"] == 0.0
 
 
+def test_weight_decay_on_all_steps_as_an_sgd_over_model_parameters():
+    """``weight_decay_on: all``: one SGD step equals PILOT's ``SGD(model.parameters(), ...)`` bit
+    for bit, biases, norms and tokens decayed too; the default leaves them undecayed."""
+    from incremental.config import OptimizerConfig
+    from incremental.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ours, reference = tiny_vit(3), tiny_vit(3)
+    reference.load_state_dict(ours.state_dict())
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    cfg = OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.5, momentum=0.9, weight_decay_on="all")
+    optimizers = [build_optimizer(ours, cfg, 0.1),
+                  torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.5)]
+    assert [g["name"] for g in optimizers[0].param_groups] == ["decay"]
+    for model, optimizer in zip((ours, reference), optimizers):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for (name, mine), theirs in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.equal(mine, theirs), name
+    default = build_optimizer(tiny_vit(3), OptimizerConfig(name="sgd", weight_decay=0.5), 0.1)
+    assert {g["name"]: g["weight_decay"] for g in default.param_groups} == {"decay": 0.5, "no_decay": 0.0}
+
+
 class OptimizerSpy(SupervisedPlugin):
     def __init__(self):
         super().__init__()

@@ -112,6 +112,10 @@ class OptimizerConfig:
     initial_lr: float | None = opt(None, gt=0, le=100)
     weight_decay: float = opt(0.05, ge=0, le=10)
     momentum: float = opt(0.9, ge=0, lt=1)  # SGD only
+    # weights: timm's two groups, no decay on biases, norms and the tokens the model names in
+    # no_weight_decay(); all: every parameter decays, as an optimizer built over
+    # model.parameters() does (PyCIL's and PILOT's learners)
+    weight_decay_on: Literal["weights", "all"] = "weights"
 
 
 @dataclass

@@ -40,15 +40,17 @@ def scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
 # --------------------------------------------------------------------------- optimiser
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str = "weights") -> list[dict[str, Any]]:
     """Two groups, as timm does: no weight decay on biases, norms and the tokens/embeddings
-    the model names in ``no_weight_decay()``."""
+    the model names in ``no_weight_decay()``. With ``decay_on="all"`` every trainable
+    parameter decays (one group, as PyCIL's and PILOT's ``SGD(model.parameters(), ...)``)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        exempt = decay_on != "all" and (param.ndim <= 1 or name in skip)
+        (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
@@ -101,7 +103,7 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig, lr: float
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
                     group_hooks: Sequence[GroupHook] = ()) -> torch.optim.Optimizer:
     """The optimizer over the trainable parameters, after each hook has adjusted the groups."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on)
     for hook in group_hooks:
         groups = hook(model, groups)
     return make_optimizer(groups, cfg, lr)
