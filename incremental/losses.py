@@ -20,3 +20,9 @@ def logit_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
     return kl * temperature ** 2
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``-sum softmax(teacher / T) log_softmax(logits / T)``, batch mean: PyCIL's and PILOT's
+    ``_KD_loss`` (a cross-entropy, not a KL, and no T^2), which their DGR and Coil distil with."""
+    return -(teacher.div(temperature).softmax(dim=1) * logits.div(temperature).log_softmax(dim=1)).sum(1).mean()

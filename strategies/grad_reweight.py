@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from incremental.distributed import current, sum_tensor
+from incremental.losses import soft_target_cross_entropy as distillation
 from incremental.models.net import frozen
 from incremental.strategy import StrategyContext
 
@@ -51,11 +52,6 @@ def class_balance_weights(accumulated: torch.Tensor, old: int, gamma: float) -> 
     old_scale = min(1.0, ratio)
     new_scale = min(1.0, ratio * math.exp(-gamma * old / len(accumulated)))
     return torch.cat([old_norms.min() / old_norms * old_scale, new_norms.min() / new_norms * new_scale])
-
-
-def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``-sum softmax(teacher / T) log_softmax(logits / T)``, over the batch's mean (PILOT's _KD_loss)."""
-    return -(teacher.div(temperature).softmax(dim=1) * logits.div(temperature).log_softmax(dim=1)).sum(1).mean()
 
 
 class GradientReweighting(ExemplarReplay):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from incremental.strategies.grad_reweight import GradientReweighting, class_balance_weights, distillation
+from incremental.losses import soft_target_cross_entropy as distillation
+from incremental.strategies.grad_reweight import GradientReweighting, class_balance_weights
 
 
 def _pilot_weights(gradall: np.ndarray, known: int, gamma: float) -> np.ndarray:
