@@ -91,6 +91,25 @@ class GradReweightConfig(ReplayConfig):
 
 
 @dataclass
+class CoilConfig(ReplayConfig):
+    # PILOT's exps/coil.json: sinkhorn 0.464, norm_term 3, reg_term 1e-3, T 2 (SGD at 1e-3 with
+    # momentum 0.9 and weight decay 5e-4 on every parameter, batch 64, 10 epochs: the run's
+    # training section; 2,000 exemplars: protocol.memory)
+    sinkhorn_reg: float = opt(0.464, gt=0, le=100)  # the entropic regulariser of the plans
+    sinkhorn_iterations: int = opt(1000, ge=1, le=100_000)  # POT's numItermax
+    cost_norm: float = opt(3.0, ge=1, le=100)  # q of the cost ||p_i - p_j||_q between prototypes
+    temperature: float = opt(2.0, gt=0, le=100)  # T of every distillation
+    # the first epoch's distillation from the rows transported to the new classes (PILOT's 0.001)
+    new_branch_weight: float = opt(0.001, ge=0, le=MAX_WEIGHT)
+    # reg_term: the later epochs' distillation into the rows transported back, times (epoch / E)^2
+    old_branch_weight: float = opt(0.001, ge=0, le=MAX_WEIGHT)
+    refresh_every: int = opt(30, ge=1, le=1_000_000)  # iterations between transports back
+    # the old classes' prototypes for the new rows: all_data, every training image of theirs
+    # (PILOT's); memory, the exemplars only (within the memory budget)
+    old_prototypes: Literal["all_data", "memory"] = "all_data"
+
+
+@dataclass
 class ICaRLConfig(ReplayConfig):
     # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
     classifier: Literal["ncm", "cnn"] = "ncm"
@@ -511,6 +530,9 @@ STRATEGIES.declare("mos", "incremental.strategies.mos:MOS", config=MOSConfig,
 STRATEGIES.declare("grad_reweight", "incremental.strategies.grad_reweight:GradientReweighting",
                    config=GradReweightConfig,
                    summary="Gradient reweighting (DGR): logit-adjusted CE, KD, and class-balanced classifier gradients.")
+STRATEGIES.declare("coil", "incremental.strategies.coil:Coil", config=CoilConfig,
+                   summary="Coil: replay with a cosine head whose new and old rows are tied by optimal transport "
+                   "between class prototypes.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

@@ -210,6 +210,14 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
                        "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005}",
                        "training.scheduler={name: epoch_cosine}"],
                       "models.dgr", {"exps": "dgr.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
+    # PILOT's exps/coil.json: the whole ViT and a cosine head, SGD 1e-3 with weight decay 5e-4 on
+    # every parameter, batch 64, 10 epochs (its milestones 80 and 120 never reached: a constant LR),
+    # herding exemplars (200 here: 20 a class, as its 2,000 are on CIFAR-100), Sinkhorn 0.464, the
+    # 3-norm cost, reg_term 1e-3, T 2
+    "coil": (["strategy=coil", "protocol.memory={total: 200}", "dataset.augment=false", "training.epochs=10",
+              "training.batch_size=64", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, "
+              "weight_decay: 0.0005, weight_decay_on: all}", "training.scheduler={name: constant}"],
+             "models.coil", {"exps": "coil.json", "memory_size": 200}),
     # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
     # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
     "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",
@@ -358,6 +366,10 @@ class DigitsManager:
 
     def get_total_classnum(self) -> int:
         return sum(self._increments)
+
+    @property
+    def nb_classes(self) -> int:  # Coil's prototype tables are this long
+        return self.get_total_classnum()
 
     def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
                     m_rate: Any = None) -> Any:
