@@ -110,6 +110,21 @@ class CoilConfig(ReplayConfig):
 
 
 @dataclass
+class MEMOConfig(ReplayConfig):
+    # PILOT's exps/memo.json (vit_base_patch16_224_memo: the last block specialised; train_base
+    # and train_adaptive false; alpha_aux 1; SGD at 1e-3 with momentum 0.9, weight decay 5e-4 in
+    # the first experience and 2e-4 after, on every parameter, batch 32, 10 then 20 epochs: the
+    # run's training section; 2,000 exemplars: protocol.memory)
+    specialised_blocks: int = opt(1, ge=1, le=64)  # the last blocks copied per experience
+    # random: the specialised blocks start from PyTorch's default draws, as PILOT's
+    # Specialized_Vit builds its last_block; pretrained: from the pre-trained blocks
+    specialised_init: Literal["random", "pretrained"] = "random"
+    aux_weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)  # alpha_aux
+    train_generalised: bool = False  # train_base: the shared blocks keep training after experience 0
+    train_old_specialised: bool = False  # train_adaptive: the older copies keep training
+
+
+@dataclass
 class ICaRLConfig(ReplayConfig):
     # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
     classifier: Literal["ncm", "cnn"] = "ncm"
@@ -533,6 +548,9 @@ STRATEGIES.declare("grad_reweight", "incremental.strategies.grad_reweight:Gradie
 STRATEGIES.declare("coil", "incremental.strategies.coil:Coil", config=CoilConfig,
                    summary="Coil: replay with a cosine head whose new and old rows are tied by optimal transport "
                    "between class prototypes.")
+STRATEGIES.declare("memo", "incremental.strategies.memo:MEMO", config=MEMOConfig,
+                   summary="MEMO: shared generalised ViT blocks, a specialised copy of the last blocks per experience, "
+                   "an auxiliary head, herding replay.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

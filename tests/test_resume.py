@@ -161,6 +161,7 @@ STRATEGY_CASES = {
     "replay_nerv": "protocol: {memory: {bytes: 6000, codec: {name: nerv, steps: 10, finetune_steps: 3, max_width: 6}}}",
     "grad_reweight": "protocol: {memory: {total: 30}}\nstrategy: {name: grad_reweight}",
     "coil": "protocol: {memory: {total: 30}}\nstrategy: {name: coil}",
+    "memo": "protocol: {memory: {total: 30}}\nstrategy: {name: memo}",
     "gan_replay": "protocol: {memory: {bytes: 60000}}\n"
                   "strategy: {name: gan_replay, steps: 3, batch_size: 8, quality_samples: 4}",
     # the pre-trained-model methods: RanPAC's G, Q and projection, SLCA's Gaussians, the prompt

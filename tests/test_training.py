@@ -115,6 +115,7 @@ class OptimizerSpy(SupervisedPlugin):
                 "all_params_once": sorted(map(id, grouped)) == sorted(id(p) for p in strategy.model.parameters()),
                 "head_outputs": strategy.model.num_classes,
                 "lr": [g["lr"] for g in opt.param_groups],
+                "weight_decay": [g["weight_decay"] for g in opt.param_groups],
             })
 
 
@@ -124,7 +125,8 @@ def test_fresh_optimizer_per_experience_covers_the_grown_head():
     split = make_class_split(parse_dataclass(ProtocolConfig, {"increment": 3}), 6, seed=0)
     bench = build_benchmark(data, split)
     model = tiny_vit(3)
-    training = TrainingConfig(epochs=2, optimizer=OptimizerConfig(name="adamw", lr=0.01, initial_lr=0.05),
+    training = TrainingConfig(epochs=2, optimizer=OptimizerConfig(name="adamw", lr=0.01, initial_lr=0.05,
+                                                                       weight_decay=0.02, initial_weight_decay=0.3),
                               scheduler=SchedulerConfig(name="constant"))
     spy = OptimizerSpy()
     template = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -136,3 +138,5 @@ def test_fresh_optimizer_per_experience_covers_the_grown_head():
     assert all(s["all_params_once"] for s in spy.seen)
     assert [s["head_outputs"] for s in spy.seen] == [3, 6]
     assert spy.seen[0]["lr"] == pytest.approx([0.05, 0.05]) and spy.seen[1]["lr"] == pytest.approx([0.01, 0.01])
+    # PyCIL's init_weight_decay: the first experience's, then weight_decay; no decay stays none
+    assert spy.seen[0]["weight_decay"] == [0.3, 0.0] and spy.seen[1]["weight_decay"] == [0.02, 0.0]

@@ -132,6 +132,27 @@ def adapter_vit(path: Path, ffn_num: int, suffix: str = "_adapter", num_classes:
     return model.eval()
 
 
+def memo_vits(path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """PILOT's MEMO pair (``backbone/vit_memo.py``'s ``Generalized_Vit`` and ``Specialized_Vit``)
+    at the shared ViT's size, holding its weights as PILOT's ``vit_base_patch16_224_memo`` holds
+    ViT-B's: the generalised ViT all blocks but the last; the specialised one every block (its
+    forward reads none of them), the final norm, and a ``last_block`` the weights never reach
+    (PyTorch's default draws)."""
+    from backbone import vit_memo
+    from safetensors.torch import load_file
+
+    spec = SHARED_VITS[shared_kind(path)]
+    state = load_file(str(path))
+    last = f"blocks.{spec['depth'] - 1}."
+    kwargs = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 0, **spec}
+    generalised = vit_memo.Generalized_Vit(**kwargs)
+    generalised.load_state_dict({k: v for k, v in state.items() if not k.startswith(last)})
+    specialised = vit_memo.Specialized_Vit(**kwargs)
+    load_checked(specialised, state, ("last_block.",))
+    generalised.out_dim = specialised.out_dim = spec["embed_dim"]
+    return generalised, specialised
+
+
 # the backbone types PILOT's get_backbone builds through timm.create_model: the prompt ViTs, and
 # LAE's (whose PETs its network attaches afterwards)
 PROMPT_VITS = {"_l2p": "backbone.vit_l2p", "_dualprompt": "backbone.vit_dualprompt",
@@ -187,6 +208,8 @@ def stand_in_backbones(inc_net: Any, path: Path) -> None:
         name = args["backbone_type"]
         if name.endswith(tuple(PROMPT_VITS)):
             return original(args, pretrained)
+        if "_memo" in name:
+            return memo_vits(path)
         if "_mos" in name:
             return adapter_vit(path, args["ffn_num"], "_mos", num_classes=args["nb_classes"],
                                adapter_momentum=args["adapter_momentum"])

@@ -218,6 +218,16 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
               "training.batch_size=64", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, "
               "weight_decay: 0.0005, weight_decay_on: all}", "training.scheduler={name: constant}"],
              "models.coil", {"exps": "coil.json", "memory_size": 200}),
+    # PILOT's exps/memo.json: the last block specialised (from PyTorch's default draws, as its
+    # vit_memo builds it), SGD 1e-3 with momentum 0.9 and weight decay on every parameter (5e-4 in
+    # the first task, 2e-4 after), batch 32, its milestones never reached (a constant LR), herding
+    # exemplars (200 here: 20 a class, as its 2,000 are on CIFAR-100), alpha_aux 1; 5 epochs a task
+    # on both sides instead of its 10 and 20, for time
+    "memo": (["strategy=memo", "protocol.memory={total: 200}", "dataset.augment=false", "training.epochs=5",
+              "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, "
+              "weight_decay: 0.0002, initial_weight_decay: 0.0005, weight_decay_on: all}",
+              "training.scheduler={name: constant}"],
+             "models.memo", {"exps": "memo.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
     # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
     # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
     "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",

@@ -111,6 +111,8 @@ class OptimizerConfig:
     # LR for the first experience only (PyCIL's init_lr); None means ``lr``.
     initial_lr: float | None = opt(None, gt=0, le=100)
     weight_decay: float = opt(0.05, ge=0, le=10)
+    # weight decay for the first experience only (PyCIL's init_weight_decay); None means ``weight_decay``
+    initial_weight_decay: float | None = opt(None, ge=0, le=10)
     momentum: float = opt(0.9, ge=0, lt=1)  # SGD only
     # weights: timm's two groups, no decay on biases, norms and the tokens the model names in
     # no_weight_decay(); all: every parameter decays, as an optimizer built over

@@ -3,6 +3,7 @@ head's initialisation."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Sequence
 
@@ -32,8 +33,11 @@ class OptimizationPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         first = strategy.experience.current_experience == 0
-        lr = self.cfg.optimizer.initial_lr if (first and self.cfg.optimizer.initial_lr) else self.cfg.optimizer.lr
-        strategy.optimizer = build_optimizer(strategy.model, self.cfg.optimizer, lr, self.group_hooks)
+        optimizer = self.cfg.optimizer
+        lr = optimizer.initial_lr if (first and optimizer.initial_lr) else optimizer.lr
+        if first and optimizer.initial_weight_decay is not None:
+            optimizer = dataclasses.replace(optimizer, weight_decay=optimizer.initial_weight_decay)
+        strategy.optimizer = build_optimizer(strategy.model, optimizer, lr, self.group_hooks)
         self.epochs = strategy.train_epochs
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
