@@ -58,6 +58,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "grad_reweight": ("gradient reweighting (DGR), 200 exemplars", ["strategy=grad_reweight"]),
     "coil": ("Coil, 200 exemplars", ["strategy=coil"]),
     "memo": ("MEMO, 200 exemplars", ["strategy=memo"]),
+    # PILOT's vit_memo starts the specialised block from PyTorch's default draws; this from the encoder's
+    "memo_pretrained_copies": ("MEMO, specialised block from the encoder, 200 exemplars",
+                               ["strategy={name: memo, specialised_init: pretrained}"]),
     # PILOT's merge before every block leaves the later sets within 1e-4 of set 0 (reference.md)
     "mos_per_step": ("MOS, merged once a step", ["strategy={name: mos, merge: per_step}", NO_MEMORY]),
     # the analytic methods at their reference's defaults (a buffer of 8192, gamma 0.1; DS-AL's C 0.6)
