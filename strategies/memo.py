@@ -64,9 +64,13 @@ class SpecialisedViT(nn.Module):
         self.specialised = nn.ModuleList(copy.deepcopy(specialised) for _ in range(sets))
         vit.blocks, vit.norm, vit.fc_norm = vit.blocks[:split], nn.Identity(), nn.Identity()
         self.vit = vit
-        self.sets, self.dim = sets, int(vit.num_features)
-        self.num_features = sets * self.dim
-        self.aux_head = nn.Linear(self.dim, aux_outputs)
+        self.add_expansion_state(sets, int(vit.num_features), aux_outputs)
+
+    def add_expansion_state(self, sets: int, dim: int, aux_outputs: int) -> None:
+        """The width, the auxiliary head and the current experience, which every expansion shares."""
+        self.sets, self.dim = sets, dim
+        self.num_features = sets * dim
+        self.aux_head = nn.Linear(dim, aux_outputs)
         self.register_buffer("current", torch.tensor(0))
         self.current_features: torch.Tensor | None = None  # copy ``current``'s, kept in training
 
@@ -124,9 +128,11 @@ def auxiliary_targets(labels: torch.Tensor, old: int) -> torch.Tensor:
 class MEMO(ExemplarReplay):
     """MEMO: shared generalised blocks, a specialised block copy per experience, herding replay."""
 
+    strategy_name = "memo"  # in the message when the protocol has no memory
+
     def __init__(self, config: MEMOConfig, context: StrategyContext):
         super().__init__(config, context)
-        context.require_memory("memo")
+        context.require_memory(self.strategy_name)
 
     def prepare_model(self, model: Any) -> None:
         vit = vision_transformer(model.backbone)
@@ -140,16 +146,22 @@ class MEMO(ExemplarReplay):
                                         self.config.specialised_init, max(split.classes_per_experience) + 1)
         replace_head(model, model.backbone.num_features)
 
+    def trains_generalised(self) -> bool:
+        """Whether the shared blocks train after the first experience."""
+        return self.config.train_generalised
+
+    def trains_old_copies(self) -> bool:
+        return self.config.train_old_specialised
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         t = strategy.experience.current_experience
         backbone, ranges = strategy.model.backbone, self.context.class_split.label_ranges()
         backbone.current.fill_(t)
         if t > 0:
             backbone.specialised[t].load_state_dict(backbone.specialised[t - 1].state_dict())
-        trains_generalised = t == 0 or self.config.train_generalised
-        backbone.vit.requires_grad_(trains_generalised)
+        backbone.vit.requires_grad_(t == 0 or self.trains_generalised())
         for index, copy_ in enumerate(backbone.specialised):
-            copy_.requires_grad_(index == t or (index < t and self.config.train_old_specialised))
+            copy_.requires_grad_(index == t or (index < t and self.trains_old_copies()))
         grow_head(strategy.model.head.classifier, range(0, ranges[t].start), ranges[t], backbone.dim, t + 1)
         with torch.no_grad():  # PILOT's aux_fc: a fresh SimpleLinear for the new classes and "old"
             nn.init.kaiming_uniform_(backbone.aux_head.weight, nonlinearity="linear")

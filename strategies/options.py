@@ -125,6 +125,14 @@ class MEMOConfig(ReplayConfig):
 
 
 @dataclass
+class ExpandableRepresentationConfig(ReplayConfig):
+    # PILOT's exps/der.json: the loss clf + aux (SGD at 1e-3 with momentum 0.9, weight decay 5e-4 in
+    # the first experience and 2e-4 after, on every parameter, batch 32, 10 epochs: the run's
+    # training section; 2,000 exemplars: protocol.memory)
+    aux_weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)  # the auxiliary loss's weight (PILOT: 1)
+
+
+@dataclass
 class ICaRLConfig(ReplayConfig):
     # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
     classifier: Literal["ncm", "cnn"] = "ncm"
@@ -551,6 +559,11 @@ STRATEGIES.declare("coil", "incremental.strategies.coil:Coil", config=CoilConfig
 STRATEGIES.declare("memo", "incremental.strategies.memo:MEMO", config=MEMOConfig,
                    summary="MEMO: shared generalised ViT blocks, a specialised copy of the last blocks per experience, "
                    "an auxiliary head, herding replay.")
+STRATEGIES.declare("expandable_representation",
+                   "incremental.strategies.expandable_representation:ExpandableRepresentation",
+                   config=ExpandableRepresentationConfig,
+                   summary="DER (Yan et al. 2021, PILOT's der): a whole ViT copy per experience, an auxiliary head, "
+                   "herding replay.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

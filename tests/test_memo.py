@@ -139,3 +139,38 @@ def test_a_run_freezes_the_generalised_blocks_and_each_copy_after_its_experience
     copy1 = [k for k in second if k.startswith("backbone.specialised.1.")]
     assert all(torch.equal(second[k], last[k]) for k in copy1)  # frozen after experience 1
     assert any(not torch.equal(second[k], second[k.replace(".1.", ".0.", 1)]) for k in copy1)  # it trained
+
+
+def test_ders_expansion_is_a_whole_vit_per_experience():
+    """PILOT's DERNet: experience 0's feature is the pre-trained ViT's own (bit for bit); later
+    ones concatenate every copy's, embeddings included."""
+    from incremental.strategies.expandable_representation import ExpandedViT
+
+    vit = _vit("token").eval()
+    original = copy.deepcopy(vit)
+    expanded = ExpandedViT(vit, sets=3, aux_outputs=3).eval()
+    x = torch.randn(4, 3, 8, 8)
+    own = original.forward_head(original.forward_features(x), pre_logits=True)
+    assert torch.equal(expanded.forward_features(x)[:, :16], own)
+    with torch.no_grad():
+        expanded.specialised[1].patch_embed.proj.weight.mul_(1.5)
+    expanded.current.fill_(1)
+    features = expanded.forward_features(x)
+    second = expanded.specialised[1]
+    assert torch.equal(features[:, :16], own)
+    assert torch.equal(features[:, 16:32], second.forward_head(second.forward_features(x), pre_logits=True))
+    assert not torch.equal(features[:, 16:32], own) and torch.count_nonzero(features[:, 32:]) == 0
+
+
+def test_a_der_run_freezes_each_copy_after_its_experience(tmp_path):
+    from conftest import run_tiny
+
+    metrics = run_tiny(tmp_path, "run", "strategy=expandable_representation", "training.epochs=1",
+                       "output.checkpoint=all")
+    assert metrics["status"] == "complete" and metrics["memory"][-1]["exemplars"] == 30
+    first, last = _state(tmp_path / "run", 0), _state(tmp_path / "run")
+    copy0 = [k for k in first if k.startswith("backbone.specialised.0.")]
+    assert any(".patch_embed." in k for k in copy0)  # the embeddings are the copy's own
+    assert copy0 and all(torch.equal(first[k], last[k]) for k in copy0)
+    copy1 = [k.replace(".0.", ".1.", 1) for k in copy0]
+    assert any(not torch.equal(last[k], first[k.replace(".1.", ".0.", 1)]) for k in copy1)

@@ -162,6 +162,7 @@ STRATEGY_CASES = {
     "grad_reweight": "protocol: {memory: {total: 30}}\nstrategy: {name: grad_reweight}",
     "coil": "protocol: {memory: {total: 30}}\nstrategy: {name: coil}",
     "memo": "protocol: {memory: {total: 30}}\nstrategy: {name: memo}",
+    "expandable_representation": "protocol: {memory: {total: 30}}\nstrategy: {name: expandable_representation}",
     "gan_replay": "protocol: {memory: {bytes: 60000}}\n"
                   "strategy: {name: gan_replay, steps: 3, batch_size: 8, quality_samples: 4}",
     # the pre-trained-model methods: RanPAC's G, Q and projection, SLCA's Gaussians, the prompt

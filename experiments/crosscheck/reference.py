@@ -128,6 +128,11 @@ PER_IMAGE = "_reference_per_image"
 SLCA_TRAINING = ["dataset.augment=false", "training.epochs=20", "training.batch_size=64",
                  "training.optimizer={name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}",
                  "training.scheduler={name: step, milestones: [18], gamma: 0.1}"]
+# MEMO's and DER's training as PILOT's exps/memo.json and der.json set it (see their rows)
+METHODS_MEMO = ["strategy=memo", "protocol.memory={total: 200}", "dataset.augment=false", "training.epochs=5",
+                "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, "
+                "weight_decay: 0.0002, initial_weight_decay: 0.0005, weight_decay_on: all}",
+                "training.scheduler={name: constant}"]
 METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {"exps": its file, changes})
     "simplecil": ("strategy=simplecil", "models.simplecil", {"model_name": "simplecil"}),
     "ranpac_frozen": ("strategy={name: ranpac, tuning: frozen, projection_dim: 1000}", *PILOT_RANPAC),
@@ -223,11 +228,14 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     # the first task, 2e-4 after), batch 32, its milestones never reached (a constant LR), herding
     # exemplars (200 here: 20 a class, as its 2,000 are on CIFAR-100), alpha_aux 1; 5 epochs a task
     # on both sides instead of its 10 and 20, for time
-    "memo": (["strategy=memo", "protocol.memory={total: 200}", "dataset.augment=false", "training.epochs=5",
-              "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, "
-              "weight_decay: 0.0002, initial_weight_decay: 0.0005, weight_decay_on: all}",
-              "training.scheduler={name: constant}"],
-             "models.memo", {"exps": "memo.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
+    "memo": (METHODS_MEMO, "models.memo", {"exps": "memo.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
+    # PILOT's exps/der.json (DER, Yan et al.; the toolkit's der is Dark Experience Replay): a whole
+    # ViT per task, SGD 1e-3 with momentum 0.9 and weight decay on every parameter (5e-4 in the
+    # first task, 2e-4 after), batch 32, its milestones never reached, 200 herding exemplars, aux
+    # loss weight 1; 5 epochs a task on both sides instead of its 10, for time
+    "expandable_representation": (
+        ["strategy=expandable_representation", *[o for o in METHODS_MEMO if o != "strategy=memo"]],
+        "models.der", {"exps": "der.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
     # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
     # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
     "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",

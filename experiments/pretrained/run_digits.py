@@ -58,6 +58,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "grad_reweight": ("gradient reweighting (DGR), 200 exemplars", ["strategy=grad_reweight"]),
     "coil": ("Coil, 200 exemplars", ["strategy=coil"]),
     "memo": ("MEMO, 200 exemplars", ["strategy=memo"]),
+    "expandable_representation": ("DER (Yan et al.), 200 exemplars", ["strategy=expandable_representation"]),
     # PILOT's vit_memo starts the specialised block from PyTorch's default draws; this from the encoder's
     "memo_pretrained_copies": ("MEMO, specialised block from the encoder, 200 exemplars",
                                ["strategy={name: memo, specialised_init: pretrained}"]),
