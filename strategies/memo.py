@@ -26,7 +26,6 @@ pre-trained last block unused); ``pretrained`` starts it from the pre-trained bl
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from incremental.models.peft import vision_transformer
 from incremental.strategy import StrategyContext
 
 from .options import MEMOConfig
-from .pretrained import replace_head
+from .pretrained import grow_head, replace_head
 from .replay import ExemplarReplay
 
 
@@ -103,21 +102,6 @@ class SpecialisedViT(nn.Module):
             if mode and not any(p.requires_grad for p in part.parameters()):
                 part.eval()
         return self
-
-
-@torch.no_grad()
-def grow_head(classifier: nn.Linear, old: range, new: range, width: int, sets_used: int) -> None:
-    """PILOT's ``update_fc`` on the first ``sets_used x width`` columns: the old rows keep their
-    weights on the earlier sets' columns and bias; the old rows' new set columns and the new rows
-    are drawn as ``SimpleLinear`` draws a fresh layer of that width (Kaiming-uniform for a linear
-    layer, bound sqrt(3 / fan_in)), the new biases 0; columns of unused sets are 0."""
-    used = sets_used * width
-    bound = math.sqrt(3.0 / used)
-    weight = classifier.weight
-    weight[new.start:new.stop, :used].uniform_(-bound, bound)
-    weight[old.start:old.stop, used - width:used].uniform_(-bound, bound)
-    weight[old.start:new.stop, used:] = 0.0
-    classifier.bias[new.start:new.stop] = 0.0
 
 
 def auxiliary_targets(labels: torch.Tensor, old: int) -> torch.Tensor:

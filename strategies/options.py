@@ -133,6 +133,21 @@ class ExpandableRepresentationConfig(ReplayConfig):
 
 
 @dataclass
+class FOSTERConfig(ReplayConfig):
+    # PILOT's exps/foster.json: beta1 0.96, beta2 0.97, lambda_okd 1, T 2, compression 20 epochs at
+    # the run's LR without weight decay (SGD at 1e-3 with momentum 0.9 and weight decay 5e-4 on
+    # every parameter, batch 32, 20 epochs, a cosine stepped once an epoch: the run's training
+    # section; 20 exemplars a class: protocol.memory)
+    beta_boosting: float = opt(0.96, ge=0, lt=1)  # beta1: the boosting loss's class-balanced weights
+    beta_compression: float = opt(0.97, ge=0, lt=1)  # beta2: the compression's
+    kd_weight: float = opt(1.0, ge=0, le=MAX_WEIGHT)  # lambda_okd
+    temperature: float = opt(2.0, gt=0, le=100)  # T of both distillations
+    compression_epochs: int = opt(20, ge=1, le=MAX_EPOCHS)
+    compression_lr: float | None = opt(None, gt=0, le=100)  # None: training.optimizer.lr
+    compression_weight_decay: float = opt(0.0, ge=0, le=10)  # PILOT's compression SGD has none
+
+
+@dataclass
 class ICaRLConfig(ReplayConfig):
     # ncm: iCaRL's nearest-mean-of-exemplars; cnn: the trained classifier (PyCIL reports both)
     classifier: Literal["ncm", "cnn"] = "ncm"
@@ -564,6 +579,9 @@ STRATEGIES.declare("expandable_representation",
                    config=ExpandableRepresentationConfig,
                    summary="DER (Yan et al. 2021, PILOT's der): a whole ViT copy per experience, an auxiliary head, "
                    "herding replay.")
+STRATEGIES.declare("foster", "incremental.strategies.foster:FOSTER", config=FOSTERConfig,
+                   summary="FOSTER: a second ViT boosts the old one (class-balanced CE, KD), then both are "
+                   "compressed into one by balanced distillation; herding replay.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,

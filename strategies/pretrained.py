@@ -3,6 +3,7 @@ output adapter, features of an experience's training images, and first-session-o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -79,6 +80,22 @@ def init_rows_kaiming(classifier: torch.nn.Linear, labels: range) -> None:
     nn.init.kaiming_uniform_(classifier.weight[labels.start:labels.stop], nonlinearity="linear")
     if classifier.bias is not None:
         classifier.bias[labels.start:labels.stop] = 0.0
+
+
+@torch.no_grad()
+def grow_head(classifier: nn.Linear, old: range, new: range, width: int, sets_used: int) -> None:
+    """PILOT's ``update_fc`` of an expanding network (MEMO's, DER's, FOSTER's) on the first
+    ``sets_used x width`` columns: the old rows keep their weights on the earlier sets' columns
+    and bias; the old rows' new set columns and the new rows are drawn as ``SimpleLinear`` draws a
+    fresh layer of that width (Kaiming-uniform for a linear layer, bound sqrt(3 / fan_in)), the
+    new biases 0; columns of unused sets are 0."""
+    used = sets_used * width
+    bound = math.sqrt(3.0 / used)
+    weight = classifier.weight
+    weight[new.start:new.stop, :used].uniform_(-bound, bound)
+    weight[old.start:old.stop, used - width:used].uniform_(-bound, bound)
+    weight[old.start:new.stop, used:] = 0.0
+    classifier.bias[new.start:new.stop] = 0.0
 
 
 def replace_head(model: nn.Module, num_features: int) -> None:

@@ -12,7 +12,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.nn import functional as F
 
-from incremental.strategies.memo import SpecialisedViT, auxiliary_targets, grow_head
+from incremental.strategies.memo import SpecialisedViT, auxiliary_targets
+from incremental.strategies.pretrained import grow_head
 
 
 def _vit(pool: str) -> VisionTransformer:

@@ -163,6 +163,8 @@ STRATEGY_CASES = {
     "coil": "protocol: {memory: {total: 30}}\nstrategy: {name: coil}",
     "memo": "protocol: {memory: {total: 30}}\nstrategy: {name: memo}",
     "expandable_representation": "protocol: {memory: {total: 30}}\nstrategy: {name: expandable_representation}",
+    # the compressed student (the next experience's start) goes into the checkpoint
+    "foster": "protocol: {memory: {total: 30}}\nstrategy: {name: foster, compression_epochs: 1}",
     "gan_replay": "protocol: {memory: {bytes: 60000}}\n"
                   "strategy: {name: gan_replay, steps: 3, batch_size: 8, quality_samples: 4}",
     # the pre-trained-model methods: RanPAC's G, Q and projection, SLCA's Gaussians, the prompt

@@ -236,6 +236,16 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     "expandable_representation": (
         ["strategy=expandable_representation", *[o for o in METHODS_MEMO if o != "strategy=memo"]],
         "models.der", {"exps": "der.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
+    # PILOT's exps/foster.json: SGD 1e-3 with momentum 0.9 and weight decay 5e-4 on every parameter,
+    # batch 32, a cosine stepped once an epoch, the compression without weight decay, 20 herding
+    # exemplars a class (fixed_memory), beta1 0.96, beta2 0.97, lambda_okd 1, T 2; 10 epochs in each
+    # phase on both sides instead of its 20, for time
+    "foster": (["strategy={name: foster, compression_epochs: 10}", "protocol.memory={per_class: 20}",
+                "dataset.augment=false", "training.epochs=10", "training.batch_size=32",
+                "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005, weight_decay_on: all}",
+                "training.scheduler={name: epoch_cosine}"],
+               "models.foster", {"exps": "foster.json", "fixed_memory": True, "memory_per_class": 20, "init_epochs": 10,
+                                 "boosting_epochs": 10, "compression_epochs": 10}),
     # PILOT's exps/mos.json: adapters of 16, SGD 0.03 (the head at 0.003), batch 48, 20 epochs,
     # cosine; merge momentum 0.1, orthogonality 0.1; alignment 30 epochs at 0.005; the ensemble
     "mos": (["strategy=mos", "dataset.augment=false", "training.epochs=20", "training.batch_size=48",
@@ -388,6 +398,12 @@ class DigitsManager:
     @property
     def nb_classes(self) -> int:  # Coil's prototype tables are this long
         return self.get_total_classnum()
+
+    def getlen(self, index: int) -> int:
+        """What PILOT's ``DataManager.getlen`` returns, which FOSTER reads as class ``index``'s
+        training-image count: ``np.sum(np.where(y == index))``, the sum of those images' positions
+        (where the count was meant; on CIFAR-100 PILOT's FOSTER uses 500 instead)."""
+        return int(np.sum(np.where(self.data["train"][1] == index)))
 
     def get_dataset(self, indices: Any, source: str, mode: str, appendent: Any = None, ret_data: bool = False,
                     m_rate: Any = None) -> Any:

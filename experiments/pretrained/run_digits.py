@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "coil": ("Coil, 200 exemplars", ["strategy=coil"]),
     "memo": ("MEMO, 200 exemplars", ["strategy=memo"]),
     "expandable_representation": ("DER (Yan et al.), 200 exemplars", ["strategy=expandable_representation"]),
+    "foster": ("FOSTER, 200 exemplars", ["strategy=foster"]),
     # PILOT's vit_memo starts the specialised block from PyTorch's default draws; this from the encoder's
     "memo_pretrained_copies": ("MEMO, specialised block from the encoder, 200 exemplars",
                                ["strategy={name: memo, specialised_init: pretrained}"]),
