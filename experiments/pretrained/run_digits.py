@@ -60,6 +60,14 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "memo": ("MEMO, 200 exemplars", ["strategy=memo"]),
     "expandable_representation": ("DER (Yan et al.), 200 exemplars", ["strategy=expandable_representation"]),
     "foster": ("FOSTER, 200 exemplars", ["strategy=foster"]),
+    # the same methods with the optimizer of PILOT's exps (their crosscheck rows' settings) instead of
+    # the protocol's AdamW 1e-3 with weight decay 0.05
+    "coil_pilot_sgd": ("Coil, PILOT's SGD 1e-3, 200 exemplars",
+                       ["strategy=coil", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005, "
+                        "weight_decay_on: all}", "training.scheduler={name: constant}"]),
+    "memo_pilot_sgd": ("MEMO, PILOT's SGD 1e-3, 200 exemplars",
+                       ["strategy=memo", "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0002, "
+                        "initial_weight_decay: 0.0005, weight_decay_on: all}", "training.scheduler={name: constant}"]),
     # PILOT's vit_memo starts the specialised block from PyTorch's default draws; this from the encoder's
     "memo_pretrained_copies": ("MEMO, specialised block from the encoder, 200 exemplars",
                                ["strategy={name: memo, specialised_init: pretrained}"]),
