@@ -207,13 +207,13 @@ METHODS = {  # name: (the toolkit's overrides, PILOT's module, PILOT's args or {
     # 0.0028125, batch 128, 5 epochs, a constant LR, the PET frozen for 3 epochs, EMA decay 0.9999
     "lae": (["strategy=lae", *PROMPT_TRAINING, "training.batch_size=128",
              "training.optimizer={name: adam, lr: 0.0028125, weight_decay: 0.0}"], "models.lae", {"exps": "lae.json"}),
-    # PILOT's exps/dgr.json: the whole ViT and a linear head, SGD 1e-3, batch 128, its cosine stepped
-    # once an epoch (ours: epoch_cosine), herding exemplars (200 here: 20 a class, as its 2,000 are
+    # PILOT's exps/dgr.json: the whole ViT and a linear head, SGD 1e-3 with weight decay on every
+    # parameter, batch 128, its cosine stepped once an epoch (ours: epoch_cosine), herding exemplars (200 here: 20 a class, as its 2,000 are
     # on CIFAR-100), lambda 1, gamma 1, T 2; 5 epochs a task on both sides instead of its 20, for time
     "grad_reweight": (["strategy=grad_reweight", "protocol.memory={total: 200}", "dataset.augment=false",
                        "training.epochs=5", "training.batch_size=128",
-                       "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005}",
-                       "training.scheduler={name: epoch_cosine}"],
+                       "training.optimizer={name: sgd, lr: 0.001, momentum: 0.9, weight_decay: 0.0005, "
+                       "weight_decay_on: all}", "training.scheduler={name: epoch_cosine}"],
                       "models.dgr", {"exps": "dgr.json", "memory_size": 200, "init_epoch": 5, "epochs": 5}),
     # PILOT's exps/coil.json: the whole ViT and a cosine head, SGD 1e-3 with weight decay 5e-4 on
     # every parameter, batch 64, 10 epochs (its milestones 80 and 120 never reached: a constant LR),
