@@ -128,7 +128,7 @@ class FeatureKeepingCosineClassifier(CosineIncrementalClassifier):
 
 
 class Coil(ExemplarReplay):
-    """Coil: co-transport between old and new classes' heads, with replay and distillation."""
+    """Coil: replay, with the new and old head rows tied by optimal transport between class prototypes."""
 
     def __init__(self, config: CoilConfig, context: StrategyContext):
         super().__init__(config, context)

@@ -227,8 +227,9 @@ class FOSTER(ExemplarReplay):
                                                             weight_decay=self.config.compression_weight_decay,
                                                             weight_decay_on="all"), lr)
         schedule = SchedulerConfig(name="epoch_cosine")
+        seed = self.context.config.seed + strategy.experience.current_experience  # its own shuffles
         batches = engine.batches(strategy.adapted_dataset, batch_size=training.batch_size, shuffle=True,
-                                 drop_last=False, seed=self.context.config.seed + strategy.experience.current_experience)
+                                 drop_last=False, seed=seed)
 
         def loss(forward: Any, batch: Any) -> torch.Tensor:
             with torch.no_grad(), strategy_autocast(strategy):

@@ -569,19 +569,16 @@ STRATEGIES.declare("grad_reweight", "incremental.strategies.grad_reweight:Gradie
                    config=GradReweightConfig,
                    summary="Gradient reweighting (DGR): logit-adjusted CE, KD, and class-balanced classifier gradients.")
 STRATEGIES.declare("coil", "incremental.strategies.coil:Coil", config=CoilConfig,
-                   summary="Coil: replay with a cosine head whose new and old rows are tied by optimal transport "
-                   "between class prototypes.")
+                   summary="Coil: replay, with the new and old head rows tied by optimal transport between class "
+                   "prototypes.")
 STRATEGIES.declare("memo", "incremental.strategies.memo:MEMO", config=MEMOConfig,
-                   summary="MEMO: shared generalised ViT blocks, a specialised copy of the last blocks per experience, "
-                   "an auxiliary head, herding replay.")
+                   summary="MEMO: shared generalised blocks, a specialised block copy per experience, herding replay.")
 STRATEGIES.declare("expandable_representation",
                    "incremental.strategies.expandable_representation:ExpandableRepresentation",
                    config=ExpandableRepresentationConfig,
-                   summary="DER (Yan et al. 2021, PILOT's der): a whole ViT copy per experience, an auxiliary head, "
-                   "herding replay.")
+                   summary="DER (Yan et al.): a whole ViT copy per experience, an auxiliary head, herding replay.")
 STRATEGIES.declare("foster", "incremental.strategies.foster:FOSTER", config=FOSTERConfig,
-                   summary="FOSTER: a second ViT boosts the old one (class-balanced CE, KD), then both are "
-                   "compressed into one by balanced distillation; herding replay.")
+                   summary="FOSTER: feature boosting with a second ViT, then compression into one by balanced KD.")
 STRATEGIES.declare("l2p", "incremental.strategies.prompting:L2P", config=L2PConfig,
                    summary="L2P: a prompt pool with learned keys on a frozen pre-trained ViT.")
 STRATEGIES.declare("dualprompt", "incremental.strategies.prompting:DualPrompt", config=DualPromptConfig,
