@@ -29,11 +29,11 @@ class ExpandedViT(SpecialisedViT):
     """One whole ViT per experience (embeddings, blocks, norms), its pooled features concatenated
     up to ``current`` and zeros after, as :class:`SpecialisedViT` with no shared part."""
 
-    def __init__(self, vit: nn.Module, sets: int, aux_outputs: int):
+    def __init__(self, vit: nn.Module, sets: int, aux_classes: int):
         nn.Module.__init__(self)
         self.specialised = nn.ModuleList(copy.deepcopy(vit) for _ in range(sets))
         self.vit = nn.Identity()  # nothing shared
-        self.add_expansion_state(sets, int(vit.num_features), aux_outputs)
+        self.add_expansion_state(sets, int(vit.num_features), aux_classes)
 
     def generalised(self, x: torch.Tensor) -> torch.Tensor:
         return x

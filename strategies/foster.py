@@ -73,7 +73,10 @@ class BoostingViT(nn.Module):
         self.fe_head = nn.Linear(self.dim, classes)
         self.old_head = nn.Linear(self.dim, classes)
         self.register_buffer("boosting", torch.tensor(False))
-        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (old, new) features, in training
+        self.kept: torch.Tensor | None = None  # the old ViT's features, in training
+        # the feature-enhancement logits of a boosting forward, computed there so that DDP sees
+        # fe_head's parameters used
+        self.aux_outputs: tuple[torch.Tensor] | None = None
 
     def slot_features(self, x: torch.Tensor, index: int) -> torch.Tensor:
         vit = self.slots[index]
@@ -81,9 +84,10 @@ class BoostingViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         old = self.slot_features(x, 0)
-        new = self.slot_features(x, 1) if bool(self.boosting) else torch.zeros_like(old)
-        if self.training:
-            self.kept = (old, new)
+        boosting = bool(self.boosting)
+        new = self.slot_features(x, 1) if boosting else torch.zeros_like(old)
+        if self.training and boosting:
+            self.kept, self.aux_outputs = old, (self.fe_head(new),)
         return torch.cat([old, new], dim=1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -167,24 +171,24 @@ class FOSTER(ExemplarReplay):
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         backbone = strategy.model.backbone
-        kept, backbone.kept = backbone.kept, None
+        old_features, outputs = backbone.kept, backbone.aux_outputs
+        backbone.kept, backbone.aux_outputs = None, None
         ranges = self.context.class_split.label_ranges()
         t = strategy.experience.current_experience
-        if t == 0 or kept is None:
+        if t == 0 or outputs is None:
             return
         old, seen = ranges[t].start, ranges[t].stop
         logits, labels = strategy.mb_output[:, :seen], strategy.mb_y
-        old_features, new_features = (f.float() for f in kept)
         clf = F.cross_entropy(logits / self.weights, labels)
-        fe = F.cross_entropy(backbone.fe_head(new_features)[:, :seen], labels)
+        fe = F.cross_entropy(outputs[0].float()[:, :seen], labels)
         with torch.no_grad():
-            old_logits = backbone.old_head(old_features)[:, :old]
+            old_logits = backbone.old_head(old_features.float())[:, :old]
         kd = soft_target_cross_entropy(logits[:, :old], old_logits, self.config.temperature)
         strategy.loss = clf + fe + self.config.kd_weight * kd
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         t = strategy.experience.current_experience
-        strategy.model.backbone.kept = None
+        strategy.model.backbone.kept = strategy.model.backbone.aux_outputs = None
         if t == 0:
             self.student = self.first_network(strategy)
         else:

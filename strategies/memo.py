@@ -54,7 +54,7 @@ class SpecialisedViT(nn.Module):
     to ``current`` concatenated, zeros for the later ones (so the width, the head and the state
     dict's shapes never change)."""
 
-    def __init__(self, vit: nn.Module, sets: int, specialised_blocks: int, init: str, aux_outputs: int):
+    def __init__(self, vit: nn.Module, sets: int, specialised_blocks: int, init: str, aux_classes: int):
         super().__init__()
         split = len(vit.blocks) - specialised_blocks
         specialised = nn.ModuleDict({"blocks": vit.blocks[split:], "norm": vit.norm, "fc_norm": vit.fc_norm})
@@ -63,15 +63,17 @@ class SpecialisedViT(nn.Module):
         self.specialised = nn.ModuleList(copy.deepcopy(specialised) for _ in range(sets))
         vit.blocks, vit.norm, vit.fc_norm = vit.blocks[:split], nn.Identity(), nn.Identity()
         self.vit = vit
-        self.add_expansion_state(sets, int(vit.num_features), aux_outputs)
+        self.add_expansion_state(sets, int(vit.num_features), aux_classes)
 
-    def add_expansion_state(self, sets: int, dim: int, aux_outputs: int) -> None:
+    def add_expansion_state(self, sets: int, dim: int, aux_classes: int) -> None:
         """The width, the auxiliary head and the current experience, which every expansion shares."""
         self.sets, self.dim = sets, dim
         self.num_features = sets * dim
-        self.aux_head = nn.Linear(dim, aux_outputs)
+        self.aux_head = nn.Linear(dim, aux_classes)
         self.register_buffer("current", torch.tensor(0))
-        self.current_features: torch.Tensor | None = None  # copy ``current``'s, kept in training
+        # a training forward's auxiliary logits (copy ``current``'s features through aux_head),
+        # for the loss; computed in the forward so that DDP sees the head's parameters used
+        self.aux_outputs: tuple[torch.Tensor] | None = None
 
     def generalised(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
@@ -88,7 +90,7 @@ class SpecialisedViT(nn.Module):
         for index in range(current + 1):
             out[:, index] = self.specialised_features(tokens, index)
         if self.training:
-            self.current_features = out[:, current]
+            self.aux_outputs = (self.aux_head(out[:, current]),)
         return out.flatten(1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -154,15 +156,15 @@ class MEMO(ExemplarReplay):
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         backbone = strategy.model.backbone
-        features, backbone.current_features = backbone.current_features, None
+        outputs, backbone.aux_outputs = backbone.aux_outputs, None
         t = strategy.experience.current_experience
-        if t == 0 or features is None or not self.config.aux_weight:
+        if t == 0 or outputs is None or not self.config.aux_weight:
             return
         ranges = self.context.class_split.label_ranges()
-        logits = backbone.aux_head(features.float())[:, : len(ranges[t]) + 1]
+        logits = outputs[0].float()[:, : len(ranges[t]) + 1]
         aux = F.cross_entropy(logits, auxiliary_targets(strategy.mb_y, ranges[t].start))
         strategy.loss = strategy.loss + self.config.aux_weight * aux
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        strategy.model.backbone.current_features = None
+        strategy.model.backbone.aux_outputs = None
         super().after_training_exp(strategy, **kwargs)

@@ -328,3 +328,30 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     assert one_weights.keys() == two_weights.keys()
     for key in one_weights:  # the trained classifier, projections, prompts, logit scale, visual tower
         torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["{name: memo, specialised_init: pretrained}", "{name: foster, compression_epochs: 1}",
+                                      "{name: coil, refresh_every: 1}"])
+def test_the_expanding_strategies_train_under_ddp_as_in_one_process(config, tmp_path, strategy):
+    """MEMO's auxiliary head and FOSTER's feature-enhancement head take their losses outside the
+    logits (DDP must see them in the forward's outputs, or it marks their parameters ready twice);
+    FOSTER's compression is a second fit on the engine; Coil's transports back run feature passes
+    in the middle of training, on every rank at the same step. Each trains as one process does:
+    the same losses and, on rank 0, the same weights. (SGD at 0.01: at 0.05, FOSTER's
+    class-balanced CE, logits divided by weights down to 0.29, grows the ranks' other summation
+    order to 0.25% of the third experience's loss.)"""
+    from safetensors.torch import load_file
+
+    sets = ["backbone={name: vit, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.0}",
+            f"strategy={strategy}", "protocol.memory={total: 20}", "training.epochs=2", "training.data_path=device",
+            "output.tensorboard=false", "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.01}"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        forked(tmp_path, "run", str(config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)],
+               processes=processes)
+        runs[processes] = (json.loads((out / "metrics.json").read_text()), load_file(str(out / "model.safetensors")))
+    (one, one_weights), (two, two_weights) = runs[1], runs[2]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    for key in one_weights:
+        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -26,7 +26,7 @@ def _vit(pool: str) -> VisionTransformer:
 def test_with_pretrained_copies_the_first_experiences_feature_is_the_vits(pool):
     vit = _vit(pool).eval()
     original = copy.deepcopy(vit)
-    split = SpecialisedViT(vit, sets=3, specialised_blocks=1, init="pretrained", aux_outputs=4).eval()
+    split = SpecialisedViT(vit, sets=3, specialised_blocks=1, init="pretrained", aux_classes=4).eval()
     x = torch.randn(5, 3, 8, 8)
     features = split.forward_features(x)
     assert features.shape == (5, 48) and len(split.vit.blocks) == 2
@@ -36,7 +36,7 @@ def test_with_pretrained_copies_the_first_experiences_feature_is_the_vits(pool):
 
 def test_later_experiences_concatenate_every_copy_so_far():
     vit = _vit("token").eval()
-    split = SpecialisedViT(vit, sets=3, specialised_blocks=2, init="pretrained", aux_outputs=4).eval()
+    split = SpecialisedViT(vit, sets=3, specialised_blocks=2, init="pretrained", aux_classes=4).eval()
     with torch.no_grad():
         for parameter in split.specialised[1].parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -53,13 +53,13 @@ def test_later_experiences_concatenate_every_copy_so_far():
     assert torch.count_nonzero(features[:, 32:]) == 0
     split.train()
     split.forward_features(x)
-    assert torch.equal(split.current_features, expected[1])  # copy 1's, for the auxiliary head
+    assert torch.equal(split.aux_outputs[0], split.aux_head(expected[1]))  # copy 1's, through the auxiliary head
 
 
 def test_the_random_specialised_block_has_pytorchs_default_draws_and_the_pretrained_norm():
     vit = _vit("token")
     block, norm = copy.deepcopy(vit.blocks[-1]), copy.deepcopy(vit.norm)
-    split = SpecialisedViT(vit, sets=2, specialised_blocks=1, init="random", aux_outputs=3)
+    split = SpecialisedViT(vit, sets=2, specialised_blocks=1, init="random", aux_classes=3)
     drawn = split.specialised[0]["blocks"][0]
     assert torch.equal(split.specialised[0]["norm"].weight, norm.weight)
     assert not torch.equal(drawn.attn.qkv.weight, block.attn.qkv.weight)
@@ -100,22 +100,22 @@ def test_the_loss_adds_the_auxiliary_cross_entropy_on_the_new_copys_features():
     from incremental.strategies.options import MEMOConfig
 
     vit = _vit("token")
-    split = SpecialisedViT(vit, sets=2, specialised_blocks=1, init="random", aux_outputs=4).train()
+    split = SpecialisedViT(vit, sets=2, specialised_blocks=1, init="random", aux_classes=4).train()
     split.current.fill_(1)
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 2])
     head = torch.nn.Linear(32, 5)
-    logits = head(split.forward_features(x))
-    features = split.current_features
+    features = split.forward_features(x)
+    logits = head(features)
     plugin = MEMO.__new__(MEMO)
     plugin.config = MEMOConfig(aux_weight=0.7)
     plugin.context = SimpleNamespace(class_split=SimpleNamespace(label_ranges=lambda: [range(0, 2), range(2, 5)]))
     strategy = SimpleNamespace(model=SimpleNamespace(backbone=split), loss=F.cross_entropy(logits, y), mb_y=y,
                                experience=SimpleNamespace(current_experience=1))
     plugin.before_backward(strategy)
-    aux_logits = split.aux_head(features)[:, :4]  # the 3 new classes and "old"
+    aux_logits = split.aux_head(features[:, 16:])[:, :4]  # copy 1's: the 3 new classes and "old"
     expected = F.cross_entropy(logits, y) + 0.7 * F.cross_entropy(aux_logits, torch.tensor([0, 0, 1, 2, 3, 1]))
     torch.testing.assert_close(strategy.loss, expected)
-    assert split.current_features is None
+    assert split.aux_outputs is None  # the graph goes with the loss
 
 
 def _state(run_dir, experience: int | None = None) -> dict[str, torch.Tensor]:
@@ -149,7 +149,7 @@ def test_ders_expansion_is_a_whole_vit_per_experience():
 
     vit = _vit("token").eval()
     original = copy.deepcopy(vit)
-    expanded = ExpandedViT(vit, sets=3, aux_outputs=3).eval()
+    expanded = ExpandedViT(vit, sets=3, aux_classes=3).eval()
     x = torch.randn(4, 3, 8, 8)
     own = original.forward_head(original.forward_features(x), pre_logits=True)
     assert torch.equal(expanded.forward_features(x)[:, :16], own)

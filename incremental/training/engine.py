@@ -331,12 +331,14 @@ class TrainingForward(nn.Module):
 
     def forward(self, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
         """The model's output, and the auxiliary tensors this forward left for a loss: a backbone's
-        ``aux_loss`` (L2P's pull constraint) and an output adapter's ``aux_outputs`` (PROOF's
-        prototype logits, projections and logit scale). DDP looks for unused parameters from the
+        ``aux_loss`` (L2P's pull constraint) and ``aux_outputs`` (MEMO's and DER's auxiliary
+        logits, FOSTER's feature-enhancement logits), and an output adapter's ``aux_outputs``
+        (PROOF's prototype logits, projections and logit scale). DDP looks for unused parameters from the
         outputs, so a loss over parameters outside the output's graph (the prompt keys, the logit
         scale) must be among them, or their gradients would be marked ready twice."""
         output = self.model(*inputs) if self.compiled is None else self.compiled(*inputs)
-        aux = [getattr(getattr(self.model, "backbone", None), "aux_loss", None),
+        backbone = getattr(self.model, "backbone", None)
+        aux = [getattr(backbone, "aux_loss", None), *(getattr(backbone, "aux_outputs", None) or ()),
                *(getattr(getattr(self.model, "output_adapter", None), "aux_outputs", None) or ())]
         return output, tuple(t for t in aux if torch.is_tensor(t) and t.requires_grad)
 
