@@ -85,8 +85,15 @@ class GradientReweighting(ExemplarReplay):
         parameters = [head.weight, head.bias]
         dist = current()
         clf = strategy.loss
-        ce = [sum_tensor(g.detach().clone(), dist) / dist.world_size
-              for g in torch.autograd.grad(clf, parameters, retain_graph=True)]
+        share = getattr(strategy.engine, "shard_weight", lambda n: None)(len(strategy.mb_x))
+
+        def reduced(loss: torch.Tensor) -> list[torch.Tensor]:
+            """The head's gradient of the global batch's mean loss, as DDP reduces it: each rank's
+            shard-mean gradient weighted by its share of a partial last batch, averaged."""
+            grads = torch.autograd.grad(loss, parameters, retain_graph=True)
+            return [sum_tensor(g.detach() * (1.0 if share is None else share), dist) / dist.world_size for g in grads]
+
+        ce = reduced(clf)
         norms = ce[0].norm(dim=1).double()
         self.accumulated += norms
         old = self.context.class_split.label_ranges()[strategy.experience.current_experience].start
@@ -96,8 +103,7 @@ class GradientReweighting(ExemplarReplay):
             with torch.no_grad():
                 teacher_logits = self.teacher(strategy.mb_x).float()
             kd = distillation(strategy.mb_output[:, :old].float(), teacher_logits[:, :old], self.config.temperature)
-            kd_gradients = [sum_tensor(g.detach().clone(), dist) / dist.world_size
-                            for g in torch.autograd.grad(kd, parameters, retain_graph=True)]
+            kd_gradients = reduced(kd)
             ratio = (weights * norms.to(weights)).norm() / kd_gradients[0][:old].norm(dim=1).norm()
             gradients[0][:old] += ratio * kd_gradients[0][:old]
             gradients[1][:old] += ratio * kd_gradients[1][:old]

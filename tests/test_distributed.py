@@ -331,7 +331,12 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
 
 
 @pytest.mark.parametrize("strategy", ["{name: memo, specialised_init: pretrained}", "{name: foster, compression_epochs: 1}",
-                                      "{name: coil, refresh_every: 1}"])
+                                      "{name: coil, refresh_every: 1}",
+                                      "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 1}",
+                                      # open: the losses agree to 1e-4, the weights do not (a block's
+                                      # bias 2e-3 apart after 2 experiences of 2 epochs)
+                                      pytest.param("grad_reweight", marks=pytest.mark.xfail(
+                                          strict=True, reason="DGR's weights under DDP differ from one process's"))])
 def test_the_expanding_strategies_train_under_ddp_as_in_one_process(config, tmp_path, strategy):
     """MEMO's auxiliary head and FOSTER's feature-enhancement head take their losses outside the
     logits (DDP must see them in the forward's outputs, or it marks their parameters ready twice);
@@ -354,4 +359,5 @@ def test_the_expanding_strategies_train_under_ddp_as_in_one_process(config, tmp_
     (one, one_weights), (two, two_weights) = runs[1], runs[2]
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     for key in one_weights:
-        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4,
+                                   msg=lambda message, key=key: f"{key}: {message}")
