@@ -312,11 +312,18 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     saves the weights of one process. (Dropout off: each rank draws its own masks. Per-image
     fusion: the repository's batch fusion averages over each rank's shard, as its DataParallel
     does over each GPU's, so it differs from one process by design.)"""
+    # the trained classifier, projections, prompts, logit scale, visual tower
+    assert_one_process_on_two(config, tmp_path, [
+        "dataset.image_size=32", "backbone={name: clip, model: clip-tiny, random_weights: true}", f"strategy={strategy}",
+        "training.epochs=1", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
+        "training.optimizer={name: sgd, lr: 0.05}", "protocol.increment=6"])
+
+
+def assert_one_process_on_two(config, tmp_path, sets: list[str]) -> None:
+    """The run of ``sets`` on 2 forked ranks has one process's losses (1e-4) and, from rank 0,
+    its weights (1e-5)."""
     from safetensors.torch import load_file
 
-    sets = ["dataset.image_size=32", "backbone={name: clip, model: clip-tiny, random_weights: true}", f"strategy={strategy}",
-            "training.epochs=1", "training.data_path=device", "output.tensorboard=false", "training.batch_size=32",
-            "training.optimizer={name: sgd, lr: 0.05}", "protocol.increment=6"]
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
@@ -326,8 +333,9 @@ def test_the_clip_strategies_train_under_ddp_as_in_one_process(config, tmp_path,
     (one, one_weights), (two, two_weights) = runs[1], runs[2]
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert one_weights.keys() == two_weights.keys()
-    for key in one_weights:  # the trained classifier, projections, prompts, logit scale, visual tower
-        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4, msg=key)
+    for key in one_weights:
+        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4,
+                                   msg=lambda message, key=key: f"{key}: {message}")
 
 
 @pytest.mark.parametrize("strategy", ["{name: memo, specialised_init: pretrained}", "{name: foster, compression_epochs: 1}",
@@ -345,19 +353,7 @@ def test_the_expanding_strategies_train_under_ddp_as_in_one_process(config, tmp_
     the same losses and, on rank 0, the same weights. (SGD at 0.01: at 0.05, FOSTER's
     class-balanced CE, logits divided by weights down to 0.29, grows the ranks' other summation
     order to 0.25% of the third experience's loss.)"""
-    from safetensors.torch import load_file
-
-    sets = ["backbone={name: vit, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.0}",
-            f"strategy={strategy}", "protocol.memory={total: 20}", "training.epochs=2", "training.data_path=device",
-            "output.tensorboard=false", "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.01}"]
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        forked(tmp_path, "run", str(config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)],
-               processes=processes)
-        runs[processes] = (json.loads((out / "metrics.json").read_text()), load_file(str(out / "model.safetensors")))
-    (one, one_weights), (two, two_weights) = runs[1], runs[2]
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
-    for key in one_weights:
-        torch.testing.assert_close(two_weights[key], one_weights[key], atol=1e-5, rtol=1e-4,
-                                   msg=lambda message, key=key: f"{key}: {message}")
+    assert_one_process_on_two(config, tmp_path, [
+        "backbone={name: vit, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.0}",
+        f"strategy={strategy}", "protocol.memory={total: 20}", "training.epochs=2", "training.data_path=device",
+        "output.tensorboard=false", "training.batch_size=32", "training.optimizer={name: sgd, lr: 0.01}"])
