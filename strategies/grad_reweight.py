@@ -104,9 +104,13 @@ class GradientReweighting(ExemplarReplay):
                 teacher_logits = self.teacher(strategy.mb_x).float()
             kd = distillation(strategy.mb_output[:, :old].float(), teacher_logits[:, :old], self.config.temperature)
             kd_gradients = reduced(kd)
-            ratio = (weights * norms.to(weights)).norm() / kd_gradients[0][:old].norm(dim=1).norm()
-            gradients[0][:old] += ratio * kd_gradients[0][:old]
-            gradients[1][:old] += ratio * kd_gradients[1][:old]
+            ce_norm, kd_norm = (weights * norms.to(weights)).norm(), kd_gradients[0][:old].norm(dim=1).norm()
+            # at an experience's first step the student's old logits are the teacher's: the KD
+            # gradient is round-off, which the ratio would scale up to the CE gradient's size
+            if kd_norm > self.config.kd_gradient_floor * ce_norm:
+                ratio = ce_norm / kd_norm
+                gradients[0][:old] += ratio * kd_gradients[0][:old]
+                gradients[1][:old] += ratio * kd_gradients[1][:old]
             strategy.loss = clf + self.config.kd_weight * old / (len(self.accumulated) - old) * kd
         self._head_gradients = (gradients[0], gradients[1])
 

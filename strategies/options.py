@@ -88,6 +88,12 @@ class GradReweightConfig(ReplayConfig):
     # kaiming_uniform: new rows as PILOT's SimpleLinear (uniform +-sqrt(3 / d), bias 0); linear:
     # nn.Linear's default (Avalanche's)
     head_init: Literal["kaiming_uniform", "linear"] = "kaiming_uniform"
+    # the KD gradient joins the old rows' only when its norm exceeds this fraction of the
+    # reweighted CE rows' norm. 0 is PILOT's: at an experience's first step the student's old
+    # logits equal the teacher's, so the KD gradient is round-off (1e-8 here) and PILOT's ratio
+    # scales that noise up to the CE gradient's size, a direction that changes with the batch's
+    # arithmetic (a batch split over ranks, another BLAS); 1e-6 leaves it out
+    kd_gradient_floor: float = opt(0.0, ge=0, le=1)
 
 
 @dataclass

@@ -297,6 +297,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "strategy.kd_weight: must be >= 0"),
     ("gradient reweighting's head init unknown", lambda ws: ["run", ws.config("strategy: {name: grad_reweight, head_init: zeros}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.head_init"),
+    ("gradient reweighting's KD gradient floor above 1", lambda ws: ["run", ws.config("strategy: {name: grad_reweight, kd_gradient_floor: 2}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "strategy.kd_gradient_floor: must be <= 1"),
     ("gradient reweighting's logit adjustment as text", lambda ws: ["run", ws.config("strategy: {name: grad_reweight, logit_adjustment: often}\n")],
      lambda ws: str(ws.root / "case.yaml"), "strategy.logit_adjustment"),
     ("Coil without a memory", lambda ws: ["run", ws.config("strategy: {name: coil}\nprotocol: {memory: {total: null, per_class: null}}\n")],

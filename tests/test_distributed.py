@@ -341,10 +341,12 @@ def assert_one_process_on_two(config, tmp_path, sets: list[str]) -> None:
 @pytest.mark.parametrize("strategy", ["{name: memo, specialised_init: pretrained}", "{name: foster, compression_epochs: 1}",
                                       "{name: coil, refresh_every: 1}",
                                       "{name: lae, tuning: {name: prefix, length: 2}, freeze_epochs: 1}",
-                                      # open: the losses agree to 1e-4, the weights do not (a block's
-                                      # bias 2e-3 apart after 2 experiences of 2 epochs)
+                                      "{name: grad_reweight, kd_gradient_floor: 1.0e-6}",
+                                      # PILOT's DGR scales the round-off KD gradient of an experience's
+                                      # first step (1e-8) up to the CE gradient's size: its direction is
+                                      # the batch's arithmetic, which a split over ranks changes
                                       pytest.param("grad_reweight", marks=pytest.mark.xfail(
-                                          strict=True, reason="DGR's weights under DDP differ from one process's"))])
+                                          strict=True, reason="PILOT's DGR amplifies the first step's round-off"))])
 def test_the_expanding_strategies_train_under_ddp_as_in_one_process(config, tmp_path, strategy):
     """MEMO's auxiliary head and FOSTER's feature-enhancement head take their losses outside the
     logits (DDP must see them in the forward's outputs, or it marks their parameters ready twice);

@@ -50,7 +50,7 @@ def test_the_distillation_is_pilots_kd_loss():
 
 def _plugin(old: int, seen: int, teacher: torch.nn.Module | None) -> GradientReweighting:
     plugin = GradientReweighting.__new__(GradientReweighting)
-    plugin.config = SimpleNamespace(gamma=1.0, temperature=2.0, kd_weight=1.0, logit_adjustment=True)
+    plugin.config = SimpleNamespace(gamma=1.0, temperature=2.0, kd_weight=1.0, logit_adjustment=True, kd_gradient_floor=0.0)
     ranges = [range(0, old), range(old, seen)] if old else [range(0, seen)]
     plugin.context = SimpleNamespace(class_split=SimpleNamespace(label_ranges=lambda: ranges))
     plugin.teacher = teacher
@@ -93,6 +93,27 @@ def test_one_steps_classifier_gradient_is_the_reweighted_one():
                                     body.weight)[0]
     torch.testing.assert_close(body.weight.grad, body_grad, rtol=1e-5, atol=1e-7)
     assert math.isclose(float(plugin.accumulated.sum()), float(accumulated.sum()), rel_tol=1e-9)
+
+
+def test_a_kd_gradient_of_round_off_is_left_out_above_the_floor():
+    """At an experience's first step the teacher is the student's old part: the KD gradient is
+    (near) zero, and with ``kd_gradient_floor`` the old rows take the reweighted CE alone, where
+    PILOT's ratio would scale the round-off up to the CE gradient's size."""
+    torch.manual_seed(1)
+    body, head = torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)
+    teacher = lambda x: head(torch.relu(body(x)))[:, :2].detach()  # noqa: E731
+    plugin = _plugin(old=2, seen=4, teacher=teacher)
+    plugin.config.kd_gradient_floor = 1e-6
+    x, y = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 2, 3, 2, 3])
+    logits = head(torch.relu(body(x)))
+    engine = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
+    strategy = SimpleNamespace(model=SimpleNamespace(head=SimpleNamespace(classifier=head)), mb_x=x, mb_output=logits,
+                               loss=plugin.adjusted_cross_entropy(logits, y), engine=engine,
+                               experience=SimpleNamespace(current_experience=1))
+    plugin.before_backward(strategy)
+    g_ce = torch.autograd.grad(plugin.adjusted_cross_entropy(head(torch.relu(body(x))), y), head.weight)[0]
+    weights = torch.from_numpy(_pilot_weights(g_ce.norm(dim=1).double().numpy(), 2, 1.0)).float()
+    torch.testing.assert_close(plugin._head_gradients[0], weights[:, None] * g_ce, rtol=1e-5, atol=1e-8)
 
 
 def test_a_run_trains_with_memory_and_a_teacher(tiny_config, tmp_path):
