@@ -40,7 +40,7 @@ from incremental.training.optim import build_optimizer, check_finite, lr_factor
 from incremental.training.template import strategy_autocast
 
 from .options import FOSTERConfig
-from .pretrained import grow_head, replace_head
+from .pretrained import grow_head, init_rows_kaiming, replace_head
 from .replay import ExemplarReplay
 
 
@@ -112,13 +112,6 @@ class Student(nn.Module):
         return self.head(self.vit.forward_head(self.vit.forward_features(x), pre_logits=True))
 
 
-@torch.no_grad()
-def kaiming_linear(layer: nn.Linear) -> None:
-    """PILOT's SimpleLinear draw: Kaiming-uniform for a linear layer, zero bias."""
-    nn.init.kaiming_uniform_(layer.weight, nonlinearity="linear")
-    layer.bias.zero_()
-
-
 class FOSTER(ExemplarReplay):
     """FOSTER: feature boosting with a second ViT, then compression into one by balanced KD."""
 
@@ -167,7 +160,7 @@ class FOSTER(ExemplarReplay):
         backbone.old_head.bias.zero_()
         backbone.old_head.weight[: old.stop] = student.head.weight[: old.stop]
         backbone.old_head.bias[: old.stop] = student.head.bias[: old.stop]
-        kaiming_linear(backbone.fe_head)
+        init_rows_kaiming(backbone.fe_head, range(backbone.fe_head.out_features))
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         backbone = strategy.model.backbone
@@ -214,7 +207,7 @@ class FOSTER(ExemplarReplay):
         t = strategy.experience.current_experience
         old, seen = ranges[t].start, ranges[t].stop
         head = nn.Linear(backbone.dim, seen).to(strategy.device)
-        kaiming_linear(head)
+        init_rows_kaiming(head, range(seen))
         with torch.no_grad():
             head.weight[:old] = backbone.old_head.weight[:old]
             head.bias[:old] = backbone.old_head.bias[:old]

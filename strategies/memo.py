@@ -36,7 +36,7 @@ from incremental.models.peft import vision_transformer
 from incremental.strategy import StrategyContext
 
 from .options import MEMOConfig
-from .pretrained import grow_head, replace_head
+from .pretrained import grow_head, init_rows_kaiming, replace_head
 from .replay import ExemplarReplay
 
 
@@ -149,9 +149,8 @@ class MEMO(ExemplarReplay):
         for index, copy_ in enumerate(backbone.specialised):
             copy_.requires_grad_(index == t or (index < t and self.trains_old_copies()))
         grow_head(strategy.model.head.classifier, range(0, ranges[t].start), ranges[t], backbone.dim, t + 1)
-        with torch.no_grad():  # PILOT's aux_fc: a fresh SimpleLinear for the new classes and "old"
-            nn.init.kaiming_uniform_(backbone.aux_head.weight, nonlinearity="linear")
-            backbone.aux_head.bias.zero_()
+        # PILOT's aux_fc: a fresh SimpleLinear for the new classes and "old"
+        init_rows_kaiming(backbone.aux_head, range(backbone.aux_head.out_features))
         backbone.aux_head.requires_grad_(t > 0)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
