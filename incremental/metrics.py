@@ -54,7 +54,8 @@ DEFINITIONS = {
     "wall_time_s": "per step, seconds: train (the strategy's after-training work included, compilation "
                    "excluded), eval, probes, and the phases timed within training: compile (torch.compile), "
                    "kd_teacher (a distillation teacher's forward passes), balanced_finetuning, "
-                   "exemplar_selection; writing the run directory is not included",
+                   "exemplar_selection, feature_pass, closed_form, memory_encoding; and eval_earlier, the part of eval "
+                   "spent on earlier experiences' test data; writing the run directory is not included",
     "trained_params": "per step: parameters the step's optimizer updated (0 for a step without gradient "
                       "steps; a strategy's own extra fitting, such as SLCA's alignment or BiC's bias layer, "
                       "is not counted)",

@@ -144,9 +144,13 @@ def test_a_frozen_backbone_encodes_and_reads_each_test_image_once(tmp_path, monk
         for i in range(len(built.benchmark.train_stream)):
             loop.train_experience(built, i)
             before, reads_before = sum(seen), len(reads)
-            loop.evaluate_experience(built, i)
+            built.template.phase_times.collect()
+            eval_s = loop.evaluate_experience(built, i)
             evaluated.append(sum(seen) - before)
             read.append(len(reads) - reads_before)
+            # the earlier experiences' share of evaluation is timed apart, from the second step
+            earlier_s = built.template.phase_times.collect().get("eval_earlier")
+            assert (earlier_s is None) == (i == 0) and (earlier_s or 0.0) < eval_s
         counts[budget], read_counts[budget] = evaluated, read
         random_state[budget] = torch.get_rng_state()
         assert built.template.feature_cache.hits == (0 if budget == 0 else sum(range(len(evaluated))))

@@ -35,8 +35,13 @@ def test_experiences_are_numbered_from_0_in_every_line(tmp_path, capsys):
     assert f"resuming {stopped} at exp 1" in resumed
     assert [line.split("  ")[0] for line in resumed.splitlines() if line.startswith("exp ") and " of " in line] == \
         ["exp 1 of 0-2", "exp 2 of 0-2"]
-    rows = [line.split()[0] for line in resumed.splitlines() if line[:3].strip().isdigit()]
-    assert rows == ["0", "1", "2"]
+    rows = [line.split() for line in resumed.splitlines() if line[:3].strip().isdigit()]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    # the time column is the step's wall time; the phases inside train and eval are not added again
+    wall = json.loads((stopped / "metrics.json").read_text())["wall_time_s"]
+    assert "eval_earlier" in wall[1]
+    assert [float(row[-1]) for row in rows] == \
+        [round(s["train"] + s["eval"] + s["probes"] + s.get("compile", 0.0), 1) for s in wall]
 
 
 def test_every_long_phase_shows_a_bar_and_quiet_silences_them_all(tmp_path, capfd):

@@ -53,7 +53,7 @@ CASES: dict[str, list[str]] = {  # name -> --set values; "+nocache": the same wi
 # Phases a strategy times inside training (metrics.json's phase keys), shown apart from it.
 PHASES = {"feature_pass": "feature pass", "closed_form": "closed form", "memory_encoding": "memory encoding",
           "generator_training": "memory encoding"}
-COLUMNS = ["wall", "train", "feature pass", "closed form", "memory encoding", "eval", "probes"]
+COLUMNS = ["wall", "train", "feature pass", "closed form", "memory encoding", "eval", "eval earlier", "probes"]
 
 
 def cholesky_seconds(m: int = 10_000) -> float:
@@ -101,6 +101,7 @@ def run_case(case: str, seed: int, out: Path, code: Path | None) -> dict:
             inside += step.get(key, 0.0)
         row["train"] += step["train"] - inside
         row["eval"] += step["eval"]
+        row["eval earlier"] += step.get("eval_earlier", 0.0)  # inside eval: the earlier experiences' test data
         row["probes"] += step["probes"]
     row["wall"] = wall
     row["peak RSS MB"] = int(rss_file.read_text().split()[-1]) / 1024 if timer else None  # GNU time's %M: KB

@@ -106,9 +106,16 @@ class IncrementalTemplate(SupervisedTemplate):
         return output.float()  # losses and metrics in fp32
 
     def eval_epoch(self, **kwargs: Any) -> None:
-        """Avalanche's evaluation loop, with the pooled features of this experience's images
-        taken from the feature cache while the network under the head is unchanged. On a hit
-        the loop runs over the cached features and the labels, without reading an image."""
+        """Avalanche's evaluation loop, timed as phase ``eval_earlier`` on an earlier
+        experience's test data (the part the feature cache serves)."""
+        earlier = self.experience.current_experience < self.clock.train_exp_counter - 1
+        with self.phase_times.phase("eval_earlier") if earlier else contextlib.nullcontext():
+            self._eval_epoch_cached(**kwargs)
+
+    def _eval_epoch_cached(self, **kwargs: Any) -> None:
+        """The pooled features of this experience's images taken from the feature cache while
+        the network under the head is unchanged. On a hit the loop runs over the cached
+        features and the labels, without reading an image."""
         model = self.model
         if not (self.feature_cache.enabled and callable(getattr(model, "classify_pooled", None))):
             return super().eval_epoch(**kwargs)
