@@ -43,12 +43,14 @@ def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torc
     lost half the accuracy on digits at lambda 0.01); an fp64 one, on the CPU, this:
 
     G + ridge I is positive definite, so one Cholesky factorisation solves it. It is done inside
-    G's own memory (LAPACK's ``potrf`` on one triangle): the factor takes G's upper triangle and
-    diagonal while the strict lower triangle keeps G, from which G is restored afterwards. So the
-    solve needs no second M x M matrix (800 MB at M = 10,000), and G is defined by its lower
-    triangle (RanPAC's is symmetric). Where rounding left G + ridge I indefinite (a tiny ridge),
-    the same triangle is factorised as L D L^T with pivoting instead (``sytrf``, as stable as an
-    LU solve), also in place."""
+    G's own memory (LAPACK's ``potrf`` on one triangle): G's upper triangle is first copied from
+    its strict lower one, then the factor takes the upper triangle and diagonal while the strict
+    lower triangle keeps G. So the solve needs no second M x M matrix (800 MB at M = 10,000), and
+    G is defined by its strict lower triangle and diagonal (RanPAC's is symmetric): on return the
+    diagonal is G's again and the upper triangle is scratch, which the next solve overwrites
+    (an in-place ``addmm_`` update keeps the lower triangle right whatever the upper holds).
+    Where rounding left G + ridge I indefinite (a tiny ridge), the same triangle is factorised
+    as L D L^T with pivoting instead (``sytrf``, as stable as an LU solve), also in place."""
     from scipy.linalg import lapack
 
     if gram.device.type != "cpu" or gram.dtype != torch.float64 or not gram.is_contiguous():
@@ -68,7 +70,7 @@ def ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torc
             factor, pivots, info = lapack.dsytrf(matrix.T, lower=1, lwork=64 * len(matrix), overwrite_a=1)
             solution, info = lapack.dsytrs(factor, pivots, rhs, lower=1)
     finally:
-        _restore_upper(matrix, diagonal)
+        matrix.ravel()[:: len(matrix) + 1] = diagonal  # G's diagonal; the upper triangle stays scratch
     if info != 0:
         raise ArithmeticError(f"RanPAC's ridge system is singular at lambda {ridge} (LAPACK info {info})")
     return torch.from_numpy(solution).T.float()
@@ -171,6 +173,8 @@ class RanPAC(FirstSessionTraining):
                                                                cosine=self.config.classifier == "cosine")
 
     def state_dict(self) -> dict[str, Any]:
+        """``gram``: G's strict lower triangle and diagonal (its upper triangle is the last solve's
+        scratch; see :func:`ridge_solve`)."""
         return {"projection": self.projection, "gram": self.gram, "targets": self.targets, "ridges": self.ridges}
 
     def load_state_dict(self, state: dict[str, Any], model: Any) -> None:

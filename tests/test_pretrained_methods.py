@@ -702,8 +702,9 @@ def test_ranpacs_ridge_choice_equals_one_primal_solve_per_lambda(n, m):
 def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
     """Cholesky inside G's memory (G + lambda I is positive definite): numpy's solve to 1e-6; a
     Gram matrix that rounding left indefinite falls back to a pivoted L D L^T factorisation, also
-    in place, and still solves as numpy's LU does; G itself is restored bit for bit (from its
-    lower triangle, so G is made exactly symmetric here)."""
+    in place, and still solves as numpy's LU does; G's lower triangle and diagonal, which define
+    it, are kept bit for bit (G is made exactly symmetric here), and its upper triangle is scratch:
+    a second solve of the same G gives the same weights bit for bit."""
     from incremental.strategies.ranpac import ridge_solve
 
     gen = torch.Generator().manual_seed(1)
@@ -713,12 +714,54 @@ def test_ranpacs_final_solve_equals_numpy_and_survives_an_indefinite_gram():
     gram = (gram + gram.T) / 2
     before = gram.clone()
     expected = np.linalg.solve(gram.numpy() + 0.1 * np.eye(30), q.numpy()).T
-    assert np.allclose(ridge_solve(gram, q, 0.1).double().numpy(), expected, rtol=1e-6, atol=1e-6)
-    assert torch.equal(gram, before)
-    indefinite = gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max()
+    first = ridge_solve(gram, q, 0.1)
+    assert np.allclose(first.double().numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.tril(gram), torch.tril(before))
+    assert not torch.equal(gram, before)  # the factor is left in the upper triangle
+    assert torch.equal(ridge_solve(gram, q, 0.1), first)
+    shifted = before - 1e-3 * torch.eye(30, dtype=torch.float64) * before.diagonal().max()
+    indefinite = shifted.clone()
     expected = np.linalg.solve(indefinite.numpy() + 1e-8 * np.eye(30), q.numpy()).T
     assert np.allclose(ridge_solve(indefinite, q, 1e-8).double().numpy(), expected, rtol=1e-4)
-    assert torch.equal(indefinite, gram - 1e-3 * torch.eye(30, dtype=torch.float64) * gram.diagonal().max())
+    assert torch.equal(torch.tril(indefinite), torch.tril(shifted))
+
+
+def _two_restore_ridge_solve(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The solve as it was before G's upper triangle became scratch (78d5211): G made whole again
+    after the factorisation, one more M x M triangle copy per solve."""
+    from scipy.linalg import lapack
+
+    from incremental.strategies.ranpac import _restore_upper
+
+    matrix, rhs = gram.numpy(), targets.double().numpy()
+    diagonal = matrix.diagonal().copy()
+    try:
+        _restore_upper(matrix, diagonal + ridge)
+        factor, info = lapack.dpotrf(matrix.T, lower=1, clean=0, overwrite_a=1)
+        solution, info = lapack.dpotrs(factor, rhs, lower=1)
+    finally:
+        _restore_upper(matrix, diagonal)
+    return torch.from_numpy(solution).T.float()
+
+
+def test_ranpacs_accumulated_solves_equal_the_two_copy_solve_bit_for_bit():
+    """Experience after experience (G += H^T H by addmm_, whose upper and lower triangles need not
+    agree to the last bit, then a solve), leaving G's upper triangle as scratch gives the weights
+    the old solve gave, which copied G whole again after each factorisation."""
+    from incremental.strategies.ranpac import ridge_solve
+
+    gen = torch.Generator().manual_seed(2)
+    new_gram, old_gram = (torch.zeros(300, 300, dtype=torch.float64) for _ in range(2))
+    q = torch.zeros(300, 7, dtype=torch.float64)
+    for experience in range(4):
+        h = torch.relu(torch.randn(90, 300, generator=gen, dtype=torch.float64))
+        y = torch.nn.functional.one_hot(torch.randint(0, 7, (90,), generator=gen), 7).double()
+        for gram in (new_gram, old_gram):
+            gram.addmm_(h.T, h)
+        q.addmm_(h.T, y)
+        ridge = 10.0 ** (experience - 2)
+        assert torch.equal(ridge_solve(new_gram, q, ridge), _two_restore_ridge_solve(old_gram, q, ridge))
+    assert torch.equal(torch.tril(new_gram), torch.tril(old_gram))
 
 
 def test_codas_new_task_components_are_classical_gram_schmidt_of_fresh_draws():
