@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cluster import LAUNCHERS
 from .errors import ConfigError, UserError
 
 LIST_KINDS = ("protocols", "datasets", "backbones", "strategies", "probes", "tuning", "codecs")
@@ -87,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--gpus", metavar="IDS", default="",
                        help="with --jobs: comma-separated GPU ids, one per process in turn (CUDA_VISIBLE_DEVICES); "
                        "default: every process sees the GPUs this one does")
+    cluster = sweep.add_argument_group("cluster", "each run as a job through submitit (pip install "
+                                       "\"incremental-vit[slurm]\"); see incremental.cluster")
+    cluster.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                         help="local: in this process or --jobs processes (default); slurm: one SLURM job array; "
+                         "submitit-local: the same jobs as local processes (a dry run)")
+    cluster.add_argument("--slurm-partition", metavar="NAME", default=None, help="the partition (default: the cluster's)")
+    cluster.add_argument("--slurm-time", type=int, default=240, metavar="MIN", help="minutes per job (default 240)")
+    cluster.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="GPUs per job (default 1)")
+    cluster.add_argument("--cpus-per-run", type=int, default=8, metavar="N", help="CPU cores per job (default 8)")
+    cluster.add_argument("--array-parallelism", type=int, default=256, metavar="N",
+                         help="jobs of the array running at once (default 256)")
+    cluster.add_argument("--no-wait", action="store_true", help="return once the jobs are submitted")
     sweep.epilog = "A --set with comma-separated values (--set strategy=replay,finetune) is a grid axis."
 
     cmp_ = sub.add_parser("compare", parents=[common], help="table of runs (mean ± std over seeds), report.md and plots")
@@ -238,11 +251,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if any(not g.isdigit() for g in gpus) or (gpus and args.jobs == 1):
         raise UserError(f"expected comma-separated GPU ids with --jobs 2 or more, got {args.gpus!r}", key="--gpus")
+    cluster = None
+    if args.launcher != "local":
+        from .cluster import JobOptions
+
+        if args.jobs != 1 or gpus:
+            raise UserError(f"--jobs and --gpus are for --launcher local; --launcher {args.launcher} gives each "
+                            f"run its own job (--gpus-per-run)", key="--jobs" if args.jobs != 1 else "--gpus")
+        cluster = JobOptions(args.launcher, args.slurm_partition, args.slurm_time, args.gpus_per_run,
+                             args.cpus_per_run, args.array_parallelism, wait=not args.no_wait)
+        cluster.check()
     echo = (lambda _: None) if args.quiet else print
     failure: RunsFailed | None = None
     try:
         run_dirs = sweep(args.config, args.seeds, args.overrides, out, quiet=args.quiet, echo=echo,
-                         plugins=_import_cli_plugins(args), jobs=args.jobs, gpus=gpus)
+                         plugins=_import_cli_plugins(args), jobs=args.jobs, gpus=gpus, cluster=cluster)
     except RunsFailed as exc:  # the complete runs are still compared
         failure, run_dirs = exc, exc.run_dirs
     complete = [d for d in run_dirs if is_complete(d)]
@@ -289,7 +312,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     summary = ""
     from .run.environment import check_run_memory, resolve_device
 
+    from .trackers import require_tracker_libraries
+
     try:  # what a run would refuse; torch is imported only for CUDA
+        require_tracker_libraries(list(cfg.output.loggers))
         check_run_memory(cfg, resolve_device("cuda") if cfg.training.device == "cuda" else "cpu")
     except UserError as exc:
         raise source.attribute(exc)
@@ -317,22 +343,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_options(config_cls: type | None) -> str:
-    import dataclasses
-
-    if config_cls is None:
-        return ""
-    parts = []
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")
-        if dataclasses.is_dataclass(default):
-            parts.append(f"{f.name}={{{_format_options(type(default))}}}")
-        else:
-            parts.append(f"{f.name}={default!r}")
-    return ", ".join(parts)
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
     _import_cli_plugins(args)
     kinds = [args.kind] if args.kind else list(LIST_KINDS)
@@ -349,7 +359,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 out.append(f"  {name:<{width}}  {description}")
             out.append(f"  (named class orders: {', '.join(NAMED_ORDER_NAMES)})")
         else:
-            from .registry import REGISTRIES, load_builtins
+            from .registry import REGISTRIES, format_options, load_builtins
 
             load_builtins(kind)
             registry = REGISTRIES[kind]
@@ -358,11 +368,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             width = max([14, *(len(entry.name) for entry in registry)])  # a long name keeps its gap
             for entry in registry:
                 out.append(f"  {entry.name:<{width}}  {entry.summary}")
-                options = _format_options(entry.config_cls)
+                options = format_options(entry.config_cls)
                 if options:
                     out.append(f"  {'':<{width}}    options: {options}")
             if registry.common_options is not None:
-                out.append(f"  (every entry also takes: {_format_options(registry.common_options)})")
+                out.append(f"  (every entry also takes: {format_options(registry.common_options)})")
         out.append("")
     sys.stdout.write("\n".join(out))
     return 0

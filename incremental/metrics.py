@@ -157,3 +157,35 @@ def summarize(matrix: Matrix, sizes: Sequence[int]) -> dict[str, Any]:
         "bwt": bwt(matrix),
         "avalanche_forgetting": avalanche_forgetting(matrix),
     }
+
+
+def step_scalars(step: int, metrics: dict[str, Any], step_info: dict[str, Any]) -> dict[str, float]:
+    """Experience ``step``'s scalars under the tags every tracker logs (TensorBoard, W&B, MLflow,
+    the CSV): the metrics above, the bias diagnostics, loss and times, each experience's accuracy,
+    the memory's figures and the probes' summaries. Values that do not exist (forgetting at step 0)
+    are left out."""
+    values: dict[str, Any] = {
+        "cil/accuracy": metrics["accuracy"][step],
+        "cil/average_incremental_accuracy": sum(metrics["accuracy"][: step + 1]) / (step + 1),
+        "cil/forgetting": metrics["forgetting"]["per_step"][step],
+        "cil/bwt": metrics["bwt"]["per_step"][step],
+        "cil/accuracy_old": metrics["accuracy_old"][step],
+        "cil/accuracy_new": metrics["accuracy_new"][step],
+        "cil/task_il_accuracy": (metrics.get("task_il_accuracy") or [None] * (step + 1))[step],
+        "cil/task_identification": (metrics.get("task_identification") or [None] * (step + 1))[step],
+        "bias/old_predicted_as_new": step_info.get("old_predicted_as_new"),
+        "bias/head_norm_ratio": step_info.get("head_norm_ratio"),
+        "train/loss": step_info.get("train_loss"),
+        "time/train_s": step_info.get("train_s"),
+        "time/eval_s": step_info.get("eval_s"),
+    }
+    for j, accuracy in enumerate(metrics["accuracy_matrix"][step]):
+        values[f"accuracy_per_experience/exp_{j:02d}"] = accuracy
+    for key, value in (step_info.get("memory") or {}).items():
+        values[f"memory/{key}"] = value
+    for label, result in (step_info.get("probes") or {}).items():
+        if result is not None:
+            values.update({f"probes/{label}/{key}": value for key, value in result["summary"].items()})
+            values[f"probes/{label}/time_s"] = result["time_s"]
+    return {tag: float(value) for tag, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}

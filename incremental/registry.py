@@ -142,3 +142,36 @@ def load_builtins(*kinds: str) -> None:
     from .extensions import load_entry_points
 
     load_entry_points()  # installed packages' plugins: after the built-ins, so clashes name the plugin
+
+
+def format_options(config_cls: type | None) -> str:
+    """``name=default, ...`` of a config dataclass (nested ones in braces): what `incremental list`
+    and the documentation's reference tables show."""
+    import dataclasses
+
+    if config_cls is None:
+        return ""
+    parts = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")
+        if dataclasses.is_dataclass(default):
+            parts.append(f"{f.name}={{{format_options(type(default))}}}")
+        else:
+            parts.append(f"{f.name}={default!r}")
+    return ", ".join(parts)
+
+
+def markdown_table(kind: str) -> str:
+    """Registry ``kind`` as a Markdown table (name, what it is, options and defaults): the
+    documentation site's reference pages, generated so that they cannot drift from the code."""
+    load_builtins(kind)
+    registry = REGISTRIES[kind]
+    rows = ["| name | what | options (defaults) |", "| --- | --- | --- |"]
+    for entry in registry:
+        options = format_options(entry.config_cls).replace("|", "\\|")
+        summary = entry.summary.replace("|", "\\|")
+        rows.append(f"| `{entry.name}` | {summary} | {f'`{options}`' if options else '-'} |")
+    if registry.common_options is not None:
+        rows += ["", f"Every entry also takes: `{format_options(registry.common_options)}`."]
+    return "\n".join(rows)

@@ -20,6 +20,7 @@ goes to ``SWEEP/logs/RUN.log``; the sweep prints one line per run as it starts a
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -88,6 +89,9 @@ def plan(config: str, seeds: Sequence[int] | None, overrides: Sequence[str], out
             cfg, source = load_config(config, sets, plugins=plugins)
             if root is None:
                 root = Path(cfg.output.root) / f"{cfg.name}-sweep"
+            if cfg.output.group is None:  # the trackers group the sweep's runs under its name
+                cfg.output.group = root.name
+                sets.append(f"output.group={json.dumps(root.name)}")
             parts = [_slug(f"{key.rsplit('.', 1)[-1]}={value}") for (key, _), value in zip(axes, values)]
             runs.append((root / "-".join([*parts, f"seed{seed}"]), cfg, source, sets))
     if root is None:
@@ -97,13 +101,14 @@ def plan(config: str, seeds: Sequence[int] | None, overrides: Sequence[str], out
 
 def sweep(config: str, seeds: Sequence[int] | None, overrides: Sequence[str] = (), out: Path | None = None, *,
           quiet: bool = False, echo: Callable[[str], None] = print, plugins: Sequence[str] = (),
-          jobs: int = 1, gpus: Sequence[str] = ()) -> list[Path]:
+          jobs: int = 1, gpus: Sequence[str] = (), cluster: Any = None) -> list[Path]:
     """Run every combination not yet complete; returns the run directories in order.
 
     An existing directory is reused only when its resolved config equals the one asked for:
     kept when complete, resumed when stopped or failed. Any other directory (another config,
     one in use, files that are not a run) is refused before the first run starts, and no
-    directory is ever deleted."""
+    directory is ever deleted. ``cluster``: :class:`~incremental.cluster.JobOptions` to submit
+    each run as a job instead (incremental.cluster)."""
     from .errors import Interrupted, RunsFailed
     from .run import run
     from .run.directory import reuse_decision
@@ -122,6 +127,19 @@ def sweep(config: str, seeds: Sequence[int] | None, overrides: Sequence[str] = (
                         f"choose another --out", key="--out")
     todo = [(index, run_dir, sets, kind == "resume") for index, ((run_dir, _, _, sets), (kind, _))
             in enumerate(zip(runs, decisions), 1) if kind != "kept"]
+    if todo:
+        from .trackers import prepare_group
+
+        prepare_group(runs[0][1])  # before runs start side by side: one MLflow parent for them all
+    if cluster is not None and todo:
+        from .cluster import submit_runs
+
+        failed = submit_runs(config, root, todo, len(runs), cluster, plugins=plugins, echo=echo)
+        if failed:
+            raise RunsFailed(f"{len(failed)} of {len(todo)} runs failed ({', '.join(p.name for p in failed)}); "
+                             f"their job logs are in {root / 'jobs'}; the others are complete",
+                             run_dirs=[run_dir for run_dir, *_ in runs])
+        return [run_dir for run_dir, *_ in runs]
     if jobs > 1:
         try:
             _run_in_processes(config, root, todo, len(runs), jobs=jobs, gpus=gpus, plugins=plugins, echo=echo)

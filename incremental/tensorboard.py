@@ -117,25 +117,11 @@ class TensorBoardWriter:
                 self.writer.file_writer.add_summary(summary)
 
     def log_step(self, step: int, metrics: dict[str, Any], step_info: dict[str, Any]) -> None:
-        values = {
-            "cil/accuracy": metrics["accuracy"][step],
-            "cil/average_incremental_accuracy": sum(metrics["accuracy"][: step + 1]) / (step + 1),
-            "cil/forgetting": metrics["forgetting"]["per_step"][step],
-            "cil/bwt": metrics["bwt"]["per_step"][step],
-            "cil/accuracy_old": metrics["accuracy_old"][step],
-            "cil/accuracy_new": metrics["accuracy_new"][step],
-            "cil/task_il_accuracy": (metrics.get("task_il_accuracy") or [None] * (step + 1))[step],
-            "cil/task_identification": (metrics.get("task_identification") or [None] * (step + 1))[step],
-            "bias/old_predicted_as_new": step_info.get("old_predicted_as_new"),
-            "bias/head_norm_ratio": step_info.get("head_norm_ratio"),
-            "train/loss": step_info.get("train_loss"),
-            "time/train_s": step_info.get("train_s"),
-            "time/eval_s": step_info.get("eval_s"),
-        }
-        for j, acc in enumerate(metrics["accuracy_matrix"][step]):
-            values[f"accuracy_per_experience/exp_{j:02d}"] = acc
-        for tag, value in values.items():
-            if value is not None:  # forgetting and BWT do not exist at step 0
+        from .metrics import step_scalars
+
+        memory_and_probes = ("memory/", "probes/")  # logged by log_memory and log_probes, with their images
+        for tag, value in step_scalars(step, metrics, step_info).items():
+            if not tag.startswith(memory_and_probes):
                 self.writer.add_scalar(tag, value, global_step=step)
         image = render_accuracy_matrix(metrics["accuracy_matrix"], f"accuracy (%) after experience {step}")
         self.writer.add_image("cil/accuracy_matrix", image, global_step=step, dataformats="HWC")

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 # the import names and distribution folders of setup.cfg's extras, and of torchattacks (installed apart)
-EXTRA_PREFIXES = ("open_clip", "torch_pruning", "torchattacks", "imagecorruptions")
+# (wandb is not among them: avalanche-lib depends on it and imports it, so every install has it)
+EXTRA_PREFIXES = ("open_clip", "torch_pruning", "torchattacks", "imagecorruptions", "mlflow", "submitit")
 PROJECT_PREFIXES = ("incremental_vit", "__editable__.incremental_vit", "__editable___incremental_vit")
 
 

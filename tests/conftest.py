@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from PIL import Image
+
+# No test reaches the Hugging Face Hub or reads the user's cache: names resolve from caches the
+# tests lay out (test_hub.py). huggingface_hub reads both when it is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="incremental-tests-hf-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the machine's cores: one thread each (and in the processes the

@@ -67,6 +67,17 @@ def _cifar_with_corrupt_train(ws: Workspace) -> str:
     return ws.config(f"dataset: {{name: cifar100, root: {ws.root / 'cifar'}}}\n")
 
 
+def _cifar_download_with_a_bad_checksum(ws: Workspace) -> str:
+    import tarfile
+
+    source = write_cifar100(ws.root / "source", n_train=20, n_test=10)
+    archive = ws.root / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="cifar-100-python")
+    return ws.config(f"dataset: {{name: cifar100, root: {ws.root / 'data'}, download: true, "
+                     f"url: '{archive.as_uri()}', md5: '{'0' * 32}'}}\n")
+
+
 def _empty_image_folder(ws: Workspace) -> str:
     for split in ("train", "val"):
         (ws.root / "images" / split).mkdir(parents=True)
@@ -151,6 +162,36 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: pretrained weights"),
     ("pretrained file of another architecture", lambda ws: ["run", _other_architecture_weights(ws)],
      lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: " ),
+    ("unknown timm weights tag", lambda ws: ["run", ws.config(
+        "backbone: {name: timm_vit, model: test_vit, pretrained: timm/test_vit.r16_in1k}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: unknown timm weights 'timm/test_vit.r16_in1k' "
+                                            "(did you mean 'test_vit.r160_in1k'?)"),
+    ("unknown open_clip weights tag", lambda ws: ["run", ws.config(
+        "backbone: {name: clip, model: ViT-B-32, pretrained: laion400m_e3}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: unknown open_clip weights 'laion400m_e3' for ViT-B-32"),
+    ("named weights missing from the offline cache", lambda ws: ["run", ws.config(
+        "backbone: {name: timm_vit, model: test_vit, pretrained: timm/test_vit.r160_in1k}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "fetch it with: hf download timm/test_vit.r160_in1k"),
+    ("a timm name without a tag", lambda ws: ["run", ws.config("backbone: {pretrained: timm/vit_tiny}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained: 'timm/vit_tiny' names no weights"),
+    ("pretrained_tag beside a name", lambda ws: ["run", ws.config(
+        "backbone: {name: timm_vit, model: test_vit, pretrained: 'hf-hub:org/none', pretrained_tag: x}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained_tag: pretrained_tag describes a local weights file"),
+    ("a download whose checksum differs", lambda ws: ["run", _cifar_download_with_a_bad_checksum(ws)],
+     lambda ws: str(ws.root / "case.yaml"), "dataset.md5: file://"),
+    ("an md5 that is not one", lambda ws: ["run", ws.config("dataset: {name: cifar100, root: x, md5: abc}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "dataset.md5: 'abc' is not an md5"),
+    ("a named dataset's missing folder", lambda ws: ["run", ws.config(f"dataset: {{name: cub200, root: {ws.root / 'cub'}}}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "is published at https://www.vision.caltech.edu/datasets/cub_200_2011/"),
+    ("unknown logger", lambda ws: ["run", ws.config("output: {loggers: [tensorboard, wandbb]}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "output.loggers.1: "),
+    ("a logger listed twice", lambda ws: ["run", ws.config("output: {loggers: [csv, csv]}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "output.loggers.1: 'csv' is listed twice"),
+    ("an empty tracker project", lambda ws: ["run", ws.config("output: {project: ''}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "output.project: 0 characters; a name of 1 to 128"),
+    ("a tracker that cannot start", lambda ws: ["run", ws.config("output: {loggers: [mlflow]}\n"),
+                                                "--set", "output.project=tests"],
+     lambda ws: str(ws.root / "case.yaml"), "output.loggers.0: mlflow could not start: "),
     ("output directory that cannot be written", lambda ws: ["run", ws.config(""), "--out",
                                                             str(ws.config("", "a_file")) + "/run"],
      lambda ws: "--out", "cannot write to"),

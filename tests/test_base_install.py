@@ -56,6 +56,9 @@ def base_runs(base_python, tmp_path_factory) -> dict:
         "probe": ["probe", str(run_dir), "--quiet", "--out", str(folder / "probes.json")],
         "clip": ["check", "digits_b0_5steps", "--set", "backbone={name: clip, model: clip-tiny}",
                  "--set", "strategy=zeroshot"],
+        "mlflow": ["run", "digits_b0_5steps", "--quiet", "--out", str(folder / "mlflow_run"),
+                   "--set", "output.loggers=[mlflow]"],
+        "slurm": ["sweep", "digits_b0_5steps", "--out", str(folder / "sweep"), "--launcher", "slurm"],
     }
     done = subprocess.run([str(base_python), "-c", DRIVER, json.dumps(list(commands.values()))], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -65,9 +68,20 @@ def base_runs(base_python, tmp_path_factory) -> dict:
     return results
 
 
-def test_the_extras_are_really_absent(base_python):
-    done = subprocess.run([str(base_python), "-c", "import open_clip"], capture_output=True, text=True)
-    assert "No module named 'open_clip'" in done.stderr
+@pytest.mark.parametrize("module", ["open_clip", "mlflow", "submitit"])
+def test_the_extras_are_really_absent(base_python, module):
+    done = subprocess.run([str(base_python), "-c", f"import {module}"], capture_output=True, text=True)
+    assert f"No module named '{module}'" in done.stderr
+
+
+def test_a_tracker_without_its_library_is_one_line_naming_the_extra(base_runs):
+    """(W&B is always there: avalanche-lib depends on it.)"""
+    logger, index = "mlflow", 0
+    done = base_runs[logger]
+    assert done["code"] == 2
+    assert len(done["stderr"].strip().splitlines()) == 1 and "Traceback" not in done["stderr"], done["stderr"]
+    assert f"output.loggers.{index}: logger '{logger}' needs {logger}" in done["stderr"]
+    assert f"incremental-vit[{logger}]" in done["stderr"]
 
 
 def test_the_probes_protocol_and_the_default_probe_suite_run_without_open_clip(base_runs):
@@ -84,3 +98,11 @@ def test_a_clip_backbone_without_open_clip_is_one_line_naming_the_extra(base_run
     assert done["code"] == 2
     assert len(done["stderr"].strip().splitlines()) == 1 and "Traceback" not in done["stderr"], done["stderr"]
     assert "incremental-vit[clip]" in done["stderr"] and "backbone" in done["stderr"]
+
+
+def test_a_cluster_launcher_without_submitit_is_one_line_naming_the_extra(base_runs):
+    done = base_runs["slurm"]
+    assert done["code"] == 2
+    assert len(done["stderr"].strip().splitlines()) == 1 and "Traceback" not in done["stderr"], done["stderr"]
+    assert "--launcher: --launcher slurm submits jobs through submitit" in done["stderr"]
+    assert "incremental-vit[slurm]" in done["stderr"]

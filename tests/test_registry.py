@@ -24,7 +24,7 @@ NOT_COMPONENTS = {"incremental.data.base", "incremental.models.net", "incrementa
                   "incremental.data.options", "incremental.models.options", "incremental.probes.options",
                   "incremental.strategies.options", "incremental.models.prompts",
                   "incremental.strategies.pretrained", "incremental.models.peft", "incremental.data.jpeg",
-                  "incremental.models.proof"}
+                  "incremental.models.proof", "incremental.models.hub"}
 PACKAGES = {"datasets": "incremental.data", "backbones": "incremental.models",
             "strategies": "incremental.strategies", "probes": "incremental.probes"}
 

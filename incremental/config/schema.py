@@ -190,6 +190,24 @@ class OutputConfig:
     save_model: bool = True  # model.safetensors after each experience (for `incremental probe`)
     # checkpoint.pt after each experience, for --resume; all: also checkpoints/experience_XXX.pt
     checkpoint: Literal["last", "all", "off"] = "last"
+    # Where each experience's figures go besides metrics.json: tensorboard (also switched by
+    # `tensorboard` above), csv (metrics.csv, a row per experience), wandb (Weights & Biases:
+    # pip install "incremental-vit[wandb]"; W&B's own settings, e.g. WANDB_MODE=offline), mlflow
+    # (pip install "incremental-vit[mlflow]"; MLflow's own MLFLOW_TRACKING_URI: a server, a database,
+    # or a file store with MLFLOW_ALLOW_FILE_STORE=true)
+    loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = opt(factory=lambda: ["tensorboard"])
+    project: str = "incremental-vit"  # the W&B project, the MLflow experiment
+    # W&B's run group, MLflow's parent run: `incremental sweep` sets it to the sweep's name
+    group: str | None = None
+
+    def validate(self) -> None:
+        for i, logger in enumerate(self.loggers):
+            if logger in self.loggers[:i]:
+                raise ConfigError(f"{logger!r} is listed twice", key=f"loggers.{i}")
+        for key in ("project", "group"):  # W&B's limit on project and group names
+            value = getattr(self, key)
+            if value is not None and not 1 <= len(value) <= 128:
+                raise ConfigError(f"{len(value)} characters; a name of 1 to 128", key=key)
 
 
 @dataclass

@@ -66,6 +66,7 @@ class TensorImageDataset(Dataset):
         return self.images[index], self.targets[index]
 
 
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]  # a per-channel mean and std
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -74,10 +75,14 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,
                   "none": ((0.0,) * 3, (1.0,) * 3)}
 
 
-def normalization(choice: str, dataset_mean: Sequence[float],
-                  dataset_std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std of the ``normalize`` option (see incremental.data.options)."""
-    mean, std = (dataset_mean, dataset_std) if choice == "dataset" else NORMALIZATIONS[choice]
+def normalization(choice: str, dataset_mean: Sequence[float], dataset_std: Sequence[float],
+                  weights_statistics: Statistics | None = None) -> Statistics:
+    """The mean and std of the ``normalize`` option (see incremental.data.options);
+    ``weights_statistics``: those of the named pre-trained weights, which ``auto`` takes."""
+    if choice == "auto":
+        mean, std = weights_statistics or (dataset_mean, dataset_std)
+    else:
+        mean, std = (dataset_mean, dataset_std) if choice == "dataset" else NORMALIZATIONS[choice]
     return tuple(mean), tuple(std)
 
 
@@ -206,11 +211,17 @@ def check_splits(splits: DatasetSplits, name: str) -> DatasetSplits:
     return splits
 
 
-def build_dataset(name: str, config: Any) -> DatasetSplits:
-    """Build a registered dataset, its values checked; DataErrors get the ``dataset.`` key prefix."""
+def build_dataset(name: str, config: Any, weights_statistics: Statistics | None = None) -> DatasetSplits:
+    """Build a registered dataset, its values checked; DataErrors get the ``dataset.`` key prefix.
+    ``weights_statistics``: the named pre-trained weights' mean and std, for a builder that
+    normalises with them (``normalize: auto``)."""
     entry = DATASETS.get(name)
+    import inspect
+
+    extra = {"weights_statistics": weights_statistics} \
+        if "weights_statistics" in inspect.signature(entry.obj).parameters else {}
     try:
-        return check_splits(entry.obj(config), name)
+        return check_splits(entry.obj(config, **extra), name)
     except DataError as exc:
         if exc.key and not exc.key.startswith("dataset."):
             exc.key = f"dataset.{exc.key}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 
 from .options import Cifar100Config
 from ..errors import DataError
-from .base import (DatasetSplits, TensorImageDataset, class_names, integer_labels, normalization, pixels_uint8,
+from .base import (DatasetSplits, Statistics, TensorImageDataset, class_names, integer_labels, normalization, pixels_uint8,
                    require_dir, resize_uint8, root_folder, tensor_transforms)
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -60,15 +61,62 @@ def _images_and_labels(path: Path) -> tuple[torch.Tensor, list[int]]:
 
 
 def find_cifar_folder(root: Path) -> Path:
-    require_dir(root, key="root", layout=LAYOUT)
+    require_dir(root, key="root", layout=LAYOUT + " (download: true fetches it)")
     if (root / "cifar-100-python").is_dir():
         return root / "cifar-100-python"
     return root
 
 
-def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
-    """CIFAR-100 (50000 train / 10000 test, 32x32) from your cifar-100-python folder."""
-    folder = find_cifar_folder(root_folder(cfg.root, example="/path/to/cifar-100-python"))
+def download_cifar100(root: Path, url: str, md5: str) -> None:
+    """The archive into ``root`` (one already there whose md5 matches is reused), its md5
+    checked, then unpacked: through torchvision's downloader over HTTP(S); a ``file://`` URL (a
+    mirror on a shared disk, which torchvision's downloader cannot read) is copied, then checked
+    and unpacked by torchvision's own functions. A corrupt archive is removed and refused."""
+    from urllib.error import URLError
+
+    from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive, extract_archive
+
+    archive = root / Path(url.rstrip("/")).name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if url.startswith("file://"):
+            copy_file_url(url, archive, md5)
+            if not check_integrity(str(archive), md5):
+                raise RuntimeError("File not found or corrupted.")
+            extract_archive(str(archive), str(root))
+        else:
+            download_and_extract_archive(url, str(root), filename=archive.name, md5=md5)
+    except RuntimeError as exc:  # torchvision's "File not found or corrupted." after its md5 check
+        if not archive.is_file():
+            raise DataError(f"cannot download {url}: {str(exc).strip()[:200]}", key="url") from None
+        actual = calculate_md5(str(archive))
+        archive.unlink()
+        raise DataError(f"{url} gave an archive whose md5 is {actual}, not {md5}: corrupt or another file; "
+                        f"it was removed", key="md5") from None
+    except (URLError, OSError, ValueError, tarfile.TarError) as exc:  # unreachable, refused, not an archive
+        reason = str(getattr(exc, "reason", "") or exc).strip().splitlines() or [type(exc).__name__]
+        raise DataError(f"cannot download or unpack {url} into {root}: {reason[0][:200]}", key="url") from None
+
+
+def copy_file_url(url: str, archive: Path, md5: str) -> None:
+    """``file://`` ``url``'s file to ``archive``, unless the copy there already has ``md5``."""
+    import shutil
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from torchvision.datasets.utils import check_integrity
+
+    if archive.is_file() and check_integrity(str(archive), md5):
+        return
+    shutil.copyfile(url2pathname(urlparse(url).path), archive)
+
+
+def build_cifar100(cfg: Cifar100Config, weights_statistics: Statistics | None = None) -> DatasetSplits:
+    """CIFAR-100 (50000 train / 10000 test, 32x32): a cifar-100-python folder, or download: true."""
+    root = root_folder(cfg.root, example="/path/to/cifar-100-python")
+    if cfg.download and not (root / "cifar-100-python").is_dir() and not (root / "meta").is_file():
+        download_cifar100(root, cfg.url, cfg.md5)
+    folder = find_cifar_folder(root)
     train_images, train_labels = _images_and_labels(folder / "train")
     test_images, test_labels = _images_and_labels(folder / "test")
     meta = _load_pickle(folder / "meta")
@@ -78,7 +126,7 @@ def build_cifar100(cfg: Cifar100Config) -> DatasetSplits:
     # Up to 64 px the images are resized once at load time; above (224 px for pre-trained ViTs)
     # they stay 32 px in memory (184 MB rather than 9 GB) and each batch is resized on its way.
     stored = cfg.image_size if cfg.image_size <= 64 else 32
-    mean, std = normalization(cfg.normalize, CIFAR100_MEAN, CIFAR100_STD)
+    mean, std = normalization(cfg.normalize, CIFAR100_MEAN, CIFAR100_STD, weights_statistics)
     train_tf, eval_tf, batch_augmentation = tensor_transforms(stored, mean, std,
                                                               augment=cfg.augment, flip=True, resize=cfg.image_size)
     return DatasetSplits(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from .options import ImageFolderConfig
+from .options import PUBLISHED_FOLDERS, ImageFolderConfig, Publication
 from ..errors import DataError
-from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetSplits, normalization, require_dir, root_folder
+from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetSplits, Statistics, normalization, require_dir, root_folder
 from .device import answering_positions, register_source
 from .jpeg import FileBatchAugmentation
 
@@ -119,12 +119,19 @@ def _scan(split_dir: Path, classes: list[str], layout: str) -> list[tuple[str, i
     return samples
 
 
-def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
-    """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100)."""
+def build_imagefolder(cfg: ImageFolderConfig, weights_statistics: Statistics | None = None,
+                      publication: Publication | None = None) -> DatasetSplits:
+    """ImageNet-style train/val class folders; a class list selects subsets (ImageNet-100).
+    ``publication``: a named dataset's, whose errors say where it is published."""
     from torchvision import transforms as T
 
-    root = root_folder(cfg.root, example="/path/holding/train/and/val")
-    layout = f"ROOT/{cfg.train_dir}/<class>/<image> and ROOT/{cfg.val_dir}/<class>/<image>"
+    published = f" ({publication.title} is published at {publication.where})" if publication else ""
+    try:
+        root = root_folder(cfg.root, example="/path/holding/train/and/val")
+    except DataError as exc:
+        exc.message += published
+        raise
+    layout = f"ROOT/{cfg.train_dir}/<class>/<image> and ROOT/{cfg.val_dir}/<class>/<image>{published}"
     require_dir(root, key="root", layout=layout)
     train_dir = require_dir(root / cfg.train_dir, key="root", layout=layout)
     val_dir = require_dir(root / cfg.val_dir, key="root", layout=layout)
@@ -134,7 +141,7 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{train_dir} has no class folders; expected {layout}", key="root")
-    mean, std = normalization(cfg.normalize, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalization(cfg.normalize, IMAGENET_MEAN, IMAGENET_STD, weights_statistics)
     normalize = T.Normalize(mean, std)
     size = cfg.image_size
     train_steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.augment else \
@@ -153,3 +160,20 @@ def build_imagefolder(cfg: ImageFolderConfig) -> DatasetSplits:
         batch_augmentation=FileBatchAugmentation(size, mean, std, augment=cfg.augment,
                                                  eval_resize_ratio=cfg.eval_resize_ratio),
     )
+
+
+def published_builder(name: str) -> Callable[..., DatasetSplits]:
+    """The builder of a named image-folder dataset (incremental.data.options.PUBLISHED_FOLDERS)."""
+    publication = PUBLISHED_FOLDERS[name]
+
+    def build(cfg: ImageFolderConfig, weights_statistics: Statistics | None = None) -> DatasetSplits:
+        return build_imagefolder(cfg, weights_statistics, publication)
+
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    build.__doc__ = f"{publication.summary()}\n\nPublished at {publication.where}."
+    return build
+
+
+# build_imagenet_r, build_cub200, ...: what the registry's "incremental.data.imagefolder:build_<name>" names
+for _name in PUBLISHED_FOLDERS:
+    globals()[f"build_{_name}"] = published_builder(_name)

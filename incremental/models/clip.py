@@ -6,9 +6,10 @@ so a linear head whose rows are ``scale * t_c`` (``t_c`` the normalised text emb
 c, ``scale`` the model's ``logit_scale.exp()``) gives exactly CLIP's zero-shot logits. The text
 tower is available to strategies through :meth:`CLIPBackbone.text_embeddings`.
 
-Nothing is downloaded: architectures come from open_clip's bundled configs (or a config file),
-weights from ``backbone.pretrained``, and the tokenizer is open_clip's BPE ``SimpleTokenizer``,
-whose vocabulary ships inside the open_clip package. Towers that need a Hugging Face model or
+Architectures come from open_clip's bundled configs, a config file, or the ``open_clip_config.json``
+of an ``hf-hub:`` repository; weights from ``backbone.pretrained``, a file or a name that
+incremental.models.hub resolves through open_clip and huggingface_hub; the tokenizer is open_clip's
+BPE ``SimpleTokenizer``, whose vocabulary ships inside the open_clip package. Towers that need a Hugging Face model or
 tokenizer (``hf_model_name``, ``hf_tokenizer_name``) are refused, since those are fetched.
 """
 
@@ -47,10 +48,13 @@ def architecture_names() -> list[str]:
     return sorted(TOOLKIT_ARCHITECTURES) + list(open_clip.list_models())
 
 
-def model_config(cfg: CLIPConfig) -> dict[str, Any]:
-    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of ``cfg``: its config file,
-    the toolkit's architecture or open_clip's bundled one; checked for what needs a download."""
-    if cfg.config_file:
+def model_config(cfg: CLIPConfig, weights: Any = None) -> dict[str, Any]:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of ``cfg``: the one an
+    ``hf-hub:`` repository of ``weights`` carries, its config file, the toolkit's architecture
+    or open_clip's bundled one; checked for what needs a download."""
+    if weights is not None and weights.model_cfg is not None:
+        model_cfg, where, key = weights.model_cfg, weights.name, "pretrained"
+    elif cfg.config_file:
         path = Path(cfg.config_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"{cfg.config_file} does not exist; expected an open_clip model config (JSON)",
@@ -176,10 +180,14 @@ def trained_quick_gelu(architecture: str, tag: str | None) -> bool | None:
     return bool(pretrained.get("quick_gelu", False)) if pretrained else None
 
 
-def quick_gelu(cfg: CLIPConfig, model_cfg: dict[str, Any], tag: str | None) -> bool:
+def quick_gelu(cfg: CLIPConfig, model_cfg: dict[str, Any], tag: str | None, weights: Any = None) -> bool:
     """The activation the weights need: ``cfg.quick_gelu`` if set (refused when the tag's
-    weights were trained with the other), else the tag's, else the architecture config's."""
-    trained = trained_quick_gelu(cfg.model, tag)
+    weights were trained with the other), else the named weights' or the tag's, else the
+    architecture config's."""
+    if weights is not None:
+        trained, tag = weights.quick_gelu, weights.name
+    else:
+        trained = trained_quick_gelu(cfg.model, tag)
     if cfg.quick_gelu is None:
         return trained if trained is not None else bool(model_cfg.get("quick_gelu", False))
     if trained is not None and cfg.quick_gelu != trained:
@@ -190,14 +198,18 @@ def quick_gelu(cfg: CLIPConfig, model_cfg: dict[str, Any], tag: str | None) -> b
     return cfg.quick_gelu
 
 
-def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int, pretrained_tag: str | None = None) -> nn.Module:
-    """open_clip image-text dual encoder (any architecture, local weights); a class-name text head.
-    ``pretrained_tag`` (backbone.pretrained_tag) decides the activation where open_clip knows it."""
+def build_clip(cfg: CLIPConfig, *, in_chans: int, img_size: int, pretrained_tag: str | None = None,
+               weights: Any = None) -> nn.Module:
+    """open_clip image-text dual encoder (any architecture, weights from a file or by name); a class-name text head.
+
+    Named ``weights`` (an open_clip tag, an ``hf-hub:`` repository) set the activation, and a
+    repository the architecture; else ``pretrained_tag`` (backbone.pretrained_tag) decides the
+    activation where open_clip knows it."""
     require_open_clip()
     import open_clip
 
-    model_cfg = model_config(cfg)
-    model_cfg["quick_gelu"] = quick_gelu(cfg, model_cfg, pretrained_tag)
+    model_cfg = model_config(cfg, weights)
+    model_cfg["quick_gelu"] = quick_gelu(cfg, model_cfg, pretrained_tag, weights)
     model_cfg["vision_cfg"]["image_size"] = cfg.img_size or img_size
     text_cfg = model_cfg["text_cfg"]
     custom_text = model_cfg.pop("custom_text", False)

@@ -345,16 +345,35 @@ def head_norm_ratio(model: nn.Module, label_ranges: list[range], step: int) -> f
     return float(new.mean() / old.mean()) if len(new) and len(old) else None
 
 
+def resolve_backbone_weights(spec: Component, key: str = "backbone") -> Any:
+    """The :class:`~.hub.NamedWeights` that ``spec``'s ``pretrained`` names (from the Hugging
+    Face cache, or downloaded); None for a local file or no weights."""
+    options = spec.common
+    if options is None or not options.pretrained:
+        return None
+    from .hub import resolve_weights, weights_kind
+
+    if options.pretrained_tag and weights_kind(options.pretrained, spec.name):
+        raise ConfigError(f"pretrained_tag describes a local weights file; {options.pretrained!r} is a name that "
+                          f"carries its own", key=f"{key}.pretrained_tag")
+    return resolve_weights(options.pretrained, spec.name, spec.config, key=f"{key}.pretrained")
+
+
 def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = "backbone",
-                   report: dict[str, Any] | None = None) -> nn.Module:
+                   report: dict[str, Any] | None = None, weights: Any = None) -> nn.Module:
     """The registered backbone ``spec`` with its ``pretrained`` weights loaded and its
     structural compression applied; ``key`` is its place in the config, for errors, and
-    ``report`` (if given) receives what loading and compressing did."""
+    ``report`` (if given) receives what loading and compressing did. ``weights``: the
+    resolved name, when the caller resolved it already."""
     entry = BACKBONES.get(spec.name)
     options = spec.common
-    extra = {}
-    if options is not None and "pretrained_tag" in inspect.signature(entry.obj).parameters:
+    weights = weights or resolve_backbone_weights(spec, key)
+    extra: dict[str, Any] = {}
+    parameters = inspect.signature(entry.obj).parameters
+    if options is not None and "pretrained_tag" in parameters:
         extra["pretrained_tag"] = options.pretrained_tag  # a builder that reads the tag (clip: the activation)
+    if "weights" in parameters:
+        extra["weights"] = weights  # a builder whose architecture or activation a name sets (clip)
     try:
         backbone = entry.obj(spec.config, in_chans=in_chans, img_size=img_size, **extra)
     except ConfigError as exc:
@@ -369,9 +388,10 @@ def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = 
     if options.pretrained:
         from .pretrained import load_pretrained
 
-        loaded = load_pretrained(backbone, options.pretrained, key=f"{key}.pretrained")
+        loaded = load_pretrained(backbone, weights.path if weights else options.pretrained, key=f"{key}.pretrained")
         if report is not None:
-            report["pretrained"] = {**loaded, "tag": options.pretrained_tag}
+            report["pretrained"] = {**loaded, "tag": options.pretrained_tag,
+                                    **({"named": weights.record()} if weights else {})}
     compress = options.compress
     if compress.structural or compress.quantize != "none":
         from .compress import compress_backbone
@@ -384,11 +404,12 @@ def build_backbone(spec: Component, *, in_chans: int, img_size: int, key: str = 
     return backbone
 
 
-def build_model(spec: Component, *, in_chans: int, img_size: int, initial_classes: int) -> IncrementalNet:
+def build_model(spec: Component, *, in_chans: int, img_size: int, initial_classes: int,
+                weights: Any = None) -> IncrementalNet:
     """The backbone plus the growing head; ``model.build_report`` says what was loaded and
     how the backbone was compressed."""
     report: dict[str, Any] = {}
-    backbone = build_backbone(spec, in_chans=in_chans, img_size=img_size, report=report)
+    backbone = build_backbone(spec, in_chans=in_chans, img_size=img_size, report=report, weights=weights)
     report["params"] = count_parameters(backbone)
     model = IncrementalNet(backbone, initial_classes)
     model.build_report = report
@@ -410,7 +431,10 @@ def describe_build(report: dict[str, Any]) -> list[str]:
     if loaded:
         resized = f", resized {', '.join(loaded['resized'])}" if loaded["resized"] else ""
         renamed = f", {', '.join(loaded['renamed'])}" if loaded.get("renamed") else ""
+        named = loaded.get("named")
         tag = f" ({loaded['tag']})" if loaded.get("tag") else ""
+        if named:  # the name, and the repository snapshot it resolved to
+            tag = f" ({named['name']}: {named['repo_id']}@{(named['revision'] or '?')[:12]})"
         lines.append(f"pretrained: {loaded['tensors']} tensors from {loaded['path']}{tag}, sha256 "
                      f"{loaded['sha256'][:12]}...{resized}{renamed}")
     compression = report.get("compression")

@@ -251,7 +251,7 @@ BACKBONES.declare("vit_dlcl", "incremental.models.dlcl:build_vit_dlcl", config=V
 BACKBONES.declare("resnet32", "incremental.models.resnet:build_resnet32", config=ResNet32Config,
                   summary="CIFAR ResNet-32 (0.46M parameters), the iCaRL/PODNet/PyCIL CIFAR baseline.")
 BACKBONES.declare("clip", "incremental.models.clip:build_clip", config=CLIPConfig,
-                  summary="open_clip image-text dual encoder (any architecture, local weights); a class-name text head.")
+                  summary="open_clip image-text dual encoder (any architecture, weights from a file or by name); a class-name text head.")
 BACKBONES.declare("resnet18", "incremental.models.resnet:build_resnet18", config=ResNet18Config,
                   summary="timm ResNet-18 (11.2M parameters), with a CIFAR stem for small images.")
 

@@ -1,4 +1,5 @@
-"""Load pretrained backbone weights from a local file; nothing is downloaded.
+"""Load pretrained backbone weights from a local file (a name is resolved to one by
+incremental.models.hub).
 
 Reads safetensors files and torch/timm checkpoints (with ``weights_only=True``: no pickled
 objects), unwraps the usual containers (``model``, ``state_dict``, ``module.`` prefixes,
@@ -63,10 +64,14 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
 def check_pretrained_files(spec: Any, key: str = "backbone") -> None:
     """Fail early (at ``incremental check``) on a ``pretrained`` path that is not a file, for the
     backbone and for a distillation teacher."""
+    from .hub import check_weights_name, weights_kind
+
     options = getattr(spec, "common", None)
     if options is None:
         return
-    if options.pretrained and not Path(options.pretrained).expanduser().is_file():
+    if options.pretrained and weights_kind(options.pretrained, spec.name) is not None:
+        check_weights_name(options.pretrained, spec.name, key=f"{key}.pretrained")
+    elif options.pretrained and not Path(options.pretrained).expanduser().is_file():
         raise ConfigError(f"pretrained weights {options.pretrained} do not exist", key=f"{key}.pretrained")
     if options.compress.distill is not None:
         check_pretrained_files(options.compress.distill.teacher, f"{key}.compress.distill.teacher")

@@ -47,6 +47,7 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     ``plugins`` (``--plugin``) or ``trust_plugins``."""
     from ..config import load_config
     from ..data import build_dataset
+    from ..models.net import resolve_backbone_weights
     from ..files import write_json_atomic
     from ..protocol import make_class_split
     from ..run.directory import CONFIG_FILE, check_recorded_plugins
@@ -75,7 +76,8 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
         if not target.parent.is_dir():  # checked before probing, so no probe work is lost
             raise UserError(f"cannot write {target}: {target.parent} is not a folder", key="--out")
         device = resolve_device(cfg.training.device)
-        splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+        weights = resolve_backbone_weights(cfg.backbone)  # the normalisation the run's named weights set
+        splits = build_dataset(cfg.dataset.name, cfg.dataset.config, weights.statistics() if weights else None)
         class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
         model, step = load_saved_model(run_dir, cfg, splits, class_split)
         from ..models.compress import evaluates_int8

@@ -52,7 +52,7 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
 
     from ..data import build_dataset
     from ..distributed import device_for
-    from ..models.net import build_model
+    from ..models.net import build_model, resolve_backbone_weights
     from ..models.compress import compression_plugins, evaluates_int8
     from ..training.plugins import EvaluationRecorder, OptimizationPlugin, ProgressBars, silent_evaluator
     from ..protocol import build_benchmark, make_class_split
@@ -63,11 +63,12 @@ def build(cfg: RunConfig, dist: Any, *, quiet: bool, echo: Callable[[str], None]
     use_deterministic_algorithms(cfg.training.deterministic)
     device = device_for(dist, resolve_device(cfg.training.device))
     check_run_memory(cfg, device)  # before any data is loaded
-    splits = build_dataset(cfg.dataset.name, cfg.dataset.config)
+    weights = resolve_backbone_weights(cfg.backbone)  # a name: its file, and the mean and std it wants
+    splits = build_dataset(cfg.dataset.name, cfg.dataset.config, weights.statistics() if weights else None)
     class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
     benchmark = build_benchmark(splits, class_split)
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
-                        initial_classes=class_split.classes_per_experience[0])
+                        initial_classes=class_split.classes_per_experience[0], weights=weights)
     context = StrategyContext(config=cfg, class_split=class_split, benchmark=benchmark, device=device, splits=splits)
     compression, compression_hooks = compression_plugins(cfg.backbone, model, in_chans=splits.channels,
                                                          img_size=splits.image_size, device=device)
@@ -279,6 +280,9 @@ def run(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = Fa
     """
     from ..distributed import broadcast_object, init_from_environment
 
+    from ..trackers import require_tracker_libraries
+
+    require_tracker_libraries(list(cfg.output.loggers))  # before anything is computed
     dist = init_from_environment(cfg.training.device)  # torchrun: join the process group
     run_dir = Path(broadcast_object(str(run_dir), dist))  # rank 0's (timestamped) directory
     quiet = quiet or not dist.is_main  # only rank 0 prints and writes
@@ -354,6 +358,17 @@ def _stopped(built: BuiltRun | None, directory: RunDirectory | None, exc: UserEr
     return exc
 
 
+def open_trackers(cfg: RunConfig, directory: RunDirectory | None) -> Any:
+    """The run's CSV, W&B and MLflow trackers (incremental.trackers), on the process that writes."""
+    from ..trackers import TRACKERS, Trackers
+
+    if directory is None or not any(name in TRACKERS for name in cfg.output.loggers):
+        return None
+    from ..config import to_dict
+
+    return Trackers(directory.path, to_dict(cfg), cfg.output)
+
+
 def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int, *, resume: bool, quiet: bool,
                      echo: Callable[[str], None]) -> dict[str, Any]:
     from ..models.net import describe, describe_build
@@ -377,11 +392,12 @@ def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int
         directory.record_experience(first - 1, results.to_json(),
                                     model=built.template.model if cfg.output.save_model else None)
     writer = None
-    if cfg.output.tensorboard and directory is not None:
+    if cfg.output.tensorboard and "tensorboard" in cfg.output.loggers and directory is not None:
         from ..tensorboard import TensorBoardWriter, run_hparams
 
         # A resumed run drops what the stopped one logged for the experiences it redoes.
         writer = TensorBoardWriter(directory.path, run_hparams(cfg), purge_step=first if resume else None)
+    trackers = open_trackers(cfg, directory)
     if not quiet:
         echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences (exp 0-{total - 1}) "
              f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
@@ -394,7 +410,10 @@ def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int
             echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
                  f"({', '.join(directory.unresumable)}); this run cannot be resumed")
     metrics: dict[str, Any] = results.to_json() if results.matrix else {}
+    status = "failed"
     try:
+        if trackers is not None and results.matrix:  # a resume: what the stopped process had not sent
+            trackers.log(metrics, results.steps)
         for i in range(first, total):
             train_s = train_experience(built, i)
             eval_s = evaluate_experience(built, i)
@@ -407,11 +426,19 @@ def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int
             if directory is None:
                 continue
             record_experience(built, directory, writer, i, {**results.steps[-1]})
+            if trackers is not None:
+                trackers.log(metrics, results.steps)
             if not quiet:
                 echo(format_step(metrics, i))
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "stopped"
+        raise
     finally:
         if writer is not None:
             writer.close()
+        if trackers is not None:
+            trackers.finish(status)
     if not quiet:
         echo("")
         echo(format_table(metrics))
