@@ -16,10 +16,10 @@ TINY = ("--set training.epochs=1 --set protocol.increment=5 --set dataset.image_
         " --set backbone.depth=1")
 
 
-def section_commands(title: str) -> list[str]:
-    """The `incremental` commands of the bash blocks under the README heading ``title`` (up to
-    the next heading of any level), without their comments."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+def section_commands(title: str, path: Path = README, prefix: str = "incremental ") -> list[str]:
+    """The commands starting with ``prefix`` of the bash blocks under the heading ``title`` of
+    ``path`` (the README by default; up to the next heading of any level), without their comments."""
+    lines = path.read_text(encoding="utf-8").splitlines()
     start = lines.index(title) + 1
     commands, in_block, fence = [], False, ""
     for line in lines[start:]:
@@ -29,7 +29,7 @@ def section_commands(title: str) -> list[str]:
         if not in_block and line.startswith("#"):
             break  # the next heading
         command = line.split(" #", 1)[0].strip()
-        if in_block and fence == "```bash" and command.startswith("incremental "):
+        if in_block and fence == "```bash" and command.startswith(prefix):
             commands.append(command)
     return commands
 
