@@ -369,13 +369,30 @@ def open_trackers(cfg: RunConfig, directory: RunDirectory | None) -> Any:
     return Trackers(directory.path, to_dict(cfg), cfg.output)
 
 
+def echo_run_header(built: BuiltRun, directory: RunDirectory | None, first: int, *, resume: bool,
+                    echo: Callable[[str], None]) -> None:
+    """The lines a run prints before its first experience: what runs, the weights, where it writes."""
+    from ..models.net import describe, describe_build
+
+    cfg, total = built.cfg, built.class_split.num_experiences
+    echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences (exp 0-{total - 1}) "
+         f"{list(built.class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
+         f"backbone {cfg.backbone.name} ({describe(built.model)}), device {built.device}")
+    for line in describe_build(built.model.build_report):
+        echo(line)
+    where = directory.path if directory is not None else ""
+    echo(f"resuming {where} at exp {first}" if resume else f"writing to {where}")
+    if cfg.output.checkpoint != "off" and directory is not None and directory.unresumable:
+        echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
+             f"({', '.join(directory.unresumable)}); this run cannot be resumed")
+
+
 def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int, *, resume: bool, quiet: bool,
                      echo: Callable[[str], None]) -> dict[str, Any]:
-    from ..models.net import describe, describe_build
     from ..summary import format_step, format_table
 
-    cfg, class_split, results = built.cfg, built.class_split, built.results
-    total = class_split.num_experiences
+    cfg, results = built.cfg, built.results
+    total = built.class_split.num_experiences
     if first == total:  # complete: metrics.json (and the model) rewritten from the checkpoint
         results.status = "complete"
         metrics = results.to_json()
@@ -399,16 +416,7 @@ def _run_experiences(built: BuiltRun, directory: RunDirectory | None, first: int
         writer = TensorBoardWriter(directory.path, run_hparams(cfg), purge_step=first if resume else None)
     trackers = open_trackers(cfg, directory)
     if not quiet:
-        echo(f"run {cfg.name}: {cfg.dataset.name}, {total} experiences (exp 0-{total - 1}) "
-             f"{list(class_split.classes_per_experience)}, strategy {cfg.strategy.name}, "
-             f"backbone {cfg.backbone.name} ({describe(built.model)}), device {built.device}")
-        for line in describe_build(built.model.build_report):
-            echo(line)
-        where = directory.path if directory is not None else ""
-        echo(f"resuming {where} at exp {first}" if resume else f"writing to {where}")
-        if cfg.output.checkpoint != "off" and directory is not None and directory.unresumable:
-            echo(f"note: strategy {cfg.strategy.name} keeps state a checkpoint cannot hold "
-                 f"({', '.join(directory.unresumable)}); this run cannot be resumed")
+        echo_run_header(built, directory, first, resume=resume, echo=echo)
     metrics: dict[str, Any] = results.to_json() if results.matrix else {}
     status = "failed"
     try:
