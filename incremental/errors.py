@@ -75,6 +75,12 @@ class DataError(UserError):
     """A dataset folder or file that is missing, empty or unreadable."""
 
 
+def first_line(exc: object, default: str = "") -> str:
+    """The first line of ``str(exc)`` (a library's error, for a one-line message), or ``default``."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else default
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
 

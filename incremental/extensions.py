@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 ENTRY_POINT_GROUP = "incremental.plugins"
 _loaded_files: dict[Path, ModuleType] = {}
@@ -38,7 +38,7 @@ def _failure(what: str, exc: BaseException, file: Path | None) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     inside = [f for f in frames if file is not None and Path(f.filename).resolve() == file] or frames[-1:]
     where = f" (at {Path(inside[-1].filename).name}:{inside[-1].lineno})" if inside else ""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    message = first_line(exc)
     return f"{what} failed to import: {type(exc).__name__}{': ' + message if message else ''}{where}"
 
 

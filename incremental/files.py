@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 TMP_SUFFIX = ".tmp"
 
@@ -137,6 +137,6 @@ def load_weights_only(path: Path, *, key: str) -> Any:
             raise UserError(f"{path} holds objects, not just tensors, and was refused unread ({what}; "
                             f"torch.load(weights_only=True))", key=key, detail=detail) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "truncated"
+            first = first_line(exc, "truncated")[:160]
             raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {first})", key=key,
                             detail=str(exc)) from None

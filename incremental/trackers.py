@@ -21,7 +21,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .files import write_json_atomic, write_text_atomic
 
 STATE_FILE = "trackers.json"
@@ -203,8 +203,7 @@ def prepare_group(cfg: Any) -> None:
         client = MlflowClient()
         mlflow_parent_run(client, mlflow_experiment(client, cfg.output.project), cfg.output.group)
     except Exception as exc:  # the library's own errors, as a run would meet them
-        reason = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise ConfigError(f"mlflow could not start: {reason[0][:300]}",
+        raise ConfigError(f"mlflow could not start: {first_line(exc, type(exc).__name__)[:300]}",
                           key=f"output.loggers.{list(cfg.output.loggers).index('mlflow')}") from None
 
 
@@ -218,8 +217,8 @@ def start_tracker(name: str, index: int, run_dir: Path, config: dict[str, Any], 
     try:
         return TRACKERS[name](run_dir, config, output, state)
     except Exception as exc:  # the libraries' own error types (MlflowException, wandb.Error, ...)
-        reason = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise ConfigError(f"{name} could not start: {reason[0][:300]}", key=f"output.loggers.{index}") from None
+        raise ConfigError(f"{name} could not start: {first_line(exc, type(exc).__name__)[:300]}",
+                          key=f"output.loggers.{index}") from None
 
 
 class Trackers:

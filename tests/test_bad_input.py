@@ -179,6 +179,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[str]], Callable[[Workspace], s
      lambda ws: str(ws.root / "case.yaml"), "backbone.pretrained_tag: pretrained_tag describes a local weights file"),
     ("a download whose checksum differs", lambda ws: ["run", _cifar_download_with_a_bad_checksum(ws)],
      lambda ws: str(ws.root / "case.yaml"), "dataset.md5: file://"),
+    ("a download url that is not one", lambda ws: ["run", ws.config("dataset: {name: cifar100, root: x, url: data.tgz}\n")],
+     lambda ws: str(ws.root / "case.yaml"), "dataset.url: 'data.tgz' is not a URL"),
     ("an md5 that is not one", lambda ws: ["run", ws.config("dataset: {name: cifar100, root: x, md5: abc}\n")],
      lambda ws: str(ws.root / "case.yaml"), "dataset.md5: 'abc' is not an md5"),
     ("a named dataset's missing folder", lambda ws: ["run", ws.config(f"dataset: {{name: cub200, root: {ws.root / 'cub'}}}\n")],

@@ -91,6 +91,8 @@ def test_the_checkpoint_hook_resumes_a_run_that_exists_and_restarts_one_that_doe
     (["--gpus-per-run", "-1"], "--gpus-per-run: must be 0 to 64, got -1"),
     (["--slurm-time", "0"], "--slurm-time: must be 1 to 43200, got 0"),
     (["--jobs", "2"], "--jobs: --jobs and --gpus are for --launcher local"),
+    (["--slurm-partition", " "], "--slurm-partition: an empty partition name"),
+    (["--array-parallelism", "0"], "--array-parallelism: must be 1 to 100000, got 0"),
 ])
 def test_cluster_flags_out_of_range_are_one_line(tmp_path, capsys, flags, expected) -> None:
     code = main(["sweep", write_config(tmp_path), "--out", str(tmp_path / "s"), *JOB_FLAGS, *flags])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -216,8 +217,6 @@ def build_dataset(name: str, config: Any, weights_statistics: Statistics | None 
     ``weights_statistics``: the named pre-trained weights' mean and std, for a builder that
     normalises with them (``normalize: auto``)."""
     entry = DATASETS.get(name)
-    import inspect
-
     extra = {"weights_statistics": weights_statistics} \
         if "weights_statistics" in inspect.signature(entry.obj).parameters else {}
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .options import Cifar100Config
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .base import (DatasetSplits, Statistics, TensorImageDataset, class_names, integer_labels, normalization, pixels_uint8,
                    require_dir, resize_uint8, root_folder, tensor_transforms)
 
@@ -94,8 +94,8 @@ def download_cifar100(root: Path, url: str, md5: str) -> None:
         raise DataError(f"{url} gave an archive whose md5 is {actual}, not {md5}: corrupt or another file; "
                         f"it was removed", key="md5") from None
     except (URLError, OSError, ValueError, tarfile.TarError) as exc:  # unreachable, refused, not an archive
-        reason = str(getattr(exc, "reason", "") or exc).strip().splitlines() or [type(exc).__name__]
-        raise DataError(f"cannot download or unpack {url} into {root}: {reason[0][:200]}", key="url") from None
+        reason = first_line(getattr(exc, "reason", "") or exc, type(exc).__name__)
+        raise DataError(f"cannot download or unpack {url} into {root}: {reason[:200]}", key="url") from None
 
 
 def copy_file_url(url: str, archive: Path, md5: str) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, first_line
 
 KEY = "backbone.pretrained"
 HF_HUB_PREFIX = "hf-hub:"
@@ -99,7 +99,6 @@ def fetch_error(name: str, repo_id: str, reason: str) -> ConfigError:
                        f"fetch it with: hf download {repo_id}", key=KEY)
 
 
-
 def snapshot_revision(path: str | Path) -> str | None:
     """The commit of the cache snapshot holding ``path`` (``.../snapshots/<commit>/file``)."""
     parent = Path(path).parent
@@ -116,11 +115,11 @@ def download(repo_id: str, filenames: tuple[str, ...], name: str, revision: str 
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision))
         except LocalEntryNotFoundError as exc:  # offline, or the Hub unreachable, and not cached
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not cached"
+            reason = first_line(exc, "not cached")
         except EntryNotFoundError:  # the repository lacks this file: try the next
             continue
         except Exception as exc:  # unknown repository or revision, gated, HTTP errors
-            raise ConfigError(f"{name}: the Hub refused {repo_id}: {str(exc).strip().splitlines()[0][:200]}",
+            raise ConfigError(f"{name}: the Hub refused {repo_id}: {first_line(exc)[:200]}",
                               key=KEY) from None
     raise fetch_error(name, repo_id, reason)
 
@@ -155,12 +154,10 @@ def resolve_timm_hub(value: str) -> NamedWeights:
     """``hf-hub:<org>/<repo>`` holding timm weights, with its config.json's mean and std."""
     repo_id, revision = split_hub_name(value)
     path = download(repo_id, TIMM_WEIGHT_FILES, value, revision)
-    config = path.parent / "config.json"
-    if not config.is_file():  # downloaded on its own: optional, since the loader needs only weights
-        try:
-            config = download(repo_id, ("config.json",), value, revision)
-        except ConfigError:
-            config = None
+    try:  # optional: the loader needs only the weights
+        config: Path | None = download(repo_id, ("config.json",), value, revision)
+    except ConfigError:
+        config = None
     mean = std = None
     if config is not None:
         pretrained_cfg = read_json(config, value).get("pretrained_cfg", {})
@@ -173,7 +170,7 @@ def read_json(path: Path, name: str) -> dict[str, Any]:
     try:
         loaded = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{name}: cannot read {path} as JSON: {str(exc).splitlines()[0][:160]}", key=KEY) from None
+        raise ConfigError(f"{name}: cannot read {path} as JSON: {first_line(exc)[:160]}", key=KEY) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{name}: {path} is not a JSON object", key=KEY)
     return loaded
@@ -184,7 +181,7 @@ def open_clip_download(download: Any, name: str, repo_id: str) -> Path:
     try:
         path = download()
     except (FileNotFoundError, OSError, RuntimeError) as exc:
-        raise fetch_error(name, repo_id, str(exc).strip().splitlines()[0] if str(exc).strip() else "") from None
+        raise fetch_error(name, repo_id, first_line(exc)) from None
     if not path:
         raise ConfigError(f"{name}: open_clip's pretrained config gives no download", key=KEY)
     return Path(path)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UserError, first_line
 
 KEY = "backbone.pretrained"
 # Weights a headless backbone never has: classifiers, and MAE's decoder.
@@ -39,7 +39,7 @@ def read_checkpoint(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]
         try:
             state: Any = load_file(str(file), device="cpu")
         except Exception as exc:  # corrupt or truncated (safetensors raises its own error types)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc, type(exc).__name__)
             raise ConfigError(f"cannot read {path} as weights: {reason[:200]}", key=key, detail=str(exc)) from None
     else:
         from ..files import load_weights_only

@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 from ..errors import UserError
 
 
-def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> tuple[Any, int]:
-    """The run's model with the saved weights, and the experience they were saved after."""
+def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any, weights: Any = None) -> tuple[Any, int]:
+    """The run's model with the saved weights, and the experience they were saved after;
+    ``weights``: the run's named pre-trained weights when the caller resolved them already."""
     from avalanche.training.determinism.rng_manager import RNGManager
 
     from ..models.net import build_model
@@ -27,7 +28,7 @@ def load_saved_model(run_dir: Path, cfg: Any, splits: Any, class_split: Any) -> 
     state, experience, num_classes = read_model(path)
     RNGManager.set_random_seeds(cfg.seed)  # the same initialisation, hence the same pruned structure
     model = build_model(cfg.backbone, in_chans=splits.channels, img_size=splits.image_size,
-                        initial_classes=class_split.classes_per_experience[0])
+                        initial_classes=class_split.classes_per_experience[0], weights=weights)
     # the strategy's adapters, prompts or branches, as the run built them
     build_strategy(StrategyContext(config=cfg, class_split=class_split, benchmark=None, device="cpu"), model)
     try:
@@ -79,7 +80,7 @@ def probe_run(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
         weights = resolve_backbone_weights(cfg.backbone)  # the normalisation the run's named weights set
         splits = build_dataset(cfg.dataset.name, cfg.dataset.config, weights.statistics() if weights else None)
         class_split = make_class_split(cfg.protocol, splits.num_classes, cfg.seed)
-        model, step = load_saved_model(run_dir, cfg, splits, class_split)
+        model, step = load_saved_model(run_dir, cfg, splits, class_split, weights)
         from ..models.compress import evaluates_int8
         from .ood import check_text_heads
 

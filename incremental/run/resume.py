@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, dump_yaml
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UserError, first_line
 from .directory import CHECKPOINT_FILE
 from .results import RunResults
 
@@ -40,7 +40,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], *, model: Any, plugins: list[
         try:
             plugin.load_state_dict(state, model)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            detail = first_line(exc)[:160]
             raise UserError(f"{type(plugin).__name__} cannot load this state ({type(exc).__name__}"
                             f"{': ' + detail if detail else ''}); the checkpoint is damaged",
                             key=f"plugins.{index}", source=str(path)) from None
